@@ -1,0 +1,14 @@
+"""smalto: pretrain, finetune, evaluate, convert and serve MPT-family language models."""
+
+from smalto.errors import UserError
+
+__version__ = "0.1.0"
+
+__all__ = ["UserError", "__version__", "load"]
+
+
+def load(path: str, **kwargs):  # noqa: ANN201 - returns MPTForCausalLM; import kept lazy
+    """Load an HF MPT folder (or a smalto checkpoint) as an `MPTForCausalLM`."""
+    from smalto.model.mpt import MPTForCausalLM
+
+    return MPTForCausalLM.from_pretrained(path, **kwargs)

@@ -1,0 +1,3 @@
+from smalto.cli import main
+
+main()
