@@ -1,0 +1,351 @@
+"""`MPTConfig`: the full configuration surface of MPT.
+
+Names and defaults follow the `config.json` of `mosaicml/mpt-7b` and llm-foundry's `MPTConfig`, so a hub config maps
+field by field. The nested `attn_config`, `ffn_config` and `init_config` are dataclasses here and plain dicts in JSON.
+Validation lives in one place (`MPTConfig.__post_init__`) and raises `ConfigError` naming the key, the value and
+what is allowed. Legacy values found in hub checkpoints (`attn_impl: torch|flash|triton`, `attn_type`, `prefix_lm`,
+`verbose`, ...) are accepted and mapped, never silently ignored when they would change the computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from smalto.errors import ConfigError
+
+NORM_TYPES = ("layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm")
+ATTN_IMPLS = ("auto", "flex", "sdpa", "eager")
+# attn_impl values written by llm-foundry / the hub, mapped onto our backends
+LEGACY_ATTN_IMPLS = {"torch": "eager", "flash": "auto", "triton": "auto"}
+ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
+FFN_TYPES = ("mptmlp", "mptglu")
+FFN_ACTS = ("gelu", "silu", "relu", "gelu_tanh")
+INIT_NAMES = ("kaiming_normal_", "kaiming_uniform_", "xavier_normal_", "xavier_uniform_", "baseline_", "small_init_", "neox_init_")
+FAN_MODES = ("fan_in", "fan_out")
+
+# keys an HF config.json carries that describe the file, not the model
+HF_METADATA_KEYS = frozenset(
+    {
+        "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+        "use_cache", "tokenizer_name", "verbose", "fc_type", "use_pad_tok_in_ffn", "bos_token_id", "eos_token_id",
+        "pad_token_id", "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_return_dict",
+        "is_encoder_decoder", "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "tie_encoder_decoder",
+        "pruned_heads", "id2label", "label2id", "problem_type", "task_specific_params", "finetuning_task",
+        "tf_legacy_loss", "cross_attention_hidden_size", "initializer_range", "hidden_size", "n_positions",
+        "num_attention_heads", "num_hidden_layers", "transformers.js_config", "smalto", "attn_impl_note",
+        "_attn_implementation_autoset", "block_overrides", "generation_config",
+    }
+)
+
+
+def _unknown(where: str, given: dict[str, Any], allowed: tuple[str, ...] | list[str]) -> None:
+    extra = sorted(set(given) - set(allowed))
+    if extra:
+        raise ConfigError(f"unknown key {where}.{extra[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(kw_only=True)
+class AttnConfig:
+    attn_impl: str = "auto"
+    """Kernel: `flex` (FlexAttention), `sdpa` (scaled_dot_product_attention), `eager` (reference), or `auto`."""
+    attn_pdrop: float = 0.0
+    qk_ln: bool = False
+    """LayerNorm (of `norm_type`) on queries and keys before the dot product."""
+    qk_gn: bool = False
+    """Per-head norm on queries and keys (shared weights of size head_dim)."""
+    clip_qkv: float | None = None
+    """Clamp the fused QKV projection to [-clip_qkv, clip_qkv]."""
+    softmax_scale: float | None = None
+    """Defaults to 1/sqrt(head_dim)."""
+    attn_uses_sequence_id: bool = False
+    """Mask attention across packed documents using `sequence_id`."""
+    sliding_window_size: int = -1
+    """Each query sees at most this many keys (itself included); -1 for unlimited."""
+    alibi: bool = False
+    alibi_bias_max: int = 8
+    rope: bool = False
+    rope_theta: float = 10000.0
+    kv_n_heads: int | None = None
+    """Key/value heads (GQA); None = n_heads (multi-head), 1 = multi-query."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class FFNConfig:
+    ffn_type: str = "mptmlp"
+    """`mptmlp` (up, act, down) or `mptglu` (gated: act(gate) * up, then down; SwiGLU with act silu)."""
+    ffn_hidden_size: int | None = None
+    """Defaults to expansion_ratio * d_model."""
+    ffn_act_fn: dict[str, Any] | None = None
+    """{'name': 'gelu'|'silu'|'relu', 'approximate': 'none'|'tanh'} (exact GELU by default)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"ffn_type": self.ffn_type}
+        if self.ffn_hidden_size is not None:
+            d["ffn_hidden_size"] = self.ffn_hidden_size
+        if self.ffn_act_fn is not None:
+            d["ffn_act_fn"] = dict(self.ffn_act_fn)
+        return d
+
+
+@dataclass(kw_only=True)
+class InitConfig:
+    name: str = "kaiming_normal_"
+    fan_mode: str = "fan_in"
+    init_nonlinearity: str = "relu"
+    init_div_is_residual: bool | float | int = True
+    """Divide the init of residual output projections by sqrt(2 * n_layers) (True) or by this number."""
+    emb_init_std: float | None = None
+    emb_init_uniform_lim: float | list[float] | None = None
+    init_std: float | None = None
+    """Std for `baseline_` (required there)."""
+    init_gain: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class MPTConfig:
+    d_model: int = 2048
+    n_heads: int = 16
+    n_layers: int = 24
+    expansion_ratio: float = 4
+    max_seq_len: int = 2048
+    vocab_size: int = 50368
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    learned_pos_emb: bool = True
+    """Learned absolute positions (`transformer.wpe`); switched off when ALiBi or RoPE is on, as llm-foundry does."""
+    attn_config: AttnConfig = field(default_factory=AttnConfig)
+    ffn_config: FFNConfig = field(default_factory=FFNConfig)
+    init_config: InitConfig = field(default_factory=InitConfig)
+    init_device: str = "cpu"
+    logit_scale: float | str | None = None
+    """Multiply logits by this number, or by 1/sqrt(d_model) with 'inv_sqrt_d_model'."""
+    no_bias: bool = False
+    embedding_fraction: float = 1.0
+    """Scale the embedding's gradient by this fraction (GLM-130B's stabiliser); the forward value is unchanged."""
+    norm_type: str = "low_precision_layernorm"
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name, cls in (("attn_config", AttnConfig), ("ffn_config", FFNConfig), ("init_config", InitConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _nested_from_dict(name, cls, value))
+        self._validate()
+
+    # ---- derived values, computed in one place ----
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_n_heads(self) -> int:
+        return self.attn_config.kv_n_heads or self.n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        if self.ffn_config.ffn_hidden_size is not None:
+            return self.ffn_config.ffn_hidden_size
+        return int(self.d_model * self.expansion_ratio)
+
+    @property
+    def logit_scale_value(self) -> float | None:
+        if self.logit_scale == "inv_sqrt_d_model":
+            return 1.0 / math.sqrt(self.d_model)
+        return None if self.logit_scale is None else float(self.logit_scale)
+
+    @property
+    def softmax_scale(self) -> float:
+        s = self.attn_config.softmax_scale
+        return float(s) if s is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def uses_wpe(self) -> bool:
+        return self.learned_pos_emb and not (self.attn_config.alibi or self.attn_config.rope)
+
+    def num_params(self) -> int:
+        """All parameters, tied embedding counted once (llm-foundry's N for MFU)."""
+        d, L, V = self.d_model, self.n_layers, self.vocab_size
+        kv = self.kv_n_heads * self.head_dim
+        norm = d if self.no_bias else 2 * d
+        attn = d * (d + 2 * kv) + d * d + (0 if self.no_bias else d + 2 * kv + d)
+        if self.attn_config.qk_ln:
+            attn += (d + kv) * (1 if self.no_bias else 2)
+        elif self.attn_config.qk_gn:
+            attn += 2 * self.head_dim * (1 if self.no_bias else 2)
+        f = self.ffn_hidden_size
+        n_up = 2 if self.ffn_config.ffn_type == "mptglu" else 1
+        ffn = n_up * d * f + f * d + (0 if self.no_bias else n_up * f + d)
+        block = 2 * norm + attn + ffn
+        emb = V * d + (self.max_seq_len * d if self.uses_wpe else 0) + (0 if self.tie_word_embeddings else V * d)
+        return L * block + emb + norm
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """llm-foundry's training FLOPs per token: 6·N + 12·n_layers·d_model·seq."""
+        s = seq_len or self.max_seq_len
+        return 6 * self.num_params() + 12 * self.n_layers * self.d_model * s
+
+    # ---- (de)serialisation ----
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, strict: bool = True) -> MPTConfig:
+        """Build from a dict. `strict=False` drops the metadata keys an HF config.json carries and maps legacy keys."""
+        d = dict(d)
+        if not strict:
+            if d.get("model_type", "mpt") != "mpt":
+                raise ConfigError(f"config.json has model_type {d['model_type']!r}; smalto loads MPT models (model_type 'mpt')")
+            d = _map_hf_keys(d)
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        _unknown("model", d, allowed)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["attn_config"] = self.attn_config.to_dict()
+        d["ffn_config"] = self.ffn_config.to_dict()
+        d["init_config"] = self.init_config.to_dict()
+        return d
+
+    def replace(self, **changes: Any) -> MPTConfig:
+        d = self.to_dict()
+        for k, v in changes.items():
+            if k in ("attn_config", "ffn_config", "init_config") and isinstance(v, dict):
+                d[k] = {**d[k], **v}
+            else:
+                d[k] = v
+        return MPTConfig.from_dict(d)
+
+    # ---- validation ----
+    def _validate(self) -> None:
+        a = self.attn_config
+        for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{key} = {v!r} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if a.kv_n_heads is not None and (a.kv_n_heads <= 0 or self.n_heads % a.kv_n_heads):
+            raise ConfigError(f"attn_config.kv_n_heads ({a.kv_n_heads}) must be a positive divisor of n_heads ({self.n_heads})")
+        _choice("norm_type", self.norm_type, NORM_TYPES)
+        _choice("attn_config.attn_impl", a.attn_impl, ATTN_IMPLS)
+        _choice("ffn_config.ffn_type", self.ffn_config.ffn_type, FFN_TYPES)
+        _choice("init_config.name", self.init_config.name, INIT_NAMES)
+        _choice("init_config.fan_mode", self.init_config.fan_mode, FAN_MODES)
+        act = self.ffn_config.ffn_act_fn
+        if act is not None:
+            _unknown("ffn_config.ffn_act_fn", act, ("name", "approximate"))
+            _choice("ffn_config.ffn_act_fn.name", act.get("name"), FFN_ACTS)
+            _choice("ffn_config.ffn_act_fn.approximate", act.get("approximate", "none"), ("none", "tanh"))
+        if a.alibi and a.rope:
+            raise ConfigError("attn_config.alibi and attn_config.rope are both true; pick one position scheme")
+        if a.qk_ln and a.qk_gn:
+            raise ConfigError("attn_config.qk_ln and attn_config.qk_gn are both true; pick one")
+        if a.rope and self.head_dim % 2:
+            raise ConfigError(f"attn_config.rope needs an even head dim; d_model/n_heads = {self.head_dim}")
+        if a.clip_qkv is not None and a.clip_qkv <= 0:
+            raise ConfigError(f"attn_config.clip_qkv = {a.clip_qkv} must be positive or null")
+        if a.sliding_window_size != -1 and a.sliding_window_size < 1:
+            raise ConfigError(f"attn_config.sliding_window_size = {a.sliding_window_size} must be -1 (off) or >= 1")
+        for key in ("resid_pdrop", "emb_pdrop"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be in [0, 1)")
+        if not 0.0 <= a.attn_pdrop < 1.0:
+            raise ConfigError(f"attn_config.attn_pdrop = {a.attn_pdrop} must be in [0, 1)")
+        if not 0.0 < self.embedding_fraction <= 1.0:
+            raise ConfigError(f"embedding_fraction = {self.embedding_fraction} must be in (0, 1]")
+        if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
+            raise ConfigError(f"logit_scale = {self.logit_scale!r}: use a number, null or 'inv_sqrt_d_model'")
+        f = self.d_model * self.expansion_ratio
+        if self.ffn_config.ffn_hidden_size is None and f != int(f):
+            raise ConfigError(f"d_model * expansion_ratio = {f} is not an integer; set ffn_config.ffn_hidden_size")
+        if self.init_config.name == "baseline_" and self.init_config.init_std is None:
+            raise ConfigError("init_config.name 'baseline_' needs init_config.init_std")
+        if not (self.init_device in ("cpu", "meta", "mixed") or self.init_device.startswith("cuda")):
+            raise ConfigError(f"init_device = {self.init_device!r}; use cpu, meta, cuda or cuda:N")
+        if self.learned_pos_emb and (a.alibi or a.rope):
+            # llm-foundry's behaviour: the position scheme wins, and there is no wpe table in the checkpoint
+            self.learned_pos_emb = False
+
+
+def _nested_from_dict(name: str, cls: type, d: dict[str, Any]) -> Any:
+    d = dict(d)
+    if cls is AttnConfig:
+        d = _map_legacy_attn(d)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    _unknown(name, d, allowed)
+    return cls(**d)
+
+
+def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
+    """Map the attention keys that hub checkpoints and llm-foundry write onto ours."""
+    impl = d.get("attn_impl")
+    if impl in LEGACY_ATTN_IMPLS:
+        d["attn_impl"] = LEGACY_ATTN_IMPLS[impl]
+    attn_type = d.pop("attn_type", None)
+    if attn_type is not None:
+        _choice("attn_config.attn_type", attn_type, ATTN_TYPES)
+        if attn_type == "multihead_attention":
+            d["kv_n_heads"] = None
+        elif attn_type == "multiquery_attention":
+            d["kv_n_heads"] = 1
+    if d.pop("prefix_lm", False):
+        raise ConfigError("attn_config.prefix_lm = true is not supported (prefix-LM MPT variants were never released)")
+    for key in ("fused_qkv",):
+        if d.pop(key, True) is not True:
+            raise ConfigError(f"attn_config.{key} = false is not supported; smalto always uses a fused Wqkv")
+    for key in ("rope_impl", "rope_dail_config", "rope_hf_config", "flex_attn_mod_list", "flex_attn_compile",
+                "flex_attn_config", "sliding_window_size_note", "attn_logit_softcapping", "verbose"):
+        if key == "rope_impl" and d.get("rope") and d.get(key) not in (None, "hf", "dail"):
+            raise ConfigError(f"attn_config.rope_impl = {d.get(key)!r}; supported: hf, dail")
+        if key == "rope_hf_config" and d.get("rope"):
+            scaling = (d.get(key) or {}).get("type", "no_scaling")
+            if scaling not in ("no_scaling", None):
+                raise ConfigError(f"attn_config.rope_hf_config.type = {scaling!r}: only no_scaling is supported")
+        if key == "attn_logit_softcapping" and d.get(key) is not None:
+            raise ConfigError("attn_config.attn_logit_softcapping is not supported")
+        d.pop(key, None)
+    if "kv_n_heads" in d and attn_type == "multihead_attention":
+        d["kv_n_heads"] = None
+    return d
+
+
+def _map_hf_keys(d: dict[str, Any]) -> dict[str, Any]:
+    if "layer_norm_epsilon" in d:  # transformers' native MptConfig calls norm_eps this
+        eps = d.pop("layer_norm_epsilon")
+        d.setdefault("norm_eps", eps)
+    dropped = [k for k in d if k in HF_METADATA_KEYS]
+    for k in dropped:
+        d.pop(k)
+    if d.get("norm_type") == "triton_rmsnorm":
+        d["norm_type"] = "rmsnorm"
+    for nested in ("attn_config", "init_config", "ffn_config"):  # transformers 5 nests PretrainedConfig keys here
+        if isinstance(d.get(nested), dict):
+            d[nested] = {k: v for k, v in d[nested].items() if k not in HF_METADATA_KEYS and not k.startswith("_")}
+    if "ffn_config" in d and isinstance(d["ffn_config"], dict):
+        ffn = dict(d["ffn_config"])
+        if ffn.get("ffn_type") == "te_ln_mlp":
+            raise ConfigError("ffn_config.ffn_type te_ln_mlp (TransformerEngine) is not supported; use mptmlp")
+        ffn.pop("fc_type", None)
+        d["ffn_config"] = ffn
+    if "attn_config" not in d:
+        # transformers' native MptConfig without an attn_config is multi-head attention with ALiBi
+        d["attn_config"] = {"alibi": True}
+    for k in list(d):
+        if k.startswith("_"):
+            warnings.warn(f"ignoring private config key {k!r}", stacklevel=3)
+            d.pop(k)
+    return d

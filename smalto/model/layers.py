@@ -1,0 +1,125 @@
+"""Norms, feed-forward layers and the MPT block.
+
+MPT's `low_precision_layernorm` runs the norm in the autocast dtype (bf16) instead of float32: cheaper, and the
+published models were trained that way. Outside autocast it is an ordinary LayerNorm.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smalto.model.config import MPTConfig
+
+if TYPE_CHECKING:
+    from smalto.model.attention import AttentionInputs
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm; with `low_precision`, computed in the autocast dtype (MPT's LPLayerNorm)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, low_precision: bool, device=None):
+        super().__init__(dim, eps=eps, bias=bias, device=device)
+        self.low_precision = low_precision
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = _autocast_dtype(x) if self.low_precision else None
+        if dtype is None:
+            return super().forward(x)
+        w = self.weight.to(dtype) if self.weight is not None else None
+        b = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, no bias; with `low_precision`, computed in the autocast dtype."""
+
+    def __init__(self, dim: int, eps: float, low_precision: bool, device=None):
+        super().__init__()
+        self.eps, self.low_precision = eps, low_precision
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = _autocast_dtype(x) if self.low_precision else None
+        if dtype is None:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps)
+
+
+def build_norm(config: MPTConfig, dim: int, device=None) -> nn.Module:
+    low = config.norm_type.startswith("low_precision")
+    if config.norm_type.endswith("rmsnorm"):
+        return RMSNorm(dim, config.norm_eps, low, device=device)
+    return LayerNorm(dim, config.norm_eps, bias=not config.no_bias, low_precision=low, device=device)
+
+
+def build_activation(config: MPTConfig):
+    act = config.ffn_config.ffn_act_fn or {"name": "gelu"}
+    name, approx = act.get("name", "gelu"), act.get("approximate", "none")
+    if name == "gelu_tanh":
+        name, approx = "gelu", "tanh"
+    if name == "gelu":
+        return lambda x: F.gelu(x, approximate=approx)
+    return {"silu": F.silu, "relu": F.relu}[name]
+
+
+class MPTMLP(nn.Module):
+    """up_proj → activation (exact GELU by default) → down_proj."""
+
+    def __init__(self, config: MPTConfig, device=None):
+        super().__init__()
+        bias, d, f = not config.no_bias, config.d_model, config.ffn_hidden_size
+        self.up_proj = nn.Linear(d, f, bias=bias, device=device)
+        self.down_proj = nn.Linear(f, d, bias=bias, device=device)
+        self.down_proj._is_residual = True  # type: ignore[assignment]
+        self.act = build_activation(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class MPTGLU(MPTMLP):
+    """Gated: down_proj(act(gate_proj(x)) * up_proj(x)); SwiGLU when the activation is silu."""
+
+    def __init__(self, config: MPTConfig, device=None):
+        super().__init__(config, device)
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden_size, bias=not config.no_bias, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MPTBlock(nn.Module):
+    """Pre-norm block: x + attn(norm_1(x)), then x + ffn(norm_2(x))."""
+
+    def __init__(self, config: MPTConfig, layer_idx: int, device=None):
+        super().__init__()
+        from smalto.model.attention import MPTAttention
+
+        self.layer_idx = layer_idx
+        self.norm_1 = build_norm(config, config.d_model, device)
+        self.attn = MPTAttention(config, device)
+        self.norm_2 = build_norm(config, config.d_model, device)
+        ffn_cls = MPTGLU if config.ffn_config.ffn_type == "mptglu" else MPTMLP
+        self.ffn = ffn_cls(config, device)
+        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache=None) -> Tensor:
+        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), inputs, cache, self.layer_idx))
+        return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
