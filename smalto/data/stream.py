@@ -169,8 +169,8 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
         self.accum = global_batch_size // (world_size * micro_batch_size)
         self.datasets = [
             MDSDataset(
-                _split_root(s), cache_dir=cfg.cache_dir, cache_limit=cfg.cache_limit, verify=cfg.verify_hashes
-            )  # type: ignore[arg-type]
+                _split_root(s), cache_dir=cfg.cache_dir, cache_limit=parse_bytes(cfg.cache_limit), verify=cfg.verify_hashes
+            )
             for s in cfg.sources
         ]
         self.names = [
