@@ -87,8 +87,15 @@ class AttentionMask:
 # ---------------------------------------------------------------- kernels
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, slopes: Tensor | None,
-                    scale: float, dropout_p: float) -> Tensor:
+def eager_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    slopes: Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> Tensor:
     """The reference: softmax(q k^T * scale + alibi, masked) v, softmax in float32. q (B,H,T,D), k/v (B,K,S,D)."""
     n_rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -101,8 +108,16 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, slopes
     return probs @ v
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, slopes: Tensor | None,
-                   scale: float, dropout_p: float, bias: Tensor | None) -> Tensor:
+def sdpa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    slopes: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    bias: Tensor | None,
+) -> Tensor:
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # enable_gqa is not taken by every fused kernel; the copy is cheap next to the matmuls
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -153,8 +168,9 @@ def flex_block_mask(mask: AttentionMask, n_heads: int):
     return create_block_mask(mask_mod, batch, None, q_pos.numel(), mask.n_keys, device=q_pos.device)
 
 
-def flex_attention_fn(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, slopes: Tensor | None,
-                      scale: float, block_mask) -> Tensor:
+def flex_attention_fn(
+    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, slopes: Tensor | None, scale: float, block_mask
+) -> Tensor:
     flex_attention, _ = _flex()
     fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     score_mod = None
@@ -176,7 +192,9 @@ def resolve_attn_impl(impl: str, *, device: torch.device, training: bool, dropou
         return "sdpa"
     if impl == "flex":
         if dropout and training:
-            raise ConfigError("attn_impl 'flex' has no attention dropout; set attn_config.attn_pdrop 0 or use 'sdpa'")
+            raise ConfigError(
+                "attn_impl 'flex' has no attention dropout; set attn_config.attn_pdrop 0 or use 'sdpa'"
+            )
         if training and device.type != "cuda" and torch.is_grad_enabled():
             raise ConfigError("attn_impl 'flex' has no backward on CPU; train on CPU with 'sdpa' (or 'auto')")
     return impl
@@ -274,7 +292,9 @@ class MPTAttention(nn.Module):
         return self.out_proj(y)
 
 
-def build_attention_inputs(config: MPTConfig, mask: AttentionMask, *, impl: str, dtype: torch.dtype) -> AttentionInputs:
+def build_attention_inputs(
+    config: MPTConfig, mask: AttentionMask, *, impl: str, dtype: torch.dtype
+) -> AttentionInputs:
     a = config.attn_config
     device = mask.q_pos.device
     slopes = alibi_slopes(config.n_heads, a.alibi_bias_max, device=device) if a.alibi else None

@@ -16,8 +16,17 @@ from smalto.errors import UserError
 class KVCache:
     """Keys and values of every layer: (n_layers, B, K, S, D) each, plus which slots hold real (non-pad) tokens."""
 
-    def __init__(self, *, n_layers: int, batch_size: int, kv_n_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        kv_n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (n_layers, batch_size, kv_n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -27,8 +36,15 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
-        return cls(n_layers=config.n_layers, batch_size=batch_size, kv_n_heads=config.kv_n_heads, max_len=max_len,
-                   head_dim=config.head_dim, dtype=dtype, device=device)
+        return cls(
+            n_layers=config.n_layers,
+            batch_size=batch_size,
+            kv_n_heads=config.kv_n_heads,
+            max_len=max_len,
+            head_dim=config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
 
     @property
     def batch_size(self) -> int:

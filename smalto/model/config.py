@@ -24,20 +24,64 @@ LEGACY_ATTN_IMPLS = {"torch": "eager", "flash": "auto", "triton": "auto"}
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 FFN_TYPES = ("mptmlp", "mptglu")
 FFN_ACTS = ("gelu", "silu", "relu", "gelu_tanh")
-INIT_NAMES = ("kaiming_normal_", "kaiming_uniform_", "xavier_normal_", "xavier_uniform_", "baseline_", "small_init_", "neox_init_")
+INIT_NAMES = (
+    "kaiming_normal_",
+    "kaiming_uniform_",
+    "xavier_normal_",
+    "xavier_uniform_",
+    "baseline_",
+    "small_init_",
+    "neox_init_",
+)
 FAN_MODES = ("fan_in", "fan_out")
 
 # keys an HF config.json carries that describe the file, not the model
 HF_METADATA_KEYS = frozenset(
     {
-        "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-        "use_cache", "tokenizer_name", "verbose", "fc_type", "use_pad_tok_in_ffn", "bos_token_id", "eos_token_id",
-        "pad_token_id", "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_return_dict",
-        "is_encoder_decoder", "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "tie_encoder_decoder",
-        "pruned_heads", "id2label", "label2id", "problem_type", "task_specific_params", "finetuning_task",
-        "tf_legacy_loss", "cross_attention_hidden_size", "initializer_range", "hidden_size", "n_positions",
-        "num_attention_heads", "num_hidden_layers", "transformers.js_config", "smalto", "attn_impl_note",
-        "_attn_implementation_autoset", "block_overrides", "generation_config",
+        "architectures",
+        "auto_map",
+        "model_type",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "_name_or_path",
+        "use_cache",
+        "tokenizer_name",
+        "verbose",
+        "fc_type",
+        "use_pad_tok_in_ffn",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "use_return_dict",
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "chunk_size_feed_forward",
+        "tie_encoder_decoder",
+        "pruned_heads",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "task_specific_params",
+        "finetuning_task",
+        "tf_legacy_loss",
+        "cross_attention_hidden_size",
+        "initializer_range",
+        "hidden_size",
+        "n_positions",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "transformers.js_config",
+        "smalto",
+        "attn_impl_note",
+        "_attn_implementation_autoset",
+        "block_overrides",
+        "generation_config",
     }
 )
 
@@ -142,7 +186,11 @@ class MPTConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name, cls in (("attn_config", AttnConfig), ("ffn_config", FFNConfig), ("init_config", InitConfig)):
+        for name, cls in (
+            ("attn_config", AttnConfig),
+            ("ffn_config", FFNConfig),
+            ("init_config", InitConfig),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _nested_from_dict(name, cls, value))
@@ -192,7 +240,11 @@ class MPTConfig:
         n_up = 2 if self.ffn_config.ffn_type == "mptglu" else 1
         ffn = n_up * d * f + f * d + (0 if self.no_bias else n_up * f + d)
         block = 2 * norm + attn + ffn
-        emb = V * d + (self.max_seq_len * d if self.uses_wpe else 0) + (0 if self.tie_word_embeddings else V * d)
+        emb = (
+            V * d
+            + (self.max_seq_len * d if self.uses_wpe else 0)
+            + (0 if self.tie_word_embeddings else V * d)
+        )
         return L * block + emb + norm
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -207,7 +259,9 @@ class MPTConfig:
         d = dict(d)
         if not strict:
             if d.get("model_type", "mpt") != "mpt":
-                raise ConfigError(f"config.json has model_type {d['model_type']!r}; smalto loads MPT models (model_type 'mpt')")
+                raise ConfigError(
+                    f"config.json has model_type {d['model_type']!r}; smalto loads MPT models (model_type 'mpt')"
+                )
             d = _map_hf_keys(d)
         allowed = [f.name for f in dataclasses.fields(cls)]
         _unknown("model", d, allowed)
@@ -239,7 +293,9 @@ class MPTConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if a.kv_n_heads is not None and (a.kv_n_heads <= 0 or self.n_heads % a.kv_n_heads):
-            raise ConfigError(f"attn_config.kv_n_heads ({a.kv_n_heads}) must be a positive divisor of n_heads ({self.n_heads})")
+            raise ConfigError(
+                f"attn_config.kv_n_heads ({a.kv_n_heads}) must be a positive divisor of n_heads ({self.n_heads})"
+            )
         _choice("norm_type", self.norm_type, NORM_TYPES)
         _choice("attn_config.attn_impl", a.attn_impl, ATTN_IMPLS)
         _choice("ffn_config.ffn_type", self.ffn_config.ffn_type, FFN_TYPES)
@@ -251,7 +307,9 @@ class MPTConfig:
             _choice("ffn_config.ffn_act_fn.name", act.get("name"), FFN_ACTS)
             _choice("ffn_config.ffn_act_fn.approximate", act.get("approximate", "none"), ("none", "tanh"))
         if a.alibi and a.rope:
-            raise ConfigError("attn_config.alibi and attn_config.rope are both true; pick one position scheme")
+            raise ConfigError(
+                "attn_config.alibi and attn_config.rope are both true; pick one position scheme"
+            )
         if a.qk_ln and a.qk_gn:
             raise ConfigError("attn_config.qk_ln and attn_config.qk_gn are both true; pick one")
         if a.rope and self.head_dim % 2:
@@ -259,7 +317,9 @@ class MPTConfig:
         if a.clip_qkv is not None and a.clip_qkv <= 0:
             raise ConfigError(f"attn_config.clip_qkv = {a.clip_qkv} must be positive or null")
         if a.sliding_window_size != -1 and a.sliding_window_size < 1:
-            raise ConfigError(f"attn_config.sliding_window_size = {a.sliding_window_size} must be -1 (off) or >= 1")
+            raise ConfigError(
+                f"attn_config.sliding_window_size = {a.sliding_window_size} must be -1 (off) or >= 1"
+            )
         for key in ("resid_pdrop", "emb_pdrop"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} = {getattr(self, key)} must be in [0, 1)")
@@ -271,7 +331,9 @@ class MPTConfig:
             raise ConfigError(f"logit_scale = {self.logit_scale!r}: use a number, null or 'inv_sqrt_d_model'")
         f = self.d_model * self.expansion_ratio
         if self.ffn_config.ffn_hidden_size is None and f != int(f):
-            raise ConfigError(f"d_model * expansion_ratio = {f} is not an integer; set ffn_config.ffn_hidden_size")
+            raise ConfigError(
+                f"d_model * expansion_ratio = {f} is not an integer; set ffn_config.ffn_hidden_size"
+            )
         if self.init_config.name == "baseline_" and self.init_config.init_std is None:
             raise ConfigError("init_config.name 'baseline_' needs init_config.init_std")
         if not (self.init_device in ("cpu", "meta", "mixed") or self.init_device.startswith("cuda")):
@@ -303,18 +365,31 @@ def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
         elif attn_type == "multiquery_attention":
             d["kv_n_heads"] = 1
     if d.pop("prefix_lm", False):
-        raise ConfigError("attn_config.prefix_lm = true is not supported (prefix-LM MPT variants were never released)")
+        raise ConfigError(
+            "attn_config.prefix_lm = true is not supported (prefix-LM MPT variants were never released)"
+        )
     for key in ("fused_qkv",):
         if d.pop(key, True) is not True:
             raise ConfigError(f"attn_config.{key} = false is not supported; smalto always uses a fused Wqkv")
-    for key in ("rope_impl", "rope_dail_config", "rope_hf_config", "flex_attn_mod_list", "flex_attn_compile",
-                "flex_attn_config", "sliding_window_size_note", "attn_logit_softcapping", "verbose"):
+    for key in (
+        "rope_impl",
+        "rope_dail_config",
+        "rope_hf_config",
+        "flex_attn_mod_list",
+        "flex_attn_compile",
+        "flex_attn_config",
+        "sliding_window_size_note",
+        "attn_logit_softcapping",
+        "verbose",
+    ):
         if key == "rope_impl" and d.get("rope") and d.get(key) not in (None, "hf", "dail"):
             raise ConfigError(f"attn_config.rope_impl = {d.get(key)!r}; supported: hf, dail")
         if key == "rope_hf_config" and d.get("rope"):
             scaling = (d.get(key) or {}).get("type", "no_scaling")
             if scaling not in ("no_scaling", None):
-                raise ConfigError(f"attn_config.rope_hf_config.type = {scaling!r}: only no_scaling is supported")
+                raise ConfigError(
+                    f"attn_config.rope_hf_config.type = {scaling!r}: only no_scaling is supported"
+                )
         if key == "attn_logit_softcapping" and d.get(key) is not None:
             raise ConfigError("attn_config.attn_logit_softcapping is not supported")
         d.pop(key, None)
@@ -332,13 +407,21 @@ def _map_hf_keys(d: dict[str, Any]) -> dict[str, Any]:
         d.pop(k)
     if d.get("norm_type") == "triton_rmsnorm":
         d["norm_type"] = "rmsnorm"
-    for nested in ("attn_config", "init_config", "ffn_config"):  # transformers 5 nests PretrainedConfig keys here
+    for nested in (
+        "attn_config",
+        "init_config",
+        "ffn_config",
+    ):  # transformers 5 nests PretrainedConfig keys here
         if isinstance(d.get(nested), dict):
-            d[nested] = {k: v for k, v in d[nested].items() if k not in HF_METADATA_KEYS and not k.startswith("_")}
+            d[nested] = {
+                k: v for k, v in d[nested].items() if k not in HF_METADATA_KEYS and not k.startswith("_")
+            }
     if "ffn_config" in d and isinstance(d["ffn_config"], dict):
         ffn = dict(d["ffn_config"])
         if ffn.get("ffn_type") == "te_ln_mlp":
-            raise ConfigError("ffn_config.ffn_type te_ln_mlp (TransformerEngine) is not supported; use mptmlp")
+            raise ConfigError(
+                "ffn_config.ffn_type te_ln_mlp (TransformerEngine) is not supported; use mptmlp"
+            )
         ffn.pop("fc_type", None)
         d["ffn_config"] = ffn
     if "attn_config" not in d:

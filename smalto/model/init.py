@@ -10,8 +10,10 @@ The same function initialises a model built on CPU and one materialised from the
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,14 +24,19 @@ from smalto.model.layers import LayerNorm, RMSNorm
 
 def _weight_init_fn(config: MPTConfig):
     c = config.init_config
+    kaiming: dict[str, Any] = {"a": c.init_gain, "mode": c.fan_mode, "nonlinearity": c.init_nonlinearity}
     if c.name == "baseline_":
-        return partial(nn.init.normal_, mean=0.0, std=c.init_std)
+        return partial(nn.init.normal_, mean=0.0, std=float(c.init_std or 0.0))
     if c.name == "small_init_" or c.name == "neox_init_":
         return partial(nn.init.normal_, mean=0.0, std=math.sqrt(2 / (5 * config.d_model)))
     if c.name == "kaiming_normal_":
-        return partial(nn.init.kaiming_normal_, a=c.init_gain, mode=c.fan_mode, nonlinearity=c.init_nonlinearity)
+        return partial(
+            nn.init.kaiming_normal_, a=c.init_gain, mode=c.fan_mode, nonlinearity=c.init_nonlinearity
+        )
     if c.name == "kaiming_uniform_":
-        return partial(nn.init.kaiming_uniform_, a=c.init_gain, mode=c.fan_mode, nonlinearity=c.init_nonlinearity)
+        return partial(
+            nn.init.kaiming_uniform_, a=c.init_gain, mode=c.fan_mode, nonlinearity=c.init_nonlinearity
+        )
     if c.name == "xavier_normal_":
         return partial(nn.init.xavier_normal_, gain=c.init_gain or 1.0)
     return partial(nn.init.xavier_uniform_, gain=c.init_gain or 1.0)
@@ -58,7 +65,7 @@ def init_weights(module: nn.Module, config: MPTConfig) -> None:
             if fused is not None:
                 dim, splits = fused
                 bounds = [0, *splits, m.weight.shape[dim]]
-                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                for lo, hi in itertools.pairwise(bounds):
                     weight_init(m.weight.narrow(dim, lo, hi - lo))
             else:
                 weight_init(m.weight)
@@ -77,5 +84,6 @@ def init_weights(module: nn.Module, config: MPTConfig) -> None:
                 weight_init(m.weight)
         elif isinstance(m, LayerNorm | RMSNorm):
             nn.init.ones_(m.weight)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)

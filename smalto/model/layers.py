@@ -98,7 +98,9 @@ class MPTGLU(MPTMLP):
 
     def __init__(self, config: MPTConfig, device=None):
         super().__init__(config, device)
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden_size, bias=not config.no_bias, device=device)
+        self.gate_proj = nn.Linear(
+            config.d_model, config.ffn_hidden_size, bias=not config.no_bias, device=device
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -66,10 +66,14 @@ class MPTModel(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
-        q_pos = cache_position if cache_position is not None else torch.arange(start, start + T, device=device)
+        q_pos = (
+            cache_position if cache_position is not None else torch.arange(start, start + T, device=device)
+        )
         n_keys = cache.max_len if cache is not None else T
         if cache is None and T > c.max_seq_len:
-            raise UserError(f"input of {T} tokens is longer than max_seq_len ({c.max_seq_len}); raise max_seq_len")
+            raise UserError(
+                f"input of {T} tokens is longer than max_seq_len ({c.max_seq_len}); raise max_seq_len"
+            )
 
         key_valid = None
         if attention_mask is not None:
@@ -82,10 +86,16 @@ class MPTModel(nn.Module):
             key_valid = cache.valid  # static shape: unwritten slots are hidden by the causal mask
         use_seq = c.attn_config.attn_uses_sequence_id and sequence_id is not None
         if use_seq and cache is not None:
-            raise UserError("sequence_id masking is for training on packed documents, not for cached decoding")
+            raise UserError(
+                "sequence_id masking is for training on packed documents, not for cached decoding"
+            )
         mask = AttentionMask(
-            q_pos=q_pos, n_keys=n_keys, key_valid=key_valid, window=c.attn_config.sliding_window_size,
-            seq_q=sequence_id if use_seq else None, seq_k=sequence_id if use_seq else None,
+            q_pos=q_pos,
+            n_keys=n_keys,
+            key_valid=key_valid,
+            window=c.attn_config.sliding_window_size,
+            seq_q=sequence_id if use_seq else None,
+            seq_k=sequence_id if use_seq else None,
         )
 
         x = self.wte(input_ids)
@@ -97,14 +107,19 @@ class MPTModel(nn.Module):
                 n_pad = (~attention_mask).long().cumsum(-1)[:, -T:]
                 pos = (pos - n_pad).clamp(min=0)
             if int(q_pos.max()) >= c.max_seq_len:
-                raise UserError(f"position {int(q_pos.max())} is past max_seq_len ({c.max_seq_len}) of the learned position table")
+                raise UserError(
+                    f"position {int(q_pos.max())} is past max_seq_len ({c.max_seq_len}) of the learned position table"
+                )
             x = x + self.wpe(pos)
         x = self.emb_drop(x)
 
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         impl = resolve_attn_impl(
-            c.attn_config.attn_impl, device=device, training=self.training,
-            dropout=c.attn_config.attn_pdrop > 0 and self.training, decode=cache is not None and T == 1,
+            c.attn_config.attn_impl,
+            device=device,
+            training=self.training,
+            dropout=c.attn_config.attn_pdrop > 0 and self.training,
+            decode=cache is not None and T == 1,
         )
         inputs = build_attention_inputs(c, mask, impl=impl, dtype=dtype)
         for block in self.blocks:
@@ -118,11 +133,16 @@ class MPTForCausalLM(nn.Module):
     def __init__(self, config: MPTConfig, device: torch.device | str | None = None):
         super().__init__()
         self.config = config
-        device = device if device is not None else (None if config.init_device == "mixed" else config.init_device)
-        self.transformer = MPTModel(config, device)
+        target = (
+            device if device is not None else ("cpu" if config.init_device == "mixed" else config.init_device)
+        )
+        # Always build on meta, then materialise where the weights live and initialise once: no double init,
+        # and a CPU-built model and a meta-built one materialised later draw the very same random numbers.
+        self.transformer = MPTModel(config, "meta")
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device=device)
-        if device is None or torch.device(device).type != "meta":
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
+        if torch.device(target).type != "meta":
+            self.to_empty(device=target)
             self.init_weights()
 
     def init_weights(self) -> None:
@@ -157,7 +177,9 @@ class MPTForCausalLM(nn.Module):
         cache = past_key_values
         T = input_ids.shape[1]
         if use_cache and cache is None:
-            cache = KVCache.for_model(self.config, input_ids.shape[0], self.config.max_seq_len, self.dtype, self.device)
+            cache = KVCache.for_model(
+                self.config, input_ids.shape[0], self.config.max_seq_len, self.dtype, self.device
+            )
         if cache is not None:
             cache.check_room(T)
         h = self.transformer(input_ids, attention_mask, sequence_id, cache, cache_position)

@@ -1,0 +1,132 @@
+import pytest
+
+from smalto.errors import ConfigError, UserError
+from smalto.model.config import MPTConfig
+
+# config.json of mosaicml/mpt-7b as published on the hub (the keys that matter; auto_map trimmed)
+MPT_7B_CONFIG_JSON = {
+    "architectures": ["MPTForCausalLM"],
+    "attn_config": {
+        "alibi": True,
+        "alibi_bias_max": 8,
+        "attn_impl": "torch",
+        "attn_pdrop": 0,
+        "attn_type": "multihead_attention",
+        "attn_uses_sequence_id": False,
+        "clip_qkv": None,
+        "prefix_lm": False,
+        "qk_ln": False,
+        "softmax_scale": None,
+    },
+    "auto_map": {
+        "AutoConfig": "configuration_mpt.MPTConfig",
+        "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM",
+    },
+    "d_model": 4096,
+    "emb_pdrop": 0,
+    "embedding_fraction": 1.0,
+    "expansion_ratio": 4,
+    "init_config": {
+        "emb_init_std": None,
+        "emb_init_uniform_lim": None,
+        "fan_mode": "fan_in",
+        "init_div_is_residual": True,
+        "init_gain": 0,
+        "init_nonlinearity": "relu",
+        "init_std": 0.02,
+        "name": "kaiming_normal_",
+        "verbose": 0,
+    },
+    "init_device": "cpu",
+    "learned_pos_emb": True,
+    "logit_scale": None,
+    "max_seq_len": 2048,
+    "model_type": "mpt",
+    "n_heads": 32,
+    "n_layers": 32,
+    "no_bias": True,
+    "norm_type": "low_precision_layernorm",
+    "resid_pdrop": 0,
+    "tokenizer_name": "EleutherAI/gpt-neox-20b",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.28.1",
+    "use_cache": False,
+    "verbose": 0,
+    "vocab_size": 50432,
+}
+
+
+def test_hub_config_loads_and_maps_legacy_keys():
+    c = MPTConfig.from_dict(MPT_7B_CONFIG_JSON, strict=False)
+    assert (c.d_model, c.n_heads, c.n_layers, c.vocab_size) == (4096, 32, 32, 50432)
+    assert c.attn_config.attn_impl == "eager"  # 'torch' is the reference implementation
+    assert c.attn_config.alibi and c.kv_n_heads == 32
+    assert not c.uses_wpe  # alibi wins over learned_pos_emb, as in llm-foundry
+    # MPT-7B has 6.7B parameters (the model card's figure)
+    assert 6.6e9 < c.num_params() < 6.8e9
+
+
+def test_defaults_follow_llm_foundry():
+    c = MPTConfig()
+    assert (c.d_model, c.n_heads, c.n_layers, c.expansion_ratio, c.max_seq_len) == (2048, 16, 24, 4, 2048)
+    assert c.norm_type == "low_precision_layernorm" and c.norm_eps == 1e-5
+    assert c.init_config.name == "kaiming_normal_" and c.init_config.init_div_is_residual is True
+    assert c.attn_config.alibi_bias_max == 8 and c.attn_config.sliding_window_size == -1
+    assert c.ffn_hidden_size == 4 * 2048 and c.softmax_scale == pytest.approx(128**-0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"d_model": 100, "n_heads": 3}, "d_model (100) must be divisible by n_heads (3)"),
+        (
+            {"attn_config": {"kv_n_heads": 3}, "n_heads": 4, "d_model": 64},
+            "kv_n_heads (3) must be a positive divisor of n_heads (4)",
+        ),
+        ({"attn_config": {"alibi": True, "rope": True}}, "pick one position scheme"),
+        (
+            {"norm_type": "batchnorm"},
+            "choose one of: layernorm, low_precision_layernorm, rmsnorm, low_precision_rmsnorm",
+        ),
+        ({"attn_config": {"attn_impl": "flash2"}}, "choose one of: auto, flex, sdpa, eager"),
+        ({"ffn_config": {"ffn_type": "moe"}}, "choose one of: mptmlp, mptglu"),
+        ({"attn_config": {"alibbi": True}}, "unknown key attn_config.'alibbi'"),
+        ({"logit_scale": "sqrt"}, "inv_sqrt_d_model"),
+        ({"expansion_ratio": 1.3, "d_model": 64, "n_heads": 4}, "set ffn_config.ffn_hidden_size"),
+        ({"init_config": {"name": "baseline_"}}, "needs init_config.init_std"),
+    ],
+)
+def test_bad_configs_name_the_key(kwargs, needle):
+    with pytest.raises(ConfigError) as e:
+        MPTConfig.from_dict(kwargs)
+    assert needle in str(e.value)
+    assert isinstance(e.value, UserError)
+
+
+def test_unknown_top_level_key_lists_allowed():
+    with pytest.raises(ConfigError, match=r"unknown key model.'dmodel'; allowed keys: .*d_model"):
+        MPTConfig.from_dict({"dmodel": 5})
+
+
+def test_non_mpt_config_refused():
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        MPTConfig.from_dict({"model_type": "llama"}, strict=False)
+
+
+def test_attn_type_multiquery_maps_to_one_kv_head():
+    c = MPTConfig.from_dict(
+        {"d_model": 64, "n_heads": 4, "attn_config": {"attn_type": "multiquery_attention"}}
+    )
+    assert c.kv_n_heads == 1
+
+
+def test_round_trip_through_dict():
+    c = MPTConfig(
+        d_model=64, n_heads=4, n_layers=2, attn_config={"qk_ln": True, "kv_n_heads": 2, "rope": True}
+    )
+    assert MPTConfig.from_dict(c.to_dict()) == c
+
+
+def test_flops_per_token_is_llm_foundry_formula():
+    c = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=100)
+    assert c.flops_per_token(32) == 6 * c.num_params() + 12 * 2 * 64 * 32
