@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 __all__ = ["UserError", "__version__", "load"]
 
 
-def load(path: str, **kwargs):  # noqa: ANN201 - returns MPTForCausalLM; import kept lazy
+def load(path: str, **kwargs):
     """Load an HF MPT folder (or a smalto checkpoint) as an `MPTForCausalLM`."""
     from smalto.model.mpt import MPTForCausalLM
 

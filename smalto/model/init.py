@@ -30,13 +30,9 @@ def _weight_init_fn(config: MPTConfig):
     if c.name == "small_init_" or c.name == "neox_init_":
         return partial(nn.init.normal_, mean=0.0, std=math.sqrt(2 / (5 * config.d_model)))
     if c.name == "kaiming_normal_":
-        return partial(
-            nn.init.kaiming_normal_, a=c.init_gain, mode=c.fan_mode, nonlinearity=c.init_nonlinearity
-        )
+        return partial(nn.init.kaiming_normal_, **kaiming)
     if c.name == "kaiming_uniform_":
-        return partial(
-            nn.init.kaiming_uniform_, a=c.init_gain, mode=c.fan_mode, nonlinearity=c.init_nonlinearity
-        )
+        return partial(nn.init.kaiming_uniform_, **kaiming)
     if c.name == "xavier_normal_":
         return partial(nn.init.xavier_normal_, gain=c.init_gain or 1.0)
     return partial(nn.init.xavier_uniform_, gain=c.init_gain or 1.0)
