@@ -53,6 +53,7 @@ class AttentionMask:
     key_valid:  (B, S) bool or None: False for padding keys
     seq_q/seq_k:(B, T)/(B, S) long or None: packed-document ids; attention stays inside a document
     window:     sliding window size (-1 = none): a query sees keys with q - k < window
+    from_zero:  q_pos is known to be arange(T) (no cache)
     """
 
     q_pos: Tensor
@@ -61,6 +62,7 @@ class AttentionMask:
     seq_q: Tensor | None = None
     seq_k: Tensor | None = None
     window: int = -1
+    from_zero: bool = False  # q_pos is arange(T) (no cache): kernels may use the query index itself
 
     @functools.cached_property
     def dense(self) -> Tensor:
@@ -152,9 +154,13 @@ def flex_block_mask(mask: AttentionMask, n_heads: int):
     """The block mask for FlexAttention (tiles that are fully masked are skipped)."""
     _, create_block_mask = _flex()
     q_pos, window, valid, seq_q, seq_k = mask.q_pos, mask.window, mask.key_valid, mask.seq_q, mask.seq_k
+    from_zero = mask.from_zero
+    key = (q_pos.numel(), mask.n_keys, window, q_pos.device) if from_zero and valid is None and seq_q is None else None
+    if key is not None and key in _BLOCK_MASKS:  # plain causal (+ window): the same mask every training step
+        return _BLOCK_MASKS[key]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q = q_pos[q_idx]
+        q = q_idx if from_zero else q_pos[q_idx]
         ok = kv_idx <= q
         if window > 0:
             ok = ok & (q - kv_idx < window)
@@ -165,7 +171,15 @@ def flex_block_mask(mask: AttentionMask, n_heads: int):
         return ok
 
     batch = None if valid is None and seq_q is None else (valid if valid is not None else seq_q).shape[0]  # type: ignore[union-attr]
-    return create_block_mask(mask_mod, batch, None, q_pos.numel(), mask.n_keys, device=q_pos.device)
+    block_mask = create_block_mask(
+        mask_mod, batch, None, q_pos.numel(), mask.n_keys, device=q_pos.device, _compile=q_pos.is_cuda
+    )
+    if key is not None:
+        _BLOCK_MASKS[key] = block_mask
+    return block_mask
+
+
+_BLOCK_MASKS: dict[tuple, object] = {}
 
 
 def flex_attention_fn(
@@ -175,10 +189,11 @@ def flex_attention_fn(
     fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     score_mod = None
     if slopes is not None:
-        q_pos = mask.q_pos
+        q_pos, from_zero = mask.q_pos, mask.from_zero
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + slopes[h] * (kv_idx - q_pos[q_idx]).to(score.dtype)
+            q = q_idx if from_zero else q_pos[q_idx]
+            return score + slopes[h] * (kv_idx - q).to(score.dtype)
 
     enable_gqa = q.shape[1] != k.shape[1]
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

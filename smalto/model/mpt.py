@@ -94,6 +94,7 @@ class MPTModel(nn.Module):
             n_keys=n_keys,
             key_valid=key_valid,
             window=c.attn_config.sliding_window_size,
+            from_zero=cache is None and cache_position is None,
             seq_q=sequence_id if use_seq else None,
             seq_k=sequence_id if use_seq else None,
         )
