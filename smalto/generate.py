@@ -1,0 +1,348 @@
+"""Text generation: prefill + decode over a static KV cache, batched with left padding, streamed per row.
+
+    iter_generate(model, tokenizer, prompts, ...)  yields `Delta(row, text, token_ids, finish_reason)` as tokens come
+    generate(model, tokenizer, prompts, ...)       runs it to the end; returns one `Completion` per prompt
+
+How a call runs:
+1. Prompts (text or token ids) are left-padded into (B, L); the padding is masked in the cache (`cache.valid`).
+2. One prefill forward over the prompts fills the cache; the last position's logits give the first token.
+3. Each decode step feeds one token per row at `cache_position` L + i. Shapes never change, so on CUDA the step is
+   compiled once (`mode="reduce-overhead"`: a CUDA graph) and replayed; the cache is allocated once per
+   (model, batch, length bucket) and kept for the next call.
+4. Sampling (repetition penalty → temperature → top-k → top-p → min-p, Gumbel-max draw) stays on the device: no
+   host sync. The host looks at new tokens every `check_every` steps to stream text, end rows at EOS or a stop
+   string, and stop early when every row has ended.
+
+A request longer than `config.max_seq_len` (prompt + max_new_tokens) is refused; ALiBi/RoPE models run past their
+trained length when loaded with a larger `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smalto.errors import ConfigError, UserError
+from smalto.model.cache import KVCache
+from smalto.model.mpt import MPTForCausalLM
+
+CACHE_BUCKET = 256  # compiled decode graphs are reused across calls whose length rounds up to the same bucket
+
+
+@dataclass
+class Delta:
+    """What one row produced since the last delta. `finish_reason` is set on the row's last delta."""
+
+    row: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "eos" | "stop" | "length"
+
+
+@dataclass
+class Completion:
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy; None / 0 / 1.0 switch a filter off."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature = {self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"top_k = {self.top_k} must be >= 0 (0 or None = off)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ConfigError(f"min_p = {self.min_p} must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty = {self.repetition_penalty} must be > 0 (1.0 = off)")
+
+
+def sample(logits: Tensor, p: SamplingParams, seen: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Next token per row from float logits (B, V), on the device, without a host sync. `seen` (B, V) bool marks
+    the tokens the repetition penalty applies to (HF semantics: positive logits divided, negative multiplied)."""
+    if seen is not None and p.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p is not None and p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= p.top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if p.min_p:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    # Gumbel-max with exponential noise: argmax(probs / E) samples from probs without torch.multinomial's sync
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------- the decoder: cache + (compiled) step
+
+
+class Decoder:
+    """A KV cache of fixed (batch, length) and the decode step over it, compiled on CUDA when asked."""
+
+    def __init__(self, model: MPTForCausalLM, batch: int, max_len: int, compile: bool):
+        self.model, self.batch, self.max_len, self.want_compile = model, batch, max_len, compile
+        self.cache = KVCache.for_model(model.config, batch, max_len, model.dtype, model.device)
+        self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
+        self.compiled = False
+        if compile:
+            for t in (self.cache.k, self.cache.v, self.cache.valid):  # fixed addresses: CUDA graphs read them in place
+                torch._dynamo.mark_static_address(t)
+            self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.compiled = True
+
+    def _step(self, token: Tensor, pos: Tensor) -> Tensor:
+        """token (B, 1), pos (1,) → float logits (B, V). The cache's host-side length is not touched here."""
+        h = self.model.transformer(token, None, None, self.cache, pos)
+        return self.model.unembed(h[:, -1]).float()
+
+    def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
+        self.cache.reset()
+        h = self.model.transformer(ids, mask, None, self.cache, None)
+        self.cache.length = ids.shape[1]
+        return self.model.unembed(h[:, -1]).float()
+
+    def step(self, token: Tensor, pos: Tensor, full_mask: Tensor | None) -> Tensor:
+        if full_mask is not None:  # learned positions need each row's padding count: eager, growing mask
+            h = self.model.transformer(token, full_mask, None, self.cache, pos)
+            return self.model.unembed(h[:, -1]).float()
+        if not self.compiled:
+            return self.step_fn(token, pos)
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return self.step_fn(token, pos)
+        except Exception as e:  # a compile failure must not cost the user the answer; it is reported
+            warnings.warn(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
+            self.step_fn, self.compiled = self._step, False
+            return self._step(token, pos)
+
+
+def get_decoder(model: MPTForCausalLM, batch: int, length: int, compile: bool) -> Decoder:
+    """Reuse the model's last decoder when batch and length bucket match (keeps compiled graphs warm)."""
+    size = -(-length // CACHE_BUCKET) * CACHE_BUCKET if compile else length
+    dec = model.__dict__.pop("_smalto_decoder", None)
+    key = (batch, size, compile, model.dtype, model.device)
+    if dec is None or (dec.batch, dec.max_len, dec.want_compile, dec.cache.k.dtype, dec.cache.k.device) != key:
+        dec = None  # drop the old cache before allocating the new one
+        dec = Decoder(model, batch, size, compile)
+    model.__dict__["_smalto_decoder"] = dec  # a plain attribute, not a submodule: no state_dict entry
+    return dec
+
+
+# ---------------------------------------------------------------- host-side row state
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already streamed
+    finish: str | None = None
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters not to stream yet: a partial UTF-8 character or the start of a stop string."""
+    n = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise UserError("text prompts need a tokenizer; pass one or give token id lists")
+            ids = list(tokenizer.encode(p))
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+            if bos is None:
+                raise UserError("an empty prompt needs a tokenizer with a BOS token; give at least one token")
+            ids = [bos]
+        out.append(ids)
+    return out
+
+
+def check_length(model: MPTForCausalLM, prompt_len: int, max_new_tokens: int) -> None:
+    c = model.config
+    total = prompt_len + max_new_tokens
+    if total <= c.max_seq_len:
+        return
+    how = ("load the model with a larger max_seq_len (e.g. smalto.load(path, max_seq_len=...) or --max-seq-len); "
+           "ALiBi and RoPE models can run past their trained length") if not c.uses_wpe else \
+        "this model has learned positions and cannot run past them"
+    raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                    f"max_seq_len ({c.max_seq_len}); shorten the request or {how}")
+
+
+@torch.inference_mode()
+def iter_generate(
+    model: MPTForCausalLM,
+    tokenizer: Any,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    ignore_eos: bool = False,
+    compile: bool | None = None,
+    check_every: int | None = None,
+) -> Iterator[Delta]:
+    """Generate for every prompt at once, yielding `Delta`s as text becomes final (see the module docstring).
+
+    eos_token_id defaults to the tokenizer's; `ignore_eos` generates max_new_tokens regardless (benchmarks).
+    compile: None = on CUDA only. check_every: host checks every N steps (default 1 on CPU, 8 on CUDA).
+    """
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty)
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens = {max_new_tokens} must be >= 1")
+    stops = [s for s in (stop or []) if s]
+    if stops and tokenizer is None:
+        raise UserError("stop strings need a tokenizer to turn tokens into text")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    rows_ids = encode_prompts(tokenizer, prompts)
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    eos = set() if ignore_eos or eos_token_id is None else (
+        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+
+    device = model.device
+    B, L = len(rows_ids), max(len(r) for r in rows_ids)
+    check_length(model, L, max_new_tokens)
+    compile = device.type == "cuda" if compile is None else compile
+    every = check_every or (8 if device.type == "cuda" else 1)
+    dec = get_decoder(model, B, L + max_new_tokens, compile)
+
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    full_mask = torch.zeros(B, dec.max_len, dtype=torch.bool, device=device)
+    for r, row in enumerate(rows_ids):  # left padding
+        ids[r, L - len(row):] = torch.tensor(row, device=device)
+        full_mask[r, L - len(row):] = True
+    full_mask[:, L:] = True
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        real = torch.where(full_mask[:, :L], ids, ids[:, -1:])  # pads point at a real token of their row
+        seen.scatter_(1, real, True)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    rows = [_Row(prompt_len=len(r)) for r in rows_ids]
+    learned_pos = model.config.uses_wpe
+    logits = dec.prefill(ids, full_mask[:, :L])
+    synced = 0
+    for i in range(max_new_tokens):
+        token = sample(logits, params, seen, gen)
+        out[:, i] = token
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        last = i == max_new_tokens - 1
+        if (i + 1 - synced) >= every or last:
+            new = out[:, synced:i + 1].tolist()  # the one host sync, every `every` steps
+            synced = i + 1
+            yield from _advance(rows, new, tokenizer, eos, stops, last)
+            if all(r.finish for r in rows):
+                break
+        if not last:
+            pos = torch.full((1,), L + i, dtype=torch.long, device=device)
+            logits = dec.step(token[:, None], pos, full_mask[:, :L + i + 1] if learned_pos else None)
+    dec.cache.length = 0
+
+
+def _advance(rows: list[_Row], new: list[list[int]], tokenizer: Any, eos: set[int], stops: list[str],
+             last: bool) -> Iterator[Delta]:
+    """Take each row's new tokens in order; yield what became final text; end rows at EOS, stop, or length."""
+    for r, (row, toks) in enumerate(zip(rows, new, strict=True)):
+        if row.finish:
+            continue
+        added: list[int] = []
+        for t in toks:
+            if t in eos:
+                row.finish = "eos"
+                break
+            row.ids.append(t)
+            added.append(t)
+            if tokenizer is not None:
+                row.text = tokenizer.decode(row.ids, skip_special_tokens=False)
+                hits = [row.text.find(s, max(0, row.emitted - len(s))) for s in stops]
+                hits = [h for h in hits if h >= 0]
+                if hits:
+                    row.text, row.finish = row.text[:min(hits)], "stop"
+                    break
+        if row.finish is None and last:
+            row.finish = "length"
+        end = len(row.text) if row.finish else len(row.text) - _holdback(row.text, stops)
+        text, row.emitted = row.text[row.emitted:end], max(row.emitted, end)
+        if text or added or row.finish:
+            yield Delta(row=r, text=text, token_ids=added, finish_reason=row.finish)
+
+
+def generate(
+    model: MPTForCausalLM,
+    tokenizer: Any,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    callback: Callable[[Delta], None] | None = None,
+    **kwargs: Any,
+) -> list[Completion]:
+    """Run `iter_generate` to the end (same keyword arguments); `callback` sees every `Delta` as it comes."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    n_prompt = [len(p) for p in encode_prompts(tokenizer, prompts)]
+    texts = [""] * len(prompts)
+    ids: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    for d in iter_generate(model, tokenizer, prompts, **kwargs):
+        texts[d.row] += d.text
+        ids[d.row] += d.token_ids
+        if d.finish_reason:
+            reasons[d.row] = d.finish_reason
+        if callback is not None:
+            callback(d)
+    return [Completion(text=texts[i] if tokenizer is not None else None, token_ids=ids[i], finish_reason=reasons[i],
+                       prompt_tokens=n_prompt[i]) for i in range(len(prompts))]

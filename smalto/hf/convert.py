@@ -1,0 +1,40 @@
+"""`smalto convert`: any checkpoint smalto can read in, an HF folder out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from smalto.errors import CheckpointError
+from smalto.hf.load import load_pretrained
+from smalto.hf.save import TOKENIZER_FILES, save_pretrained
+from smalto.model.mpt import MPTForCausalLM
+
+
+def load_any(path: str | Path, **kwargs: Any) -> MPTForCausalLM:
+    """Load any checkpoint smalto reads as an `MPTForCausalLM`.
+
+    HOOK(training): today this reads HF folders only. The training engineer extends it here to accept smalto
+    training checkpoints (e.g. `if (Path(path) / "<marker file>").exists(): return load_training_checkpoint(path)`),
+    so `smalto convert`, `smalto generate` and `smalto chat` accept them without further changes.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (p / "config.json").is_file():
+        return load_pretrained(p, **kwargs)
+    raise CheckpointError(f"{path} is not a model folder smalto can read (expected an HF folder with config.json)")
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, shard_size: str | int = "5GB",
+            safe_serialization: bool = True) -> Path:
+    """Read `src` (see `load_any`), write an HF folder at `dst` with the weights cast to `dtype` if given.
+
+    Tokenizer files found next to the source weights are copied along.
+    """
+    if Path(src).resolve() == Path(dst).resolve():
+        raise CheckpointError("convert writes a new folder: give a destination different from the source")
+    model = load_any(src, dtype=dtype)
+    has_tok = any((Path(src) / f).is_file() for f in TOKENIZER_FILES[:2])
+    return save_pretrained(model, dst, tokenizer=Path(src) if has_tok else None, shard_size=shard_size,
+                           dtype=dtype, safe_serialization=safe_serialization)
