@@ -147,19 +147,22 @@ def _pieces(record: dict[str, Any], tokenizer: Any, cfg: FinetuneConfig) -> list
         return pieces
 
     def render(upto: int, gen: bool) -> str:
-        if upto == 0 and not gen:
-            return ""
+        if upto == 0:
+            return ""  # templates refuse an empty conversation; a leading assistant turn has no header
         return str(tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen))
 
     # Cut the full rendering at the boundaries given by rendering each prefix of the conversation.
     full, pieces, done = render(len(msgs), False), [], ""
     for i, m in enumerate(msgs):
-        marks = [(render(i, True), "prompt"), (render(i + 1, False), "last" if i == last else "response")]
-        if m["role"] != "assistant":
-            marks = [(marks[1][0], "prompt")]
+        if m["role"] == "assistant":
+            marks = [(render(i, True), "prompt"), (render(i + 1, False), "last" if i == last else "response")]
+        else:
+            marks = [(render(i + 1, False), "prompt")]
         for text, kind in marks:
             if not text.startswith(done) or not full.startswith(text):
-                raise DataError("the tokenizer's chat template does not render conversations prefix by prefix; it cannot be masked")
+                raise DataError(
+                    "the tokenizer's chat template does not render conversations prefix by prefix; it cannot be masked"
+                )
             if len(text) > len(done):
                 pieces.append((text[len(done) :], kind))
             done = text
@@ -243,7 +246,12 @@ class FinetuneDataset(torch.utils.data.Dataset):
             raise DataError(f"{cfg.path}: every example was dropped as longer than seq_len {cfg.seq_len}")
         self.examples = examples
         self.rows = pack(examples, cfg.seq_len) if cfg.packing else [[i] for i in range(len(examples))]
-        self.stats = {"examples": len(examples), "dropped_too_long": dropped, "truncated": truncated, "skipped_bad": policy.skipped}
+        self.stats = {
+            "examples": len(examples),
+            "dropped_too_long": dropped,
+            "truncated": truncated,
+            "skipped_bad": policy.skipped,
+        }
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -259,7 +267,11 @@ class FinetuneDataset(torch.utils.data.Dataset):
             n = len(e_ids)
             ids[at : at + n], labels[at : at + n], seq[at : at + n] = e_ids, e_labels, k
             at += n
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "sequence_id": torch.from_numpy(seq)}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "sequence_id": torch.from_numpy(seq),
+        }
 
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

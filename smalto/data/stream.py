@@ -169,7 +169,10 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
         self.accum = global_batch_size // (world_size * micro_batch_size)
         self.datasets = [
             MDSDataset(
-                _split_root(s), cache_dir=cfg.cache_dir, cache_limit=parse_bytes(cfg.cache_limit), verify=cfg.verify_hashes
+                _split_root(s),
+                cache_dir=cfg.cache_dir,
+                cache_limit=parse_bytes(cfg.cache_limit),
+                verify=cfg.verify_hashes,
             )
             for s in cfg.sources
         ]

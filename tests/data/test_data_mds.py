@@ -26,7 +26,11 @@ def read_split(folder: Path) -> list[np.ndarray]:
         if shard["zip_data"]:
             import zstandard
 
-            data = zstandard.ZstdDecompressor().decompressobj().decompress((folder / shard["zip_data"]["basename"]).read_bytes())
+            data = (
+                zstandard.ZstdDecompressor()
+                .decompressobj()
+                .decompress((folder / shard["zip_data"]["basename"]).read_bytes())
+            )
             assert shard["zip_data"]["basename"] == raw_name + ".zstd"
         else:
             data = (folder / raw_name).read_bytes()
@@ -91,7 +95,11 @@ def write_split(folder: Path, rows: list[dict], columns: dict[str, str], per_sha
                     body += struct.pack("<q", v)
                     continue
                 if e.startswith("ndarray:"):
-                    b = bytes([(1 << 2) | 1]) + struct.pack("<H", len(v)) + np.asarray(v, e.split(":")[1]).tobytes()
+                    b = (
+                        bytes([(1 << 2) | 1])
+                        + struct.pack("<H", len(v))
+                        + np.asarray(v, e.split(":")[1]).tobytes()
+                    )
                 elif e == "bytes":
                     b = v
                 else:
@@ -100,11 +108,18 @@ def write_split(folder: Path, rows: list[dict], columns: dict[str, str], per_sha
                 body += b
             blobs.append(head + body)
         start_off = 4 + 4 * (len(chunk) + 1) + len(cfg_bytes)
-        offsets = np.cumsum([start_off] + [len(b) for b in blobs]).astype("<u4")
+        offsets = np.cumsum([start_off, *(len(b) for b in blobs)]).astype("<u4")
         data = struct.pack("<I", len(chunk)) + offsets.tobytes() + cfg_bytes + b"".join(blobs)
         name = f"shard.{s:05d}.mds"
         (folder / name).write_bytes(data)
-        shards.append({**config, "samples": len(chunk), "raw_data": {"basename": name, "bytes": len(data), "hashes": {}}, "zip_data": None})
+        shards.append(
+            {
+                **config,
+                "samples": len(chunk),
+                "raw_data": {"basename": name, "bytes": len(data), "hashes": {}},
+                "zip_data": None,
+            }
+        )
     (folder / "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
 
 
@@ -134,10 +149,20 @@ def test_tokenize_output_parses_with_independent_reader(tmp_path, tokenizer_dir,
     docs = [f"Doc {i}: " + "lorem ipsum " * (i % 17) for i in range(200)]
     (tmp_path / "in.txt").write_text("\n".join(docs) + "\n")
     tokenize_to_shards(
-        TokenizeConfig(sources=[str(tmp_path / "in.txt")], out=tmp_path / "out", tokenizer=str(tokenizer_dir), seq_len=64, format="lines", compression="zstd", progress=False)
+        TokenizeConfig(
+            sources=[str(tmp_path / "in.txt")],
+            out=tmp_path / "out",
+            tokenizer=str(tokenizer_dir),
+            seq_len=64,
+            format="lines",
+            compression="zstd",
+            progress=False,
+        )
     )
     stream = np.concatenate(read_split(tmp_path / "out" / "train"))
-    expected = np.concatenate([np.array(tok.encode(d, add_special_tokens=False).ids + [eos_id]) for d in docs])
+    expected = np.concatenate(
+        [np.array([*tok.encode(d, add_special_tokens=False).ids, eos_id]) for d in docs]
+    )
     n = len(expected) // 64 * 64
     np.testing.assert_array_equal(stream, expected[:n])
 
@@ -145,7 +170,11 @@ def test_tokenize_output_parses_with_independent_reader(tmp_path, tokenizer_dir,
 def test_foreign_shards_load_in_smalto(tmp_path):
     rng = np.random.default_rng(1)
     rows = [
-        {"id": i, "text": f"row {i}", "tokens": rng.integers(0, 60000, size=int(rng.integers(1, 100))).astype(np.uint16)}
+        {
+            "id": i,
+            "text": f"row {i}",
+            "tokens": rng.integers(0, 60000, size=int(rng.integers(1, 100))).astype(np.uint16),
+        }
         for i in range(57)
     ]
     write_split(tmp_path / "ds", rows, {"id": "int", "text": "str", "tokens": "ndarray:uint16"}, per_shard=10)

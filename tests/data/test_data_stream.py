@@ -38,7 +38,9 @@ def first_tokens(loader, n):
 
 
 def test_config_rejects_unknown_keys_naming_them():
-    with pytest.raises(ConfigError, match=r"unknown key data.shufle; allowed keys: sources, seq_len, shuffle"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key data.shufle; allowed keys: sources, seq_len, shuffle"
+    ):
         DataConfig.from_dict({"sources": [{"path": "x"}], "shufle": True})
     with pytest.raises(ConfigError, match=r"unknown key data.sources\[0\].weight; allowed keys: path, split"):
         DataConfig.from_dict({"sources": [{"path": "x", "weight": 1}]})
@@ -71,7 +73,10 @@ def test_sequence_id_and_labels(tmp_path):
 def test_mixing_proportions_hold(tmp_path):
     make_dataset(tmp_path / "a", 300, 1)
     make_dataset(tmp_path / "b", 50, 2)
-    cfg = cfg_for([{"path": str(tmp_path / "a"), "proportion": 0.3}, {"path": str(tmp_path / "b"), "proportion": 0.7}], epoch_size=1000)
+    cfg = cfg_for(
+        [{"path": str(tmp_path / "a"), "proportion": 0.3}, {"path": str(tmp_path / "b"), "proportion": 0.7}],
+        epoch_size=1000,
+    )
     loader = build_loader(cfg, micro_batch_size=10, global_batch_size=10)
     firsts = np.array(first_tokens(loader, 300)).ravel()  # three epochs
     share_b = (firsts >= 200000).mean()
@@ -98,9 +103,21 @@ def test_repeat_and_choose(tmp_path):
 def test_ranks_and_workers_split_the_global_batch(tmp_path):
     make_dataset(tmp_path / "a", 160, 1)
     one = first_tokens(build_loader(cfg_for([tmp_path / "a"]), micro_batch_size=2, global_batch_size=8), 12)
-    one_steps = [sum(one[i : i + 4], []) for i in range(0, 12, 4)]
-    ranks = [first_tokens(build_loader(cfg_for([tmp_path / "a"], num_workers=2), rank=r, world_size=2, micro_batch_size=2, global_batch_size=8), 6) for r in range(2)]
-    two_steps = [sum(ranks[0][i : i + 2] + ranks[1][i : i + 2], []) for i in range(0, 6, 2)]
+    one_steps = [[x for mb in one[i : i + 4] for x in mb] for i in range(0, 12, 4)]
+    ranks = [
+        first_tokens(
+            build_loader(
+                cfg_for([tmp_path / "a"], num_workers=2),
+                rank=r,
+                world_size=2,
+                micro_batch_size=2,
+                global_batch_size=8,
+            ),
+            6,
+        )
+        for r in range(2)
+    ]
+    two_steps = [[x for mb in ranks[0][i : i + 2] + ranks[1][i : i + 2] for x in mb] for i in range(0, 6, 2)]
     assert one_steps == two_steps
 
 
@@ -123,7 +140,9 @@ if state_out != "-":
 
 def _run(tmp: Path, *args) -> np.ndarray:
     out = tmp / f"rows-{abs(hash(args))}.npy"
-    res = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, *map(str, args[:-1]), out], capture_output=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, *map(str, args[:-1]), out], capture_output=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr.decode()
     return np.load(out)
 
@@ -132,7 +151,14 @@ def _run(tmp: Path, *args) -> np.ndarray:
 def test_resume_in_new_process_with_other_workers_and_ranks(tmp_path):
     make_dataset(tmp_path / "a", 90, 1)
     make_dataset(tmp_path / "b", 30, 2)
-    cfg = {"sources": [{"path": str(tmp_path / "a"), "proportion": 2}, {"path": str(tmp_path / "b"), "proportion": 1}], "seq_len": SEQ, "shuffle_block_size": 16}
+    cfg = {
+        "sources": [
+            {"path": str(tmp_path / "a"), "proportion": 2},
+            {"path": str(tmp_path / "b"), "proportion": 1},
+        ],
+        "seq_len": SEQ,
+        "shuffle_block_size": 16,
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     c = tmp_path / "cfg.json"
     # micro-batch 2, global batch 8: one rank takes 4 micro-batches per step. 120 samples → 15 steps per epoch;
@@ -163,16 +189,26 @@ def test_state_must_match_global_batch(tmp_path):
 
 def test_fsspec_url_with_bounded_verified_cache(tmp_path):
     make_dataset(tmp_path / "a", 200, 1, size_limit=300, compression="zstd")
-    local = build_loader(cfg_for([tmp_path / "a"], cache_dir=str(tmp_path / "c0")), micro_batch_size=4, global_batch_size=4)
+    local = build_loader(
+        cfg_for([tmp_path / "a"], cache_dir=str(tmp_path / "c0")), micro_batch_size=4, global_batch_size=4
+    )
     url = f"file://{tmp_path / 'a'}"
     limit = 1500
-    remote = build_loader(cfg_for([url], cache_dir=str(tmp_path / "cache"), cache_limit=limit), micro_batch_size=4, global_batch_size=4)
+    remote = build_loader(
+        cfg_for([url], cache_dir=str(tmp_path / "cache"), cache_limit=limit),
+        micro_batch_size=4,
+        global_batch_size=4,
+    )
     assert first_tokens(remote, 60) == first_tokens(local, 60)
     cached = [p.stat().st_size for p in (tmp_path / "cache").rglob("shard.*")]
     assert cached and sum(cached) <= limit
     # a damaged shard is caught by the index's hashes
     shard = sorted((tmp_path / "a" / "train").glob("shard.*.zstd"))[0]
     shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
-    fresh = build_loader(cfg_for([url], cache_dir=str(tmp_path / "cache2"), shuffle=False), micro_batch_size=4, global_batch_size=4)
+    fresh = build_loader(
+        cfg_for([url], cache_dir=str(tmp_path / "cache2"), shuffle=False),
+        micro_batch_size=4,
+        global_batch_size=4,
+    )
     with pytest.raises(DataError, match="sha1 hash mismatch"):
         first_tokens(fresh, 1)

@@ -26,7 +26,9 @@ def encode_docs(tok, docs, eos_id, bos_id=None):
 
 
 def stream_all(out: Path, seq_len: int, split: str = "train") -> list[np.ndarray]:
-    cfg = DataConfig.from_dict({"sources": [{"path": str(out), "split": split}], "seq_len": seq_len, "shuffle": False})
+    cfg = DataConfig.from_dict(
+        {"sources": [{"path": str(out), "split": split}], "seq_len": seq_len, "shuffle": False}
+    )
     loader = build_loader(cfg, micro_batch_size=1, global_batch_size=1, epochs=1)
     return [b for b in loader]
 
@@ -55,7 +57,10 @@ def test_text_folder_to_loader_gives_back_the_token_stream(tmp_path, tokenizer_d
         assert (b["labels"] == b["input_ids"]).all()
     meta = json.loads((out / "smalto_data.json").read_text())
     assert meta["tokenizer"]["eos_id"] == eos_id
-    assert meta["tokenizer"]["sha256"] == hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    assert (
+        meta["tokenizer"]["sha256"]
+        == hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    )
     assert meta["documents"] == len(docs) and meta["tokens"] == len(expected)
     assert meta["sources"][0]["splits"]["train"]["tokens"] == len(got)
     f0 = meta["sources"][0]["files"][0]
@@ -66,7 +71,16 @@ def test_no_wrap_keeps_documents_whole_with_bos(tmp_path, tokenizer_dir, tok, eo
     docs = docs_for(30, seed=3)
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     tokenize_to_shards(
-        TokenizeConfig(sources=[str(tmp_path / "d.jsonl")], out=tmp_path / "o", tokenizer=str(tokenizer_dir), seq_len=40, wrap=False, bos=True, text_field="body", progress=False)
+        TokenizeConfig(
+            sources=[str(tmp_path / "d.jsonl")],
+            out=tmp_path / "o",
+            tokenizer=str(tokenizer_dir),
+            seq_len=40,
+            wrap=False,
+            bos=True,
+            text_field="body",
+            progress=False,
+        )
     )
     expected = encode_docs(tok, docs, eos_id, bos_id=eos_id)  # neox's BOS is <|endoftext|> too
     batches = stream_all(tmp_path / "o", 40)
@@ -91,10 +105,24 @@ def test_formats_stdin_and_named_sources(tmp_path, tokenizer_dir, tok, eos_id):
     pq.write_table(pa.table({"text": docs[20:30]}), tmp_path / "c.parquet")
     stdin = "".join(d.replace("\n", " ") + "\n" for d in docs[30:]).encode()
     out = tmp_path / "mix"
-    args = ["data", f"js={tmp_path / 'a.json'}", "-s", f"tab={tmp_path / 'b.csv'}", "-s", f"pq={tmp_path / 'c.parquet'}", "-s", "in=-"]
+    args = [
+        "data",
+        f"js={tmp_path / 'a.json'}",
+        "-s",
+        f"tab={tmp_path / 'b.csv'}",
+        "-s",
+        f"pq={tmp_path / 'c.parquet'}",
+        "-s",
+        "in=-",
+    ]
     res = run_cli(*args, "-o", out, "-t", tokenizer_dir, "--seq-len", 8, "--no-progress", stdin=stdin)
     assert res.returncode == 0, res.stderr.decode()
-    texts = {"js": docs[:10], "tab": docs[10:20], "pq": docs[20:30], "in": [d.replace("\n", " ") for d in docs[30:]]}
+    texts = {
+        "js": docs[:10],
+        "tab": docs[10:20],
+        "pq": docs[20:30],
+        "in": [d.replace("\n", " ") for d in docs[30:]],
+    }
     for name, ds in texts.items():
         expected = np.concatenate(encode_docs(tok, ds, eos_id))
         got = np.concatenate([b["input_ids"][0].numpy() for b in stream_all(out / name, 8)])
@@ -108,7 +136,16 @@ def test_val_split_is_stable_and_independent_of_workers(tmp_path, tokenizer_dir)
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"o{workers}"
-        cfg = TokenizeConfig(sources=[str(tmp_path / "d.txt")], out=out, tokenizer=str(tokenizer_dir), seq_len=16, format="lines", val_fraction=0.2, workers=workers, progress=False)
+        cfg = TokenizeConfig(
+            sources=[str(tmp_path / "d.txt")],
+            out=out,
+            tokenizer=str(tokenizer_dir),
+            seq_len=16,
+            format="lines",
+            val_fraction=0.2,
+            workers=workers,
+            progress=False,
+        )
         meta = tokenize_to_shards(cfg)
         outs.append(out)
     splits = meta["sources"][0]["splits"]
@@ -122,9 +159,26 @@ def test_val_split_is_stable_and_independent_of_workers(tmp_path, tokenizer_dir)
 
 
 def test_on_error_skip_counts_bad_records(tmp_path, tokenizer_dir):
-    lines = [json.dumps({"text": "good one"}), "{not json", json.dumps({"txt": "wrong field"}), json.dumps({"text": "good two"})]
+    lines = [
+        json.dumps({"text": "good one"}),
+        "{not json",
+        json.dumps({"txt": "wrong field"}),
+        json.dumps({"text": "good two"}),
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    res = run_cli("data", tmp_path / "d.jsonl", "-o", tmp_path / "o", "-t", tokenizer_dir, "--seq-len", 4, "--on-error", "skip", "--no-progress")
+    res = run_cli(
+        "data",
+        tmp_path / "d.jsonl",
+        "-o",
+        tmp_path / "o",
+        "-t",
+        tokenizer_dir,
+        "--seq-len",
+        4,
+        "--on-error",
+        "skip",
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stderr.decode()
     assert "skipped 2 bad records" in res.stderr.decode()
     assert json.loads((tmp_path / "o" / "smalto_data.json").read_text())["documents"] == 2
@@ -148,7 +202,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "empty input": (["empty.txt"], "the input is empty"),
         "no such file": (["missing.txt"], "no input files found"),
         "existing output": (["badjson.jsonl", "--out-name", "exists"], "already exists; pass --overwrite"),
-        "bad compression": (["nofield.jsonl", "--compression", "gzip"], "compression 'gzip' is not supported"),
+        "bad compression": (
+            ["nofield.jsonl", "--compression", "gzip"],
+            "compression 'gzip' is not supported",
+        ),
         "seq len": (["nofield.jsonl", "--seq-len", "1"], "--seq-len must be at least 2"),
     }
 
@@ -192,6 +249,17 @@ def test_missing_zstandard_is_a_clear_error(tmp_path, tokenizer_dir):
 def test_overwrite_replaces_output(tmp_path, tokenizer_dir):
     (tmp_path / "d.txt").write_text("first version " * 40)
     for _ in range(2):
-        res = run_cli("data", tmp_path / "d.txt", "-o", tmp_path / "o", "-t", tokenizer_dir, "--seq-len", 8, "--overwrite", "--no-progress")
+        res = run_cli(
+            "data",
+            tmp_path / "d.txt",
+            "-o",
+            tmp_path / "o",
+            "-t",
+            tokenizer_dir,
+            "--seq-len",
+            8,
+            "--overwrite",
+            "--no-progress",
+        )
         assert res.returncode == 0, res.stderr.decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.txt", "o"]
