@@ -1,0 +1,375 @@
+"""The run recipe: keyword-only dataclasses for every section, YAML loading, `a.b=c` overrides, cross-checks.
+
+A recipe is a YAML mapping with the sections below; every key is checked (an unknown one is named with the keys
+allowed there) and every value is validated before anything starts. Durations are integers (optimizer steps) or
+strings with a unit, as llm-foundry writes them: "100ba" (steps), "1e9tok" (tokens), and for scheduler lengths
+also "0.1dur" (a fraction of the whole run). Paths may contain `{run_dir}`.
+
+    name: my-run              # run folder defaults to runs/<name>
+    model: {...}              # MPTConfig (smalto.model.config), HF mpt names
+    data: {...}               # smalto.data.stream.DataConfig (sources, shuffle, ...)
+    tokenizer: path           # saved next to the HF export; used for samples
+    optimizer / scheduler / train / checkpoint / logging / guard: see the classes below
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smalto.errors import ConfigError
+from smalto.model.config import MPTConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur)\s*$", re.IGNORECASE)
+
+
+def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    """Instantiate a section dataclass from a mapping, naming an unknown key and the allowed ones."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {d!r}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in allowed:
+            raise ConfigError(f"unknown key {where}.{key}; allowed keys: {', '.join(allowed)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# ---- durations ----
+
+
+def parse_duration(value: int | float | str, key: str) -> tuple[float, str]:
+    """(amount, unit) with unit 'ba', 'tok' or 'dur'; a bare number means optimizer steps."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r} is not a duration; write e.g. 1000, '1000ba', '2e9tok' or '0.1dur'")
+    if isinstance(value, int | float):
+        amount, unit = float(value), "ba"
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"{key} = {value!r} is not a duration; write e.g. 1000, '1000ba', '2e9tok' or '0.1dur'")
+        amount, unit = float(m.group(1)), m.group(2).lower()
+    if amount < 0:
+        raise ConfigError(f"{key} = {value!r} must not be negative")
+    return amount, unit
+
+
+def duration_steps(value: int | float | str, key: str, *, tokens_per_step: int, total_steps: int | None = None) -> int:
+    """A duration in optimizer steps (tokens round up to whole steps; 'dur' is a fraction of total_steps)."""
+    amount, unit = parse_duration(value, key)
+    if unit == "ba":
+        return int(math.ceil(amount))
+    if unit == "tok":
+        return int(math.ceil(amount / tokens_per_step))
+    if total_steps is None:
+        raise ConfigError(f"{key} = {value!r}: 'dur' (a fraction of the run) is only for scheduler lengths")
+    return int(round(amount * total_steps))
+
+
+# ---- sections ----
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: str = "lion"
+    """`lion` (llm-foundry's DecoupledLionW) or `adamw` (torch AdamW, decoupled weight decay)."""
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    """LION: multiplied by lr/peak_lr each step (llm-foundry's convention); AdamW: torch's (times lr)."""
+    eps: float = 1e-8
+    """AdamW only."""
+
+    def __post_init__(self) -> None:
+        _choice("optimizer.name", self.name, ("lion", "adamw"))
+        if not self.lr > 0:
+            raise ConfigError(f"optimizer.lr = {self.lr} must be positive")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas = {self.betas} must be two numbers in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay = {self.weight_decay} must not be negative")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    name: str = "cosine"
+    """After a linear warmup from 0: `cosine` or `linear` decay to alpha_f·lr, `constant`, or `inverse_sqrt`."""
+    warmup: int | str = "0ba"
+    alpha_f: float = 0.1
+    """Final lr as a fraction of the peak (cosine, linear)."""
+    t_max: int | str = "1dur"
+    """Where the decay reaches alpha_f; the whole run by default."""
+
+    def __post_init__(self) -> None:
+        _choice("scheduler.name", self.name, ("cosine", "linear", "constant", "inverse_sqrt"))
+        parse_duration(self.warmup, "scheduler.warmup")
+        parse_duration(self.t_max, "scheduler.t_max")
+        if not 0.0 <= self.alpha_f <= 1.0:
+            raise ConfigError(f"scheduler.alpha_f = {self.alpha_f} must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_duration: int | str = "100ba"
+    global_batch_size: int = 8
+    """Samples per optimizer step, over all ranks."""
+    micro_batch_size: int | None = None
+    """Samples per forward on one rank; None = global_batch_size / world_size (no accumulation)."""
+    precision: str = "auto"
+    """`bf16` (autocast on one device; FSDP2 bf16 params with fp32 reduce when sharded), `fp32`, or `auto`
+    (bf16 on CUDA, fp32 on CPU)."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; null = no clipping."""
+    compile: bool = False
+    """torch.compile each block."""
+    activation_checkpointing: bool | int = False
+    """true: every block; an integer k: every k-th block; false: none."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
+    eval_interval: int | str = "100ba"
+    eval_batches: int = 8
+    """Micro-batches per rank in each evaluation; 0 = no evaluation."""
+    eval_split: str = "val"
+    """Split folder of each data source used for evaluation (skipped with a warning when absent)."""
+    peak_tflops: float | None = None
+    """Peak bf16 TFLOP/s of one device for MFU; default 989 (H100/H200) on CUDA, none on CPU."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts to continue with the trained model at the end (printed)."""
+    sample_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        parse_duration(self.max_duration, "train.max_duration")
+        parse_duration(self.eval_interval, "train.eval_interval")
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda")
+        if self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size = {self.global_batch_size} must be positive")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size = {self.micro_batch_size} must be positive or null")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
+            raise ConfigError(f"train.activation_checkpointing = {ac!r}: use true, false or a positive integer k")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip = {self.grad_clip} must be positive or null")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    interval: int | str = "1000ba"
+    """Save every this many steps (the last step and a SIGTERM/SIGINT always save)."""
+    keep_last: int = 3
+    folder: str = "{run_dir}/checkpoints"
+    autoresume: bool = True
+    """Continue from `latest` in `folder` when it exists (with any number of ranks)."""
+    load_from: str | None = None
+    """Initialise the weights from a smalto checkpoint folder or an HF folder (ignored when autoresuming)."""
+    hf_export: str | None = "{run_dir}/hf"
+    """Write an HF folder (config.json + safetensors + tokenizer) here at the end; null = don't."""
+
+    def __post_init__(self) -> None:
+        parse_duration(self.interval, "checkpoint.interval")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last = {self.keep_last} must be at least 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    interval: int = 1
+    """Write metrics every this many steps."""
+    progress: bool = True
+    tensorboard: bool | None = None
+    """None: when the tensorboard package is installed."""
+    wandb: bool = False
+    wandb_project: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"logging.interval = {self.interval} must be at least 1")
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    """Loss guards, as llm-foundry's kill-loss-spike callback."""
+
+    nan: str = "stop"
+    """A NaN/inf loss: `stop` (no update, checkpoint from before, message) or `skip` the batch."""
+    spike: str = "stop"
+    """A loss above spike_ratio × the rolling mean: `stop` after `patience` consecutive spikes, `skip` each
+    spiking batch (stopping after `patience` in a row), or `off`."""
+    spike_ratio: float = 2.0
+    window: int = 100
+    patience: int = 4
+    min_history: int = 20
+    """Spikes are only judged once this many steps are in the window."""
+
+    def __post_init__(self) -> None:
+        _choice("guard.nan", self.nan, ("stop", "skip"))
+        _choice("guard.spike", self.spike, ("stop", "skip", "off"))
+        if self.spike_ratio <= 1.0:
+            raise ConfigError(f"guard.spike_ratio = {self.spike_ratio} must be greater than 1")
+        if self.window < 1 or self.patience < 1 or self.min_history < 1:
+            raise ConfigError("guard.window, guard.patience and guard.min_history must be at least 1")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/{name}"
+    seed: int = 17
+    """Seeds weights, dropout and (unless data.seed is given) the data order."""
+    prepare: str | None = None
+    """`stdlib`: build the tokenizer and data this recipe points at from the Python standard library when they
+    don't exist yet (the embedded demo)."""
+    tokenizer: str | None = None
+    model: MPTConfig = field(default_factory=MPTConfig)
+    data: Any = None
+    """smalto.data.stream.DataConfig."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        from smalto.data.stream import DataConfig
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
+        d = dict(d)
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in allowed:
+                raise ConfigError(f"unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+        name = str(d.get("name", "run"))
+        run_dir = str(d.get("run_dir", "runs/{name}")).format(name=name)
+        model = MPTConfig.from_dict(d.get("model") or {})
+        if d.get("data") is None:
+            raise ConfigError("the recipe has no data section; set data.sources to a list of {path: ...} datasets")
+        data = _build_data(DataConfig, dict(d["data"]), model.max_seq_len, run_dir)
+        sections = {
+            "optimizer": OptimizerConfig, "scheduler": SchedulerConfig, "train": TrainConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "guard": GuardConfig,
+        }
+        built = {k: _build(c, d.get(k), k) for k, c in sections.items()}
+        ck = built["checkpoint"]
+        ck.folder = ck.folder.format(run_dir=run_dir)
+        if ck.hf_export:
+            ck.hf_export = ck.hf_export.format(run_dir=run_dir)
+        tok = d.get("tokenizer")
+        prepare = d.get("prepare")
+        if prepare is not None:
+            _choice("prepare", prepare, ("stdlib",))
+        cfg = cls(
+            name=name, run_dir=run_dir, seed=int(d.get("seed", 17)), prepare=prepare,
+            tokenizer=None if tok is None else str(tok).format(run_dir=run_dir), model=model, data=data, **built,
+        )
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Cross-section checks that need no knowledge of the world size."""
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) is longer than model.max_seq_len ({self.model.max_seq_len})"
+            )
+        t = self.train
+        if t.micro_batch_size is not None and t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir, "seed": self.seed}
+        d["prepare"], d["tokenizer"] = self.prepare, self.tokenizer
+        d["model"] = self.model.to_dict()
+        d["data"] = dataclasses.asdict(self.data)
+        for k in ("optimizer", "scheduler", "train", "checkpoint", "logging", "guard"):
+            d[k] = dataclasses.asdict(getattr(self, k))
+        return d
+
+
+def _build_data(cls: type, d: dict[str, Any], max_seq_len: int, run_dir: str) -> Any:
+    d.setdefault("seq_len", max_seq_len)
+    if isinstance(d.get("sources"), list):
+        d["sources"] = [
+            {**s, "path": str(s["path"]).format(run_dir=run_dir)} if isinstance(s, dict) and "path" in s else s
+            for s in d["sources"]
+        ]
+    return cls.from_dict(d)
+
+
+# ---- loading ----
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_recipe(spec: str) -> Path:
+    """A YAML path, or the name of a shipped recipe (`tiny`, `mpt-1b`, ...)."""
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file {spec} does not exist")
+        return p
+    shipped = CONFIG_DIR / f"{spec}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"no recipe {spec!r}: give a YAML path or one of: {', '.join(recipe_names())}")
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` with the value parsed as YAML (`lr=1e-3` is a float, `x=[1,2]` a list, `x=null` None)."""
+    d = dict(d)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_duration=200ba)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        parts = key.strip().split(".")
+        node = d
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(spec: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe (path or shipped name; default `tiny`), apply overrides, validate everything."""
+    path = find_recipe(spec or "tiny")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -1,0 +1,90 @@
+"""The embedded default: a corpus every machine with Python has, the source of its standard library.
+
+`prepare_stdlib(cfg)` (run when a recipe says `prepare: stdlib`, as `tiny` does) builds what the recipe points at:
+  1. the corpus: the stdlib's *.py files (tests and site-packages left out), in a fixed pseudo-random order of
+     their relative paths, up to `CORPUS_BYTES`, one JSON line per file;
+  2. a byte-level BPE tokenizer of `model.vocab_size` tokens trained on it with the `tokenizers` library (the
+     50k GPT-NeoX vocabulary would dominate a CPU step), saved as an HF tokenizer folder;
+  3. MDS token shards with train/ and val/ splits, written by the data pipeline (`smalto.data.tokenize`).
+Nothing is downloaded; everything lands in the run folder. A second run reuses what exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from smalto.config import RunConfig
+from smalto.errors import ConfigError
+
+CORPUS_BYTES = 6_000_000  # enough for a few minutes of CPU training, quick to tokenize
+EOS = "<|endoftext|>"
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def stdlib_files(limit_bytes: int = CORPUS_BYTES) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts)]
+    # a stable spread over the whole library, not the first letters of the alphabet
+    files.sort(key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+    chosen, total = [], 0
+    for p in files:
+        size = p.stat().st_size
+        if total + size > limit_bytes:
+            continue
+        chosen.append(p)
+        total += size
+    return chosen
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path, max_len: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS, "unk_token": EOS,
+              "model_max_length": max_len}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS, "bos_token": EOS, "unk_token": EOS}))
+
+
+def prepare_stdlib(cfg: RunConfig, console: Console | None = None) -> None:
+    from smalto.data.tokenize import TokenizeConfig, tokenize_to_shards
+
+    console = console or Console(stderr=True)
+    if cfg.tokenizer is None or len(cfg.data.sources) != 1:
+        raise ConfigError("prepare: stdlib needs `tokenizer` and exactly one data source (where to write them)")
+    tok_dir, data_dir = Path(cfg.tokenizer), Path(cfg.data.sources[0].path)
+    if (tok_dir / "tokenizer.json").is_file() and (data_dir / "train" / "index.json").is_file():
+        return
+    t0 = time.perf_counter()
+    files = stdlib_files()
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    console.print(f"corpus: {len(files)} files of the Python {sysconfig.get_python_version()} standard library, "
+                  f"{sum(map(len, texts)) / 1e6:.1f} M characters")
+    train_tokenizer(texts, cfg.model.vocab_size, tok_dir, cfg.model.max_seq_len)
+    console.print(f"tokenizer: byte-level BPE, {cfg.model.vocab_size} tokens → {tok_dir}")
+    corpus = data_dir.parent / "stdlib.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    with corpus.open("w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    tokenize_to_shards(TokenizeConfig(
+        sources=[str(corpus)], out=data_dir, tokenizer=str(tok_dir), seq_len=cfg.data.seq_len, val_fraction=0.03,
+        dtype="uint16" if cfg.model.vocab_size <= 1 << 16 else "int32", overwrite=True, progress=False,
+    ))
+    corpus.unlink()
+    console.print(f"data: MDS shards in {data_dir} ({time.perf_counter() - t0:.1f} s to prepare)")

@@ -1,0 +1,338 @@
+"""The training loop: `train(cfg)` runs a recipe on one process or under torchrun.
+
+A step takes the rank's G/(world·micro) micro-batches, sums each one's token cross-entropy divided by the
+step's global count of predicted tokens (so the gradient is that of the mean over all tokens of all ranks,
+however they are split), clips the global gradient norm, asks the loss guard, and updates. The loss and the
+grad norm reach the host once per step (one sync; the guard needs them before the update).
+The loop state is a few numbers (`step`, `tokens`, `seconds`); the last step always evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from smalto.config import RunConfig, duration_steps
+from smalto.errors import ConfigError, UserError
+from smalto.train.checkpoint import Checkpointer, export_hf, load_weights
+from smalto.train.guard import OK, STOP, LossGuard
+from smalto.train.metrics import RunLogger, memory_gib, mfu, write_run_info
+from smalto.train.optim import Schedule, build_optimizer
+from smalto.train.parallel import World, build_model, close_world, init_world
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    loss: float | None
+    eval_loss: float | None
+    stopped: str | None  # None (finished), "SIGTERM"/"SIGINT", or "guard: <reason>"
+    checkpoint: str | None
+    hf_folder: str | None
+    samples: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    world = init_world(cfg.train.device)
+    try:
+        t = setup(cfg, world)
+        batches = iter(t.loader)
+        stopped: str | None = None
+        with StopSignals() as signals:
+            while t.step < t.total_steps:
+                metrics, verdict = train_step(t, [next(batches) for _ in range(t.accum)])
+                if verdict == STOP:
+                    stopped = f"guard: {t.guard.reason}"
+                    break
+                t.step += 1
+                last = t.step == t.total_steps
+                stopped = signals.requested(world)
+                if t.val_loader is not None and (last or t.step % t.eval_every == 0):
+                    metrics.update(evaluate(t))
+                t.logger.log(t.step, metrics)
+                if last or stopped or t.step % t.save_every == 0:
+                    t.checkpoint = str(t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict()))
+                if stopped:
+                    break
+        return finish(t, stopped)
+    finally:
+        close_world(world)
+
+
+class Trainer:
+    """Everything a run holds, built from the recipe by `setup`."""
+
+    def __init__(self, **parts: Any):
+        self.__dict__.update(parts)
+        self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.checkpoint: str | None = None
+        self.losses: list[float] = []
+        self.last_eval: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "tokens": self.tokens, "seconds": self.seconds, "data": self.loader.state_dict(),
+            "guard": self.guard.state_dict(), "losses": self.losses, "last_eval": self.last_eval,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.step, self.tokens, self.seconds = s["step"], s["tokens"], s["seconds"]
+        self.loader.load_state_dict(s["data"])
+        self.guard.load_state_dict(s["guard"])
+        self.losses, self.last_eval = s["losses"], s["last_eval"]
+
+
+def setup(cfg: RunConfig, world: World) -> Trainer:
+    from smalto.data.stream import build_loader
+
+    if cfg.prepare == "stdlib":
+        from smalto.demo import prepare_stdlib
+
+        if world.is_main:
+            prepare_stdlib(cfg)
+        world.barrier()
+    seed_everything(cfg.seed + world.rank)
+    tc = cfg.train
+    micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
+    if micro < 1 or tc.global_batch_size % (world.world_size * micro):
+        raise ConfigError(
+            f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
+            f"({world.world_size} × {micro})"
+        )
+    on_cuda = world.device.type == "cuda"
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_cuda)
+    model = build_model(cfg.model, world, seed=cfg.seed, activation_checkpointing=tc.activation_checkpointing,
+                        compile=tc.compile, bf16=bf16, reshard_after_forward=tc.reshard_after_forward)
+    seq = cfg.data.seq_len
+    tokens_per_step = tc.global_batch_size * seq
+    total = duration_steps(tc.max_duration, "train.max_duration", tokens_per_step=tokens_per_step)
+    if total < 1:
+        raise ConfigError(f"train.max_duration = {tc.max_duration!r} is less than one step ({tokens_per_step} tokens)")
+    every = {k: max(1, duration_steps(v, f"{k}", tokens_per_step=tokens_per_step))
+             for k, v in (("train.eval_interval", tc.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval))}
+    t = Trainer(
+        cfg=cfg, world=world, model=model, optimizer=build_optimizer(model, cfg.optimizer),
+        schedule=Schedule(cfg.scheduler, total_steps=total, tokens_per_step=tokens_per_step),
+        loader=build_loader(cfg.data, rank=world.rank, world_size=world.world_size, micro_batch_size=micro,
+                            global_batch_size=tc.global_batch_size),
+        val_loader=_val_loader(cfg, world, micro), micro=micro, accum=tc.global_batch_size // (world.world_size * micro),
+        total_steps=total, eval_every=every["train.eval_interval"], save_every=every["checkpoint.interval"],
+        tokens_per_step=tokens_per_step, guard=LossGuard(cfg.guard),
+        ckpt=Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last),
+        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 and world.world_size == 1 else nullcontext(),
+        flops_per_token=cfg.model.flops_per_token(seq),
+        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
+    )
+    latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
+    if latest is not None:
+        t.load_state_dict(t.ckpt.load(latest, model, t.optimizer))
+        t.checkpoint = str(latest)
+    elif cfg.checkpoint.load_from:
+        load_weights(cfg.checkpoint.load_from, model, world)
+    if world.is_main:
+        write_run_info(cfg, world.world_size, world.device)
+    t.logger = RunLogger(cfg, enabled=world.is_main, total_steps=total, start_step=t.step)
+    if latest is not None:
+        t.logger.print(f"resumed from {latest} at step {t.step} (world size {world.world_size})")
+    return t
+
+
+def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]:
+    """One optimizer step over this rank's micro-batches; returns its metrics and the guard's verdict."""
+    start = time.perf_counter()
+    dev, ws = t.world.device, t.world.world_size
+    n_global = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+    n_global_t = torch.tensor(float(n_global), device=dev)
+    if ws > 1:
+        dist.all_reduce(n_global_t)
+    loss_sum = torch.zeros((), device=dev)
+    try:
+        for mb in micro_batches:
+            ids, labels = mb["input_ids"].to(dev, non_blocking=True), mb["labels"].to(dev, non_blocking=True)
+            with t.autocast:
+                out = t.model(ids, labels=labels, sequence_id=mb["sequence_id"].to(dev, non_blocking=True),
+                              return_logits=False)
+            n = (labels[:, 1:] != -100).sum()
+            loss = torch.where(n > 0, out.loss * n, 0.0) / n_global_t  # this micro-batch's share of the mean
+            (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
+            loss_sum += loss.detach()
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of memory with train.micro_batch_size = {t.micro}; lower it (e.g. train.micro_batch_size="
+            f"{max(1, t.micro // 2)}): gradient accumulation keeps the global batch, or turn on "
+            "train.activation_checkpointing"
+        ) from None
+    if ws > 1:
+        dist.all_reduce(loss_sum)
+    params = [p for p in t.model.parameters() if p.grad is not None]
+    clip = t.cfg.train.grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    loss_v, norm_v = torch.stack([loss_sum.float(), norm.float().to(dev)]).tolist()  # the step's one host sync
+    verdict = t.guard.check(t.step, loss_v)
+    lr = t.schedule.apply(t.optimizer, t.step, t.cfg.optimizer.lr)
+    if verdict == OK:
+        t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    t.seconds += seconds
+    t.tokens += t.tokens_per_step
+    t.losses.append(loss_v)
+    tps = t.tokens_per_step / seconds
+    metrics = {
+        "train/loss": loss_v, "train/grad_norm": norm_v, "train/lr": lr, "train/tokens": t.tokens,
+        "throughput/tokens_per_s": tps, "throughput/mfu": mfu(tps, t.flops_per_token, ws, t.peak_tflops),
+        "memory/peak_gib": memory_gib(dev), "time/step_s": seconds,
+    }
+    if verdict != OK:
+        metrics["guard"] = verdict
+        t.logger.print(f"[yellow]loss guard: {verdict} at step {t.step}: {t.guard.reason}")
+    return metrics, verdict
+
+
+@torch.no_grad()
+def evaluate(t: Trainer) -> dict[str, float]:
+    """Mean next-token loss over `eval_batches` validation micro-batches per rank, and its perplexity."""
+    t.model.eval()
+    dev = t.world.device
+    total = torch.zeros(2, device=dev, dtype=torch.float64)
+    t.val_loader.consumed = 0  # the same validation samples every time
+    for i, mb in enumerate(t.val_loader):
+        if i >= t.cfg.train.eval_batches:
+            break
+        labels = mb["labels"].to(dev)
+        with t.autocast:
+            out = t.model(mb["input_ids"].to(dev), labels=labels, sequence_id=mb["sequence_id"].to(dev),
+                          return_logits=False)
+        n = (labels[:, 1:] != -100).sum()
+        total += torch.stack([torch.where(n > 0, out.loss.double() * n, 0.0), n.double()])
+    if t.world.world_size > 1:
+        dist.all_reduce(total)
+    t.model.train()
+    loss = float(total[0] / total[1].clamp(min=1))
+    t.last_eval = loss
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def finish(t: Trainer, stopped: str | None) -> TrainResult:
+    cfg, world = t.cfg, t.world
+    hf_folder, samples = None, []
+    if stopped and stopped.startswith("guard"):
+        t.checkpoint = _guard_checkpoint(t)
+    t.logger.close()
+    if stopped is None and cfg.checkpoint.hf_export:
+        plain = export_hf(t.model, cfg.checkpoint.hf_export, world, tokenizer=cfg.tokenizer)
+        hf_folder = cfg.checkpoint.hf_export
+        if plain is not None and cfg.train.sample_prompts and cfg.tokenizer:
+            from smalto.train.samples import sample
+
+            samples = sample(plain.to(world.device), cfg.tokenizer, cfg.train.sample_prompts,
+                             max_new_tokens=cfg.train.sample_tokens, seed=cfg.seed)
+    result = TrainResult(
+        steps=t.step, tokens=t.tokens, loss=t.losses[-1] if t.losses else None, eval_loss=t.last_eval,
+        stopped=stopped, checkpoint=t.checkpoint, hf_folder=hf_folder, samples=samples, losses=list(t.losses),
+    )
+    t.logger.summary(_summary_rows(t, result))
+    return result
+
+
+def _guard_checkpoint(t: Trainer) -> str | None:
+    """After a guard stop: the newest checkpoint from before the spike becomes `latest`."""
+    start = t.guard.streak_start if t.guard.streak_start is not None else t.step
+    if start >= t.step:  # nothing was applied at or after the bad step: the current weights are from before it
+        return str(t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict()))
+    before = [p for p in t.ckpt.saved() if int(p.name.split("_")[1]) <= start]
+    if before:
+        t.ckpt.point_latest(before[-1])
+        return str(before[-1])
+    t.logger.print(f"[red]no checkpoint from before step {start} exists; save more often (checkpoint.interval)")
+    return None
+
+
+def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
+    rows = {
+        "steps": f"{r.steps} / {t.total_steps}", "tokens": f"{r.tokens:,}",
+        "final train loss": f"{r.loss:.4f}" if r.loss is not None else "-",
+        "first train loss": f"{t.losses[0]:.4f}" if t.losses else "-",
+        "validation loss": f"{r.eval_loss:.4f} (ppl {math.exp(min(r.eval_loss, 50)):.2f})" if r.eval_loss else "-",
+        "time training": f"{t.seconds:.1f} s", "tokens/s": f"{r.tokens / max(t.seconds, 1e-9):,.0f}",
+        "world size": str(t.world.world_size), "checkpoint": r.checkpoint or "-", "HF folder": r.hf_folder or "-",
+    }
+    if t.guard.skipped:
+        rows["skipped batches"] = str(t.guard.skipped)
+    if r.stopped:
+        rows["stopped"] = r.stopped
+    return rows
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _val_loader(cfg: RunConfig, world: World, micro: int) -> Any:
+    """The evaluation stream (each source's `eval_split`), or None when evaluation is off or there is no split."""
+    import dataclasses
+    import warnings
+
+    from smalto.data.dataset import join, read_text
+    from smalto.data.stream import build_loader
+
+    if cfg.train.eval_batches == 0:
+        return None
+    split = cfg.train.eval_split
+    missing = [s.path for s in cfg.data.sources if read_text(join(s.path, split, "index.json")) is None]
+    if missing:
+        if world.is_main:
+            warnings.warn(f"no evaluation: {missing[0]} has no {split}/ split (set train.eval_batches=0 to silence)",
+                          stacklevel=2)
+        return None
+    sources = [dataclasses.replace(s, split=split) for s in cfg.data.sources]
+    vcfg = dataclasses.replace(cfg.data, sources=sources, shuffle=False, num_workers=0)
+    return build_loader(vcfg, rank=world.rank, world_size=world.world_size, micro_batch_size=micro,
+                        global_batch_size=micro * world.world_size, epochs=1)
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step (all ranks agree)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def __enter__(self) -> StopSignals:
+        self.old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+
+    def requested(self, world: World) -> str | None:
+        if world.world_size > 1:  # a rank that stops alone would hang the others in the next collective
+            flag = torch.tensor([0 if self.received is None else 1 if self.received == "SIGINT" else 2],
+                                device=world.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return [None, "SIGINT", "SIGTERM"][int(flag)]
+        return self.received
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)

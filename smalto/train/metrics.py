@@ -1,0 +1,175 @@
+"""What a run reports: the JSONL metrics file, TensorBoard / W&B when available, the progress bar, the summary.
+
+Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step (and per evaluation); on resume the
+lines past the resumed step are dropped, so the file reads as one uninterrupted run.
+MFU follows llm-foundry: tokens/s per device × flops_per_token / peak FLOP/s, with
+flops_per_token = 6·N + 12·n_layers·d_model·seq (`MPTConfig.flops_per_token`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from smalto.config import RunConfig
+
+METRICS = "metrics.jsonl"
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    except ImportError:  # pragma: no cover
+        return 0.0
+
+
+class RunLogger:
+    def __init__(self, cfg: RunConfig, *, enabled: bool, total_steps: int, start_step: int, console: Console | None = None):
+        self.cfg, self.enabled = cfg, enabled
+        self.console = console or Console(stderr=True)
+        self.path = Path(cfg.run_dir) / METRICS
+        self.total_steps = total_steps
+        self.tb: Any = None
+        self.wandb: Any = None
+        self.progress: Progress | None = None
+        self.last: dict[str, Any] = {}
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate(self.path, start_step)
+        self.file = self.path.open("a")
+        self._open_backends()
+        if cfg.logging.progress:
+            self.progress = Progress(
+                TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console, transient=False, refresh_per_second=4,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress.start()
+
+    def _open_backends(self) -> None:
+        lc = self.cfg.logging
+        if lc.tensorboard is not False:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(self.cfg.run_dir) / "tb"))
+            except ImportError:
+                if lc.tensorboard:
+                    warnings.warn("logging.tensorboard is true but tensorboard is not installed: pip install tensorboard",
+                                  stacklevel=2)
+        if lc.wandb:
+            try:
+                import wandb
+            except ImportError:
+                warnings.warn("logging.wandb is true but wandb is not installed: pip install wandb", stacklevel=2)
+            else:
+                self.wandb = wandb.init(project=lc.wandb_project or "smalto", name=self.cfg.name,
+                                        config=self.cfg.to_dict(), resume="allow")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.last.update(metrics)
+        if step % self.cfg.logging.interval == 0 or "eval/loss" in metrics or step == self.total_steps:
+            self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+            self.file.flush()
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    if self.tb is not None:
+                        self.tb.add_scalar(k, v, step)
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=step)
+        if self.progress is not None:
+            m = self.last
+            info = f"loss {m.get('train/loss', float('nan')):.4f}  {m.get('throughput/tokens_per_s', 0):,.0f} tok/s"
+            if m.get("throughput/mfu") is not None:
+                info += f"  MFU {100 * m['throughput/mfu']:.1f}%"
+            info += f"  mem {m.get('memory/peak_gib', 0):.1f} GiB"
+            if "eval/loss" in m:
+                info += f"  val {m['eval/loss']:.3f}"
+            self.progress.update(self.task, completed=step, info=info)
+        elif "eval/loss" in metrics or step % max(1, self.total_steps // 20) == 0:
+            self.console.print(f"step {step}/{self.total_steps} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+    def print(self, *args: Any) -> None:
+        if self.enabled:
+            self.console.print(*args)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def summary(self, rows: dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=f"run {self.cfg.name}", show_header=False)
+        for k, v in rows.items():
+            table.add_row(k, v)
+        self.console.print(table)
+
+
+def _truncate(path: Path, start_step: int) -> None:
+    """Drop metrics logged past `start_step` by an interrupted run we are resuming."""
+    if not path.exists():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def mfu(tokens_per_s: float, flops_per_token: int, world_size: int, peak_tflops: float | None) -> float | None:
+    if not peak_tflops:
+        return None
+    return tokens_per_s * flops_per_token / world_size / (peak_tflops * 1e12)
+
+
+def write_run_info(cfg: RunConfig, world_size: int, device: torch.device) -> None:
+    """The resolved recipe and the facts a run depends on, next to its checkpoints."""
+    import platform
+
+    import yaml
+
+    import smalto
+
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    info = {
+        "smalto": smalto.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "world_size": world_size, "seed": cfg.seed, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    with (run / "runs.jsonl").open("a") as f:  # one line per launch (a resumed run has several)
+        f.write(json.dumps(info) + "\n")
