@@ -34,12 +34,27 @@ class CausalLMOutput:
         return getattr(self, key)
 
 
+def _cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index)
+
+
+_compiled_cross_entropy = None
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Sum of next-token cross-entropies / number of non-ignored targets; labels are aligned with the inputs."""
-    targets = labels[:, 1:]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
-    )
+    """Sum of next-token cross-entropies / number of non-ignored targets; labels are aligned with the inputs.
+
+    The labels are shifted (not the logits: slicing them would copy the largest tensor of the step), and on CUDA
+    the float32 upcast is fused into the loss kernel by torch.compile instead of materialising fp32 logits.
+    """
+    global _compiled_cross_entropy
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    fn = _cross_entropy
+    if logits.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_cross_entropy is None:
+            _compiled_cross_entropy = torch.compile(_cross_entropy, dynamic=False)
+        fn = _compiled_cross_entropy
+    return fn(logits, targets, ignore_index)
 
 
 class MPTModel(nn.Module):

@@ -25,7 +25,7 @@ def _cuda(model):
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_flex_matches_eager_forward_and_gradients_on_cuda(name, compiled):
-    ref = _cuda(with_impl(tiny(**CONFIGS[name]), "eager")).train()
+    ref = _cuda(with_impl(tiny(max_seq_len=512, **CONFIGS[name]), "eager")).train()
     flex = with_impl(copy.deepcopy(ref), "flex").train()
     if compiled:
         for block in flex.transformer.blocks:
@@ -43,7 +43,7 @@ def test_flex_matches_eager_forward_and_gradients_on_cuda(name, compiled):
 
 
 def test_bf16_autocast_flex_close_to_eager():
-    model = _cuda(tiny()).eval()
+    model = _cuda(tiny(max_seq_len=512)).eval()
     x = tokens(2, 300).cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = with_impl(model, "eager")(x).logits.float()
