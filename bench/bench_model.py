@@ -52,12 +52,13 @@ def build(shape: str, impl: str, seq: int, vocab: int, device: str) -> torch.nn.
 
 def make_step(model, impl: str, compile_mode: str, device: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    kw = {"mode": args_mode} if (args_mode := os.environ.get("BENCH_COMPILE_MODE")) else {}
     if impl != "hf" and compile_mode == "block" and device == "cuda":
         for block in model.transformer.blocks:
-            block.compile()
+            block.compile(**kw)
     fwd = model
     if compile_mode == "model" and device == "cuda":
-        fwd = torch.compile(model)
+        fwd = torch.compile(model, **kw)
 
     def step(x):
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -100,7 +101,7 @@ def run(shape: str, impl: str, args) -> dict:
         tps = mb * seq / dt
         row.update(
             params=n_params, step_ms=dt * 1e3, tokens_per_s=tps, mfu=tps * flops_per_token / (args.peak_tflops * 1e12),
-            loss=float(loss), peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
+            loss=float(loss.detach()), peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
         )
     except torch.OutOfMemoryError:
         row.update(error="OOM")
