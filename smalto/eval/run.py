@@ -1,0 +1,126 @@
+"""`smalto eval`: load a model, run ICL tasks and/or perplexity, print and write the report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from smalto.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    model: str
+    tasks: list[str] = field(default_factory=list)
+    fewshot: list[int] | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    max_seq_len: int | None = None
+    data_root: str | None = None
+    out: str | None = None
+    log_samples: bool = False
+    perplexity: str | None = None
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def parse_fewshot(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--fewshot {text!r}: write shot counts separated by commas, e.g. 0,5") from None
+    if not shots or min(shots) < 0:
+        raise ConfigError(f"--fewshot {text!r}: give non-negative shot counts, e.g. 0,5")
+    return shots
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Everything `smalto eval` does; returns the results dict written to OUT/results.json."""
+    from smalto.eval.models import load_model
+    from smalto.eval.report import print_results, write_results
+    from smalto.eval.tasks import resolve_data_root, resolve_tasks
+
+    if not cfg.tasks and not cfg.perplexity:
+        raise ConfigError(
+            "nothing to evaluate: pass --tasks (a task YAML, gauntlet, all, or task labels) and/or --perplexity DATA"
+        )
+    # check everything a user can get wrong before loading weights
+    suite = resolve_tasks(cfg.tasks) if cfg.tasks else None
+    root = resolve_data_root(cfg.data_root) if suite else None
+    if cfg.perplexity:
+        from smalto.eval.perplexity import find_split
+
+        find_split(cfg.perplexity)
+    dist = _init_distributed()
+    model, tokenizer = load_model(
+        cfg.model, tokenizer=cfg.tokenizer, device=_rank_device(cfg.device), dtype=cfg.dtype
+    )
+    results: dict[str, Any] = {"model": cfg.model, "tasks": [], "gauntlet": None, "perplexity": None}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    rank0 = not dist or _rank() == 0
+    if suite is not None:
+        from rich.console import Console
+
+        from smalto.eval.runner import evaluate
+
+        console = Console(stderr=True)
+
+        def progress(t: Any) -> None:
+            if rank0:
+                console.print(f"{t.key}: accuracy {t.accuracy:.4f} over {t.n} items in {t.seconds:.1f}s")
+
+        res = evaluate(
+            model,
+            tokenizer,
+            suite,
+            data_root=root,
+            fewshot=cfg.fewshot,
+            limit=cfg.limit,
+            batch_size=cfg.batch_size,
+            max_seq_len=cfg.max_seq_len,
+            log_samples=cfg.log_samples,
+            on_task=progress,
+        )
+        d = res.to_dict(samples=False)
+        results.update(tasks=d["tasks"], gauntlet=d["gauntlet"], seconds=d["seconds"], items=d["items"])
+        samples = {t.key: t.samples for t in res.tasks} if cfg.log_samples else {}
+    if cfg.perplexity:
+        from smalto.eval.perplexity import perplexity
+
+        results["perplexity"] = perplexity(model, cfg.perplexity, batch_size=cfg.batch_size, limit=cfg.limit)
+    if rank0:
+        print_results(results)
+        if cfg.out:
+            write_results(cfg.out, results, samples)
+    return results
+
+
+def _rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPUs, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _rank_device(device: str) -> str:
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device

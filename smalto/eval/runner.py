@@ -1,0 +1,249 @@
+"""Run ICL tasks on a model: prepare prompts, split items across ranks, score, gather, judge.
+
+    evaluate(model, tokenizer, tasks, ...)      -> EvalResults (per task, per category, gauntlet, samples)
+    evaluate_icl(model, tokenizer, tasks, ...)  -> {"icl/<label>/<k>-shot": accuracy, "icl/gauntlet/...": ...}
+                                                   what a training loop logs every N steps
+
+Several ranks: when torch.distributed is initialized, rank r takes items r, r+W, r+2W, ... of every task and the
+per-item records are gathered to every rank, so every rank returns the whole, identical result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smalto.errors import ConfigError
+from smalto.eval import scorer
+from smalto.eval.gauntlet import score_gauntlet
+from smalto.eval.prompts import Item, build_items, max_answer_tokens
+from smalto.eval.scoring import judge
+from smalto.eval.tasks import Suite, TaskConfig, read_items, resolve_data_root, resolve_tasks
+
+
+@dataclass
+class TaskResult:
+    label: str
+    num_fewshot: int
+    icl_task_type: str
+    accuracy: float
+    n: int
+    seconds: float
+    categories: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}/{self.num_fewshot}-shot"
+
+
+@dataclass
+class EvalResults:
+    tasks: list[TaskResult]
+    gauntlet: dict[str, Any] | None
+    seconds: float
+    items: int
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        tasks = []
+        for t in self.tasks:
+            d = asdict(t)
+            if not samples:
+                d.pop("samples")
+            tasks.append(d)
+        return {"tasks": tasks, "gauntlet": self.gauntlet, "seconds": self.seconds, "items": self.items}
+
+    def metrics(self, prefix: str = "icl/") -> dict[str, float]:
+        out = {f"{prefix}{t.key}": t.accuracy for t in self.tasks}
+        for t in self.tasks:
+            out.update({f"{prefix}{t.key}/{c}": a for c, a in t.categories.items()})
+        if self.gauntlet:
+            out.update({f"{prefix}gauntlet/{k}": v for k, v in self.gauntlet["categories"].items()})
+            out.update({f"{prefix}gauntlet/{k}": v for k, v in self.gauntlet["averages"].items()})
+        return out
+
+
+# ---------------------------------------------------------------- preparation (cached: training calls this often)
+
+_PREPARED: dict[str, tuple[list[Item], int]] = {}
+
+
+def prepare(
+    task: TaskConfig, k: int, tokenizer: Any, max_seq_len: int, data_root: Any, limit: int | None
+) -> tuple[list[Item], int]:
+    """Items with their tokens, and the generation budget; memoized per tokenizer/task/shots/length/limit."""
+    key = json.dumps([id(tokenizer), asdict(task), k, max_seq_len, str(data_root), limit], sort_keys=True)
+    if key not in _PREPARED:
+        raw = read_items(task, data_root)
+        items = build_items(task, raw, k, tokenizer, max_seq_len, limit)
+        budget = (
+            max_answer_tokens(task, raw, tokenizer)
+            if task.icl_task_type == "generation_task_with_answers"
+            else 0
+        )
+        _PREPARED[key] = (items, budget)
+    return _PREPARED[key]
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _is_sharded(model: Any) -> bool:
+    """FSDP2/DTensor parameters: every forward is a collective, so all ranks must run the same number of them."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _equalize(n: int, world: int) -> int:
+    """The largest batch count over ranks (sharded models pad with repeated batches up to it)."""
+    if world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def run_task(
+    model: Any,
+    tokenizer: Any,
+    task: TaskConfig,
+    items: list[Item],
+    *,
+    budget: int,
+    batch_size: int,
+    max_seq_len: int,
+) -> list[dict[str, Any]]:
+    """Records of this rank's share of `items`, gathered from all ranks, in item order."""
+    rank, world = _rank_world()
+    sharded = world > 1 and _is_sharded(model)
+    mine = items[rank::world]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    bs = task.batch_size or batch_size
+    records: list[dict[str, Any]] = []
+    if task.icl_task_type == "generation_task_with_answers":
+        order = sorted(range(len(mine)), key=lambda i: -len(mine[i].gen_context or []))
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        outputs: dict[int, str] = {}
+        for b in range(_equalize(len(batches), world) if sharded else len(batches)):
+            real = b < len(batches)
+            idx = batches[b] if real else batches[-1] if batches else []
+            ctxs = [mine[i].gen_context or [pad_id] for i in idx] or [[pad_id]]
+            texts = scorer.generate_greedy(
+                model,
+                tokenizer,
+                ctxs,
+                max_new_tokens=max(budget, 1),
+                stop=task.early_stopping_criteria,
+                pad_id=pad_id,
+                fixed_steps=sharded,
+            )
+            if real:
+                outputs.update(zip(idx, texts, strict=True))
+        records = [judge(task, it, None, outputs[i]) for i, it in enumerate(mine)]
+    else:
+        flat = [(i, j) for i, it in enumerate(mine) for j in range(len(it.requests))]
+        reqs = [mine[i].requests[j] for i, j in flat]
+        batches = scorer.plan_batches(reqs, bs) if reqs else []
+        scores: dict[int, Any] = {}
+        for b in range(_equalize(len(batches), world) if sharded else len(batches)):
+            real = b < len(batches)
+            idx = batches[b] if real else batches[-1] if batches else []
+            got = scorer.score_batch(model, [reqs[i] for i in idx], pad_id, max_seq_len) if idx else []
+            if real:
+                scores.update(zip(idx, got, strict=True))
+        per_item: list[list[Any]] = [[] for _ in mine]
+        for r, (i, _) in enumerate(flat):
+            per_item[i].append(scores[r])
+        records = [judge(task, it, per_item[i], None) for i, it in enumerate(mine)]
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    return sorted(records, key=lambda r: r["index"])
+
+
+def _accuracy(records: list[dict[str, Any]]) -> float:
+    return sum(bool(r["correct"]) for r in records) / max(len(records), 1)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Suite | list[str] | str,
+    *,
+    data_root: str | Path | None = None,
+    fewshot: list[int] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_seq_len: int | None = None,
+    log_samples: bool = False,
+    on_task: Callable[[TaskResult], None] | None = None,
+) -> EvalResults:
+    """Every task × few-shot setting of `tasks` (a Suite, or `--tasks` specs). `fewshot` replaces each task's
+    num_fewshot list. The model is put in eval mode and given back in the mode it came in."""
+    suite = tasks if isinstance(tasks, Suite) else resolve_tasks(tasks)
+    root = resolve_data_root(data_root)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    model_len = scorer.model_max_len(model)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    results = []
+    try:
+        for task in suite.tasks:
+            seq_len = min(max_seq_len or task.max_seq_len or model_len, model_len)
+            for k in fewshot if fewshot is not None else task.num_fewshot:
+                t1 = time.perf_counter()
+                items, budget = prepare(task, k, tokenizer, seq_len, root, limit)
+                records = run_task(
+                    model, tokenizer, task, items, budget=budget, batch_size=batch_size, max_seq_len=seq_len
+                )
+                cats: dict[str, list[dict[str, Any]]] = {}
+                for r in records:
+                    if "category" in r:
+                        cats.setdefault(r["category"], []).append(r)
+                if log_samples:
+                    for r in records:
+                        r["prompt"] = items[r["index"]].prompt
+                        r["options"] = items[r["index"]].options
+                res = TaskResult(
+                    label=task.label,
+                    num_fewshot=k,
+                    icl_task_type=task.icl_task_type,
+                    accuracy=_accuracy(records),
+                    n=len(records),
+                    seconds=time.perf_counter() - t1,
+                    categories={c: _accuracy(rs) for c, rs in sorted(cats.items())},
+                    samples=records if log_samples else [],
+                )
+                results.append(res)
+                if on_task is not None:
+                    on_task(res)
+    finally:
+        model.train(was_training)
+    gauntlet = score_gauntlet(suite.gauntlet, results) if suite.gauntlet else None
+    return EvalResults(
+        tasks=results, gauntlet=gauntlet, seconds=time.perf_counter() - t0, items=sum(r.n for r in results)
+    )
+
+
+def evaluate_icl(
+    model: Any, tokenizer: Any, tasks: Suite | list[str] | str, **kwargs: Any
+) -> dict[str, float]:
+    """ICL accuracies (and gauntlet scores) as flat metrics for a training loop's metrics stream.
+
+    Same arguments as `evaluate`; prompts are tokenized once and reused on later calls. Call it on every rank
+    (items are split across ranks; sharded models are supported), under no autocast of your own.
+    """
+    return evaluate(model, tokenizer, tasks, **kwargs).metrics()
