@@ -38,3 +38,20 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, shard
     has_tok = any((Path(src) / f).is_file() for f in TOKENIZER_FILES[:2])
     return save_pretrained(model, dst, tokenizer=Path(src) if has_tok else None, shard_size=shard_size,
                            dtype=dtype, safe_serialization=safe_serialization)
+
+
+def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = None, *,
+                             dtype: str | None = None, device: str | None = None,
+                             max_seq_len: int | None = None) -> tuple[MPTForCausalLM, Any]:
+    """What `smalto generate` / `chat` / `serve` need: the model (on `device`, default cuda when available) and
+    its tokenizer (from `tokenizer_path`, else the model folder)."""
+    import torch
+
+    from smalto.tokenizer import load_tokenizer
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_any(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
+    tok_src = Path(tokenizer_path) if tokenizer_path else Path(model_path)
+    if tokenizer_path is None and not any((tok_src / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_path} holds no tokenizer files; pass --tokenizer (a folder or tokenizer.json)")
+    return model, load_tokenizer(tok_src)

@@ -32,7 +32,7 @@ FFN_DEFAULTS: dict[str, Any] = {"ffn_type": "mptmlp", "ffn_hidden_size": None, "
 
 class MPTConfig(PretrainedConfig):
     model_type = "mpt"
-    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"}
+    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"}  # noqa: RUF012
 
     def __init__(
         self,

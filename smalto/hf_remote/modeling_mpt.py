@@ -158,7 +158,7 @@ class MPTBlock(nn.Module):
 class MPTPreTrainedModel(PreTrainedModel):
     config_class = MPTConfig
     base_model_prefix = "transformer"
-    _no_split_modules = ["MPTBlock"]
+    _no_split_modules = ["MPTBlock"]  # noqa: RUF012
     supports_gradient_checkpointing = False
     _supports_cache_class = True
     _supports_sdpa = True

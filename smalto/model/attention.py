@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,17 @@ class AttentionMask:
     window: int = -1
     from_zero: bool = False  # q_pos is arange(T) (no cache): kernels may use the query index itself
 
-    @functools.cached_property
+    _dense: Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
     def dense(self) -> Tensor:
-        """(B|1, 1, T, S) bool: True where the query may attend."""
+        """(B|1, 1, T, S) bool: True where the query may attend (memoised by hand: functools.cached_property takes
+        an RLock on Python 3.11, which torch.compile cannot trace, so a fullgraph decode step would not compile)."""
+        if self._dense is None:
+            self._dense = self._build_dense()
+        return self._dense
+
+    def _build_dense(self) -> Tensor:
         k = torch.arange(self.n_keys, device=self.q_pos.device)
         q = self.q_pos[:, None]
         allowed = k[None, :] <= q
