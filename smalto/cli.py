@@ -97,6 +97,196 @@ def data(
     console.print(f"wrote {out} in {meta['seconds']:.1f}s")
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="A smalto/HF MPT folder or any local transformers causal LM folder."),
+    tasks: list[str] = typer.Option([], "--tasks", "-t", help="Task YAML, suite (gauntlet, all) or task label; repeatable or comma-separated."),
+    fewshot: str = typer.Option(None, "--fewshot", help="Shot counts for every task, e.g. 0,5 (default: each task's own)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N items of each task (N samples for --perplexity)."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Sequences per forward."),
+    max_seq_len: int = typer.Option(None, "--max-seq-len", help="Context budget (default: the model's)."),
+    data_root: str = typer.Option(None, "--data-root", help="Folder of the ICL jsonl files (default ../shared/icl_data)."),
+    out: str = typer.Option(None, "--out", "-o", help="Write results.json (+ samples/, results.png) here."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Write every prompt, choice scores and prediction."),
+    perplexity: str = typer.Option(None, "--perplexity", help="Token shards (a `smalto data` folder or an MDS split) to score."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer folder when the model folder has none."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
+) -> None:
+    """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
+    from smalto.eval.run import EvalConfig, parse_fewshot, run
+
+    cfg = EvalConfig(
+        model=model, tasks=tasks, fewshot=parse_fewshot(fewshot), limit=limit, batch_size=batch_size,
+        max_seq_len=max_seq_len, data_root=data_root, out=out, log_samples=log_samples, perplexity=perplexity,
+        tokenizer=tokenizer, device=device, dtype=dtype,
+    )
+    run(cfg)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    args: list[str] = typer.Argument(None, help="RECIPE (YAML path or shipped name: tiny, mpt-125m … mpt-30b; default tiny) then KEY=VALUE overrides."),
+) -> None:
+    """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo."""
+    from rich.console import Console
+
+    from smalto.config import load_config
+    from smalto.train.loop import train as run_training
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    result = run_training(load_config(recipe, args))
+    console = Console(stderr=True)
+    for text in result.samples:
+        console.rule("sample")
+        console.print(text, markup=False, highlight=False)
+    if result.stopped:
+        console.print(f"[bold yellow]stopped:[/] {result.stopped}; checkpoint: {result.checkpoint}", highlight=False)
+        raise typer.Exit(1 if result.stopped.startswith("guard") else 143 if result.stopped == "SIGTERM" else 130)
+
+
+@app.command()
+def plot(
+    run: str = typer.Argument(..., help="Run folder (holding metrics.jsonl)."),
+    out: str = typer.Option(None, "--out", "-o", help="PNG path; default RUN/curves.png."),
+) -> None:
+    """Draw the loss, learning-rate and throughput curves of a run to a PNG (needs matplotlib)."""
+    from smalto.plot import plot_run
+
+    typer.echo(plot_run(run, out))
+
+
+def _read_prompts(prompt: list[str], prompts_file: str | None) -> list[str]:
+    prompts = list(prompt)
+    if prompts_file == "-":
+        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif prompts_file:
+        from pathlib import Path
+
+        if not Path(prompts_file).is_file():
+            raise UserError(f"--prompts-file {prompts_file} does not exist")
+        prompts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE (- for stdin)")
+    return prompts
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="HF model folder (config.json + weights)."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable: prompts run as one batch)."),
+    prompts_file: str = typer.Option(None, "--prompts-file", "-f", help="One prompt per line; - reads stdin."),
+    tokenizer: str = typer.Option(None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate per prompt at most."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
+    top_p: float = typer.Option(None, "--top-p", help="Keep the smallest set of tokens whose probability reaches p."),
+    min_p: float = typer.Option(None, "--min-p", help="Drop tokens less likely than min_p × the top token."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="End a completion at this string (repeatable)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | bf16 | fp16 | fp32."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
+    max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."),
+) -> None:
+    """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several)."""
+    import time
+
+    from smalto.generate import generate
+    from smalto.hf import load_model_and_tokenizer
+
+    prompts = _read_prompts(prompt, prompts_file)
+    lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    one = len(prompts) == 1
+
+    def show(d) -> None:
+        if one:
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    outs = generate(lm, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, callback=show)
+    dt = time.perf_counter() - t0
+    if one:
+        sys.stdout.write("\n")
+    else:
+        for i, o in enumerate(outs):
+            typer.echo(f"--- {i + 1} ({o.finish_reason}) ---\n{o.text}")
+    n = sum(len(o.token_ids) for o in outs)
+    typer.echo(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s]", err=True)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="HF model folder (config.json + weights)."),
+    tokenizer: str = typer.Option(None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."),
+    system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(None, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(None, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: int = typer.Option(None, "--seed"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
+    max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
+) -> None:
+    """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
+    from smalto.generate import ChatSession
+    from smalto.hf import load_model_and_tokenizer
+
+    lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    session = ChatSession(lm, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    tty = sys.stdin.isatty()
+    if tty:
+        typer.echo("chat: /reset clears the history, /exit (or Ctrl-D) ends", err=True)
+    while True:
+        if tty:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            typer.echo("[history cleared]", err=True)
+            continue
+        session.send(text, callback=lambda d: (sys.stdout.write(d.text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="A checkpoint smalto reads: an HF MPT folder (training checkpoints: soon)."),
+    dst: str = typer.Argument(..., help="The HF folder to write."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (keep) | bf16 | fp16 | fp32."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
+    bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
+) -> None:
+    """Convert a checkpoint into a Hugging Face folder (loads natively or with trust_remote_code; see docs/hf.md)."""
+    import json
+    from pathlib import Path
+
+    from smalto.hf import convert as convert_checkpoint
+
+    out = convert_checkpoint(src, dst, dtype=dtype, shard_size=shard_size, safe_serialization=not bin)
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    files = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".safetensors", ".bin"))
+    how = "natively and with trust_remote_code" if cfg["model_type"] == "mpt" else (
+        "with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")")
+    typer.echo(f"wrote {out}: {len(files)} weight file(s), {cfg['torch_dtype']}; transformers loads it {how}")
+
+
 def main() -> None:
     try:
         app()
