@@ -144,6 +144,8 @@ class TrainConfig:
     """true: every block; an integer k: every k-th block; false: none."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
+    stop_after: int | None = None
+    """End this launch (with a checkpoint) after this many steps; autoresume continues later (job time slices)."""
     eval_interval: int | str = "100ba"
     eval_batches: int = 8
     """Micro-batches per rank in each evaluation; 0 = no evaluation."""
@@ -168,6 +170,8 @@ class TrainConfig:
         ac = self.activation_checkpointing
         if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
             raise ConfigError(f"train.activation_checkpointing = {ac!r}: use true, false or a positive integer k")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"train.stop_after = {self.stop_after} must be a positive number of steps or null")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip = {self.grad_clip} must be positive or null")
 
@@ -266,7 +270,7 @@ class RunConfig:
         model = MPTConfig.from_dict(d.get("model") or {})
         if d.get("data") is None:
             raise ConfigError("the recipe has no data section; set data.sources to a list of {path: ...} datasets")
-        data = _build_data(DataConfig, dict(d["data"]), model.max_seq_len, run_dir)
+        data = _build_data(DataConfig, dict(d["data"]), model.max_seq_len, run_dir, int(d.get("seed", 17)))
         sections = {
             "optimizer": OptimizerConfig, "scheduler": SchedulerConfig, "train": TrainConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "guard": GuardConfig,
@@ -310,8 +314,9 @@ class RunConfig:
         return d
 
 
-def _build_data(cls: type, d: dict[str, Any], max_seq_len: int, run_dir: str) -> Any:
+def _build_data(cls: type, d: dict[str, Any], max_seq_len: int, run_dir: str, seed: int) -> Any:
     d.setdefault("seq_len", max_seq_len)
+    d.setdefault("seed", seed)
     if isinstance(d.get("sources"), list):
         d["sources"] = [
             {**s, "path": str(s["path"]).format(run_dir=run_dir)} if isinstance(s, dict) and "path" in s else s

@@ -2,7 +2,7 @@
 
 A checkpoint folder `FOLDER/step_00001000/` holds
   - the DCP files of {"model", "optim"} (each rank writes its shards; any world size can read them back),
-  - `trainer.json`: step, tokens, schedule position, data-loader state, guard window, counters (rank 0),
+  - `model.json`: the model config; `trainer.json`: step, tokens, schedule position, data-loader state, guard window, counters (rank 0),
   - `rng/rank{r}.pt`: each rank's Python / numpy / torch (and CUDA) RNG states.
 It is written under a temporary name and renamed when complete, then `FOLDER/latest` (a one-line text file
 naming the folder) is replaced atomically, and all but the newest `keep_last` are deleted. A crash mid-save leaves
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from smalto.train.parallel import World, full_state_dict
 
 LATEST = "latest"
 TRAINER = "trainer.json"
+MODEL = "model.json"  # the MPTConfig, so a checkpoint loads without its recipe
 
 
 def step_name(step: int) -> str:
@@ -69,9 +71,12 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         self.world.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # one process: "assuming the intent is to save in a single process"
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / "rng" / f"rank{self.world.rank}.pt")
         if self.world.is_main:
+            (tmp / MODEL).write_text(json.dumps(model.config.to_dict(), indent=1))  # type: ignore[operator]
             (tmp / TRAINER).write_text(json.dumps({**trainer, "world_size": self.world.world_size}, indent=1))
         self.world.barrier()
         if self.world.is_main:
@@ -96,7 +101,9 @@ class Checkpointer:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
@@ -160,3 +167,34 @@ def export_hf(model: torch.nn.Module, path: str | Path, world: World, *, tokeniz
         raise CheckpointError("the HF export needs smalto.hf (not installed in this checkout)") from None
     save_pretrained(plain, str(path), tokenizer=tokenizer)
     return plain
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The training checkpoint a path means: a step folder, a checkpoints folder or a run folder (its latest)."""
+    p = Path(path)
+    for folder in (p, p / "checkpoints"):
+        if (folder / TRAINER).is_file():
+            return folder
+        if (folder / LATEST).is_file():
+            return folder / (folder / LATEST).read_text().strip()
+    return None
+
+
+def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                             dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A training checkpoint's weights as a plain `MPTForCausalLM` in eval mode (one process, any saved world size)."""
+    from smalto.model.config import MPTConfig
+    from smalto.model.mpt import MPTForCausalLM
+
+    p = find_checkpoint(path)
+    if p is None or not (p / MODEL).is_file():
+        raise CheckpointError(f"{path} is not a smalto training checkpoint (no {MODEL} / {LATEST} found)")
+    model = MPTForCausalLM(MPTConfig.from_dict(json.loads((p / MODEL).read_text())), device="meta")
+    model.to_empty(device=device)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+        dcp.load(state, checkpoint_id=str(p))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

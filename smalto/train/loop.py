@@ -50,15 +50,16 @@ def train(cfg: RunConfig) -> TrainResult:
         t = setup(cfg, world)
         batches = iter(t.loader)
         stopped: str | None = None
+        end = t.total_steps if cfg.train.stop_after is None else min(t.total_steps, t.step + cfg.train.stop_after)
         with StopSignals() as signals:
-            while t.step < t.total_steps:
+            while t.step < end:
                 metrics, verdict = train_step(t, [next(batches) for _ in range(t.accum)])
                 if verdict == STOP:
                     stopped = f"guard: {t.guard.reason}"
                     break
                 t.step += 1
                 last = t.step == t.total_steps
-                stopped = signals.requested(world)
+                stopped = signals.requested(world) or ("stop_after" if t.step == end and not last else None)
                 if t.val_loader is not None and (last or t.step % t.eval_every == 0):
                     metrics.update(evaluate(t))
                 t.logger.log(t.step, metrics)
@@ -237,10 +238,13 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
         plain = export_hf(t.model, cfg.checkpoint.hf_export, world, tokenizer=cfg.tokenizer)
         hf_folder = cfg.checkpoint.hf_export
         if plain is not None and cfg.train.sample_prompts and cfg.tokenizer:
-            from smalto.train.samples import sample
+            from smalto.generate import generate
+            from smalto.tokenizer import load_tokenizer
 
-            samples = sample(plain.to(world.device), cfg.tokenizer, cfg.train.sample_prompts,
-                             max_new_tokens=cfg.train.sample_tokens, seed=cfg.seed)
+            prompts = cfg.train.sample_prompts
+            done = generate(plain.to(world.device), load_tokenizer(cfg.tokenizer), prompts,
+                            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+            samples = [p + c.text for p, c in zip(prompts, done, strict=True)]
     result = TrainResult(
         steps=t.step, tokens=t.tokens, loss=t.losses[-1] if t.losses else None, eval_loss=t.last_eval,
         stopped=stopped, checkpoint=t.checkpoint, hf_folder=hf_folder, samples=samples, losses=list(t.losses),
