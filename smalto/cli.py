@@ -143,7 +143,8 @@ def train(
         console.print(text, markup=False, highlight=False)
     if result.stopped:
         console.print(f"[bold yellow]stopped:[/] {result.stopped}; checkpoint: {result.checkpoint}", highlight=False)
-        raise typer.Exit(1 if result.stopped.startswith("guard") else 143 if result.stopped == "SIGTERM" else 130)
+        if result.stopped != "stop_after":  # a planned time slice ends normally
+            raise typer.Exit(1 if result.stopped.startswith("guard") else 143 if result.stopped == "SIGTERM" else 130)
 
 
 @app.command()
