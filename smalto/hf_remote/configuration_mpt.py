@@ -8,6 +8,7 @@ exactly; `SmaltoMPTConfig` (model_type `smalto_mpt`) for the others, so that nat
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -28,6 +29,29 @@ ATTN_DEFAULTS: dict[str, Any] = {
     "kv_n_heads": None,
 }
 FFN_DEFAULTS: dict[str, Any] = {"ffn_type": "mptmlp", "ffn_hidden_size": None, "ffn_act_fn": None}
+TOP_DEFAULTS: dict[str, Any] = {
+    "expansion_ratio": 4, "max_seq_len": 2048, "resid_pdrop": 0.0, "emb_pdrop": 0.0, "learned_pos_emb": True,
+    "logit_scale": None, "no_bias": False, "embedding_fraction": 1.0, "norm_type": "low_precision_layernorm",
+    "tie_word_embeddings": True, "use_cache": False, "init_device": "cpu",
+}
+
+
+def resolve(config: PretrainedConfig) -> SimpleNamespace:
+    """Every setting the model reads, defaults filled in. The model reads the config through this, never
+    directly: transformers 5 builds remote configs without running `__init__`, so a key absent from config.json
+    is absent from the object, and users edit `config.attn_config` after loading."""
+    s = SimpleNamespace(**{k: getattr(config, k, v) for k, v in TOP_DEFAULTS.items()})
+    s.d_model, s.n_heads, s.n_layers, s.vocab_size = config.d_model, config.n_heads, config.n_layers, config.vocab_size
+    eps = getattr(config, "norm_eps", None)
+    s.norm_eps = eps if eps is not None else getattr(config, "layer_norm_epsilon", 1e-5)
+    attn = dict(getattr(config, "attn_config", None) or {})
+    if not isinstance(attn, dict):  # a native MptAttentionConfig object
+        attn = attn.to_dict()
+    if attn.get("attn_type") == "multiquery_attention" and attn.get("kv_n_heads") is None:
+        attn["kv_n_heads"] = 1
+    s.attn = {**ATTN_DEFAULTS, **{k: v for k, v in attn.items() if k in ATTN_DEFAULTS}}
+    s.ffn = {**FFN_DEFAULTS, **(getattr(config, "ffn_config", None) or {})}
+    return s
 
 
 class MPTConfig(PretrainedConfig):

@@ -15,6 +15,7 @@ Shapes: B batch, T new tokens, S keys (past + new), H query heads, K key/value h
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_mpt import MPTConfig, SmaltoMPTConfig
+from .configuration_mpt import MPTConfig, SmaltoMPTConfig, resolve
 
 KERNELS = {"torch": "eager", "eager": "eager", "flash": "sdpa", "triton": "sdpa", "sdpa": "sdpa", "flex": "sdpa",
            "auto": "sdpa"}
@@ -43,10 +44,10 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def build_norm(config: MPTConfig, dim: int) -> nn.Module:
-    if config.norm_type.endswith("rmsnorm"):
-        return RMSNorm(dim, config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=not config.no_bias)
+def build_norm(s: SimpleNamespace, dim: int) -> nn.Module:
+    if s.norm_type.endswith("rmsnorm"):
+        return RMSNorm(dim, s.norm_eps)
+    return nn.LayerNorm(dim, eps=s.norm_eps, bias=not s.no_bias)
 
 
 class RMSNorm(nn.Module):
@@ -61,21 +62,21 @@ class RMSNorm(nn.Module):
 
 
 class MPTAttention(nn.Module):
-    def __init__(self, config: MPTConfig, layer_idx: int):
+    def __init__(self, s: SimpleNamespace, layer_idx: int):
         super().__init__()
-        a = config.attn_config
+        a = s.attn
         self.layer_idx = layer_idx
-        self.H, self.D = config.n_heads, config.d_model // config.n_heads
-        self.K = a["kv_n_heads"] or config.n_heads
+        self.H, self.D = s.n_heads, s.d_model // s.n_heads
+        self.K = a["kv_n_heads"] or s.n_heads
         self.scale = a["softmax_scale"] or 1.0 / math.sqrt(self.D)
         self.clip_qkv, self.qk_gn, self.pdrop = a["clip_qkv"], a["qk_gn"], a["attn_pdrop"]
-        bias = not config.no_bias
-        self.Wqkv = nn.Linear(config.d_model, (self.H + 2 * self.K) * self.D, bias=bias)
+        bias = not s.no_bias
+        self.Wqkv = nn.Linear(s.d_model, (self.H + 2 * self.K) * self.D, bias=bias)
         if a["qk_ln"]:
-            self.q_ln, self.k_ln = build_norm(config, self.H * self.D), build_norm(config, self.K * self.D)
+            self.q_ln, self.k_ln = build_norm(s, self.H * self.D), build_norm(s, self.K * self.D)
         elif a["qk_gn"]:
-            self.q_ln, self.k_ln = build_norm(config, self.D), build_norm(config, self.D)
-        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=bias)
+            self.q_ln, self.k_ln = build_norm(s, self.D), build_norm(s, self.D)
+        self.out_proj = nn.Linear(s.d_model, s.d_model, bias=bias)
 
     def forward(self, x: Tensor, ctx: dict[str, Any], past: Any) -> tuple[Tensor, Any]:
         B, T, _ = x.shape
@@ -119,15 +120,15 @@ class MPTAttention(nn.Module):
 
 
 class MPTMLP(nn.Module):
-    def __init__(self, config: MPTConfig):
+    def __init__(self, s: SimpleNamespace):
         super().__init__()
-        f = config.ffn_config
-        hidden = f["ffn_hidden_size"] or int(config.d_model * config.expansion_ratio)
-        bias = not config.no_bias
-        self.up_proj = nn.Linear(config.d_model, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, config.d_model, bias=bias)
+        f = s.ffn
+        hidden = f["ffn_hidden_size"] or int(s.d_model * s.expansion_ratio)
+        bias = not s.no_bias
+        self.up_proj = nn.Linear(s.d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, s.d_model, bias=bias)
         if f["ffn_type"] == "mptglu":
-            self.gate_proj = nn.Linear(config.d_model, hidden, bias=bias)
+            self.gate_proj = nn.Linear(s.d_model, hidden, bias=bias)
         act = f["ffn_act_fn"] or {"name": "gelu"}
         name, approx = act.get("name", "gelu"), act.get("approximate", "none")
         if name == "gelu_tanh":
@@ -141,13 +142,13 @@ class MPTMLP(nn.Module):
 
 
 class MPTBlock(nn.Module):
-    def __init__(self, config: MPTConfig, layer_idx: int):
+    def __init__(self, s: SimpleNamespace, layer_idx: int):
         super().__init__()
-        self.norm_1 = build_norm(config, config.d_model)
-        self.attn = MPTAttention(config, layer_idx)
-        self.norm_2 = build_norm(config, config.d_model)
-        self.ffn = MPTMLP(config)
-        self.drop = nn.Dropout(config.resid_pdrop)
+        self.norm_1 = build_norm(s, s.d_model)
+        self.attn = MPTAttention(s, layer_idx)
+        self.norm_2 = build_norm(s, s.d_model)
+        self.ffn = MPTMLP(s)
+        self.drop = nn.Dropout(s.resid_pdrop)
 
     def forward(self, x: Tensor, ctx: dict[str, Any], past: Any) -> tuple[Tensor, Any]:
         a, present = self.attn(self.norm_1(x), ctx, past)
@@ -178,14 +179,14 @@ class MPTPreTrainedModel(PreTrainedModel):
 class MPTModel(MPTPreTrainedModel):
     def __init__(self, config: MPTConfig):
         super().__init__(config)
-        a = config.attn_config
-        self.uses_wpe = config.learned_pos_emb and not (a["alibi"] or a["rope"])
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        s = resolve(config)
+        self.uses_wpe = s.learned_pos_emb and not (s.attn["alibi"] or s.attn["rope"])
+        self.wte = nn.Embedding(s.vocab_size, s.d_model)
         if self.uses_wpe:
-            self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
-        self.emb_drop = nn.Dropout(config.emb_pdrop)
-        self.blocks = nn.ModuleList(MPTBlock(config, i) for i in range(config.n_layers))
-        self.norm_f = build_norm(config, config.d_model)
+            self.wpe = nn.Embedding(s.max_seq_len, s.d_model)
+        self.emb_drop = nn.Dropout(s.emb_pdrop)
+        self.blocks = nn.ModuleList(MPTBlock(s, i) for i in range(s.n_layers))
+        self.norm_f = build_norm(s, s.d_model)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -196,7 +197,8 @@ class MPTModel(MPTPreTrainedModel):
 
     def _context(self, B: int, T: int, past_len: int, attention_mask: Tensor | None, device: torch.device) -> dict:
         """Mask, ALiBi and RoPE shared by every block; keys are the past + new tokens."""
-        c, a = self.config, self.config.attn_config
+        c = resolve(self.config)  # read at every call: attn_impl / max_seq_len may be edited after loading
+        a = c.attn
         kernel = KERNELS.get(a["attn_impl"])
         if kernel is None:
             raise ValueError(f"attn_config.attn_impl = {a['attn_impl']!r}; use one of {sorted(KERNELS)}")
@@ -233,7 +235,7 @@ class MPTModel(MPTPreTrainedModel):
         past_len = _past_length(past_key_values)
         ctx = self._context(B, T, past_len, attention_mask, input_ids.device)
         x = self.wte(input_ids)
-        frac = self.config.embedding_fraction
+        frac = resolve(self.config).embedding_fraction
         if frac < 1.0:  # scales the embedding's gradient only
             x = x * frac + x.detach() * (1 - frac)
         if self.uses_wpe:
@@ -261,8 +263,9 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MPTConfig):
         super().__init__(config)
         self.transformer = MPTModel(config)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        s = resolve(config)
+        if not s.tie_word_embeddings:
+            self.lm_head = nn.Linear(s.d_model, s.vocab_size, bias=False)
         self.post_init()
 
     @classmethod
@@ -270,7 +273,7 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         """transformers' loading, then `config.init_device` (e.g. 'cuda:0') honoured as where the model lands."""
         out = super().from_pretrained(*args, **kwargs)
         model = out[0] if isinstance(out, tuple) else out
-        device = str(getattr(model.config, "init_device", "cpu"))
+        device = str(resolve(model.config).init_device)
         if kwargs.get("device_map") is None and device not in ("cpu", "meta", "mixed"):
             model.to(device)
         return out
@@ -288,13 +291,14 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, past_key_values: Any = None,
                 labels: Tensor | None = None, use_cache: bool | None = None, return_dict: bool | None = None,
                 **kwargs: Any) -> Any:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        s = resolve(self.config)
+        use_cache = s.use_cache if use_cache is None else use_cache
         h, cache = self.transformer(input_ids, past_key_values, attention_mask, use_cache=bool(use_cache))
         w = self.lm_head.weight if hasattr(self, "lm_head") else self.transformer.wte.weight
         logits = F.linear(h, w)
-        ls = self.config.logit_scale
+        ls = s.logit_scale
         if ls is not None:
-            logits = logits * (1.0 / math.sqrt(self.config.d_model) if ls == "inv_sqrt_d_model" else float(ls))
+            logits = logits * (1.0 / math.sqrt(s.d_model) if ls == "inv_sqrt_d_model" else float(ls))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
