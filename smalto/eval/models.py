@@ -44,7 +44,8 @@ def resolve_device(device: str) -> str:
 def load_model(
     path: str | Path, *, tokenizer: str | Path | None = None, device: str = "auto", dtype: str = "auto"
 ) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer). MPT folders (config.json model_type 'mpt') load as smalto models."""
+    """(model in eval mode, tokenizer). MPT folders (model_type mpt / smalto_mpt) load as smalto models, anything
+    else through transformers' AutoModelForCausalLM (local code only: no trust_remote_code)."""
     import torch
 
     p = Path(path)
@@ -61,7 +62,10 @@ def load_model(
                 f"--dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16"
             )
     model_type = json.loads((p / "config.json").read_text()).get("model_type")
-    if model_type == "mpt":
+    if model_type in (
+        "mpt",
+        "smalto_mpt",
+    ):  # smalto_mpt: an MPT with options transformers' MptForCausalLM lacks
         import smalto
 
         model = smalto.load(str(p), dtype=dt, device=dev)
