@@ -45,10 +45,25 @@ def _build(cls: type, d: Any, where: str) -> Any:
     for key in d:
         if key not in allowed:
             raise ConfigError(f"unknown key {where}.{key}; allowed keys: {', '.join(allowed)}")
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        _check_type(f"{where}.{key}", value, types[key])
+    return cls(**d)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "None": (type(None),), "Any": (object,)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Refuse a value of the wrong YAML type (e.g. `global_batch_size: many`), naming the key and the type."""
+    ok: tuple[type, ...] = ()
+    for part in annotation.replace(" ", "").split("|"):
+        ok += (list,) if part.startswith("list[") else _TYPES.get(part, (object,))
+    if isinstance(value, bool) and bool not in ok:
+        ok = ()
+    if not isinstance(value, ok):
+        raise ConfigError(f"{key} = {value!r} has the wrong type; expected {annotation}")
 
 
 # ---- durations ----
@@ -328,6 +343,21 @@ def _build_data(cls: type, d: dict[str, Any], max_seq_len: int, run_dir: str, se
 # ---- loading ----
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); recipes mean the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -353,7 +383,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_duration=200ba)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = read_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
         parts = key.strip().split(".")
@@ -374,7 +404,7 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
     """Read a recipe (path or shipped name; default `tiny`), apply overrides, validate everything."""
     path = find_recipe(spec or "tiny")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -1,0 +1,121 @@
+"""DecoupledLionW against lion-pytorch, AdamW against torch, schedules against torch's schedulers / formulas."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from lion_pytorch import Lion
+
+from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
+from smalto.errors import ConfigError
+from smalto.train.optim import DecoupledLionW, Schedule, build_optimizer
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+
+def _run_pair(ours, ref, a, b, lrs):
+    for step, lr in enumerate(lrs):
+        torch.manual_seed(100 + step)
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        for opt, model in ((ours, a), (ref, b)):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.99), (0.95, 0.98)])
+def test_lion_matches_lion_pytorch_without_decay(betas):
+    a = _model()
+    b = copy.deepcopy(a)
+    ours = DecoupledLionW(a.parameters(), lr=1e-3, betas=betas, weight_decay=0.0)
+    ref = Lion(b.parameters(), lr=1e-3, betas=betas, weight_decay=0.0)
+    _run_pair(ours, ref, a, b, [1e-3] * 20)
+
+
+def test_lion_decoupled_decay_is_scaled_by_the_schedule():
+    # llm-foundry: p ← p·(1 − wd·lr/initial_lr); lion-pytorch's decoupled_weight_decay divides wd by the initial lr
+    a = _model()
+    b = copy.deepcopy(a)
+    ours = DecoupledLionW(a.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=1e-2)
+    ref = Lion(b.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=1e-2, decoupled_weight_decay=True)
+    lrs = [2e-3 * (0.5 + 0.5 * math.cos(math.pi * i / 15)) for i in range(15)]
+    _run_pair(ours, ref, a, b, lrs)
+
+
+def test_lion_decay_formula_on_zero_gradient():
+    p = torch.nn.Parameter(torch.full((3,), 2.0))
+    opt = DecoupledLionW([p], lr=1e-2, weight_decay=0.1)
+    opt.param_groups[0]["lr"] = 5e-3  # half the peak: half the decay; a zero gradient has sign 0, so no update
+    p.grad = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 2.0 * (1 - 0.1 * 0.5)))
+
+
+def test_adamw_is_torch_adamw():
+    a = _model()
+    b = copy.deepcopy(a)
+    ours = build_optimizer(a, OptimizerConfig(name="adamw", lr=1e-3, betas=[0.9, 0.95], weight_decay=0.1))
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, foreach=False)
+    _run_pair(ours, ref, a, b, [1e-3] * 10)
+
+
+def _torch_lrs(sched_fn, peak: float, n: int) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = sched_fn(opt)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def _ours(cfg: SchedulerConfig, total: int, peak: float) -> list[float]:
+    s = Schedule(cfg, total_steps=total, tokens_per_step=1000)
+    return [peak * s(i) for i in range(total)]
+
+
+def test_cosine_with_warmup_matches_torch():
+    W, T, peak, af = 10, 100, 3e-4, 0.1
+    ref = _torch_lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-12, end_factor=1.0, total_iters=W),
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=T - W, eta_min=af * peak)], milestones=[W]), peak, T)
+    ours = _ours(SchedulerConfig(name="cosine", warmup="10ba", alpha_f=af), T, peak)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_linear_decay_with_warmup_in_tokens_matches_torch():
+    W, T, peak, af = 5, 60, 1e-3, 0.0
+    ref = _torch_lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-12, end_factor=1.0, total_iters=W),
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=1e-12, total_iters=T - W)],
+        milestones=[W]), peak, T)
+    ours = _ours(SchedulerConfig(name="linear", warmup="5000tok", alpha_f=af), T, peak)  # 1000 tokens per step
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_constant_and_inverse_sqrt():
+    peak = 1.0
+    const = _ours(SchedulerConfig(name="constant", warmup="0.1dur"), 50, peak)
+    assert const[:5] == [i / 5 for i in range(5)] and const[5:] == [1.0] * 45
+    inv = _ours(SchedulerConfig(name="inverse_sqrt", warmup=4), 50, peak)
+    assert inv == [i / 4 for i in range(4)] + [math.sqrt(4 / s) for s in range(4, 50)]
+
+
+def test_durations():
+    assert duration_steps("1e4tok", "x", tokens_per_step=3000) == 4
+    assert duration_steps("250ba", "x", tokens_per_step=1) == duration_steps(250, "x", tokens_per_step=1) == 250
+    assert duration_steps("0.25dur", "x", tokens_per_step=1, total_steps=40) == 10
+    for bad in ("10 epochs", "-3ba", "x", True):
+        with pytest.raises(ConfigError, match="duration|negative"):
+            duration_steps(bad, "train.max_duration", tokens_per_step=1)
