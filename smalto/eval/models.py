@@ -56,11 +56,12 @@ def load_model(
     if dtype == "auto":
         dt = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     else:
-        dt = getattr(torch, dtype, None)
-        if not isinstance(dt, torch.dtype):
+        found = getattr(torch, dtype, None)
+        if not isinstance(found, torch.dtype):
             raise ConfigError(
                 f"--dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16"
             )
+        dt = found
     model_type = json.loads((p / "config.json").read_text()).get("model_type")
     if model_type in (
         "mpt",
@@ -76,6 +77,6 @@ def load_model(
         new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
         key = "dtype" if new else "torch_dtype"  # renamed in transformers 4.56
         model = AutoModelForCausalLM.from_pretrained(str(p), **{key: dt})
-        model.to(dev)
+        model = model.to(dev)  # type: ignore[arg-type]
     model.eval()
     return model, tok

@@ -50,7 +50,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    rows = []
+    rows: list[torch.Tensor] = []
     for i in range(rank, n, world):
         toks = torch.as_tensor(ds.tokens(i).astype("int64"))
         rows.extend(

@@ -169,9 +169,17 @@ def generate_greedy(
     pad_id: int,
     fixed_steps: bool = False,
 ) -> list[str]:
-    """Greedy continuations of token contexts, stopped at EOS or any stop string (which stays in the text;
-    scoring cuts it). `fixed_steps` runs every step even when all rows are done (sharded models must run the
-    same forwards on every rank)."""
+    """Greedy continuations of token contexts, stopped at EOS or any stop string (scoring cuts at the stop).
+
+    smalto models use `smalto.generate`. The loop below serves transformers models (their own cache) and
+    sharded smalto models, which need `fixed_steps`: every rank runs the same number of forwards."""
+    if is_smalto(model) and not fixed_steps:  # smalto's decoder: static cache, compiled step on CUDA
+        from smalto.generate import generate
+
+        completions = generate(
+            model, tokenizer, contexts, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None
+        )
+        return [c.text or "" for c in completions]
     device = _device(model)
     ids, mask = _pad(contexts, pad_id, left=True, device=device)
     B, L = ids.shape
