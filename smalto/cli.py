@@ -192,12 +192,12 @@ def generate_cmd(
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."),
 ) -> None:
     """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several)."""
+    prompts = _read_prompts(prompt, prompts_file)
     import time
 
     from smalto.generate import generate
     from smalto.hf import load_model_and_tokenizer
 
-    prompts = _read_prompts(prompt, prompts_file)
     lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
     one = len(prompts) == 1
 

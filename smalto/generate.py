@@ -92,15 +92,21 @@ def filter_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None = None)
     if p.top_p is not None and p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= p.top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        drop_sorted = (
+            probs.cumsum(dim=-1) - probs >= p.top_p
+        )  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(
+            torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf")
+        )
     if p.min_p:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits
 
 
-def sample(logits: Tensor, p: SamplingParams, seen: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+def sample(
+    logits: Tensor, p: SamplingParams, seen: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """Next token per row (B,) from float logits (B, V), on the device, without a host sync."""
     logits = filter_logits(logits, p, seen)
     if p.temperature == 0:
@@ -123,7 +129,11 @@ class Decoder:
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
-            for t in (self.cache.k, self.cache.v, self.cache.valid):  # fixed addresses: CUDA graphs read them in place
+            for t in (
+                self.cache.k,
+                self.cache.v,
+                self.cache.valid,
+            ):  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.compiled = True
@@ -159,7 +169,10 @@ def get_decoder(model: MPTForCausalLM, batch: int, length: int, compile: bool) -
     size = -(-length // CACHE_BUCKET) * CACHE_BUCKET if compile else length
     dec = model.__dict__.pop("_smalto_decoder", None)
     key = (batch, size, compile, model.dtype, model.device)
-    if dec is None or (dec.batch, dec.max_len, dec.want_compile, dec.cache.k.dtype, dec.cache.k.device) != key:
+    if (
+        dec is None
+        or (dec.batch, dec.max_len, dec.want_compile, dec.cache.k.dtype, dec.cache.k.device) != key
+    ):
         dec = None  # drop the old cache before allocating the new one
         dec = Decoder(model, batch, size, compile)
     model.__dict__["_smalto_decoder"] = dec  # a plain attribute, not a submodule: no state_dict entry
@@ -212,11 +225,18 @@ def check_length(model: MPTForCausalLM, prompt_len: int, max_new_tokens: int) ->
     total = prompt_len + max_new_tokens
     if total <= c.max_seq_len:
         return
-    how = ("load the model with a larger max_seq_len (e.g. smalto.load(path, max_seq_len=...) or --max-seq-len); "
-           "ALiBi and RoPE models can run past their trained length") if not c.uses_wpe else \
-        "this model has learned positions and cannot run past them"
-    raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                    f"max_seq_len ({c.max_seq_len}); shorten the request or {how}")
+    how = (
+        (
+            "load the model with a larger max_seq_len (e.g. smalto.load(path, max_seq_len=...) or --max-seq-len); "
+            "ALiBi and RoPE models can run past their trained length"
+        )
+        if not c.uses_wpe
+        else "this model has learned positions and cannot run past them"
+    )
+    raise UserError(
+        f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+        f"max_seq_len ({c.max_seq_len}); shorten the request or {how}"
+    )
 
 
 @torch.inference_mode()
@@ -243,8 +263,9 @@ def iter_generate(
     eos_token_id defaults to the tokenizer's; `ignore_eos` generates max_new_tokens regardless (benchmarks).
     compile: None = on CUDA only. check_every: host checks every N steps (default 1 on CPU, 8 on CUDA).
     """
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty)
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+    )
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens = {max_new_tokens} must be >= 1")
     stops = [s for s in (stop or []) if s]
@@ -255,8 +276,11 @@ def iter_generate(
     rows_ids = encode_prompts(tokenizer, prompts)
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eos_token_id
-    eos = set() if ignore_eos or eos_token_id is None else (
-        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    eos = (
+        set()
+        if ignore_eos or eos_token_id is None
+        else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    )
 
     device = model.device
     B, L = len(rows_ids), max(len(r) for r in rows_ids)
@@ -268,8 +292,8 @@ def iter_generate(
     ids = torch.zeros(B, L, dtype=torch.long, device=device)
     full_mask = torch.zeros(B, dec.max_len, dtype=torch.bool, device=device)
     for r, row in enumerate(rows_ids):  # left padding
-        ids[r, L - len(row):] = torch.tensor(row, device=device)
-        full_mask[r, L - len(row):] = True
+        ids[r, L - len(row) :] = torch.tensor(row, device=device)
+        full_mask[r, L - len(row) :] = True
     full_mask[:, L:] = True
     seen = None
     if params.repetition_penalty != 1.0:
@@ -293,19 +317,20 @@ def iter_generate(
             seen.scatter_(1, token[:, None], True)
         last = i == max_new_tokens - 1
         if (i + 1 - synced) >= every or last:
-            new = out[:, synced:i + 1].tolist()  # the one host sync, every `every` steps
+            new = out[:, synced : i + 1].tolist()  # the one host sync, every `every` steps
             synced = i + 1
             yield from _advance(rows, new, tokenizer, eos, stops, last)
             if all(r.finish for r in rows):
                 break
         if not last:
             pos = torch.full((1,), L + i, dtype=torch.long, device=device)
-            logits = dec.step(token[:, None], pos, full_mask[:, :L + i + 1] if learned_pos else None)
+            logits = dec.step(token[:, None], pos, full_mask[:, : L + i + 1] if learned_pos else None)
     dec.cache.length = 0
 
 
-def _advance(rows: list[_Row], new: list[list[int]], tokenizer: Any, eos: set[int], stops: list[str],
-             last: bool) -> Iterator[Delta]:
+def _advance(
+    rows: list[_Row], new: list[list[int]], tokenizer: Any, eos: set[int], stops: list[str], last: bool
+) -> Iterator[Delta]:
     """Take each row's new tokens in order; yield what became final text; end rows at EOS, stop, or length."""
     for r, (row, toks) in enumerate(zip(rows, new, strict=True)):
         if row.finish:
@@ -322,12 +347,12 @@ def _advance(rows: list[_Row], new: list[list[int]], tokenizer: Any, eos: set[in
                 hits = [row.text.find(s, max(0, row.emitted - len(s))) for s in stops]
                 hits = [h for h in hits if h >= 0]
                 if hits:
-                    row.text, row.finish = row.text[:min(hits)], "stop"
+                    row.text, row.finish = row.text[: min(hits)], "stop"
                     break
         if row.finish is None and last:
             row.finish = "length"
         end = len(row.text) if row.finish else len(row.text) - _holdback(row.text, stops)
-        text, row.emitted = row.text[row.emitted:end], max(row.emitted, end)
+        text, row.emitted = row.text[row.emitted : end], max(row.emitted, end)
         if text or added or row.finish:
             yield Delta(row=r, text=text, token_ids=added, finish_reason=row.finish)
 
@@ -354,8 +379,15 @@ def generate(
             reasons[d.row] = d.finish_reason
         if callback is not None:
             callback(d)
-    return [Completion(text=texts[i] if tokenizer is not None else None, token_ids=ids[i], finish_reason=reasons[i],
-                       prompt_tokens=n_prompt[i]) for i in range(len(prompts))]
+    return [
+        Completion(
+            text=texts[i] if tokenizer is not None else None,
+            token_ids=ids[i],
+            finish_reason=reasons[i],
+            prompt_tokens=n_prompt[i],
+        )
+        for i in range(len(prompts))
+    ]
 
 
 class ChatSession:
@@ -366,7 +398,9 @@ class ChatSession:
     (a system message is kept).
     """
 
-    def __init__(self, model: MPTForCausalLM, tokenizer: Any, *, system: str | None = None, **gen_kwargs: Any):
+    def __init__(
+        self, model: MPTForCausalLM, tokenizer: Any, *, system: str | None = None, **gen_kwargs: Any
+    ):
         from smalto.tokenizer import chat_stop_strings
 
         self.model, self.tokenizer, self.system, self.gen_kwargs = model, tokenizer, system, gen_kwargs
@@ -386,12 +420,13 @@ class ChatSession:
             text = apply_chat_template(self.tokenizer, self.messages, add_generation_prompt=True)
             if len(self.tokenizer.encode(text)) <= room or len(self.messages) - first <= 1:
                 return text
-            del self.messages[first:first + 2]  # the oldest user/assistant pair
+            del self.messages[first : first + 2]  # the oldest user/assistant pair
 
     def send(self, text: str, callback: Callable[[Delta], None] | None = None) -> str:
         self.messages.append({"role": "user", "content": text})
-        (out,) = generate(self.model, self.tokenizer, [self._prompt()], stop=self.stop, callback=callback,
-                          **self.gen_kwargs)
+        (out,) = generate(
+            self.model, self.tokenizer, [self._prompt()], stop=self.stop, callback=callback, **self.gen_kwargs
+        )
         answer = (out.text or "").strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer

@@ -25,13 +25,17 @@ def load_tokenizer(path: str | Path) -> Any:
     p = Path(path)
     if p.is_file():
         if p.suffix != ".json":
-            raise DataError(f"tokenizer file {p} is not a tokenizer.json; pass it or the folder that holds it")
+            raise DataError(
+                f"tokenizer file {p} is not a tokenizer.json; pass it or the folder that holds it"
+            )
         try:
             return PreTrainedTokenizerFast(tokenizer_file=str(p))
         except Exception as e:
             raise DataError(f"cannot read tokenizer file {p} ({e})") from None
     if not p.is_dir():
-        raise DataError(f"tokenizer {path} does not exist; pass a folder with tokenizer.json or the file itself")
+        raise DataError(
+            f"tokenizer {path} does not exist; pass a folder with tokenizer.json or the file itself"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as auto_error:
@@ -44,19 +48,27 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def apply_chat_template(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
     """The prompt text for `messages` ([{'role': ..., 'content': ...}]): the tokenizer's template, else ChatML."""
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"chat message {m!r} needs 'role' and 'content'")
     if tokenizer is not None and has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def chat_stop_strings(tokenizer: Any) -> list[str]:
     """Strings that end an assistant turn: ChatML's end marker unless the tokenizer's template uses its EOS only."""
-    if tokenizer is not None and has_chat_template(tokenizer) and CHATML_END not in str(tokenizer.chat_template):
+    if (
+        tokenizer is not None
+        and has_chat_template(tokenizer)
+        and CHATML_END not in str(tokenizer.chat_template)
+    ):
         return []
     return [CHATML_END]

@@ -11,6 +11,14 @@ from smalto.hf.load import load_pretrained, parse_dtype, read_config
 from smalto.hf.save import hf_config_dict, native_incompatibilities, parse_size, save_pretrained
 
 __all__ = [
-    "convert", "hf_config_dict", "load_any", "load_model_and_tokenizer", "load_pretrained", "native_incompatibilities", "parse_dtype",
-    "parse_size", "read_config", "save_pretrained",
+    "convert",
+    "hf_config_dict",
+    "load_any",
+    "load_model_and_tokenizer",
+    "load_pretrained",
+    "native_incompatibilities",
+    "parse_dtype",
+    "parse_size",
+    "read_config",
+    "save_pretrained",
 ]

@@ -23,11 +23,19 @@ def load_any(path: str | Path, **kwargs: Any) -> MPTForCausalLM:
         raise CheckpointError(f"{path} does not exist")
     if (p / "config.json").is_file():
         return load_pretrained(p, **kwargs)
-    raise CheckpointError(f"{path} is not a model folder smalto can read (expected an HF folder with config.json)")
+    raise CheckpointError(
+        f"{path} is not a model folder smalto can read (expected an HF folder with config.json)"
+    )
 
 
-def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, shard_size: str | int = "5GB",
-            safe_serialization: bool = True) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    safe_serialization: bool = True,
+) -> Path:
     """Read `src` (see `load_any`), write an HF folder at `dst` with the weights cast to `dtype` if given.
 
     Tokenizer files found next to the source weights are copied along.
@@ -36,13 +44,24 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, shard
         raise CheckpointError("convert writes a new folder: give a destination different from the source")
     model = load_any(src, dtype=dtype)
     has_tok = any((Path(src) / f).is_file() for f in TOKENIZER_FILES[:2])
-    return save_pretrained(model, dst, tokenizer=Path(src) if has_tok else None, shard_size=shard_size,
-                           dtype=dtype, safe_serialization=safe_serialization)
+    return save_pretrained(
+        model,
+        dst,
+        tokenizer=Path(src) if has_tok else None,
+        shard_size=shard_size,
+        dtype=dtype,
+        safe_serialization=safe_serialization,
+    )
 
 
-def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = None, *,
-                             dtype: str | None = None, device: str | None = None,
-                             max_seq_len: int | None = None) -> tuple[MPTForCausalLM, Any]:
+def load_model_and_tokenizer(
+    model_path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    max_seq_len: int | None = None,
+) -> tuple[MPTForCausalLM, Any]:
     """What `smalto generate` / `chat` / `serve` need: the model (on `device`, default cuda when available) and
     its tokenizer (from `tokenizer_path`, else the model folder)."""
     import torch
@@ -53,5 +72,7 @@ def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | Path 
     model = load_any(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
     tok_src = Path(tokenizer_path) if tokenizer_path else Path(model_path)
     if tokenizer_path is None and not any((tok_src / f).is_file() for f in TOKENIZER_FILES):
-        raise CheckpointError(f"{model_path} holds no tokenizer files; pass --tokenizer (a folder or tokenizer.json)")
+        raise CheckpointError(
+            f"{model_path} holds no tokenizer files; pass --tokenizer (a folder or tokenizer.json)"
+        )
     return model, load_tokenizer(tok_src)

@@ -30,9 +30,14 @@ from smalto.model.mpt import MPTForCausalLM
 
 MODEL_TYPES = ("mpt", "smalto_mpt")
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -59,7 +64,9 @@ def read_config(folder: str | Path) -> tuple[MPTConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{path} has model_type {model_type!r}; smalto loads MPT models (model_type 'mpt')")
+        raise CheckpointError(
+            f"{path} has model_type {model_type!r}; smalto loads MPT models (model_type 'mpt')"
+        )
     try:
         config = MPTConfig.from_dict({**raw, "model_type": "mpt"}, strict=False)
     except ConfigError as e:
@@ -131,11 +138,16 @@ def load_pretrained(
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{path} is not a folder; pass a Hugging Face model folder (config.json + weights)")
+        raise CheckpointError(
+            f"{path} is not a folder; pass a Hugging Face model folder (config.json + weights)"
+        )
     config, raw = read_config(folder)
     changes: dict[str, Any] = dict(config_overrides)
     if attn_impl is not None:
-        changes["attn_config"] = {**changes.get("attn_config", {}), "attn_impl": LEGACY_ATTN_IMPLS.get(attn_impl, attn_impl)}
+        changes["attn_config"] = {
+            **changes.get("attn_config", {}),
+            "attn_impl": LEGACY_ATTN_IMPLS.get(attn_impl, attn_impl),
+        }
     if max_seq_len is not None:
         changes["max_seq_len"] = max_seq_len
     if changes:
@@ -173,8 +185,10 @@ def load_pretrained(
             loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if problems:
-        raise CheckpointError(f"{folder}: {len(problems)} tensor(s) have the wrong shape for its config.json: "
-                              + "; ".join(problems[:8]))
+        raise CheckpointError(
+            f"{folder}: {len(problems)} tensor(s) have the wrong shape for its config.json: "
+            + "; ".join(problems[:8])
+        )
     if missing or unexpected:
         parts = []
         if missing:

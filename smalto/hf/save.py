@@ -35,11 +35,30 @@ from smalto.model.mpt import MPTForCausalLM
 
 REMOTE_DIR = Path(__file__).resolve().parent.parent / "hf_remote"
 REMOTE_FILES = ("configuration_mpt.py", "modeling_mpt.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+)
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-              "GIB": 2**30, "TIB": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: str | int) -> int:
@@ -48,7 +67,9 @@ def parse_size(size: str | int) -> int:
         return size
     m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(size))
     if not m or m.group(2).upper() not in SIZE_UNITS:
-        raise ConfigError(f"shard size {size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        raise ConfigError(
+            f"shard size {size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes"
+        )
     n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
     if n <= 0:
         raise ConfigError(f"shard size {size!r} must be positive")
@@ -73,7 +94,8 @@ def native_incompatibilities(config: MPTConfig) -> list[str]:
         f"sliding_window_size {a.sliding_window_size}": a.sliding_window_size != -1,
         f"ffn_type {f.ffn_type}": f.ffn_type != "mptmlp",
         f"ffn_act_fn {act}": act.get("name", "gelu") != "gelu" or act.get("approximate", "none") != "none",
-        f"ffn_hidden_size {config.ffn_hidden_size} != 4 * d_model": config.ffn_hidden_size != 4 * config.d_model,
+        f"ffn_hidden_size {config.ffn_hidden_size} != 4 * d_model": config.ffn_hidden_size
+        != 4 * config.d_model,
         f"norm_type {config.norm_type}": config.norm_type not in ("layernorm", "low_precision_layernorm"),
         "biases (no_bias: false)": not config.no_bias,
         "untied lm_head": not config.tie_word_embeddings,
@@ -82,7 +104,9 @@ def native_incompatibilities(config: MPTConfig) -> list[str]:
     return [why for why, bad in checks.items() if bad]
 
 
-def hf_config_dict(config: MPTConfig, dtype: torch.dtype, *, token_ids: dict[str, int | None] | None = None) -> dict:
+def hf_config_dict(
+    config: MPTConfig, dtype: torch.dtype, *, token_ids: dict[str, int | None] | None = None
+) -> dict:
     """The config.json for `config` (see the module docstring for model_type / auto_map)."""
     from smalto import __version__
 
@@ -90,14 +114,18 @@ def hf_config_dict(config: MPTConfig, dtype: torch.dtype, *, token_ids: dict[str
     native = not why_not
     d = config.to_dict()
     d["expansion_ratio"] = _int_if_integral(d["expansion_ratio"])
-    d["attn_config"]["attn_pdrop"] = _int_if_integral(d["attn_config"]["attn_pdrop"])  # native 5.x types it int
+    d["attn_config"]["attn_pdrop"] = _int_if_integral(
+        d["attn_config"]["attn_pdrop"]
+    )  # native 5.x types it int
     d["init_device"] = "cpu"
     suffix = "" if native else "Smalto"
     d.update(
         model_type="mpt" if native else "smalto_mpt",
         architectures=["MPTForCausalLM"],
-        auto_map={"AutoConfig": f"configuration_mpt.{suffix}MPTConfig",
-                  "AutoModelForCausalLM": f"modeling_mpt.{suffix}MPTForCausalLM"},
+        auto_map={
+            "AutoConfig": f"configuration_mpt.{suffix}MPTConfig",
+            "AutoModelForCausalLM": f"modeling_mpt.{suffix}MPTForCausalLM",
+        },
         torch_dtype=str(dtype).removeprefix("torch."),
         layer_norm_epsilon=config.norm_eps,
         use_cache=False,
@@ -136,8 +164,11 @@ def save_pretrained(
         _write_weights(model, tmp, target, limit, safe_serialization)
         config = hf_config_dict(model.config, target, token_ids=token_ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        gen = {"use_cache": True, **{k: v for k, v in token_ids.items() if v is not None},
-               "transformers_version": config["transformers_version"]}
+        gen = {
+            "use_cache": True,
+            **{k: v for k, v in token_ids.items() if v is not None},
+            "transformers_version": config["transformers_version"],
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE_DIR / name, tmp / name)
@@ -161,8 +192,11 @@ def _write_weights(model: MPTForCausalLM, folder: Path, dtype: torch.dtype, limi
         shards[-1].append(name)
         size += n
     stem, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
-    names = [f"{stem}.{ext}"] if len(shards) == 1 else [
-        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    names = (
+        [f"{stem}.{ext}"]
+        if len(shards) == 1
+        else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     total = 0
     for file, keys in zip(names, shards, strict=True):
@@ -185,7 +219,11 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     t = t.detach()
     if t.is_floating_point():
         t = t.to(dtype)
-    return t.to("cpu").contiguous().clone() if t.device.type != "cpu" or not t.is_contiguous() else t.contiguous()
+    return (
+        t.to("cpu").contiguous().clone()
+        if t.device.type != "cpu" or not t.is_contiguous()
+        else t.contiguous()
+    )
 
 
 def _write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, int | None]:
@@ -196,12 +234,17 @@ def _write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, int | None]:
         src = Path(tokenizer)
         files = [src] if src.is_file() else [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
         for f in files:
-            shutil.copyfile(f, folder / ("tokenizer.json" if f.suffix == ".json" and src.is_file() else f.name))
+            shutil.copyfile(
+                f, folder / ("tokenizer.json" if f.suffix == ".json" and src.is_file() else f.name)
+            )
         tokenizer = load_tokenizer(src)
     else:
         tokenizer.save_pretrained(str(folder))
-    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:

@@ -30,9 +30,18 @@ ATTN_DEFAULTS: dict[str, Any] = {
 }
 FFN_DEFAULTS: dict[str, Any] = {"ffn_type": "mptmlp", "ffn_hidden_size": None, "ffn_act_fn": None}
 TOP_DEFAULTS: dict[str, Any] = {
-    "expansion_ratio": 4, "max_seq_len": 2048, "resid_pdrop": 0.0, "emb_pdrop": 0.0, "learned_pos_emb": True,
-    "logit_scale": None, "no_bias": False, "embedding_fraction": 1.0, "norm_type": "low_precision_layernorm",
-    "tie_word_embeddings": True, "use_cache": False, "init_device": "cpu",
+    "expansion_ratio": 4,
+    "max_seq_len": 2048,
+    "resid_pdrop": 0.0,
+    "emb_pdrop": 0.0,
+    "learned_pos_emb": True,
+    "logit_scale": None,
+    "no_bias": False,
+    "embedding_fraction": 1.0,
+    "norm_type": "low_precision_layernorm",
+    "tie_word_embeddings": True,
+    "use_cache": False,
+    "init_device": "cpu",
 }
 
 
@@ -41,7 +50,12 @@ def resolve(config: PretrainedConfig) -> SimpleNamespace:
     directly: transformers 5 builds remote configs without running `__init__`, so a key absent from config.json
     is absent from the object, and users edit `config.attn_config` after loading."""
     s = SimpleNamespace(**{k: getattr(config, k, v) for k, v in TOP_DEFAULTS.items()})
-    s.d_model, s.n_heads, s.n_layers, s.vocab_size = config.d_model, config.n_heads, config.n_layers, config.vocab_size
+    s.d_model, s.n_heads, s.n_layers, s.vocab_size = (
+        config.d_model,
+        config.n_heads,
+        config.n_layers,
+        config.vocab_size,
+    )
     eps = getattr(config, "norm_eps", None)
     s.norm_eps = eps if eps is not None else getattr(config, "layer_norm_epsilon", 1e-5)
     attn = dict(getattr(config, "attn_config", None) or {})
@@ -56,7 +70,11 @@ def resolve(config: PretrainedConfig) -> SimpleNamespace:
 
 class MPTConfig(PretrainedConfig):
     model_type = "mpt"
-    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"}  # noqa: RUF012
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+    }  # noqa: RUF012
 
     def __init__(
         self,

@@ -26,8 +26,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mpt import MPTConfig, SmaltoMPTConfig, resolve
 
-KERNELS = {"torch": "eager", "eager": "eager", "flash": "sdpa", "triton": "sdpa", "sdpa": "sdpa", "flex": "sdpa",
-           "auto": "sdpa"}
+KERNELS = {
+    "torch": "eager",
+    "eager": "eager",
+    "flash": "sdpa",
+    "triton": "sdpa",
+    "sdpa": "sdpa",
+    "flex": "sdpa",
+    "auto": "sdpa",
+}
 
 
 def alibi_slopes(n_heads: int, bias_max: float, device: torch.device) -> Tensor:
@@ -88,7 +95,10 @@ class MPTAttention(nn.Module):
         if hasattr(self, "q_ln"):
             dtype = q.dtype
             if self.qk_gn:
-                q, k = self.q_ln(q.view(B, T, H, D)).view(B, T, H * D), self.k_ln(k.view(B, T, K, D)).view(B, T, K * D)
+                q, k = (
+                    self.q_ln(q.view(B, T, H, D)).view(B, T, H * D),
+                    self.k_ln(k.view(B, T, K, D)).view(B, T, K * D),
+                )
             else:
                 q, k = self.q_ln(q), self.k_ln(k)
             q, k = q.to(dtype), k.to(dtype)
@@ -114,7 +124,9 @@ class MPTAttention(nn.Module):
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
             y = F.dropout(probs, p=p, training=self.training) @ v
         else:
-            bias = torch.where(allowed, alibi if alibi is not None else 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+            bias = torch.where(allowed, alibi if alibi is not None else 0.0, torch.finfo(q.dtype).min).to(
+                q.dtype
+            )
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * D)), present
 
@@ -195,7 +207,9 @@ class MPTModel(MPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.wte = value
 
-    def _context(self, B: int, T: int, past_len: int, attention_mask: Tensor | None, device: torch.device) -> dict:
+    def _context(
+        self, B: int, T: int, past_len: int, attention_mask: Tensor | None, device: torch.device
+    ) -> dict:
         """Mask, ALiBi and RoPE shared by every block; keys are the past + new tokens."""
         c = resolve(self.config)  # read at every call: attn_impl / max_seq_len may be edited after loading
         a = c.attn
@@ -204,8 +218,10 @@ class MPTModel(MPTPreTrainedModel):
             raise ValueError(f"attn_config.attn_impl = {a['attn_impl']!r}; use one of {sorted(KERNELS)}")
         S = past_len + T
         if S > c.max_seq_len:
-            raise ValueError(f"{S} tokens exceed max_seq_len ({c.max_seq_len}); raise config.max_seq_len (ALiBi and "
-                             "RoPE models can run past their trained length)")
+            raise ValueError(
+                f"{S} tokens exceed max_seq_len ({c.max_seq_len}); raise config.max_seq_len (ALiBi and "
+                "RoPE models can run past their trained length)"
+            )
         q_pos, k_pos = torch.arange(past_len, S, device=device), torch.arange(S, device=device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
         if a["sliding_window_size"] > 0:
@@ -229,8 +245,13 @@ class MPTModel(MPTPreTrainedModel):
             rope = (emb.cos(), emb.sin())
         return {"kernel": kernel, "allowed": allowed, "alibi": alibi, "rope": rope, "pos": pos}
 
-    def forward(self, input_ids: Tensor, past_key_values: Any = None, attention_mask: Tensor | None = None,
-                use_cache: bool = False) -> tuple[Tensor, Any]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        past_key_values: Any = None,
+        attention_mask: Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Any]:
         B, T = input_ids.shape
         past_len = _past_length(past_key_values)
         ctx = self._context(B, T, past_len, attention_mask, input_ids.device)
@@ -288,9 +309,16 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         # a tied model has no lm_head: it multiplies by wte.weight, so no version-specific tying is needed
         return getattr(self, "lm_head", None)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, past_key_values: Any = None,
-                labels: Tensor | None = None, use_cache: bool | None = None, return_dict: bool | None = None,
-                **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
         s = resolve(self.config)
         use_cache = s.use_cache if use_cache is None else use_cache
         h, cache = self.transformer(input_ids, past_key_values, attention_mask, use_cache=bool(use_cache))
@@ -301,28 +329,42 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
             logits = logits * (1.0 / math.sqrt(s.d_model) if ls == "inv_sqrt_d_model" else float(ls))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
         return out if return_dict is not False else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
-                                      attention_mask: Tensor | None = None, use_cache: bool = True,
-                                      **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        past_key_values: Any = None,
+        attention_mask: Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         # feed only the tokens the cache has not seen (same in transformers 4.40 and 5.x)
         past_len = _past_length(past_key_values)
         if past_len:
             input_ids = input_ids[:, past_len:]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                "use_cache": use_cache}
+        return {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "attention_mask": attention_mask,
+            "use_cache": use_cache,
+        }
 
     @staticmethod
     def _reorder_cache(past: Any, beam_idx: Tensor) -> Any:
         if hasattr(past, "reorder_cache"):
             past.reorder_cache(beam_idx)
             return past
-        return tuple((k.index_select(0, beam_idx.to(k.device)), v.index_select(0, beam_idx.to(v.device)))
-                     for k, v in past)
+        return tuple(
+            (k.index_select(0, beam_idx.to(k.device)), v.index_select(0, beam_idx.to(v.device)))
+            for k, v in past
+        )
 
 
 class SmaltoMPTForCausalLM(MPTForCausalLM):
