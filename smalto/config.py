@@ -97,6 +97,13 @@ def duration_steps(value: int | float | str, key: str, *, tokens_per_step: int, 
     return int(round(amount * total_steps))
 
 
+def parse_seconds(value: str | int | float, key: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", str(value))
+    if not m:
+        raise ConfigError(f"{key} = {value!r} is not a time; write e.g. 90s, 2m or 1.5h")
+    return float(m.group(1)) * {"s": 1, "m": 60, "min": 60, "h": 3600, None: 1}[m.group(2)]
+
+
 # ---- sections ----
 
 
@@ -159,6 +166,9 @@ class TrainConfig:
     """true: every block; an integer k: every k-th block; false: none."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
+    time_limit: str | None = None
+    """End the run normally (evaluate, save, export) once training has taken this long: "90s", "2m", "1.5h".
+    The schedule stays laid out for max_duration; a safety net for demos and fixed-time budgets."""
     stop_after: int | None = None
     """End this launch (with a checkpoint) after this many steps; autoresume continues later (job time slices)."""
     eval_interval: int | str = "100ba"
@@ -185,6 +195,8 @@ class TrainConfig:
         ac = self.activation_checkpointing
         if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
             raise ConfigError(f"train.activation_checkpointing = {ac!r}: use true, false or a positive integer k")
+        if self.time_limit is not None:
+            parse_seconds(self.time_limit, "train.time_limit")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"train.stop_after = {self.stop_after} must be a positive number of steps or null")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from smalto.config import RunConfig, duration_steps
+from smalto.config import RunConfig, duration_steps, parse_seconds
 from smalto.errors import ConfigError, UserError
 from smalto.train.checkpoint import Checkpointer, export_hf, load_weights
 from smalto.train.guard import OK, STOP, LossGuard
@@ -51,6 +51,7 @@ def train(cfg: RunConfig) -> TrainResult:
         batches = iter(t.loader)
         stopped: str | None = None
         end = t.total_steps if cfg.train.stop_after is None else min(t.total_steps, t.step + cfg.train.stop_after)
+        limit = parse_seconds(cfg.train.time_limit, "train.time_limit") if cfg.train.time_limit else math.inf
         with StopSignals() as signals:
             while t.step < end:
                 metrics, verdict = train_step(t, [next(batches) for _ in range(t.accum)])
@@ -58,14 +59,14 @@ def train(cfg: RunConfig) -> TrainResult:
                     stopped = f"guard: {t.guard.reason}"
                     break
                 t.step += 1
-                last = t.step == t.total_steps
+                last = t.step == t.total_steps or t.out_of_time(limit)
                 stopped = signals.requested(world) or ("stop_after" if t.step == end and not last else None)
                 if t.val_loader is not None and (last or t.step % t.eval_every == 0):
                     metrics.update(evaluate(t))
                 t.logger.log(t.step, metrics)
                 if last or stopped or t.step % t.save_every == 0:
                     t.checkpoint = str(t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict()))
-                if stopped:
+                if stopped or last:
                     break
         return finish(t, stopped)
     finally:
@@ -81,6 +82,18 @@ class Trainer:
         self.checkpoint: str | None = None
         self.losses: list[float] = []
         self.last_eval: float | None = None
+
+    def out_of_time(self, limit: float) -> bool:
+        """Ranks agree (the slowest rank's clock decides), or they would part ways at the next collective."""
+        if limit == math.inf:
+            return False
+        spent = torch.tensor([self.seconds], dtype=torch.float64, device=self.world.device)
+        if self.world.world_size > 1:
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+        if float(spent) >= limit and self.step < self.total_steps:
+            self.logger.print(f"time limit {self.cfg.train.time_limit} reached at step {self.step}/{self.total_steps}")
+            return True
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {
