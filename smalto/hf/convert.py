@@ -14,15 +14,21 @@ from smalto.model.mpt import MPTForCausalLM
 def load_any(path: str | Path, **kwargs: Any) -> MPTForCausalLM:
     """Load any checkpoint smalto reads as an `MPTForCausalLM`.
 
-    HOOK(training): today this reads HF folders only. The training engineer extends it here to accept smalto
-    training checkpoints (e.g. `if (Path(path) / "<marker file>").exists(): return load_training_checkpoint(path)`),
-    so `smalto convert`, `smalto generate` and `smalto chat` accept them without further changes.
+    HF folders, and smalto training checkpoints (a run folder, its checkpoints/ folder or one step_* folder; read
+    with `smalto.train.checkpoint.load_training_checkpoint`), so `smalto convert`, `smalto generate` and
+    `smalto chat` accept both.
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{path} does not exist")
     if (p / "config.json").is_file():
         return load_pretrained(p, **kwargs)
+    from smalto.train.checkpoint import find_checkpoint, load_training_checkpoint
+
+    if find_checkpoint(p) is not None:  # a run folder, its checkpoints/ folder, or one step_* folder
+        from smalto.hf.load import parse_dtype
+
+        return load_training_checkpoint(p, device=kwargs.get("device") or "cpu", dtype=parse_dtype(kwargs.get("dtype")))
     raise CheckpointError(
         f"{path} is not a model folder smalto can read (expected an HF folder with config.json)"
     )

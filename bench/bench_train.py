@@ -1,0 +1,150 @@
+"""Training throughput of the real training step: tokens/s, MFU (llm-foundry's formula) and peak memory.
+
+Builds each recipe's model exactly as `smalto train` does (meta device → per-block compile → materialise, bf16
+autocast, LION) and times `smalto.train.loop.train_step` on random tokens (data loading is not measured), for several
+micro-batch sizes. One process; run it under torchrun to measure FSDP2.
+
+    python bench/bench_train.py --device cuda                                  # MPT-125M and MPT-1B, seq 2048
+    python bench/bench_train.py --device cuda --models mpt-7b --micro-batches 1,2 --ac   # 7B on one GPU
+    python bench/bench_train.py --smoke                                        # CPU, tiny shapes: does it run?
+
+MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
+Results: a rich table, and bench_train.json in $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from smalto.config import load_config
+from smalto.errors import UserError
+from smalto.train.guard import LossGuard
+from smalto.train.loop import Trainer, train_step
+from smalto.train.metrics import RunLogger
+from smalto.train.optim import Schedule, build_optimizer
+from smalto.train.parallel import build_model, close_world, init_world
+
+
+def bench_one(recipe: str, micro: int, args: argparse.Namespace, world) -> dict:
+    overrides = [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * args.accum * world.world_size}",
+                 f"train.compile={str(args.compile).lower()}", f"train.activation_checkpointing={str(args.ac).lower()}",
+                 f"model.attn_config.attn_impl={args.attn}", "logging.progress=false", "logging.tensorboard=false"]
+    if args.seq:
+        overrides += [f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}"]
+    if args.smoke:
+        overrides += ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.vocab_size=512",
+                      "model.max_seq_len=64", "data.seq_len=64", "train.precision=fp32"]
+    cfg = load_config(recipe, overrides)
+    seq = cfg.data.seq_len
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and world.device.type == "cuda")
+    model = build_model(cfg.model, world, seed=0, activation_checkpointing=cfg.train.activation_checkpointing,
+                        compile=cfg.train.compile, bf16=bf16)
+    tokens_per_step = cfg.train.global_batch_size * seq
+    t = Trainer(
+        cfg=cfg, world=world, model=model, optimizer=build_optimizer(model, cfg.optimizer),
+        schedule=Schedule(cfg.scheduler, total_steps=1000, tokens_per_step=tokens_per_step), micro=micro,
+        accum=args.accum, tokens_per_step=tokens_per_step, guard=LossGuard(cfg.guard),
+        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 and world.world_size == 1 else nullcontext(),
+        flops_per_token=cfg.model.flops_per_token(seq), peak_tflops=args.peak_tflops,
+        logger=RunLogger(cfg, enabled=False, total_steps=1, start_step=0),
+    )
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, cfg.model.vocab_size, (micro, seq), generator=gen)
+        return {"input_ids": ids, "labels": ids, "sequence_id": torch.zeros_like(ids)}
+
+    batches = [batch() for _ in range(args.accum)]
+    sync = torch.cuda.synchronize if world.device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        train_step(t, batches)
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(t, batches)
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    tps = tokens_per_step / seconds
+    peak = args.peak_tflops
+    row = {
+        "recipe": recipe, "params_M": round(cfg.model.num_params() / 1e6, 1), "seq": seq, "micro_batch": micro,
+        "accum": args.accum, "world_size": world.world_size, "step_s": round(seconds, 4),
+        "tokens_per_s": round(tps, 1), "tokens_per_s_per_device": round(tps / world.world_size, 1),
+        "mfu": round(tps / world.world_size * t.flops_per_token / (peak * 1e12), 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if world.device.type == "cuda" else None,
+        "loss_last": round(t.losses[-1], 4), "compile": args.compile, "ac": args.ac, "attn": args.attn,
+    }
+    del t, model
+    gc.collect()
+    if world.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default="mpt-125m,mpt-1b")
+    p.add_argument("--micro-batches", default="4,8,16")
+    p.add_argument("--seq", type=int, default=None, help="override the recipe's sequence length")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--attn", default="flex", choices=["flex", "sdpa", "eager", "auto"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 2 steps: check that it runs")
+    args = p.parse_args()
+    if args.smoke:
+        args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
+        args.steps, args.warmup, args.attn, args.compile, args.peak_tflops = 2, 1, "sdpa", False, None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    world = init_world(args.device)
+    console = Console()
+    rows = []
+    try:
+        for recipe in args.models.split(","):
+            for micro in (int(m) for m in args.micro_batches.split(",")):
+                try:
+                    rows.append(bench_one(recipe, micro, args, world))
+                except UserError as e:  # out of memory: say so and go on with the next size
+                    rows.append({"recipe": recipe, "micro_batch": micro, "error": str(e)[:80]})
+                    gc.collect()
+                    if world.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                console.print(rows[-1])
+    finally:
+        close_world(world)
+    if not world.is_main:
+        return
+    table = Table(title=f"smalto train step ({torch.cuda.get_device_name() if world.device.type == 'cuda' else 'cpu'})")
+    cols = ["recipe", "params_M", "seq", "micro_batch", "accum", "tokens_per_s_per_device", "mfu", "peak_mem_gib", "step_s"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["recipe"], "", "", str(r["micro_batch"]), "", r["error"], "", "", "")
+            continue
+        table.add_row(*[f"{100 * r[c]:.1f}%" if c == "mfu" and r[c] is not None else str(r[c]) for c in cols])
+    console.print(table)
+    out = os.environ.get("OUT")
+    if out:
+        info = {"torch": torch.__version__, "device": str(world.device), "args": vars(args), "results": rows}
+        Path(out, "bench_train.json").write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
