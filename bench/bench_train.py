@@ -29,34 +29,63 @@ from rich.table import Table
 from smalto.config import load_config
 from smalto.errors import UserError
 from smalto.train.guard import LossGuard
-from smalto.train.loop import Trainer, train_step
+from smalto.train.loop import train_step
 from smalto.train.metrics import RunLogger
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import build_model, close_world, init_world
+from smalto.train.setup import Trainer
 
 
 def bench_one(recipe: str, micro: int, args: argparse.Namespace, world) -> dict:
-    overrides = [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * args.accum * world.world_size}",
-                 f"train.compile={str(args.compile).lower()}", f"train.activation_checkpointing={str(args.ac).lower()}",
-                 f"model.attn_config.attn_impl={args.attn}", "logging.progress=false", "logging.tensorboard=false"]
+    overrides = [
+        f"train.micro_batch_size={micro}",
+        f"train.global_batch_size={micro * args.accum * world.world_size}",
+        f"train.compile={str(args.compile).lower()}",
+        f"train.activation_checkpointing={str(args.ac).lower()}",
+        f"model.attn_config.attn_impl={args.attn}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
     if args.seq:
         overrides += [f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}"]
     if args.smoke:
-        overrides += ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.vocab_size=512",
-                      "model.max_seq_len=64", "data.seq_len=64", "train.precision=fp32"]
+        overrides += [
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.n_layers=2",
+            "model.vocab_size=512",
+            "model.max_seq_len=64",
+            "data.seq_len=64",
+            "train.precision=fp32",
+        ]
     cfg = load_config(recipe, overrides)
     seq = cfg.data.seq_len
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and world.device.type == "cuda")
-    model = build_model(cfg.model, world, seed=0, activation_checkpointing=cfg.train.activation_checkpointing,
-                        compile=cfg.train.compile, bf16=bf16)
+    model = build_model(
+        cfg.model,
+        world,
+        seed=0,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        compile=cfg.train.compile,
+        bf16=bf16,
+    )
     tokens_per_step = cfg.train.global_batch_size * seq
     t = Trainer(
-        cfg=cfg, world=world, model=model, optimizer=build_optimizer(model, cfg.optimizer),
-        schedule=Schedule(cfg.scheduler, total_steps=1000, tokens_per_step=tokens_per_step), micro=micro,
-        accum=args.accum, tokens_per_step=tokens_per_step, guard=LossGuard(cfg.guard),
-        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 and world.world_size == 1 else nullcontext(),
-        flops_per_token=cfg.model.flops_per_token(seq), peak_tflops=args.peak_tflops,
-        logger=RunLogger(cfg, enabled=False, total_steps=1, start_step=0),
+        cfg=cfg,
+        world=world,
+        model=model,
+        optimizer=build_optimizer(model, cfg.optimizer),
+        schedule=Schedule(cfg.scheduler, total_steps=1000, tokens_per_step=tokens_per_step),
+        micro=micro,
+        accum=args.accum,
+        tokens_per_step=tokens_per_step,
+        guard=LossGuard(cfg.guard),
+        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16)
+        if bf16 and world.world_size == 1
+        else nullcontext(),
+        flops_per_token=cfg.model.flops_per_token(seq),
+        peak_tflops=args.peak_tflops,
+        logger=RunLogger(cfg, enabled=False, total_steps=1),
     )
     gen = torch.Generator().manual_seed(0)
 
@@ -79,12 +108,23 @@ def bench_one(recipe: str, micro: int, args: argparse.Namespace, world) -> dict:
     tps = tokens_per_step / seconds
     peak = args.peak_tflops
     row = {
-        "recipe": recipe, "params_M": round(cfg.model.num_params() / 1e6, 1), "seq": seq, "micro_batch": micro,
-        "accum": args.accum, "world_size": world.world_size, "step_s": round(seconds, 4),
-        "tokens_per_s": round(tps, 1), "tokens_per_s_per_device": round(tps / world.world_size, 1),
+        "recipe": recipe,
+        "params_M": round(cfg.model.num_params() / 1e6, 1),
+        "seq": seq,
+        "micro_batch": micro,
+        "accum": args.accum,
+        "world_size": world.world_size,
+        "step_s": round(seconds, 4),
+        "tokens_per_s": round(tps, 1),
+        "tokens_per_s_per_device": round(tps / world.world_size, 1),
         "mfu": round(tps / world.world_size * t.flops_per_token / (peak * 1e12), 4) if peak else None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if world.device.type == "cuda" else None,
-        "loss_last": round(t.losses[-1], 4), "compile": args.compile, "ac": args.ac, "attn": args.attn,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if world.device.type == "cuda"
+        else None,
+        "loss_last": round(t.losses[-1], 4),
+        "compile": args.compile,
+        "ac": args.ac,
+        "attn": args.attn,
     }
     del t, model
     gc.collect()
@@ -130,8 +170,20 @@ def main() -> None:
         close_world(world)
     if not world.is_main:
         return
-    table = Table(title=f"smalto train step ({torch.cuda.get_device_name() if world.device.type == 'cuda' else 'cpu'})")
-    cols = ["recipe", "params_M", "seq", "micro_batch", "accum", "tokens_per_s_per_device", "mfu", "peak_mem_gib", "step_s"]
+    table = Table(
+        title=f"smalto train step ({torch.cuda.get_device_name() if world.device.type == 'cuda' else 'cpu'})"
+    )
+    cols = [
+        "recipe",
+        "params_M",
+        "seq",
+        "micro_batch",
+        "accum",
+        "tokens_per_s_per_device",
+        "mfu",
+        "peak_mem_gib",
+        "step_s",
+    ]
     for c in cols:
         table.add_column(c)
     for r in rows:

@@ -51,8 +51,14 @@ def _build(cls: type, d: Any, where: str) -> Any:
     return cls(**d)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-                                       "None": (type(None),), "Any": (object,)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "Any": (object,),
+}
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:
@@ -72,29 +78,35 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
 def parse_duration(value: int | float | str, key: str) -> tuple[float, str]:
     """(amount, unit) with unit 'ba', 'tok' or 'dur'; a bare number means optimizer steps."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key} = {value!r} is not a duration; write e.g. 1000, '1000ba', '2e9tok' or '0.1dur'")
+        raise ConfigError(
+            f"{key} = {value!r} is not a duration; write e.g. 1000, '1000ba', '2e9tok' or '0.1dur'"
+        )
     if isinstance(value, int | float):
         amount, unit = float(value), "ba"
     else:
         m = _DURATION.match(str(value))
         if not m:
-            raise ConfigError(f"{key} = {value!r} is not a duration; write e.g. 1000, '1000ba', '2e9tok' or '0.1dur'")
+            raise ConfigError(
+                f"{key} = {value!r} is not a duration; write e.g. 1000, '1000ba', '2e9tok' or '0.1dur'"
+            )
         amount, unit = float(m.group(1)), m.group(2).lower()
     if amount < 0:
         raise ConfigError(f"{key} = {value!r} must not be negative")
     return amount, unit
 
 
-def duration_steps(value: int | float | str, key: str, *, tokens_per_step: int, total_steps: int | None = None) -> int:
+def duration_steps(
+    value: int | float | str, key: str, *, tokens_per_step: int, total_steps: int | None = None
+) -> int:
     """A duration in optimizer steps (tokens round up to whole steps; 'dur' is a fraction of total_steps)."""
     amount, unit = parse_duration(value, key)
     if unit == "ba":
-        return int(math.ceil(amount))
+        return math.ceil(amount)
     if unit == "tok":
-        return int(math.ceil(amount / tokens_per_step))
+        return math.ceil(amount / tokens_per_step)
     if total_steps is None:
         raise ConfigError(f"{key} = {value!r}: 'dur' (a fraction of the run) is only for scheduler lengths")
-    return int(round(amount * total_steps))
+    return round(amount * total_steps)
 
 
 def parse_seconds(value: str | int | float, key: str) -> float:
@@ -187,18 +199,24 @@ class TrainConfig:
         parse_duration(self.eval_interval, "train.eval_interval")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda")
+            raise ConfigError(
+                f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda"
+            )
         if self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size = {self.global_batch_size} must be positive")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size = {self.micro_batch_size} must be positive or null")
         ac = self.activation_checkpointing
         if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
-            raise ConfigError(f"train.activation_checkpointing = {ac!r}: use true, false or a positive integer k")
+            raise ConfigError(
+                f"train.activation_checkpointing = {ac!r}: use true, false or a positive integer k"
+            )
         if self.time_limit is not None:
             parse_seconds(self.time_limit, "train.time_limit")
         if self.stop_after is not None and self.stop_after < 1:
-            raise ConfigError(f"train.stop_after = {self.stop_after} must be a positive number of steps or null")
+            raise ConfigError(
+                f"train.stop_after = {self.stop_after} must be a positive number of steps or null"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip = {self.grad_clip} must be positive or null")
 
@@ -296,11 +314,17 @@ class RunConfig:
         run_dir = str(d.get("run_dir", "runs/{name}")).format(name=name)
         model = MPTConfig.from_dict(d.get("model") or {})
         if d.get("data") is None:
-            raise ConfigError("the recipe has no data section; set data.sources to a list of {path: ...} datasets")
+            raise ConfigError(
+                "the recipe has no data section; set data.sources to a list of {path: ...} datasets"
+            )
         data = _build_data(DataConfig, dict(d["data"]), model.max_seq_len, run_dir, int(d.get("seed", 17)))
         sections = {
-            "optimizer": OptimizerConfig, "scheduler": SchedulerConfig, "train": TrainConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "guard": GuardConfig,
+            "optimizer": OptimizerConfig,
+            "scheduler": SchedulerConfig,
+            "train": TrainConfig,
+            "checkpoint": CheckpointConfig,
+            "logging": LoggingConfig,
+            "guard": GuardConfig,
         }
         built = {k: _build(c, d.get(k), k) for k, c in sections.items()}
         ck = built["checkpoint"]
@@ -312,8 +336,14 @@ class RunConfig:
         if prepare is not None:
             _choice("prepare", prepare, ("stdlib",))
         cfg = cls(
-            name=name, run_dir=run_dir, seed=int(d.get("seed", 17)), prepare=prepare,
-            tokenizer=None if tok is None else str(tok).format(run_dir=run_dir), model=model, data=data, **built,
+            name=name,
+            run_dir=run_dir,
+            seed=int(d.get("seed", 17)),
+            prepare=prepare,
+            tokenizer=None if tok is None else str(tok).format(run_dir=run_dir),
+            model=model,
+            data=data,
+            **built,
         )
         cfg.check()
         return cfg
@@ -341,12 +371,14 @@ class RunConfig:
         return d
 
 
-def _build_data(cls: type, d: dict[str, Any], max_seq_len: int, run_dir: str, seed: int) -> Any:
+def _build_data(cls: Any, d: dict[str, Any], max_seq_len: int, run_dir: str, seed: int) -> Any:
     d.setdefault("seq_len", max_seq_len)
     d.setdefault("seed", seed)
     if isinstance(d.get("sources"), list):
         d["sources"] = [
-            {**s, "path": str(s["path"]).format(run_dir=run_dir)} if isinstance(s, dict) and "path" in s else s
+            {**s, "path": str(s["path"]).format(run_dir=run_dir)}
+            if isinstance(s, dict) and "path" in s
+            else s
             for s in d["sources"]
         ]
     return cls.from_dict(d)
@@ -367,7 +399,7 @@ _Loader.add_implicit_resolver(
 
 
 def read_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
 
 
 def recipe_names() -> list[str]:

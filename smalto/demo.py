@@ -49,16 +49,25 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path, max_len: int) 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS, "unk_token": EOS,
-              "model_max_length": max_len}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS,
+        "bos_token": EOS,
+        "unk_token": EOS,
+        "model_max_length": max_len,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS, "bos_token": EOS, "unk_token": EOS}))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": EOS, "bos_token": EOS, "unk_token": EOS})
+    )
 
 
 def prepare_stdlib(cfg: RunConfig, console: Console | None = None) -> None:
@@ -66,15 +75,19 @@ def prepare_stdlib(cfg: RunConfig, console: Console | None = None) -> None:
 
     console = console or Console(stderr=True)
     if cfg.tokenizer is None or len(cfg.data.sources) != 1:
-        raise ConfigError("prepare: stdlib needs `tokenizer` and exactly one data source (where to write them)")
+        raise ConfigError(
+            "prepare: stdlib needs `tokenizer` and exactly one data source (where to write them)"
+        )
     tok_dir, data_dir = Path(cfg.tokenizer), Path(cfg.data.sources[0].path)
     if (tok_dir / "tokenizer.json").is_file() and (data_dir / "train" / "index.json").is_file():
         return
     t0 = time.perf_counter()
     files = stdlib_files()
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    console.print(f"corpus: {len(files)} files of the Python {sysconfig.get_python_version()} standard library, "
-                  f"{sum(map(len, texts)) / 1e6:.1f} M characters")
+    console.print(
+        f"corpus: {len(files)} files of the Python {sysconfig.get_python_version()} standard library, "
+        f"{sum(map(len, texts)) / 1e6:.1f} M characters"
+    )
     train_tokenizer(texts, cfg.model.vocab_size, tok_dir, cfg.model.max_seq_len)
     console.print(f"tokenizer: byte-level BPE, {cfg.model.vocab_size} tokens → {tok_dir}")
     corpus = data_dir.parent / "stdlib.jsonl"
@@ -82,9 +95,17 @@ def prepare_stdlib(cfg: RunConfig, console: Console | None = None) -> None:
     with corpus.open("w") as f:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
-    tokenize_to_shards(TokenizeConfig(
-        sources=[str(corpus)], out=data_dir, tokenizer=str(tok_dir), seq_len=cfg.data.seq_len, val_fraction=0.03,
-        dtype="uint16" if cfg.model.vocab_size <= 1 << 16 else "int32", overwrite=True, progress=False,
-    ))
+    tokenize_to_shards(
+        TokenizeConfig(
+            sources=[str(corpus)],
+            out=data_dir,
+            tokenizer=str(tok_dir),
+            seq_len=cfg.data.seq_len,
+            val_fraction=0.03,
+            dtype="uint16" if cfg.model.vocab_size <= 1 << 16 else "int32",
+            overwrite=True,
+            progress=False,
+        )
+    )
     corpus.unlink()
     console.print(f"data: MDS shards in {data_dir} ({time.perf_counter() - t0:.1f} s to prepare)")

@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from smalto.errors import CheckpointError
+from smalto.model.mpt import MPTForCausalLM
 from smalto.train.parallel import World, full_state_dict
 
 LATEST = "latest"
@@ -49,7 +50,9 @@ class Checkpointer:
             return None
         path = self.folder / pointer.read_text().strip()
         if not (path / TRAINER).is_file():
-            raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint; fix or delete {pointer}")
+            raise CheckpointError(
+                f"{pointer} names {path}, which is not a complete checkpoint; fix or delete {pointer}"
+            )
         return path
 
     def saved(self) -> list[Path]:
@@ -63,7 +66,9 @@ class Checkpointer:
             os.replace(tmp, self.folder / LATEST)
 
     # ---- saving ----
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]
+    ) -> Path:
         final = self.folder / step_name(step)
         tmp = self.folder / f".{step_name(step)}.tmp"
         if self.world.is_main:
@@ -72,11 +77,14 @@ class Checkpointer:
         self.world.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # one process: "assuming the intent is to save in a single process"
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # one process: "assuming the intent is to save in a single process"
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / "rng" / f"rank{self.world.rank}.pt")
         if self.world.is_main:
-            (tmp / MODEL).write_text(json.dumps(model.config.to_dict(), indent=1))  # type: ignore[operator]
+            config: Any = model.config
+            (tmp / MODEL).write_text(json.dumps(config.to_dict(), indent=1))
             (tmp / TRAINER).write_text(json.dumps({**trainer, "world_size": self.world.world_size}, indent=1))
         self.world.barrier()
         if self.world.is_main:
@@ -90,13 +98,15 @@ class Checkpointer:
         return final
 
     # ---- loading ----
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def load(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
         """Load model (and optimizer) shards in place, with any world size; returns the trainer state."""
         if not (path / TRAINER).is_file():
             raise CheckpointError(f"{path} is not a smalto training checkpoint (no {TRAINER})")
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
+            state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         else:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -150,14 +160,15 @@ def load_weights(path: str, model: torch.nn.Module, world: World) -> None:
     set_model_state_dict(model, hf.state_dict(), options=StateDictOptions(full_state_dict=True))
 
 
-def export_hf(model: torch.nn.Module, path: str | Path, world: World, *, tokenizer: str | None = None) -> torch.nn.Module | None:
+def export_hf(
+    model: torch.nn.Module, path: str | Path, world: World, *, tokenizer: str | None = None
+) -> MPTForCausalLM | None:
     """Gather the full weights on rank 0 and write an HF folder; returns the plain model there (None elsewhere)."""
-    from smalto.model.mpt import MPTForCausalLM
 
     sd = full_state_dict(model)  # a collective: every rank takes part
     if not world.is_main:
         return None
-    config = model.config  # type: ignore[attr-defined]
+    config: Any = model.config
     plain = MPTForCausalLM(config, device="meta")
     plain.load_state_dict(sd, assign=True)
     plain.eval()
@@ -180,11 +191,11 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def load_training_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
-                             dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load_training_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> MPTForCausalLM:
     """A training checkpoint's weights as a plain `MPTForCausalLM` in eval mode (one process, any saved world size)."""
     from smalto.model.config import MPTConfig
-    from smalto.model.mpt import MPTForCausalLM
 
     p = find_checkpoint(path)
     if p is None or not (p / MODEL).is_file():

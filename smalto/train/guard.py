@@ -59,9 +59,17 @@ class LossGuard:
         return OK
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "streak": self.streak, "streak_start": self.streak_start,
-                "skipped": self.skipped}
+        return {
+            "history": list(self.history),
+            "streak": self.streak,
+            "streak_start": self.streak_start,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque(state["history"], maxlen=self.cfg.window)
-        self.streak, self.streak_start, self.skipped = state["streak"], state["streak_start"], state["skipped"]
+        self.streak, self.streak_start, self.skipped = (
+            state["streak"],
+            state["streak_start"],
+            state["skipped"],
+        )

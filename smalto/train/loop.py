@@ -10,25 +10,22 @@ The loop state is a few numbers (`step`, `tokens`, `seconds`); the last step alw
 from __future__ import annotations
 
 import math
-import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from smalto.config import RunConfig, duration_steps, parse_seconds
-from smalto.errors import ConfigError, UserError
-from smalto.train.checkpoint import Checkpointer, export_hf, load_weights
-from smalto.train.guard import OK, STOP, LossGuard
-from smalto.train.metrics import RunLogger, memory_gib, mfu, write_run_info
-from smalto.train.optim import Schedule, build_optimizer
-from smalto.train.parallel import World, build_model, close_world, init_world
+from smalto.config import RunConfig, parse_seconds
+from smalto.errors import UserError
+from smalto.train.checkpoint import export_hf
+from smalto.train.guard import OK, STOP
+from smalto.train.metrics import memory_gib, mfu
+from smalto.train.parallel import World, close_world, init_world
+from smalto.train.setup import Trainer, setup
 
 
 @dataclass
@@ -50,7 +47,11 @@ def train(cfg: RunConfig) -> TrainResult:
         t = setup(cfg, world)
         batches = iter(t.loader)
         stopped: str | None = None
-        end = t.total_steps if cfg.train.stop_after is None else min(t.total_steps, t.step + cfg.train.stop_after)
+        end = (
+            t.total_steps
+            if cfg.train.stop_after is None
+            else min(t.total_steps, t.step + cfg.train.stop_after)
+        )
         limit = parse_seconds(cfg.train.time_limit, "train.time_limit") if cfg.train.time_limit else math.inf
         with StopSignals() as signals:
             while t.step < end:
@@ -73,96 +74,6 @@ def train(cfg: RunConfig) -> TrainResult:
         close_world(world)
 
 
-class Trainer:
-    """Everything a run holds, built from the recipe by `setup`."""
-
-    def __init__(self, **parts: Any):
-        self.__dict__.update(parts)
-        self.step, self.tokens, self.seconds = 0, 0, 0.0
-        self.checkpoint: str | None = None
-        self.losses: list[float] = []
-        self.last_eval: float | None = None
-
-    def out_of_time(self, limit: float) -> bool:
-        """Ranks agree (the slowest rank's clock decides), or they would part ways at the next collective."""
-        if limit == math.inf:
-            return False
-        spent = torch.tensor([self.seconds], dtype=torch.float64, device=self.world.device)
-        if self.world.world_size > 1:
-            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
-        if float(spent) >= limit and self.step < self.total_steps:
-            self.logger.print(f"time limit {self.cfg.train.time_limit} reached at step {self.step}/{self.total_steps}")
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "tokens": self.tokens, "seconds": self.seconds, "data": self.loader.state_dict(),
-            "guard": self.guard.state_dict(), "losses": self.losses, "last_eval": self.last_eval,
-        }
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.step, self.tokens, self.seconds = s["step"], s["tokens"], s["seconds"]
-        self.loader.load_state_dict(s["data"])
-        self.guard.load_state_dict(s["guard"])
-        self.losses, self.last_eval = s["losses"], s["last_eval"]
-
-
-def setup(cfg: RunConfig, world: World) -> Trainer:
-    from smalto.data.stream import build_loader
-
-    if cfg.prepare == "stdlib":
-        from smalto.demo import prepare_stdlib
-
-        if world.is_main:
-            prepare_stdlib(cfg)
-        world.barrier()
-    seed_everything(cfg.seed + world.rank)
-    tc = cfg.train
-    micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
-    if micro < 1 or tc.global_batch_size % (world.world_size * micro):
-        raise ConfigError(
-            f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
-            f"({world.world_size} × {micro})"
-        )
-    on_cuda = world.device.type == "cuda"
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_cuda)
-    model = build_model(cfg.model, world, seed=cfg.seed, activation_checkpointing=tc.activation_checkpointing,
-                        compile=tc.compile, bf16=bf16, reshard_after_forward=tc.reshard_after_forward)
-    seq = cfg.data.seq_len
-    tokens_per_step = tc.global_batch_size * seq
-    total = duration_steps(tc.max_duration, "train.max_duration", tokens_per_step=tokens_per_step)
-    if total < 1:
-        raise ConfigError(f"train.max_duration = {tc.max_duration!r} is less than one step ({tokens_per_step} tokens)")
-    every = {k: max(1, duration_steps(v, f"{k}", tokens_per_step=tokens_per_step))
-             for k, v in (("train.eval_interval", tc.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval))}
-    t = Trainer(
-        cfg=cfg, world=world, model=model, optimizer=build_optimizer(model, cfg.optimizer),
-        schedule=Schedule(cfg.scheduler, total_steps=total, tokens_per_step=tokens_per_step),
-        loader=build_loader(cfg.data, rank=world.rank, world_size=world.world_size, micro_batch_size=micro,
-                            global_batch_size=tc.global_batch_size),
-        val_loader=_val_loader(cfg, world, micro), micro=micro, accum=tc.global_batch_size // (world.world_size * micro),
-        total_steps=total, eval_every=every["train.eval_interval"], save_every=every["checkpoint.interval"],
-        tokens_per_step=tokens_per_step, guard=LossGuard(cfg.guard),
-        ckpt=Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last),
-        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 and world.world_size == 1 else nullcontext(),
-        flops_per_token=cfg.model.flops_per_token(seq),
-        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
-    )
-    latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
-    if latest is not None:
-        t.load_state_dict(t.ckpt.load(latest, model, t.optimizer))
-        t.checkpoint = str(latest)
-    elif cfg.checkpoint.load_from:
-        load_weights(cfg.checkpoint.load_from, model, world)
-    if world.is_main:
-        write_run_info(cfg, world.world_size, world.device)
-    t.logger = RunLogger(cfg, enabled=world.is_main, total_steps=total, start_step=t.step)
-    if latest is not None:
-        t.logger.print(f"resumed from {latest} at step {t.step} (world size {world.world_size})")
-    return t
-
-
 def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]:
     """One optimizer step over this rank's micro-batches; returns its metrics and the guard's verdict."""
     start = time.perf_counter()
@@ -176,8 +87,12 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
         for mb in micro_batches:
             ids, labels = mb["input_ids"].to(dev, non_blocking=True), mb["labels"].to(dev, non_blocking=True)
             with t.autocast:
-                out = t.model(ids, labels=labels, sequence_id=mb["sequence_id"].to(dev, non_blocking=True),
-                              return_logits=False)
+                out = t.model(
+                    ids,
+                    labels=labels,
+                    sequence_id=mb["sequence_id"].to(dev, non_blocking=True),
+                    return_logits=False,
+                )
             n = (labels[:, 1:] != -100).sum()
             loss = torch.where(n > 0, out.loss * n, 0.0) / n_global_t  # this micro-batch's share of the mean
             (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
@@ -195,7 +110,9 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf, foreach=True)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    loss_v, norm_v = torch.stack([loss_sum.float(), norm.float().to(dev)]).tolist()  # the step's one host sync
+    loss_v, norm_v = torch.stack(
+        [loss_sum.float(), norm.float().to(dev)]
+    ).tolist()  # the step's one host sync
     verdict = t.guard.check(t.step, loss_v)
     lr = t.schedule.apply(t.optimizer, t.step, t.cfg.optimizer.lr)
     if verdict == OK:
@@ -207,9 +124,14 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     t.losses.append(loss_v)
     tps = t.tokens_per_step / seconds
     metrics = {
-        "train/loss": loss_v, "train/grad_norm": norm_v, "train/lr": lr, "train/tokens": t.tokens,
-        "throughput/tokens_per_s": tps, "throughput/mfu": mfu(tps, t.flops_per_token, ws, t.peak_tflops),
-        "memory/peak_gib": memory_gib(dev), "time/step_s": seconds,
+        "train/loss": loss_v,
+        "train/grad_norm": norm_v,
+        "train/lr": lr,
+        "train/tokens": t.tokens,
+        "throughput/tokens_per_s": tps,
+        "throughput/mfu": mfu(tps, t.flops_per_token, ws, t.peak_tflops),
+        "memory/peak_gib": memory_gib(dev),
+        "time/step_s": seconds,
     }
     if verdict != OK:
         metrics["guard"] = verdict
@@ -229,8 +151,12 @@ def evaluate(t: Trainer) -> dict[str, float]:
             break
         labels = mb["labels"].to(dev)
         with t.autocast:
-            out = t.model(mb["input_ids"].to(dev), labels=labels, sequence_id=mb["sequence_id"].to(dev),
-                          return_logits=False)
+            out = t.model(
+                mb["input_ids"].to(dev),
+                labels=labels,
+                sequence_id=mb["sequence_id"].to(dev),
+                return_logits=False,
+            )
         n = (labels[:, 1:] != -100).sum()
         total += torch.stack([torch.where(n > 0, out.loss.double() * n, 0.0), n.double()])
     if t.world.world_size > 1:
@@ -255,12 +181,26 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
             from smalto.tokenizer import load_tokenizer
 
             prompts = cfg.train.sample_prompts
-            done = generate(plain.to(world.device), load_tokenizer(cfg.tokenizer), prompts,
-                            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
-            samples = [p + c.text for p, c in zip(prompts, done, strict=True)]
+            done = generate(
+                plain.to(world.device),
+                load_tokenizer(cfg.tokenizer),
+                prompts,
+                max_new_tokens=cfg.train.sample_tokens,
+                temperature=0.8,
+                top_k=50,
+                seed=cfg.seed,
+            )
+            samples = [p + (c.text or "") for p, c in zip(prompts, done, strict=True)]
     result = TrainResult(
-        steps=t.step, tokens=t.tokens, loss=t.losses[-1] if t.losses else None, eval_loss=t.last_eval,
-        stopped=stopped, checkpoint=t.checkpoint, hf_folder=hf_folder, samples=samples, losses=list(t.losses),
+        steps=t.step,
+        tokens=t.tokens,
+        loss=t.losses[-1] if t.losses else None,
+        eval_loss=t.last_eval,
+        stopped=stopped,
+        checkpoint=t.checkpoint,
+        hf_folder=hf_folder,
+        samples=samples,
+        losses=list(t.losses),
     )
     t.logger.summary(_summary_rows(t, result))
     return result
@@ -269,59 +209,40 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
 def _guard_checkpoint(t: Trainer) -> str | None:
     """After a guard stop: the newest checkpoint from before the spike becomes `latest`."""
     start = t.guard.streak_start if t.guard.streak_start is not None else t.step
-    if start >= t.step:  # nothing was applied at or after the bad step: the current weights are from before it
+    if (
+        start >= t.step
+    ):  # nothing was applied at or after the bad step: the current weights are from before it
         return str(t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict()))
     before = [p for p in t.ckpt.saved() if int(p.name.split("_")[1]) <= start]
     if before:
         t.ckpt.point_latest(before[-1])
         return str(before[-1])
-    t.logger.print(f"[red]no checkpoint from before step {start} exists; save more often (checkpoint.interval)")
+    t.logger.print(
+        f"[red]no checkpoint from before step {start} exists; save more often (checkpoint.interval)"
+    )
     return None
 
 
 def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
     rows = {
-        "steps": f"{r.steps} / {t.total_steps}", "tokens": f"{r.tokens:,}",
+        "steps": f"{r.steps} / {t.total_steps}",
+        "tokens": f"{r.tokens:,}",
         "final train loss": f"{r.loss:.4f}" if r.loss is not None else "-",
         "first train loss": f"{t.losses[0]:.4f}" if t.losses else "-",
-        "validation loss": f"{r.eval_loss:.4f} (ppl {math.exp(min(r.eval_loss, 50)):.2f})" if r.eval_loss else "-",
-        "time training": f"{t.seconds:.1f} s", "tokens/s": f"{r.tokens / max(t.seconds, 1e-9):,.0f}",
-        "world size": str(t.world.world_size), "checkpoint": r.checkpoint or "-", "HF folder": r.hf_folder or "-",
+        "validation loss": f"{r.eval_loss:.4f} (ppl {math.exp(min(r.eval_loss, 50)):.2f})"
+        if r.eval_loss
+        else "-",
+        "time training": f"{t.seconds:.1f} s",
+        "tokens/s": f"{r.tokens / max(t.seconds, 1e-9):,.0f}",
+        "world size": str(t.world.world_size),
+        "checkpoint": r.checkpoint or "-",
+        "HF folder": r.hf_folder or "-",
     }
     if t.guard.skipped:
         rows["skipped batches"] = str(t.guard.skipped)
     if r.stopped:
         rows["stopped"] = r.stopped
     return rows
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _val_loader(cfg: RunConfig, world: World, micro: int) -> Any:
-    """The evaluation stream (each source's `eval_split`), or None when evaluation is off or there is no split."""
-    import dataclasses
-    import warnings
-
-    from smalto.data.dataset import join, read_text
-    from smalto.data.stream import build_loader
-
-    if cfg.train.eval_batches == 0:
-        return None
-    split = cfg.train.eval_split
-    missing = [s.path for s in cfg.data.sources if read_text(join(s.path, split, "index.json")) is None]
-    if missing:
-        if world.is_main:
-            warnings.warn(f"no evaluation: {missing[0]} has no {split}/ split (set train.eval_batches=0 to silence)",
-                          stacklevel=2)
-        return None
-    sources = [dataclasses.replace(s, split=split) for s in cfg.data.sources]
-    vcfg = dataclasses.replace(cfg.data, sources=sources, shuffle=False, num_workers=0)
-    return build_loader(vcfg, rank=world.rank, world_size=world.world_size, micro_batch_size=micro,
-                        global_batch_size=micro * world.world_size, epochs=1)
 
 
 class StopSignals:
@@ -344,8 +265,9 @@ class StopSignals:
 
     def requested(self, world: World) -> str | None:
         if world.world_size > 1:  # a rank that stops alone would hang the others in the next collective
-            flag = torch.tensor([0 if self.received is None else 1 if self.received == "SIGINT" else 2],
-                                device=world.device)
+            flag = torch.tensor(
+                [0 if self.received is None else 1 if self.received == "SIGINT" else 2], device=world.device
+            )
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return [None, "SIGINT", "SIGTERM"][int(flag)]
         return self.received

@@ -36,28 +36,38 @@ def memory_gib(device: torch.device) -> float:
 
 
 class RunLogger:
-    def __init__(self, cfg: RunConfig, *, enabled: bool, total_steps: int, start_step: int, console: Console | None = None):
+    def __init__(self, cfg: RunConfig, *, enabled: bool, total_steps: int, console: Console | None = None):
         self.cfg, self.enabled = cfg, enabled
         self.console = console or Console(stderr=True)
         self.path = Path(cfg.run_dir) / METRICS
         self.total_steps = total_steps
         self.tb: Any = None
         self.wandb: Any = None
+        self.file: Any = None
         self.progress: Progress | None = None
         self.last: dict[str, Any] = {}
-        if not enabled:
+
+    def start(self, start_step: int) -> None:
+        """Open the outputs once the step we start from (0, or a resumed one) is known."""
+        if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate(self.path, start_step)
         self.file = self.path.open("a")
         self._open_backends()
-        if cfg.logging.progress:
+        if self.cfg.logging.progress:
             self.progress = Progress(
-                TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=self.console, transient=False, refresh_per_second=4,
+                TextColumn("[bold]step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+                refresh_per_second=4,
             )
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.task = self.progress.add_task("train", total=self.total_steps, completed=start_step, info="")
             self.progress.start()
 
     def _open_backends(self) -> None:
@@ -69,28 +79,35 @@ class RunLogger:
                 self.tb = SummaryWriter(str(Path(self.cfg.run_dir) / "tb"))
             except ImportError:
                 if lc.tensorboard:
-                    warnings.warn("logging.tensorboard is true but tensorboard is not installed: pip install tensorboard",
-                                  stacklevel=2)
+                    warnings.warn(
+                        "logging.tensorboard is true but tensorboard is not installed: pip install tensorboard",
+                        stacklevel=2,
+                    )
         if lc.wandb:
             try:
                 import wandb
             except ImportError:
-                warnings.warn("logging.wandb is true but wandb is not installed: pip install wandb", stacklevel=2)
+                warnings.warn(
+                    "logging.wandb is true but wandb is not installed: pip install wandb", stacklevel=2
+                )
             else:
-                self.wandb = wandb.init(project=lc.wandb_project or "smalto", name=self.cfg.name,
-                                        config=self.cfg.to_dict(), resume="allow")
+                self.wandb = wandb.init(
+                    project=lc.wandb_project or "smalto",
+                    name=self.cfg.name,
+                    config=self.cfg.to_dict(),
+                    resume="allow",
+                )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.file is None:
             return
         self.last.update(metrics)
         if step % self.cfg.logging.interval == 0 or "eval/loss" in metrics or step == self.total_steps:
             self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
             self.file.flush()
             for k, v in metrics.items():
-                if isinstance(v, int | float):
-                    if self.tb is not None:
-                        self.tb.add_scalar(k, v, step)
+                if isinstance(v, int | float) and self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
             if self.wandb is not None:
                 self.wandb.log(metrics, step=step)
         if self.progress is not None:
@@ -103,20 +120,23 @@ class RunLogger:
                 info += f"  val {m['eval/loss']:.3f}"
             self.progress.update(self.task, completed=step, info=info)
         elif "eval/loss" in metrics or step % max(1, self.total_steps // 20) == 0:
-            self.console.print(f"step {step}/{self.total_steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            self.console.print(
+                f"step {step}/{self.total_steps} "
+                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            )
 
     def print(self, *args: Any) -> None:
         if self.enabled:
             self.console.print(*args)
 
     def close(self) -> None:
-        if not self.enabled:
+        if self.file is None:
             return
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
         self.file.close()
+        self.file = None
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -138,11 +158,17 @@ def _truncate(path: Path, start_step: int) -> None:
     if start_step == 0:
         path.unlink()
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= start_step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def mfu(tokens_per_s: float, flops_per_token: int, world_size: int, peak_tflops: float | None) -> float | None:
+def mfu(
+    tokens_per_s: float, flops_per_token: int, world_size: int, peak_tflops: float | None
+) -> float | None:
     if not peak_tflops:
         return None
     return tokens_per_s * flops_per_token / world_size / (peak_tflops * 1e12)
@@ -160,8 +186,12 @@ def write_run_info(cfg: RunConfig, world_size: int, device: torch.device) -> Non
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     info = {
-        "smalto": smalto.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "world_size": world_size, "seed": cfg.seed, "device": str(device),
+        "smalto": smalto.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "world_size": world_size,
+        "seed": cfg.seed,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

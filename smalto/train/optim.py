@@ -23,7 +23,11 @@ from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
 
 class DecoupledLionW(torch.optim.Optimizer):
     def __init__(
-        self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
     ):
         if lr <= 0.0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -44,7 +48,7 @@ class DecoupledLionW(torch.optim.Optimizer):
             params: list[Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            grads = [p.grad for p in params if p.grad is not None]
             moms = []
             for p in params:
                 state = self.state[p]
@@ -66,11 +70,18 @@ class DecoupledLionW(torch.optim.Optimizer):
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "lion":
-        return DecoupledLionW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
+        return DecoupledLionW(
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
+        )
     on_cuda = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay,
-        fused=on_cuda or None, foreach=None if on_cuda else True,
+        params,
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=on_cuda or None,
+        foreach=None if on_cuda else True,
     )
 
 
@@ -79,10 +90,12 @@ class Schedule:
 
     def __init__(self, cfg: SchedulerConfig, *, total_steps: int, tokens_per_step: int):
         self.name, self.alpha_f = cfg.name, cfg.alpha_f
-        self.warmup = duration_steps(cfg.warmup, "scheduler.warmup", tokens_per_step=tokens_per_step,
-                                     total_steps=total_steps)
-        self.t_max = duration_steps(cfg.t_max, "scheduler.t_max", tokens_per_step=tokens_per_step,
-                                    total_steps=total_steps)
+        self.warmup = duration_steps(
+            cfg.warmup, "scheduler.warmup", tokens_per_step=tokens_per_step, total_steps=total_steps
+        )
+        self.t_max = duration_steps(
+            cfg.t_max, "scheduler.t_max", tokens_per_step=tokens_per_step, total_steps=total_steps
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:

@@ -70,7 +70,9 @@ def init_world(device: str = "auto") -> World:
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+            dist.init_process_group(
+                "nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
+            )
         w.mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
     return w
 
@@ -92,7 +94,11 @@ def build_model(
 ) -> MPTForCausalLM:
     model = MPTForCausalLM(config, device="meta")
     parallelize(
-        model, world, activation_checkpointing=activation_checkpointing, compile=compile, bf16=bf16,
+        model,
+        world,
+        activation_checkpointing=activation_checkpointing,
+        compile=compile,
+        bf16=bf16,
         reshard_after_forward=reshard_after_forward,
     )
     model.to_empty(device=world.device)
@@ -125,11 +131,17 @@ def parallelize(
             block.compile()
     # 3. FSDP2: one unit per block; the root holds the embedding (tied to the unembedding), final norm and head
     if world.world_size > 1:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
         for i, block in enumerate(blocks):
             # the last block's parameters are needed again at once by the backward: keep them gathered
             last = i == len(blocks) - 1
-            fully_shard(block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
+            fully_shard(
+                block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last
+            )
         fully_shard(model, mesh=world.mesh, mp_policy=mp, reshard_after_forward=False)
 
 
@@ -177,5 +189,5 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=opts)
+    sd: dict[str, Any] = get_model_state_dict(model, options=opts)
     return {clean_name(k): v for k, v in sd.items()}

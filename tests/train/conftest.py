@@ -26,22 +26,46 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
     train_tokenizer(texts, 384, root / "tok", 64)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tokenize_to_shards(TokenizeConfig(sources=[str(corpus)], out=root / "data", tokenizer=str(root / "tok"), seq_len=64,
-                                      val_fraction=0.1, progress=False))
+    tokenize_to_shards(
+        TokenizeConfig(
+            sources=[str(corpus)],
+            out=root / "data",
+            tokenizer=str(root / "tok"),
+            seq_len=64,
+            val_fraction=0.1,
+            progress=False,
+        )
+    )
     return {"data": str(root / "data"), "tokenizer": str(root / "tok")}
 
 
 def recipe(tiny_data: dict[str, str], run_dir: Path, **sections) -> dict:
     """A tiny recipe (d_model 64, 2 layers, vocab 384, seq 64) writing into run_dir; sections update it."""
     r = {
-        "name": "t", "run_dir": str(run_dir), "seed": 3, "tokenizer": tiny_data["tokenizer"],
-        "model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 64, "vocab_size": 384, "no_bias": True,
-                  "attn_config": {"alibi": True, "attn_impl": "sdpa"}},
+        "name": "t",
+        "run_dir": str(run_dir),
+        "seed": 3,
+        "tokenizer": tiny_data["tokenizer"],
+        "model": {
+            "d_model": 64,
+            "n_heads": 4,
+            "n_layers": 2,
+            "max_seq_len": 64,
+            "vocab_size": 384,
+            "no_bias": True,
+            "attn_config": {"alibi": True, "attn_impl": "sdpa"},
+        },
         "data": {"sources": [{"path": tiny_data["data"]}], "seq_len": 64},
         "optimizer": {"name": "lion", "lr": 3e-3, "weight_decay": 1e-4},
         "scheduler": {"name": "cosine", "warmup": "2ba"},
-        "train": {"max_duration": "8ba", "global_batch_size": 8, "device": "cpu", "precision": "fp32",
-                  "eval_interval": "4ba", "eval_batches": 2},
+        "train": {
+            "max_duration": "8ba",
+            "global_batch_size": 8,
+            "device": "cpu",
+            "precision": "fp32",
+            "eval_interval": "4ba",
+            "eval_batches": 2,
+        },
         "checkpoint": {"interval": "100ba", "keep_last": 2, "hf_export": None},
         "logging": {"progress": False, "tensorboard": False},
     }
@@ -50,8 +74,9 @@ def recipe(tiny_data: dict[str, str], run_dir: Path, **sections) -> dict:
     return r
 
 
-def run_cli(rec: dict, tmp: Path, *overrides: str, nproc: int = 1, check: bool = True,
-            timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    rec: dict, tmp: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """`smalto train RECIPE overrides...` in a new process (under torchrun when nproc > 1)."""
     path = tmp / f"recipe-{os.getpid()}-{len(list(tmp.glob('recipe-*')))}.yaml"
     path.write_text(yaml.safe_dump(rec))
@@ -59,8 +84,19 @@ def run_cli(rec: dict, tmp: Path, *overrides: str, nproc: int = 1, check: bool =
     if nproc == 1:
         cmd = [sys.executable, "-m", "smalto", "train", str(path), *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "smalto", "train", str(path), *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "smalto",
+            "train",
+            str(path),
+            *overrides,
+        ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")

@@ -12,8 +12,12 @@ from smalto.errors import ConfigError
 from tests.train.conftest import REPO
 
 PUBLISHED = {  # d_model, n_heads, n_layers, max_seq_len (mosaicml/mpt-* config.json, llm-foundry yamls)
-    "mpt-125m": (768, 12, 12, 2048), "mpt-350m": (1024, 16, 24, 2048), "mpt-760m": (1536, 12, 24, 2048),
-    "mpt-1b": (2048, 16, 24, 2048), "mpt-3b": (2560, 20, 32, 2048), "mpt-7b": (4096, 32, 32, 2048),
+    "mpt-125m": (768, 12, 12, 2048),
+    "mpt-350m": (1024, 16, 24, 2048),
+    "mpt-760m": (1536, 12, 24, 2048),
+    "mpt-1b": (2048, 16, 24, 2048),
+    "mpt-3b": (2560, 20, 32, 2048),
+    "mpt-7b": (4096, 32, 32, 2048),
     "mpt-30b": (7168, 64, 48, 8192),
 }
 
@@ -24,7 +28,12 @@ def test_shipped_recipes_have_published_shapes():
         c = load_config(name)
         m = c.model
         assert (m.d_model, m.n_heads, m.n_layers, m.max_seq_len) == (d, h, L, seq), name
-        assert m.vocab_size == 50432 and m.attn_config.alibi and m.no_bias and m.norm_type == "low_precision_layernorm"
+        assert (
+            m.vocab_size == 50432
+            and m.attn_config.alibi
+            and m.no_bias
+            and m.norm_type == "low_precision_layernorm"
+        )
         assert c.optimizer.name == "lion" and c.data.seq_len == seq
 
 
@@ -33,31 +42,49 @@ def test_repo_configs_folder_is_the_shipped_one():
 
 
 def test_overrides_are_yaml_typed():
-    d = apply_overrides({"train": {"global_batch_size": 8}}, [
-        "train.global_batch_size=32", "optimizer.lr=1e-3", "train.grad_clip=null", "train.sample_prompts=[a, b]",
-        "model.attn_config.alibi=true", "name=x"])
+    d = apply_overrides(
+        {"train": {"global_batch_size": 8}},
+        [
+            "train.global_batch_size=32",
+            "optimizer.lr=1e-3",
+            "train.grad_clip=null",
+            "train.sample_prompts=[a, b]",
+            "model.attn_config.alibi=true",
+            "name=x",
+        ],
+    )
     assert d["train"] == {"global_batch_size": 32, "grad_clip": None, "sample_prompts": ["a", "b"]}
     assert d["optimizer"]["lr"] == 1e-3 and d["model"]["attn_config"]["alibi"] is True and d["name"] == "x"
     c = load_config("tiny", ["optimizer.lr=1e-3", "run_dir=/tmp/x"])
-    assert c.optimizer.lr == 1e-3 and c.data.sources[0].path == "/tmp/x/data" and c.tokenizer == "/tmp/x/tokenizer"
+    assert (
+        c.optimizer.lr == 1e-3
+        and c.data.sources[0].path == "/tmp/x/data"
+        and c.tokenizer == "/tmp/x/tokenizer"
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.max_steps=3"], "unknown key train.max_steps; allowed keys: max_duration"),
-    (["optimiser.lr=1"], "unknown key 'optimiser'; allowed keys: name"),
-    (["optimizer.name=sgd"], "optimizer.name = 'sgd' is not allowed; choose one of: lion, adamw"),
-    (["model.d_model=130"], "d_model (130) must be divisible by n_heads (4)"),
-    (["train.global_batch_size=many"], "train.global_batch_size = 'many' has the wrong type; expected int"),
-    (["train.grad_clip=true"], "train.grad_clip = True has the wrong type"),
-    (["model.attn_config.alibi_max=3"], "unknown key attn_config.'alibi_max'"),
-    (["data.seq_len=512"], "data.seq_len (512) is longer than model.max_seq_len (256)"),
-    (["train.max_duration=10 epochs"], "not a duration"),
-    (["train.global_batch_size=10", "train.micro_batch_size=4"], "multiple of train.micro_batch_size"),
-    (["scheduler.name=step"], "choose one of: cosine, linear, constant, inverse_sqrt"),
-    (["guard.spike=ignore"], "guard.spike = 'ignore'"),
-    (["data.shufle=false"], "unknown key data.shufle"),
-    (["train.activation_checkpointing=0"], "use true, false or a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.max_steps=3"], "unknown key train.max_steps; allowed keys: max_duration"),
+        (["optimiser.lr=1"], "unknown key 'optimiser'; allowed keys: name"),
+        (["optimizer.name=sgd"], "optimizer.name = 'sgd' is not allowed; choose one of: lion, adamw"),
+        (["model.d_model=130"], "d_model (130) must be divisible by n_heads (4)"),
+        (
+            ["train.global_batch_size=many"],
+            "train.global_batch_size = 'many' has the wrong type; expected int",
+        ),
+        (["train.grad_clip=true"], "train.grad_clip = True has the wrong type"),
+        (["model.attn_config.alibi_max=3"], "unknown key attn_config.'alibi_max'"),
+        (["data.seq_len=512"], "data.seq_len (512) is longer than model.max_seq_len (256)"),
+        (["train.max_duration=10 epochs"], "not a duration"),
+        (["train.global_batch_size=10", "train.micro_batch_size=4"], "multiple of train.micro_batch_size"),
+        (["scheduler.name=step"], "choose one of: cosine, linear, constant, inverse_sqrt"),
+        (["guard.spike=ignore"], "guard.spike = 'ignore'"),
+        (["data.shufle=false"], "unknown key data.shufle"),
+        (["train.activation_checkpointing=0"], "use true, false or a positive integer"),
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", override)
@@ -65,17 +92,25 @@ def test_bad_values_are_named(override, message):
 
 
 def test_unknown_recipe_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match="no recipe 'mpt-9b'.*mpt-7b"):
+    with pytest.raises(ConfigError, match=r"no recipe 'mpt-9b'.*mpt-7b"):
         load_config("mpt-9b")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["tiny", "train.lr=3"], "unknown key train.lr"),
-    (["tiny", "optimizer.lr=-1"], "optimizer.lr = -1 must be positive"),
-    (["no-such-recipe"], "no recipe 'no-such-recipe'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tiny", "train.lr=3"], "unknown key train.lr"),
+        (["tiny", "optimizer.lr=-1"], "optimizer.lr = -1 must be positive"),
+        (["no-such-recipe"], "no recipe 'no-such-recipe'"),
+    ],
+)
 def test_cli_refuses_bad_recipes_with_exit_2(args, message):
-    p = subprocess.run([sys.executable, "-m", "smalto", "train", *args], capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "smalto", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr

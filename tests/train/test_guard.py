@@ -7,15 +7,20 @@ import torch
 from smalto.config import RunConfig
 from smalto.train.checkpoint import find_checkpoint
 from smalto.train.guard import OK, SKIP, STOP
-from smalto.train.loop import finish, setup, train_step
+from smalto.train.loop import finish, train_step
 from smalto.train.parallel import init_world
+from smalto.train.setup import setup
 from tests.train.conftest import recipe
 
 
 def _trainer(tiny_data, tmp_path, **guard):
-    rec = recipe(tiny_data, tmp_path / "run", guard={"window": 8, "min_history": 4, "patience": 3, **guard},
-                 train={"global_batch_size": 4, "max_duration": "100ba", "eval_batches": 0},
-                 scheduler={"name": "constant", "warmup": 0})
+    rec = recipe(
+        tiny_data,
+        tmp_path / "run",
+        guard={"window": 8, "min_history": 4, "patience": 3, **guard},
+        train={"global_batch_size": 4, "max_duration": "100ba", "eval_batches": 0},
+        scheduler={"name": "constant", "warmup": 0},
+    )
     return setup(RunConfig.from_dict(rec), init_world("cpu"))
 
 
@@ -92,4 +97,8 @@ def test_spike_skip_drops_each_spiking_batch(tiny_data, tmp_path):
     assert [_step(t, _random(i)) for i in range(2)] == [SKIP, SKIP]
     assert _same(before, _params(t))
     assert _step(t, easy) == OK  # a normal batch resets the streak
-    assert [_step(t, _random(i)) for i in range(3)] == [SKIP, SKIP, STOP]  # patience in a row: skipping isn't helping
+    assert [_step(t, _random(i)) for i in range(3)] == [
+        SKIP,
+        SKIP,
+        STOP,
+    ]  # patience in a row: skipping isn't helping

@@ -55,7 +55,9 @@ def test_lion_decoupled_decay_is_scaled_by_the_schedule():
 def test_lion_decay_formula_on_zero_gradient():
     p = torch.nn.Parameter(torch.full((3,), 2.0))
     opt = DecoupledLionW([p], lr=1e-2, weight_decay=0.1)
-    opt.param_groups[0]["lr"] = 5e-3  # half the peak: half the decay; a zero gradient has sign 0, so no update
+    opt.param_groups[0]["lr"] = (
+        5e-3  # half the peak: half the decay; a zero gradient has sign 0, so no update
+    )
     p.grad = torch.zeros(3)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), 2.0 * (1 - 0.1 * 0.5)))
@@ -65,7 +67,9 @@ def test_adamw_is_torch_adamw():
     a = _model()
     b = copy.deepcopy(a)
     ours = build_optimizer(a, OptimizerConfig(name="adamw", lr=1e-3, betas=[0.9, 0.95], weight_decay=0.1))
-    ref = torch.optim.AdamW(b.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, foreach=False)
+    ref = torch.optim.AdamW(
+        b.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, foreach=False
+    )
     _run_pair(ours, ref, a, b, [1e-3] * 10)
 
 
@@ -87,20 +91,39 @@ def _ours(cfg: SchedulerConfig, total: int, peak: float) -> list[float]:
 
 def test_cosine_with_warmup_matches_torch():
     W, T, peak, af = 10, 100, 3e-4, 0.1
-    ref = _torch_lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
-        torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-12, end_factor=1.0, total_iters=W),
-        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=T - W, eta_min=af * peak)], milestones=[W]), peak, T)
+    ref = _torch_lrs(
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [
+                torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-12, end_factor=1.0, total_iters=W),
+                torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=T - W, eta_min=af * peak),
+            ],
+            milestones=[W],
+        ),
+        peak,
+        T,
+    )
     ours = _ours(SchedulerConfig(name="cosine", warmup="10ba", alpha_f=af), T, peak)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-12)
 
 
 def test_linear_decay_with_warmup_in_tokens_matches_torch():
     W, T, peak, af = 5, 60, 1e-3, 0.0
-    ref = _torch_lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
-        torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-12, end_factor=1.0, total_iters=W),
-        torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=1e-12, total_iters=T - W)],
-        milestones=[W]), peak, T)
-    ours = _ours(SchedulerConfig(name="linear", warmup="5000tok", alpha_f=af), T, peak)  # 1000 tokens per step
+    ref = _torch_lrs(
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [
+                torch.optim.lr_scheduler.LinearLR(o, start_factor=1e-12, end_factor=1.0, total_iters=W),
+                torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=1e-12, total_iters=T - W),
+            ],
+            milestones=[W],
+        ),
+        peak,
+        T,
+    )
+    ours = _ours(
+        SchedulerConfig(name="linear", warmup="5000tok", alpha_f=af), T, peak
+    )  # 1000 tokens per step
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-12)
 
 
@@ -114,8 +137,10 @@ def test_constant_and_inverse_sqrt():
 
 def test_durations():
     assert duration_steps("1e4tok", "x", tokens_per_step=3000) == 4
-    assert duration_steps("250ba", "x", tokens_per_step=1) == duration_steps(250, "x", tokens_per_step=1) == 250
+    assert (
+        duration_steps("250ba", "x", tokens_per_step=1) == duration_steps(250, "x", tokens_per_step=1) == 250
+    )
     assert duration_steps("0.25dur", "x", tokens_per_step=1, total_steps=40) == 10
     for bad in ("10 epochs", "-3ba", "x", True):
-        with pytest.raises(ConfigError, match="duration|negative"):
+        with pytest.raises(ConfigError, match=r"duration|negative"):
             duration_steps(bad, "train.max_duration", tokens_per_step=1)

@@ -59,14 +59,19 @@ def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     rec = recipe(tiny_data, tmp_path / "run", train={"max_duration": "100000ba"})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(rec))
-    proc = subprocess.Popen([sys.executable, "-m", "smalto", "train", str(path)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smalto", "train", str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     ckpt = find_checkpoint(tmp_path / "run")
     assert ckpt is not None

@@ -1,0 +1,210 @@
+"""A run's parts, built from the recipe: `setup(cfg, world)` → `Trainer` (model, optimizer, data, checkpoints, ...).
+
+Building follows the recipe's order of dependence: seeds, the model (meta → parallelise → materialise), optimizer,
+schedule (its lengths need the tokens per step), data streams, then autoresume from `latest` (or initial weights
+from `checkpoint.load_from`), and last the logger, which starts at the step we resume from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from smalto.config import RunConfig, duration_steps
+from smalto.errors import ConfigError
+from smalto.model.mpt import MPTForCausalLM
+from smalto.train.checkpoint import Checkpointer, load_weights
+from smalto.train.guard import LossGuard
+from smalto.train.metrics import RunLogger, write_run_info
+from smalto.train.optim import Schedule, build_optimizer
+from smalto.train.parallel import World, build_model
+
+
+@dataclass(kw_only=True)
+class Trainer:
+    """Everything a run holds, built from the recipe by `setup`; `step`, `tokens`, `seconds` are the loop state."""
+
+    cfg: RunConfig
+    world: World
+    model: MPTForCausalLM
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    guard: LossGuard
+    logger: RunLogger
+    autocast: Any
+    micro: int
+    accum: int
+    tokens_per_step: int
+    flops_per_token: int
+    peak_tflops: float | None
+    total_steps: int = 0
+    eval_every: int = 1
+    save_every: int = 1
+    loader: Any = None
+    val_loader: Any = None
+    ckpt: Any = None  # Checkpointer
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    checkpoint: str | None = None
+    losses: list[float] = field(default_factory=list)
+    last_eval: float | None = None
+
+    def out_of_time(self, limit: float) -> bool:
+        """Ranks agree (the slowest rank's clock decides), or they would part ways at the next collective."""
+        if limit == math.inf:
+            return False
+        spent = torch.tensor([self.seconds], dtype=torch.float64, device=self.world.device)
+        if self.world.world_size > 1:
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+        if float(spent) >= limit and self.step < self.total_steps:
+            self.logger.print(
+                f"time limit {self.cfg.train.time_limit} reached at step {self.step}/{self.total_steps}"
+            )
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "data": self.loader.state_dict(),
+            "guard": self.guard.state_dict(),
+            "losses": self.losses,
+            "last_eval": self.last_eval,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.step, self.tokens, self.seconds = s["step"], s["tokens"], s["seconds"]
+        self.loader.load_state_dict(s["data"])
+        self.guard.load_state_dict(s["guard"])
+        self.losses, self.last_eval = s["losses"], s["last_eval"]
+
+
+def setup(cfg: RunConfig, world: World) -> Trainer:
+    from smalto.data.stream import build_loader
+
+    if cfg.prepare == "stdlib":
+        from smalto.demo import prepare_stdlib
+
+        if world.is_main:
+            prepare_stdlib(cfg)
+        world.barrier()
+    seed_everything(cfg.seed + world.rank)
+    tc = cfg.train
+    micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
+    if micro < 1 or tc.global_batch_size % (world.world_size * micro):
+        raise ConfigError(
+            f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
+            f"({world.world_size} × {micro})"
+        )
+    on_cuda = world.device.type == "cuda"
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_cuda)
+    model = build_model(
+        cfg.model,
+        world,
+        seed=cfg.seed,
+        activation_checkpointing=tc.activation_checkpointing,
+        compile=tc.compile,
+        bf16=bf16,
+        reshard_after_forward=tc.reshard_after_forward,
+    )
+    seq = cfg.data.seq_len
+    tokens_per_step = tc.global_batch_size * seq
+    total = duration_steps(tc.max_duration, "train.max_duration", tokens_per_step=tokens_per_step)
+    if total < 1:
+        raise ConfigError(
+            f"train.max_duration = {tc.max_duration!r} is less than one step ({tokens_per_step} tokens)"
+        )
+    every = {
+        k: max(1, duration_steps(v, f"{k}", tokens_per_step=tokens_per_step))
+        for k, v in (
+            ("train.eval_interval", tc.eval_interval),
+            ("checkpoint.interval", cfg.checkpoint.interval),
+        )
+    }
+    t = Trainer(
+        cfg=cfg,
+        world=world,
+        model=model,
+        optimizer=build_optimizer(model, cfg.optimizer),
+        schedule=Schedule(cfg.scheduler, total_steps=total, tokens_per_step=tokens_per_step),
+        loader=build_loader(
+            cfg.data,
+            rank=world.rank,
+            world_size=world.world_size,
+            micro_batch_size=micro,
+            global_batch_size=tc.global_batch_size,
+        ),
+        val_loader=_val_loader(cfg, world, micro),
+        micro=micro,
+        accum=tc.global_batch_size // (world.world_size * micro),
+        total_steps=total,
+        eval_every=every["train.eval_interval"],
+        save_every=every["checkpoint.interval"],
+        tokens_per_step=tokens_per_step,
+        guard=LossGuard(cfg.guard),
+        ckpt=Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last),
+        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16)
+        if bf16 and world.world_size == 1
+        else nullcontext(),
+        flops_per_token=cfg.model.flops_per_token(seq),
+        logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
+        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
+    )
+    latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
+    if latest is not None:
+        t.load_state_dict(t.ckpt.load(latest, model, t.optimizer))
+        t.checkpoint = str(latest)
+    elif cfg.checkpoint.load_from:
+        load_weights(cfg.checkpoint.load_from, model, world)
+    if world.is_main:
+        write_run_info(cfg, world.world_size, world.device)
+    t.logger.start(t.step)
+    if latest is not None:
+        t.logger.print(f"resumed from {latest} at step {t.step} (world size {world.world_size})")
+    return t
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _val_loader(cfg: RunConfig, world: World, micro: int) -> Any:
+    """The evaluation stream (each source's `eval_split`), or None when evaluation is off or there is no split."""
+    from smalto.data.dataset import join, read_text
+    from smalto.data.stream import build_loader
+
+    if cfg.train.eval_batches == 0:
+        return None
+    split = cfg.train.eval_split
+    missing = [s.path for s in cfg.data.sources if read_text(join(s.path, split, "index.json")) is None]
+    if missing:
+        if world.is_main:
+            warnings.warn(
+                f"no evaluation: {missing[0]} has no {split}/ split (set train.eval_batches=0 to silence)",
+                stacklevel=2,
+            )
+        return None
+    sources = [dataclasses.replace(s, split=split) for s in cfg.data.sources]
+    vcfg = dataclasses.replace(cfg.data, sources=sources, shuffle=False, num_workers=0)
+    return build_loader(
+        vcfg,
+        rank=world.rank,
+        world_size=world.world_size,
+        micro_batch_size=micro,
+        global_batch_size=micro * world.world_size,
+        epochs=1,
+    )
