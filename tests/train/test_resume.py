@@ -80,3 +80,19 @@ def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     model = load_training_checkpoint(ckpt)
     ids = torch.randint(0, 384, (1, 16))
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_plot_draws_the_run(reference, tmp_path):
+    pytest.importorskip("matplotlib")
+    from smalto.plot import plot_run
+
+    out = plot_run(reference, tmp_path / "curves.png")
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    p = subprocess.run(
+        [sys.executable, "-m", "smalto", "plot", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert p.returncode == 2 and "metrics.jsonl does not exist" in " ".join(p.stderr.split())
