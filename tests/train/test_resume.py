@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_plot_draws_the_run(reference, tmp_path):
     from smalto.plot import plot_run
 
     out = plot_run(reference, tmp_path / "curves.png")
-    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = subprocess.run(
         [sys.executable, "-m", "smalto", "plot", str(tmp_path / "nothing")],
         capture_output=True,
