@@ -129,11 +129,7 @@ class Decoder:
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
-            for t in (
-                self.cache.k,
-                self.cache.v,
-                self.cache.valid,
-            ):  # fixed addresses: CUDA graphs read them in place
+            for t in self.cache.tensors():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.compiled = True
@@ -169,10 +165,7 @@ def get_decoder(model: MPTForCausalLM, batch: int, length: int, compile: bool) -
     size = -(-length // CACHE_BUCKET) * CACHE_BUCKET if compile else length
     dec = model.__dict__.pop("_smalto_decoder", None)
     key = (batch, size, compile, model.dtype, model.device)
-    if (
-        dec is None
-        or (dec.batch, dec.max_len, dec.want_compile, dec.cache.k.dtype, dec.cache.k.device) != key
-    ):
+    if dec is None or (dec.batch, dec.max_len, dec.want_compile, dec.cache.dtype, dec.cache.device) != key:
         dec = None  # drop the old cache before allocating the new one
         dec = Decoder(model, batch, size, compile)
     model.__dict__["_smalto_decoder"] = dec  # a plain attribute, not a submodule: no state_dict entry

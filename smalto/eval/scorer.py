@@ -106,9 +106,8 @@ def score_prefix(
     idx = torch.tensor(group, device=device)
     logits = first.index_select(0, idx)[:, None]
     if C > 1:  # the choices' tokens but their last (predicted, never read), over each row's copy of the cache
-        rows = KVCache.for_model(model.config, 1, 1, model.dtype, device)  # a shell; its tensors are replaced
-        rows.k, rows.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
-        rows.valid, rows.max_len, rows.length = cache.valid.index_select(0, idx), L + C - 1, L
+        cache.length = L
+        rows = cache.select_rows(idx)
         cont_ids, cont_mask = _pad([c[:-1] for c in conts], pad_id, left=False, device=device)
         h = model.transformer(cont_ids, cont_mask, None, rows, torch.arange(L, L + C - 1, device=device))
         logits = torch.cat([logits, model.unembed(h)], dim=1)  # position j predicts token j + 1

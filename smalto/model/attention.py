@@ -210,7 +210,9 @@ def flex_attention_fn(
 def resolve_attn_impl(impl: str, *, device: torch.device, training: bool, dropout: bool, decode: bool) -> str:
     """The one place that maps `attn_impl` to a kernel, refusing impossible combinations with the reason."""
     if impl == "auto":
-        if device.type == "cuda" and not dropout and not decode:
+        # flex compiles one kernel per shape: right for training (fixed shapes), wrong for inference, whose
+        # lengths change with every request (a recompile each time, then the unfused fallback)
+        if device.type == "cuda" and training and torch.is_grad_enabled() and not dropout and not decode:
             return "flex"
         return "sdpa"
     if impl == "flex":
