@@ -27,8 +27,14 @@ SHAPES = {  # llm-foundry's mpt-125m / mpt-1b yamls (d_model, n_heads, n_layers)
 }
 # micro-batch per (shape, impl): the largest that fits an 80 GB H100 without activation checkpointing
 MICRO_BATCH = {
-    ("125m", "flex"): 32, ("125m", "sdpa"): 16, ("125m", "eager"): 4, ("125m", "hf"): 4,
-    ("1b", "flex"): 12, ("1b", "sdpa"): 8, ("1b", "eager"): 2, ("1b", "hf"): 2,
+    ("125m", "flex"): 32,
+    ("125m", "sdpa"): 16,
+    ("125m", "eager"): 4,
+    ("125m", "hf"): 4,
+    ("1b", "flex"): 12,
+    ("1b", "sdpa"): 8,
+    ("1b", "eager"): 2,
+    ("1b", "hf"): 2,
 }
 
 
@@ -38,13 +44,23 @@ def build(shape: str, impl: str, seq: int, vocab: int, device: str) -> torch.nn.
         import transformers
 
         cfg = transformers.MptConfig(
-            d_model=d, n_heads=h, n_layers=n, max_seq_len=seq, vocab_size=vocab, no_bias=True,
+            d_model=d,
+            n_heads=h,
+            n_layers=n,
+            max_seq_len=seq,
+            vocab_size=vocab,
+            no_bias=True,
             attn_config={"alibi": True, "alibi_bias_max": 8},
         )
         with torch.device(device):
             return transformers.MptForCausalLM(cfg)
     config = MPTConfig(
-        d_model=d, n_heads=h, n_layers=n, max_seq_len=seq, vocab_size=vocab, no_bias=True,
+        d_model=d,
+        n_heads=h,
+        n_layers=n,
+        max_seq_len=seq,
+        vocab_size=vocab,
+        no_bias=True,
         attn_config={"alibi": True, "attn_impl": impl},
     )
     return MPTForCausalLM(config, device=device)
@@ -83,7 +99,7 @@ def run(shape: str, impl: str, args) -> dict:
     try:
         model = build(shape, impl, seq, args.vocab, device).train()
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        d, h, n = SHAPES[shape]
+        d, _, n = SHAPES[shape]
         flops_per_token = 6 * n_params + 12 * n * d * seq
         step = make_step(model, impl, args.compile if impl != "hf" else "none", device)
         x = torch.randint(0, args.vocab, (mb, seq), device=device)
@@ -100,8 +116,12 @@ def run(shape: str, impl: str, args) -> dict:
         dt = (time.perf_counter() - t0) / args.steps
         tps = mb * seq / dt
         row.update(
-            params=n_params, step_ms=dt * 1e3, tokens_per_s=tps, mfu=tps * flops_per_token / (args.peak_tflops * 1e12),
-            loss=float(loss.detach()), peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
+            params=n_params,
+            step_ms=dt * 1e3,
+            tokens_per_s=tps,
+            mfu=tps * flops_per_token / (args.peak_tflops * 1e12),
+            loss=float(loss.detach()),
+            peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
         )
     except torch.OutOfMemoryError:
         row.update(error="OOM")
@@ -135,7 +155,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training step, bf16, seq {args.seq}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
+    table = Table(
+        title=f"training step, bf16, seq {args.seq}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
+    )
     for col in ("shape", "impl", "micro-batch", "step ms", "tokens/s", "MFU", "peak GB", "vs hf"):
         table.add_column(col, justify="right")
     hf = {r["shape"]: r.get("tokens_per_s") for r in rows if r["impl"] == "hf"}
@@ -144,8 +166,16 @@ def main() -> None:
             table.add_row(r["shape"], r["impl"], str(r["micro_batch"]), r["error"], "", "", "", "")
             continue
         ratio = f"{r['tokens_per_s'] / hf[r['shape']]:.2f}×" if hf.get(r["shape"]) else ""
-        table.add_row(r["shape"], r["impl"], str(r["micro_batch"]), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
-                      f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_gb']:.1f}", ratio)
+        table.add_row(
+            r["shape"],
+            r["impl"],
+            str(r["micro_batch"]),
+            f"{r['step_ms']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{100 * r['mfu']:.1f}%",
+            f"{r['peak_mem_gb']:.1f}",
+            ratio,
+        )
     Console().print(table)
     out = os.environ.get("OUT")
     if out:

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: kernel time by category for one MPT shape (torch.profiler).
 
-    python bench/profile_step.py --shape 1b --micro-batch 12            # on a GPU
+python bench/profile_step.py --shape 1b --micro-batch 12            # on a GPU
 """
 
 from __future__ import annotations
@@ -44,8 +44,15 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     d, h, n = SHAPES[args.shape]
-    cfg = MPTConfig(d_model=d, n_heads=h, n_layers=n, max_seq_len=args.seq, vocab_size=50432, no_bias=True,
-                    attn_config={"alibi": True, "attn_impl": "flex"})
+    cfg = MPTConfig(
+        d_model=d,
+        n_heads=h,
+        n_layers=n,
+        max_seq_len=args.seq,
+        vocab_size=50432,
+        no_bias=True,
+        attn_config={"alibi": True, "attn_impl": "flex"},
+    )
     model = MPTForCausalLM(cfg, device="cuda").train()
     for block in model.transformer.blocks:
         block.compile()

@@ -31,7 +31,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Pretrain, finetune, evaluate, convert and serve MPT-family language models."""
 
@@ -41,22 +43,44 @@ def _root(
 
 @app.command()
 def data(
-    inputs: list[str] = typer.Argument(None, help="Inputs, each PATH or NAME=PATH: file, folder, glob, HF datasets folder, or - for stdin."),
+    inputs: list[str] = typer.Argument(
+        None, help="Inputs, each PATH or NAME=PATH: file, folder, glob, HF datasets folder, or - for stdin."
+    ),
     source: list[str] = typer.Option([], "--source", "-s", help="Another input as NAME=PATH (repeatable)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (train/ and val/ MDS splits + smalto_data.json)."),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Output folder (train/ and val/ MDS splits + smalto_data.json)."
+    ),
     tokenizer: str = typer.Option(..., "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sample."),
-    no_wrap: bool = typer.Option(False, "--no-wrap", help="One document per sample (truncated to --seq-len) instead of concatenating."),
+    no_wrap: bool = typer.Option(
+        False, "--no-wrap", help="One document per sample (truncated to --seq-len) instead of concatenating."
+    ),
     bos: bool = typer.Option(False, "--bos", help="Put the tokenizer's BOS token before every document."),
-    eos_token: str = typer.Option(None, "--eos-token", help="EOS token text, when the tokenizer declares none."),
-    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in JSONL/JSON/Parquet/CSV/HF inputs."),
-    fmt: str = typer.Option("auto", "--format", help="auto (by file suffix; stdin reads lines) | text | lines | jsonl | json | parquet | csv."),
+    eos_token: str = typer.Option(
+        None, "--eos-token", help="EOS token text, when the tokenizer declares none."
+    ),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="Field holding the text in JSONL/JSON/Parquet/CSV/HF inputs."
+    ),
+    fmt: str = typer.Option(
+        "auto",
+        "--format",
+        help="auto (by file suffix; stdin reads lines) | text | lines | jsonl | json | parquet | csv.",
+    ),
     shard_size: int = typer.Option(1 << 26, "--shard-size", help="Maximum bytes per shard."),
-    compression: str = typer.Option(None, "--compression", help="zstd or zstd:LEVEL (needs the zstandard package)."),
-    dtype: str = typer.Option("int32", "--dtype", help="int32 (as llm-foundry writes) or uint16 (half the disk, vocab ≤ 65536)."),
-    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Fraction of documents for val/, chosen by a stable hash of the text."),
+    compression: str = typer.Option(
+        None, "--compression", help="zstd or zstd:LEVEL (needs the zstandard package)."
+    ),
+    dtype: str = typer.Option(
+        "int32", "--dtype", help="int32 (as llm-foundry writes) or uint16 (half the disk, vocab ≤ 65536)."
+    ),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Fraction of documents for val/, chosen by a stable hash of the text."
+    ),
     workers: int = typer.Option(1, "--workers", "-j", help="Tokenizer processes."),
-    on_error: str = typer.Option("raise", "--on-error", help="raise: stop at the first bad record; skip: count and go on."),
+    on_error: str = typer.Option(
+        "raise", "--on-error", help="raise: stop at the first bad record; skip: count and go on."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
@@ -93,40 +117,76 @@ def data(
                 f"{st['tokens']:,} tokens in {st['shards']} shards"
             )
     if meta["skipped_records"]:
-        console.print(f"[yellow]skipped {meta['skipped_records']} bad records[/], e.g. {meta['skipped_examples'][0]}")
+        console.print(
+            f"[yellow]skipped {meta['skipped_records']} bad records[/], e.g. {meta['skipped_examples'][0]}"
+        )
     console.print(f"wrote {out} in {meta['seconds']:.1f}s")
 
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="A smalto/HF MPT folder or any local transformers causal LM folder."),
-    tasks: list[str] = typer.Option([], "--tasks", "-t", help="Task YAML, suite (gauntlet, all) or task label; repeatable or comma-separated."),
-    fewshot: str = typer.Option(None, "--fewshot", help="Shot counts for every task, e.g. 0,5 (default: each task's own)."),
-    limit: int = typer.Option(None, "--limit", help="Only the first N items of each task (N samples for --perplexity)."),
+    model: str = typer.Argument(
+        ..., help="A smalto/HF MPT folder or any local transformers causal LM folder."
+    ),
+    tasks: list[str] = typer.Option(
+        [],
+        "--tasks",
+        "-t",
+        help="Task YAML, suite (gauntlet, all) or task label; repeatable or comma-separated.",
+    ),
+    fewshot: str = typer.Option(
+        None, "--fewshot", help="Shot counts for every task, e.g. 0,5 (default: each task's own)."
+    ),
+    limit: int = typer.Option(
+        None, "--limit", help="Only the first N items of each task (N samples for --perplexity)."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Sequences per forward."),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Context budget (default: the model's)."),
-    data_root: str = typer.Option(None, "--data-root", help="Folder of the ICL jsonl files (default ../shared/icl_data)."),
+    data_root: str = typer.Option(
+        None, "--data-root", help="Folder of the ICL jsonl files (default ../shared/icl_data)."
+    ),
     out: str = typer.Option(None, "--out", "-o", help="Write results.json (+ samples/, results.png) here."),
-    log_samples: bool = typer.Option(False, "--log-samples", help="Write every prompt, choice scores and prediction."),
-    perplexity: str = typer.Option(None, "--perplexity", help="Token shards (a `smalto data` folder or an MDS split) to score."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer folder when the model folder has none."),
+    log_samples: bool = typer.Option(
+        False, "--log-samples", help="Write every prompt, choice scores and prediction."
+    ),
+    perplexity: str = typer.Option(
+        None, "--perplexity", help="Token shards (a `smalto data` folder or an MDS split) to score."
+    ),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder when the model folder has none."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16."
+    ),
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
     from smalto.eval.run import EvalConfig, parse_fewshot, run
 
     cfg = EvalConfig(
-        model=model, tasks=tasks, fewshot=parse_fewshot(fewshot), limit=limit, batch_size=batch_size,
-        max_seq_len=max_seq_len, data_root=data_root, out=out, log_samples=log_samples, perplexity=perplexity,
-        tokenizer=tokenizer, device=device, dtype=dtype,
+        model=model,
+        tasks=tasks,
+        fewshot=parse_fewshot(fewshot),
+        limit=limit,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        data_root=data_root,
+        out=out,
+        log_samples=log_samples,
+        perplexity=perplexity,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
     )
     run(cfg)
 
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    args: list[str] = typer.Argument(None, help="RECIPE (YAML path or shipped name: tiny, mpt-125m … mpt-30b; default tiny) then KEY=VALUE overrides."),
+    args: list[str] = typer.Argument(
+        None,
+        help="RECIPE (YAML path or shipped name: tiny, mpt-125m … mpt-30b; default tiny) then KEY=VALUE overrides.",
+    ),
 ) -> None:
     """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo."""
     from rich.console import Console
@@ -142,9 +202,13 @@ def train(
         console.rule("sample")
         console.print(text, markup=False, highlight=False)
     if result.stopped:
-        console.print(f"[bold yellow]stopped:[/] {result.stopped}; checkpoint: {result.checkpoint}", highlight=False)
+        console.print(
+            f"[bold yellow]stopped:[/] {result.stopped}; checkpoint: {result.checkpoint}", highlight=False
+        )
         if result.stopped != "stop_after":  # a planned time slice ends normally
-            raise typer.Exit(1 if result.stopped.startswith("guard") else 143 if result.stopped == "SIGTERM" else 130)
+            raise typer.Exit(
+                1 if result.stopped.startswith("guard") else 143 if result.stopped == "SIGTERM" else 130
+            )
 
 
 @app.command()
@@ -169,27 +233,43 @@ def _read_prompts(prompt: list[str], prompts_file: str | None) -> list[str]:
             raise UserError(f"--prompts-file {prompts_file} does not exist")
         prompts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
-        raise UserError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE (- for stdin)")
+        raise UserError(
+            "no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE (- for stdin)"
+        )
     return prompts
 
 
 @app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help="HF model folder (config.json + weights)."),
-    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable: prompts run as one batch)."),
-    prompts_file: str = typer.Option(None, "--prompts-file", "-f", help="One prompt per line; - reads stdin."),
-    tokenizer: str = typer.Option(None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate per prompt at most."),
+    prompt: list[str] = typer.Option(
+        [], "--prompt", "-p", help="A prompt (repeatable: prompts run as one batch)."
+    ),
+    prompts_file: str = typer.Option(
+        None, "--prompts-file", "-f", help="One prompt per line; - reads stdin."
+    ),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."
+    ),
+    max_new_tokens: int = typer.Option(
+        128, "--max-new-tokens", "-n", help="Tokens to generate per prompt at most."
+    ),
     temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
-    top_p: float = typer.Option(None, "--top-p", help="Keep the smallest set of tokens whose probability reaches p."),
+    top_p: float = typer.Option(
+        None, "--top-p", help="Keep the smallest set of tokens whose probability reaches p."
+    ),
     min_p: float = typer.Option(None, "--min-p", help="Drop tokens less likely than min_p × the top token."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     stop: list[str] = typer.Option([], "--stop", help="End a completion at this string (repeatable)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | bf16 | fp16 | fp32."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
-    max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."),
+    max_seq_len: int = typer.Option(
+        None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."
+    ),
 ) -> None:
     """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several)."""
     prompts = _read_prompts(prompt, prompts_file)
@@ -207,8 +287,20 @@ def generate_cmd(
             sys.stdout.flush()
 
     t0 = time.perf_counter()
-    outs = generate(lm, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, callback=show)
+    outs = generate(
+        lm,
+        tok,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        callback=show,
+    )
     dt = time.perf_counter() - t0
     if one:
         sys.stdout.write("\n")
@@ -222,7 +314,9 @@ def generate_cmd(
 @app.command()
 def chat(
     model: str = typer.Argument(..., help="HF model folder (config.json + weights)."),
-    tokenizer: str = typer.Option(None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."
+    ),
     system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per answer at most."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
@@ -240,8 +334,18 @@ def chat(
     from smalto.hf import load_model_and_tokenizer
 
     lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
-    session = ChatSession(lm, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    session = ChatSession(
+        lm,
+        tok,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     tty = sys.stdin.isatty()
     if tty:
         typer.echo("chat: /reset clears the history, /exit (or Ctrl-D) ends", err=True)
@@ -261,14 +365,16 @@ def chat(
             session.reset()
             typer.echo("[history cleared]", err=True)
             continue
-        session.send(text, callback=lambda d: (sys.stdout.write(d.text), sys.stdout.flush()))
+        session.send(text, callback=_print_delta)
         sys.stdout.write("\n")
         sys.stdout.flush()
 
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="A checkpoint smalto reads: an HF MPT folder (training checkpoints: soon)."),
+    src: str = typer.Argument(
+        ..., help="A checkpoint smalto reads: an HF MPT folder (training checkpoints: soon)."
+    ),
     dst: str = typer.Argument(..., help="The HF folder to write."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (keep) | bf16 | fp16 | fp32."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
@@ -283,9 +389,17 @@ def convert(
     out = convert_checkpoint(src, dst, dtype=dtype, shard_size=shard_size, safe_serialization=not bin)
     cfg = json.loads((Path(out) / "config.json").read_text())
     files = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".safetensors", ".bin"))
-    how = "natively and with trust_remote_code" if cfg["model_type"] == "mpt" else (
-        "with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")")
+    how = (
+        "natively and with trust_remote_code"
+        if cfg["model_type"] == "mpt"
+        else ("with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")")
+    )
     typer.echo(f"wrote {out}: {len(files)} weight file(s), {cfg['torch_dtype']}; transformers loads it {how}")
+
+
+def _print_delta(delta) -> None:
+    sys.stdout.write(delta.text)
+    sys.stdout.flush()
 
 
 def main() -> None:

@@ -28,7 +28,9 @@ def load_any(path: str | Path, **kwargs: Any) -> MPTForCausalLM:
     if find_checkpoint(p) is not None:  # a run folder, its checkpoints/ folder, or one step_* folder
         from smalto.hf.load import parse_dtype
 
-        return load_training_checkpoint(p, device=kwargs.get("device") or "cpu", dtype=parse_dtype(kwargs.get("dtype")))
+        return load_training_checkpoint(
+            p, device=kwargs.get("device") or "cpu", dtype=parse_dtype(kwargs.get("dtype"))
+        )
     raise CheckpointError(
         f"{path} is not a model folder smalto can read (expected an HF folder with config.json)"
     )

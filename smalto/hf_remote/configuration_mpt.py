@@ -70,11 +70,11 @@ def resolve(config: PretrainedConfig) -> SimpleNamespace:
 
 class MPTConfig(PretrainedConfig):
     model_type = "mpt"
-    attribute_map = {
+    attribute_map = {  # noqa: RUF012 - transformers' own convention for this class attribute
         "hidden_size": "d_model",
         "num_attention_heads": "n_heads",
         "num_hidden_layers": "n_layers",
-    }  # noqa: RUF012
+    }
 
     def __init__(
         self,

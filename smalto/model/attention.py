@@ -163,7 +163,11 @@ def flex_block_mask(mask: AttentionMask, n_heads: int):
     _, create_block_mask = _flex()
     q_pos, window, valid, seq_q, seq_k = mask.q_pos, mask.window, mask.key_valid, mask.seq_q, mask.seq_k
     from_zero = mask.from_zero
-    key = (q_pos.numel(), mask.n_keys, window, q_pos.device) if from_zero and valid is None and seq_q is None else None
+    key = (
+        (q_pos.numel(), mask.n_keys, window, q_pos.device)
+        if from_zero and valid is None and seq_q is None
+        else None
+    )
     if key is not None and key in _BLOCK_MASKS:  # plain causal (+ window): the same mask every training step
         return _BLOCK_MASKS[key]
 

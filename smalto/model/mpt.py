@@ -35,7 +35,9 @@ class CausalLMOutput:
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+    )
 
 
 _compiled_cross_entropy = None
