@@ -1,4 +1,4 @@
-"""smalto: pretrain, finetune, evaluate, convert and serve MPT-family language models."""
+"""smalto: pretrain, evaluate, convert and run (generate, chat) MPT-family language models."""
 
 from smalto.errors import UserError
 

@@ -15,7 +15,7 @@ from smalto.errors import UserError
 
 app = typer.Typer(
     name="smalto",
-    help="Pretrain, finetune, evaluate, convert and serve MPT-family language models.",
+    help="Pretrain, evaluate, convert and run (generate, chat) MPT-family language models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,7 +35,7 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Pretrain, finetune, evaluate, convert and serve MPT-family language models."""
+    """Pretrain, evaluate, convert and run (generate, chat) MPT-family language models."""
 
 
 # ---- commands are added below, one function each; keep them thin (parse, call, print) ----
