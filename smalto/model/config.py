@@ -352,11 +352,15 @@ def _nested_from_dict(name: str, cls: type, d: dict[str, Any]) -> Any:
     return cls(**d)
 
 
+# llm-foundry attention keys that only choose an implementation of the same computation: dropped
+_IMPLEMENTATION_KEYS = ("flex_attn_mod_list", "flex_attn_compile", "flex_attn_config", "verbose", "rope_impl")
+
+
 def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
-    """Map the attention keys that hub checkpoints and llm-foundry write onto ours."""
-    impl = d.get("attn_impl")
-    if impl in LEGACY_ATTN_IMPLS:
-        d["attn_impl"] = LEGACY_ATTN_IMPLS[impl]
+    """Map the attention keys that hub checkpoints and llm-foundry write onto ours; refuse the ones that would
+    change the computation in a way smalto does not implement (never drop them in silence)."""
+    if d.get("attn_impl") in LEGACY_ATTN_IMPLS:
+        d["attn_impl"] = LEGACY_ATTN_IMPLS[d["attn_impl"]]
     attn_type = d.pop("attn_type", None)
     if attn_type is not None:
         _choice("attn_config.attn_type", attn_type, ATTN_TYPES)
@@ -368,33 +372,26 @@ def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             "attn_config.prefix_lm = true is not supported (prefix-LM MPT variants were never released)"
         )
-    for key in ("fused_qkv",):
-        if d.pop(key, True) is not True:
-            raise ConfigError(f"attn_config.{key} = false is not supported; smalto always uses a fused Wqkv")
-    for key in (
-        "rope_impl",
-        "rope_dail_config",
-        "rope_hf_config",
-        "flex_attn_mod_list",
-        "flex_attn_compile",
-        "flex_attn_config",
-        "sliding_window_size_note",
-        "attn_logit_softcapping",
-        "verbose",
-    ):
-        if key == "rope_impl" and d.get("rope") and d.get(key) not in (None, "hf", "dail"):
-            raise ConfigError(f"attn_config.rope_impl = {d.get(key)!r}; supported: hf, dail")
-        if key == "rope_hf_config" and d.get("rope"):
-            scaling = (d.get(key) or {}).get("type", "no_scaling")
-            if scaling not in ("no_scaling", None):
-                raise ConfigError(
-                    f"attn_config.rope_hf_config.type = {scaling!r}: only no_scaling is supported"
-                )
-        if key == "attn_logit_softcapping" and d.get(key) is not None:
-            raise ConfigError("attn_config.attn_logit_softcapping is not supported")
+    if d.pop("fused_qkv", True) is not True:
+        raise ConfigError("attn_config.fused_qkv = false is not supported; smalto always uses a fused Wqkv")
+    if d.pop("attn_logit_softcapping", None) is not None:
+        raise ConfigError("attn_config.attn_logit_softcapping is not supported")
+    rope_impl = d.get("rope_impl")
+    dail = d.pop("rope_dail_config", None) or {}
+    hf = d.pop("rope_hf_config", None) or {}
+    if d.get("rope"):
+        if rope_impl not in (None, "hf", "dail"):
+            raise ConfigError(f"attn_config.rope_impl = {rope_impl!r}; supported: hf, dail")
+        if rope_impl == "dail" and (dail.get("type", "original") != "original" or dail.get("interleaved")):
+            raise ConfigError(
+                "attn_config.rope_dail_config: only type 'original', not interleaved, is supported"
+            )
+        if rope_impl == "hf" and hf.get("type", "no_scaling") not in ("no_scaling", None):
+            raise ConfigError(
+                f"attn_config.rope_hf_config.type = {hf.get('type')!r}: only no_scaling is supported"
+            )
+    for key in _IMPLEMENTATION_KEYS:
         d.pop(key, None)
-    if "kv_n_heads" in d and attn_type == "multihead_attention":
-        d["kv_n_heads"] = None
     return d
 
 

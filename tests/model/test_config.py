@@ -94,6 +94,12 @@ def test_defaults_follow_llm_foundry():
         ({"logit_scale": "sqrt"}, "inv_sqrt_d_model"),
         ({"expansion_ratio": 1.3, "d_model": 64, "n_heads": 4}, "set ffn_config.ffn_hidden_size"),
         ({"init_config": {"name": "baseline_"}}, "needs init_config.init_std"),
+        (
+            {"attn_config": {"rope": True, "rope_impl": "dail", "rope_dail_config": {"type": "xpos"}}},
+            "only type 'original'",
+        ),
+        ({"attn_config": {"prefix_lm": True}}, "prefix_lm = true is not supported"),
+        ({"attn_config": {"attn_type": "cross_attention"}}, "choose one of: multihead_attention"),
     ],
 )
 def test_bad_configs_name_the_key(kwargs, needle):
