@@ -145,10 +145,7 @@ class Decoder:
         self.cache.length = ids.shape[1]
         return self.model.unembed(h[:, -1]).float()
 
-    def step(self, token: Tensor, pos: Tensor, full_mask: Tensor | None) -> Tensor:
-        if full_mask is not None:  # learned positions need each row's padding count: eager, growing mask
-            h = self.model.transformer(token, full_mask, None, self.cache, pos)
-            return self.model.unembed(h[:, -1]).float()
+    def step(self, token: Tensor, pos: Tensor) -> Tensor:
         if not self.compiled:
             return self.step_fn(token, pos)
         torch.compiler.cudagraph_mark_step_begin()
@@ -300,7 +297,6 @@ def iter_generate(
 
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     rows = [_Row(prompt_len=len(r)) for r in rows_ids]
-    learned_pos = model.config.uses_wpe
     logits = dec.prefill(ids, full_mask[:, :L])
     synced = 0
     for i in range(max_new_tokens):
@@ -317,7 +313,7 @@ def iter_generate(
                 break
         if not last:
             pos = torch.full((1,), L + i, dtype=torch.long, device=device)
-            logits = dec.step(token[:, None], pos, full_mask[:, : L + i + 1] if learned_pos else None)
+            logits = dec.step(token[:, None], pos)
     dec.cache.length = 0
 
 

@@ -80,7 +80,7 @@ class MPTModel(nn.Module):
     ) -> Tensor:
         """input_ids (B, T) → hidden states (B, T, d_model)."""
         c = self.config
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         device = input_ids.device
         start = cache.length if cache is not None else 0
         q_pos = (
@@ -119,15 +119,19 @@ class MPTModel(nn.Module):
         x = self.wte(input_ids)
         if c.embedding_fraction < 1.0:  # scales the embedding's gradient only
             x = x * c.embedding_fraction + x.detach() * (1 - c.embedding_fraction)
-        if c.uses_wpe:
-            pos = q_pos[None, :].expand(B, T)
-            if attention_mask is not None:  # left padding: count positions from each row's first real token
+        if c.uses_wpe:  # learned positions count from each row's first real token (left padding)
+            if cache is not None:  # the cache knows every row's padding: no mask needed, no host sync
+                if cache.length + T > c.max_seq_len:
+                    raise UserError(
+                        f"position {cache.length + T - 1} is past max_seq_len ({c.max_seq_len}) of the learned "
+                        "position table"
+                    )
+                n_pad = (~cache.valid).long().cumsum(-1).index_select(1, q_pos)
+            elif attention_mask is not None:
                 n_pad = (~attention_mask).long().cumsum(-1)[:, -T:]
-                pos = (pos - n_pad).clamp(min=0)
-            if int(q_pos.max()) >= c.max_seq_len:
-                raise UserError(
-                    f"position {int(q_pos.max())} is past max_seq_len ({c.max_seq_len}) of the learned position table"
-                )
+            else:
+                n_pad = torch.zeros(1, T, dtype=torch.long, device=device)
+            pos = (q_pos[None, :] - n_pad).clamp(min=0)
             x = x + self.wpe(pos)
         x = self.emb_drop(x)
 

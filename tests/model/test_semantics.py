@@ -238,3 +238,21 @@ def test_cache_overflow_and_long_inputs_are_refused():
         model(tokens(1, 3), past_key_values=cache)
     with pytest.raises(UserError, match="longer than max_seq_len"):
         model(tokens(1, 65))
+
+
+@pytest.mark.parametrize("pos", [{}, {"attn_config": {"alibi": False}}])
+def test_left_padded_cached_decode_equals_unpadded_rows(pos):
+    """Decode steps pass no mask: the cache's record of padding alone gives the right positions and keys."""
+    model = with_impl(tiny(**pos), "sdpa")
+    a, b = tokens(1, 9, seed=7), tokens(1, 5, seed=8)
+    prompt = torch.zeros(2, 6, dtype=torch.long)
+    prompt[0], prompt[1, 3:] = a[0, :6], b[0, :3]
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :3] = False
+    nxt = torch.stack([a[0, 6:8], b[0, 3:5]])  # two more tokens per row
+    with torch.no_grad():
+        cache = KVCache.for_model(model.config, 2, 12, torch.float32, "cpu")
+        model(prompt, attention_mask=mask, past_key_values=cache)
+        steps = [model(nxt[:, i : i + 1], past_key_values=cache).logits[:, 0] for i in range(2)]
+        torch.testing.assert_close(steps[1][0], model(a[:, :8]).logits[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(steps[1][1], model(b[:, :5]).logits[0, -1], atol=1e-5, rtol=1e-5)
