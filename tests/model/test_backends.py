@@ -67,4 +67,5 @@ def test_flex_refuses_backward_on_cpu_with_reason():
 def test_auto_trains_on_cpu():
     model = with_impl(tiny(), "auto").train()
     model(tokens(2, 8), labels=tokens(2, 8)).loss.backward()
-    assert model.transformer.wte.weight.grad is not None
+    g = model.transformer.wte.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
