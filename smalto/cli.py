@@ -57,7 +57,9 @@ def data(
     ),
     bos: bool = typer.Option(False, "--bos", help="Put the tokenizer's BOS token before every document."),
     eos_token: str = typer.Option(
-        None, "--eos-token", help="EOS token text, when the tokenizer declares none."
+        None,
+        "--eos-token",
+        help="EOS token text (must be in the vocabulary), when the tokenizer declares none.",
     ),
     text_field: str = typer.Option(
         "text", "--text-field", help="Field holding the text in JSONL/JSON/Parquet/CSV/HF inputs."
@@ -138,14 +140,21 @@ def eval_(
         None, "--fewshot", help="Shot counts for every task, e.g. 0,5 (default: each task's own)."
     ),
     limit: int = typer.Option(
-        None, "--limit", help="Only the first N items of each task (N samples for --perplexity)."
+        None, "--limit", help="Only the first N >= 1 items of each task (N samples for --perplexity)."
     ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Sequences per forward."),
-    max_seq_len: int = typer.Option(None, "--max-seq-len", help="Context budget (default: the model's)."),
+    max_seq_len: int = typer.Option(
+        None, "--max-seq-len", help="Context budget, >= 1 (default: the model's)."
+    ),
     data_root: str = typer.Option(
         None, "--data-root", help="Folder of the ICL jsonl files (default ../shared/icl_data)."
     ),
-    out: str = typer.Option(None, "--out", "-o", help="Write results.json (+ samples/, results.png) here."),
+    out: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Folder for results.json (+ samples/, results.png); checked before evaluating.",
+    ),
     log_samples: bool = typer.Option(
         False, "--log-samples", help="Write every prompt, choice scores and prediction."
     ),
@@ -157,7 +166,9 @@ def eval_(
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16."
+        "auto",
+        "--dtype",
+        help="auto (bfloat16 on GPU, float32 on CPU) | float32 (fp32) | bfloat16 (bf16) | float16 (fp16).",
     ),
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
@@ -241,7 +252,9 @@ def _read_prompts(prompt: list[str], prompts_file: str | None) -> list[str]:
 
 @app.command("generate")
 def generate_cmd(
-    model: str = typer.Argument(..., help="HF model folder (config.json + weights)."),
+    model: str = typer.Argument(
+        ..., help="HF model folder (config.json + weights), or a training run / checkpoint folder."
+    ),
     prompt: list[str] = typer.Option(
         [], "--prompt", "-p", help="A prompt (repeatable: prompts run as one batch)."
     ),
@@ -249,13 +262,16 @@ def generate_cmd(
         None, "--prompts-file", "-f", help="One prompt per line; - reads stdin."
     ),
     tokenizer: str = typer.Option(
-        None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."
+        None,
+        "--tokenizer",
+        "-t",
+        help="Tokenizer folder or tokenizer.json (default: the model folder, or a run's own tokenizer).",
     ),
     max_new_tokens: int = typer.Option(
         128, "--max-new-tokens", "-n", help="Tokens to generate per prompt at most."
     ),
     temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
+    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 or unset = off)."),
     top_p: float = typer.Option(
         None, "--top-p", help="Keep the smallest set of tokens whose probability reaches p."
     ),
@@ -265,7 +281,9 @@ def generate_cmd(
     ),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     stop: list[str] = typer.Option([], "--stop", help="End a completion at this string (repeatable)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | bf16 | fp16 | fp32."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
+    ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     max_seq_len: int = typer.Option(
         None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."
@@ -313,19 +331,28 @@ def generate_cmd(
 
 @app.command()
 def chat(
-    model: str = typer.Argument(..., help="HF model folder (config.json + weights)."),
+    model: str = typer.Argument(
+        ..., help="HF model folder (config.json + weights), or a training run / checkpoint folder."
+    ),
     tokenizer: str = typer.Option(
-        None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model folder)."
+        None,
+        "--tokenizer",
+        "-t",
+        help="Tokenizer folder or tokenizer.json (default: the model folder, or a run's own tokenizer).",
     ),
     system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per answer at most."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(None, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    min_p: float = typer.Option(None, "--min-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
-    seed: int = typer.Option(None, "--seed"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
+    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 or unset = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
+    min_p: float = typer.Option(None, "--min-p", help="Drop tokens less likely than min_p × the top token."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."
+    ),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
+    ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
 ) -> None:
@@ -373,10 +400,13 @@ def chat(
 @app.command()
 def convert(
     src: str = typer.Argument(
-        ..., help="A checkpoint smalto reads: an HF MPT folder (training checkpoints: soon)."
+        ...,
+        help="A checkpoint smalto reads: an HF MPT folder, or a training run folder, its checkpoints/ or a step_* folder.",
     ),
     dst: str = typer.Argument(..., help="The HF folder to write."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (keep) | bf16 | fp16 | fp32."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (keep) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
+    ),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
     bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
 ) -> None:

@@ -12,11 +12,24 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path} does not exist; give the folder of a run (runs/<name>)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line: {line[:80]!r}"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {n} is not a JSON object; fix or delete that line: {line[:80]!r}")
+        rows.append(row)
+    return rows
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> str:
-    """Write the PNG and return its path."""
+    """Write the PNG (creating its folder) and return its path."""
     try:
         import matplotlib
 
@@ -43,6 +56,13 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> str:
     fig.suptitle(Path(run).name)
     fig.tight_layout()
     out = Path(out) if out else Path(run) / "curves.png"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        plt.close(fig)
+        raise ConfigError(
+            f"-o {out}: cannot create its folder {out.parent} ({e.strerror}); choose another path"
+        ) from None
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return str(out)

@@ -132,7 +132,9 @@ def test_filters_match_transformers_logits_processors() -> None:
             ref = MinPLogitsWarper(p.min_p)(history, ref)
         ours = filter_logits(logits.clone(), p, seen)
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), case
-        torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)]), case
+        torch.testing.assert_close(
+            ours[~torch.isinf(ours)], ref[~torch.isinf(ref)], msg=lambda m, case=case: f"{case}: {m}"
+        )
 
 
 def test_sampler_draws_from_the_softmax_and_is_seeded() -> None:

@@ -130,6 +130,11 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> tuple[Any, Tokeni
         sha = None
     eos_text = eos_token or _special(config, "eos_token")
     eos_id = token_id(eos_text) if eos_text else None
+    if eos_token and (eos_id is None or eos_id == getattr(tok, "unk_token_id", None)):
+        raise DataError(
+            f"--eos-token {eos_token!r} is not in the vocabulary of tokenizer {spec!r}; "
+            "pass one of its tokens (e.g. '<|endoftext|>' or '</s>')"
+        )
     if eos_id is None:
         raise DataError(f"tokenizer {spec!r} declares no EOS token; name one with --eos-token")
     bos_text = _special(config, "bos_token")

@@ -32,13 +32,28 @@ def load_tokenizer(path: str | Path, where: str = "") -> Any:
 
 
 def resolve_device(device: str) -> str:
+    """auto → cuda when available, else cpu; refuses unknown names and absent accelerators (`smalto.hf.parse_device`)."""
+    from smalto.hf.load import parse_device
+
+    try:
+        return str(parse_device(device))
+    except ConfigError as e:
+        raise ConfigError(f"--device: {e}") from None
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """auto → bfloat16 on GPU, float32 elsewhere; else float32/bfloat16/float16 or bf16/fp16/fp32."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device here; use --device cpu")
-    return device
+    from smalto.hf.load import parse_dtype
+
+    try:
+        dt = parse_dtype(dtype)
+    except ConfigError as e:
+        raise ConfigError(f"--dtype: {e}") from None
+    if dt is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return dt
 
 
 def load_model(
@@ -46,22 +61,12 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer). MPT folders (model_type mpt / smalto_mpt) load as smalto models, anything
     else through transformers' AutoModelForCausalLM (local code only: no trust_remote_code)."""
-    import torch
-
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json; pass a smalto/Hugging Face model folder")
     tok = load_tokenizer(tokenizer or p, "" if tokenizer else " (the model folder)")
     dev = resolve_device(device)
-    if dtype == "auto":
-        dt = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    else:
-        found = getattr(torch, dtype, None)
-        if not isinstance(found, torch.dtype):
-            raise ConfigError(
-                f"--dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16"
-            )
-        dt = found
+    dt = resolve_dtype(dtype, dev)
     model_type = json.loads((p / "config.json").read_text()).get("model_type")
     if model_type in (
         "mpt",

@@ -25,6 +25,21 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
 
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--limit", self.limit),
+            ("--max-seq-len", self.max_seq_len),
+            ("--batch-size", self.batch_size),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} {value}: give a whole number >= 1 (leave it out for the default)")
+        from smalto.hf.load import parse_dtype
+
+        try:
+            parse_dtype(self.dtype)
+        except ConfigError as e:
+            raise ConfigError(f"--dtype: {e}") from None
+
 
 def parse_fewshot(text: str | None) -> list[int] | None:
     if text is None:
@@ -40,7 +55,7 @@ def parse_fewshot(text: str | None) -> list[int] | None:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Everything `smalto eval` does; returns the results dict written to OUT/results.json."""
-    from smalto.eval.models import load_model
+    from smalto.eval.models import load_model, resolve_device
     from smalto.eval.report import print_results, write_results
     from smalto.eval.tasks import resolve_data_root, resolve_tasks
 
@@ -55,6 +70,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         from smalto.eval.perplexity import find_split
 
         find_split(cfg.perplexity)
+    if cfg.out:
+        _check_out(cfg.out)
+    resolve_device(cfg.device)
     dist = _init_distributed()
     model, tokenizer = load_model(
         cfg.model, tokenizer=cfg.tokenizer, device=_rank_device(cfg.device), dtype=cfg.dtype
@@ -97,6 +115,22 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.out:
             write_results(cfg.out, results, samples)
     return results
+
+
+def _check_out(out: str) -> None:
+    """--out is a folder: refuse a file there (or on the way) before hours of evaluation, not after."""
+    from pathlib import Path
+
+    p = Path(out)
+    for f in (p, *p.parents):
+        if f.exists():
+            if not f.is_dir():
+                raise ConfigError(
+                    f"--out {out}: {f} is a file; --out names a folder for results.json, samples/ and results.png"
+                )
+            if not os.access(f, os.W_OK):
+                raise ConfigError(f"--out {out}: {f} is not writable; choose another folder")
+            return
 
 
 def _rank() -> int:

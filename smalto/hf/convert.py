@@ -26,10 +26,10 @@ def load_any(path: str | Path, **kwargs: Any) -> MPTForCausalLM:
     from smalto.train.checkpoint import find_checkpoint, load_training_checkpoint
 
     if find_checkpoint(p) is not None:  # a run folder, its checkpoints/ folder, or one step_* folder
-        from smalto.hf.load import parse_dtype
+        from smalto.hf.load import parse_device, parse_dtype
 
         return load_training_checkpoint(
-            p, device=kwargs.get("device") or "cpu", dtype=parse_dtype(kwargs.get("dtype"))
+            p, device=parse_device(kwargs.get("device") or "cpu"), dtype=parse_dtype(kwargs.get("dtype"))
         )
     raise CheckpointError(
         f"{path} is not a model folder smalto can read (expected an HF folder with config.json)"
@@ -46,16 +46,16 @@ def convert(
 ) -> Path:
     """Read `src` (see `load_any`), write an HF folder at `dst` with the weights cast to `dtype` if given.
 
-    Tokenizer files found next to the source weights are copied along.
+    Tokenizer files found next to the source weights (or, for a training run, its recorded tokenizer; see
+    `find_tokenizer`) are copied along.
     """
     if Path(src).resolve() == Path(dst).resolve():
         raise CheckpointError("convert writes a new folder: give a destination different from the source")
     model = load_any(src, dtype=dtype)
-    has_tok = any((Path(src) / f).is_file() for f in TOKENIZER_FILES[:2])
     return save_pretrained(
         model,
         dst,
-        tokenizer=Path(src) if has_tok else None,
+        tokenizer=find_tokenizer(src),
         shard_size=shard_size,
         dtype=dtype,
         safe_serialization=safe_serialization,
@@ -71,16 +71,67 @@ def load_model_and_tokenizer(
     max_seq_len: int | None = None,
 ) -> tuple[MPTForCausalLM, Any]:
     """What `smalto generate` / `chat` / `serve` need: the model (on `device`, default cuda when available) and
-    its tokenizer (from `tokenizer_path`, else the model folder)."""
-    import torch
-
+    its tokenizer (from `tokenizer_path`, else the model folder, else a training run's recorded tokenizer)."""
+    from smalto.hf.load import parse_device, parse_dtype
     from smalto.tokenizer import load_tokenizer
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_any(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
-    tok_src = Path(tokenizer_path) if tokenizer_path else Path(model_path)
-    if tokenizer_path is None and not any((tok_src / f).is_file() for f in TOKENIZER_FILES):
+    parse_dtype(dtype)  # refuse a bad --dtype / --device before reading anything
+    dev = parse_device(device)
+    tok_src = Path(tokenizer_path) if tokenizer_path else find_tokenizer(model_path)
+    if tok_src is None:
+        if not _is_model(model_path):
+            load_any(model_path)  # raises without reading weights: says why the path is no model
         raise CheckpointError(
-            f"{model_path} holds no tokenizer files; pass --tokenizer (a folder or tokenizer.json)"
+            f"{model_path} holds no tokenizer files (and records no training tokenizer); "
+            "pass --tokenizer (a folder or tokenizer.json)"
         )
+    model = load_any(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
     return model, load_tokenizer(tok_src)
+
+
+def _is_model(path: str | Path) -> bool:
+    from smalto.train.checkpoint import find_checkpoint
+
+    p = Path(path)
+    return p.is_dir() and ((p / "config.json").is_file() or find_checkpoint(p) is not None)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def find_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer that goes with a model path: its own tokenizer files, else, for a training run (the run folder,
+    its checkpoints/ or a step_* folder), the `tokenizer:` recorded in the run's config.yaml or RUN/tokenizer."""
+    p = Path(path)
+    if _has_tokenizer(p):
+        return p
+    from smalto.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(p) if p.is_dir() else None
+    if ckpt is None:
+        return None
+    # step_* → checkpoints/ → the run folder, which holds the resolved recipe
+    run = next((f for f in (ckpt, ckpt.parent, ckpt.parent.parent) if (f / "config.yaml").is_file()), None)
+    candidates: list[Path] = []
+    if run is not None:
+        from smalto.config import read_yaml
+
+        try:
+            recorded = read_yaml((run / "config.yaml").read_text()) or {}
+        except Exception:  # an unreadable config.yaml only costs the fallback
+            recorded = {}
+        tok, run_dir = recorded.get("tokenizer"), recorded.get("run_dir")
+        if isinstance(tok, str) and tok:
+            candidates.append(Path(tok))  # absolute, or relative to where training ran (usually here)
+            parts = (
+                Path(run_dir).parts if isinstance(run_dir, str) and not Path(run_dir).is_absolute() else ()
+            )
+            here = run.resolve()
+            if parts and not Path(tok).is_absolute() and here.parts[-len(parts) :] == parts:
+                candidates.append(here.parents[len(parts) - 1] / tok)  # where training ran, if moved since
+        candidates.append(run / "tokenizer")
+    for c in candidates:
+        if (c.is_file() and c.suffix == ".json") or (c.is_dir() and _has_tokenizer(c)):
+            return c
+    return None

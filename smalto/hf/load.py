@@ -49,8 +49,38 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if name == "auto":
         return None
     if name not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; use one of: bf16, fp16, fp32 (or auto)")
+        raise ConfigError(
+            f"dtype {dtype!r} is not supported; use one of: bf16 (bfloat16), fp16 (float16), fp32 (float32) or auto"
+        )
     return DTYPES[name]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """'cpu' / 'cuda' / 'cuda:N' / 'mps' → torch.device; None and 'auto' → cuda when available, else cpu.
+
+    Refuses (ConfigError) a name torch does not know and an accelerator this machine lacks.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {str(device)!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {str(device)!r}: this machine (or this torch build) has no CUDA; use cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 …)"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {str(device)!r}: MPS is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return dev
 
 
 def read_config(folder: str | Path) -> tuple[MPTConfig, dict[str, Any]]:
@@ -97,11 +127,18 @@ def weight_files(folder: Path) -> list[Path]:
 def iter_tensors(file: Path) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) of one weight file, read lazily where the format allows."""
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    yield name, tensor
+        except (SafetensorError, OSError) as e:  # truncated or corrupt file
+            raise CheckpointError(
+                f"cannot read {file}: it is truncated or not a safetensors file ({e})"
+            ) from None
         return
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -153,7 +190,7 @@ def load_pretrained(
     if changes:
         config = config.replace(**changes)
     target = parse_dtype(dtype) or parse_dtype(raw.get("torch_dtype") or raw.get("dtype")) or torch.float32
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = parse_device(device) if device is not None else torch.device("cpu")
     files = weight_files(folder)
 
     model = MPTForCausalLM(config, device="meta")

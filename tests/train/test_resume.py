@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -13,6 +14,31 @@ import pytest
 import torch
 
 from tests.train.conftest import REPO, losses, recipe, run_cli
+
+
+def checkpoint_step(run: Path) -> int:
+    """The step recorded in the trainer state of the run's latest checkpoint."""
+    from smalto.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(run)
+    assert ckpt is not None, f"{run} has no checkpoint"
+    return json.loads((ckpt / "trainer.json").read_text())["step"]
+
+
+def last_logged_step(run: Path) -> int:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(r["step"] for r in rows if "train/loss" in r)
+
+
+@torch.no_grad()
+def fixed_batch_loss(path: Path, load=None) -> float:
+    """Next-token cross-entropy of a fixed (seeded) batch under the model loaded from `path`."""
+    from smalto.train.checkpoint import load_training_checkpoint
+
+    model = (load or load_training_checkpoint)(path)
+    ids = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
+    logits = model(ids).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +62,28 @@ def test_resume_in_new_process_gives_identical_losses(reference, tiny_data, tmp_
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_with_other_world_size(reference, tiny_data, tmp_path):
-    rec = recipe(tiny_data, tmp_path / "run")
+    rec = recipe(tiny_data, tmp_path / "run", checkpoint={"hf_export": str(tmp_path / "hf")})
     run_cli(rec, tmp_path, "train.stop_after=4", nproc=2)  # FSDP2 over gloo, 2 × 4 samples per step
     ref = losses(reference)
     two = losses(tmp_path / "run")
     assert len(two) == 4
     torch.testing.assert_close(two, ref[:4], rtol=1e-4, atol=1e-5)
+    assert checkpoint_step(tmp_path / "run") == last_logged_step(tmp_path / "run") == 4
     p = run_cli(rec, tmp_path)  # the sharded checkpoint continues in one process
     assert "world size 1" in p.stderr
     torch.testing.assert_close(losses(tmp_path / "run"), ref, rtol=1e-4, atol=1e-5)
+    assert checkpoint_step(tmp_path / "run") == last_logged_step(tmp_path / "run") == 8
 
+    from smalto.hf import load_pretrained
     from smalto.train.checkpoint import load_training_checkpoint
 
-    model = load_training_checkpoint(tmp_path / "run")
-    assert not any(torch.isnan(p).any() for p in model.parameters())
+    # the final checkpoint holds exactly the weights exported to HF at the same step
+    ckpt = load_training_checkpoint(tmp_path / "run").state_dict()
+    hf = load_pretrained(tmp_path / "hf").state_dict()
+    assert ckpt.keys() == hf.keys()
+    for k in ckpt:
+        assert torch.equal(ckpt[k], hf[k]), k
+    assert fixed_batch_loss(tmp_path / "run") == fixed_batch_loss(tmp_path / "run")  # deterministic re-load
 
 
 def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
@@ -76,11 +110,20 @@ def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     assert proc.returncode == 143, err[-3000:]
     ckpt = find_checkpoint(tmp_path / "run")
     assert ckpt is not None
-    step = json.loads((ckpt / "trainer.json").read_text())["step"]
-    assert step >= 2 and len(losses(tmp_path / "run")) == step
-    model = load_training_checkpoint(ckpt)
-    ids = torch.randint(0, 384, (1, 16))
-    assert torch.isfinite(model(ids).logits).all()
+    step = checkpoint_step(tmp_path / "run")
+    assert step >= 2 and len(losses(tmp_path / "run")) == step == last_logged_step(tmp_path / "run")
+    # the checkpoint re-loads to the same model every time, and `convert` carries it (and the run's tokenizer)
+    # into an HF folder that computes the same loss
+    loss = fixed_batch_loss(ckpt)
+    assert math.isfinite(loss) and loss == fixed_batch_loss(ckpt)
+    from smalto.hf import convert, load_pretrained
+
+    out = convert(tmp_path / "run", tmp_path / "hf")
+    assert (out / "tokenizer.json").read_bytes() == (
+        Path(tiny_data["tokenizer"]) / "tokenizer.json"
+    ).read_bytes()
+    assert fixed_batch_loss(out, load=load_pretrained) == loss
+    assert load_training_checkpoint(ckpt).config.n_layers == 2
 
 
 def test_plot_draws_the_run(reference, tmp_path):
