@@ -208,7 +208,22 @@ def flex_attention_fn(
             return score + slopes[h] * (kv_idx - q).to(score.dtype)
 
     enable_gqa = q.shape[1] != k.shape[1]
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    options = None
+    if q.is_cuda and mask.key_valid is None and mask.seq_q is None and mask.window <= 0:
+        # plain causal: the kernel may assume every row has a visible key in each tile it visits and that a
+        # row's tiles form runs (≈ 4% faster fwd+bwd, bench/bench_attention.py). Windows and documents break
+        # both (a row can be fully masked in a window's edge tile): the tests on CUDA fail with these hints on
+        options = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+    return fn(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        kernel_options=options,
+    )
 
 
 def resolve_attn_impl(impl: str, *, device: torch.device, training: bool, dropout: bool, decode: bool) -> str:

@@ -134,8 +134,12 @@ class MPTModel(nn.Module):
             pos = (q_pos[None, :] - n_pad).clamp(min=0)
             x = x + self.wpe(pos)
         x = self.emb_drop(x)
-
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        dtype = x.dtype
+        if torch.is_autocast_enabled(device.type):
+            # the residual stream in the autocast dtype, as FSDP2's bf16 param_dtype gives on several GPUs (and
+            # llm-foundry's FSDP mixed precision): one GPU computes what N do, with half the activation traffic
+            dtype = torch.get_autocast_dtype(device.type)
+            x = x.to(dtype)
         impl = resolve_attn_impl(
             c.attn_config.attn_impl,
             device=device,

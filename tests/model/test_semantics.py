@@ -1,5 +1,6 @@
 """Each option changes the computation the way it should, and nothing else."""
 
+import copy
 import math
 
 import pytest
@@ -180,6 +181,26 @@ def test_low_precision_layernorm_runs_in_autocast_dtype():
         assert norm(x).dtype == torch.bfloat16
         ref = torch.nn.functional.layer_norm(x.bfloat16(), (64,), norm.weight.bfloat16(), None, 1e-5)
         assert torch.equal(norm(x), ref)
+
+
+def test_autocast_over_fp32_weights_computes_what_bf16_weights_compute():
+    """One GPU trains with autocast over fp32 weights, N GPUs with FSDP2's bf16 param_dtype: the residual stream
+    is carried in bf16 in both, so both compute the same logits (here: bit for bit)."""
+    model = with_impl(tiny(norm_type="low_precision_layernorm"), "sdpa").eval()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # before the hook: the copy must not record into the list
+    block_inputs: list[torch.dtype] = []
+    model.transformer.blocks[1].register_forward_pre_hook(
+        lambda mod, args: block_inputs.append(args[0].dtype)
+    )
+    x = tokens(2, 12)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x).logits
+        pure = bf16(x).logits
+        full = model(x).logits
+    assert block_inputs == [torch.bfloat16, torch.float32]  # autocast: bf16 residual; without: fp32 as before
+    assert torch.equal(mixed, pure)
+    assert full.dtype == torch.float32
 
 
 def test_rope_matches_transformers_rotary():

@@ -1,0 +1,182 @@
+"""Which kernels a compiled decode step should use: the step timed with its attention / linears swapped.
+
+    python bench/decode_kernels.py 1b:1:sdpa:profile 1b:1:flex-decoding 7b:16:sdpa 7b:16:reductions
+    (each argument SHAPE:BATCH:VARIANT[:profile]; variant words combine with '+', e.g. gemv+no-cudnn)
+
+The decode step is smalto's (`smalto.generate.Decoder`: static per-layer KV cache of 256 slots, compiled with
+`mode="reduce-overhead"` into a CUDA graph) on a random-weight bf16 model after a 128-token prefill; only the
+decode attention (the `sdpa_attention` the model calls) or the linear layers are replaced:
+
+    sdpa             what smalto ships: F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN / cutlass)
+    no-cudnn         the same with PyTorch's cuDNN attention backend switched off
+    flex-decoding    FlexAttention (its split-KV decoding kernel for one query) with ALiBi and the mask as a score_mod
+    matmul           q·kᵀ and p·v as batched matmuls, softmax between (three kernels)
+    reductions       q·kᵀ and p·v as elementwise-multiply + sum, left to inductor to fuse into reductions
+    gemv             every linear as multiply + sum (an inductor reduction kernel in place of cuBLAS's GEMV)
+    cdt              inductor's coordinate-descent tuning of its own kernels
+
+Each row: ms per step (best of 3 × 100 replays), compile seconds, the largest |Δ| of the logits against the eager
+step with smalto's kernels, and with `:profile` the per-step GPU time of the top kernels. Output: JSON lines, and
+decode_kernels.json in $OUT when set. Figures in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import smalto.model.attention as attention
+from smalto.generate import Decoder
+from smalto.model.config import MPTConfig
+from smalto.model.mpt import MPTForCausalLM
+
+SHAPES = {
+    "1b": dict(d_model=2048, n_heads=16, n_layers=24, vocab_size=50432),
+    "7b": dict(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432),
+}
+SDPA = attention.sdpa_attention
+LINEAR = torch.nn.Linear.forward
+UNEMBED = MPTForCausalLM.unembed
+
+
+def matmul_attention(q, k, v, mask, slopes, scale, dropout_p, bias):
+    if q.shape[2] != 1 or bias is None:
+        return SDPA(q, k, v, mask, slopes, scale, dropout_p, bias)
+    s = (q @ k.transpose(-2, -1)).float() * scale + bias.float()
+    return s.softmax(-1).to(q.dtype) @ v
+
+
+def reduction_attention(q, k, v, mask, slopes, scale, dropout_p, bias):
+    if q.shape[2] != 1 or bias is None:
+        return SDPA(q, k, v, mask, slopes, scale, dropout_p, bias)
+    s = (q.float() * k.float()).sum(-1) * scale + bias[:, :, 0].float()  # (B, H, S)
+    return (s.softmax(-1)[..., None] * v.float()).sum(-2, keepdim=True).to(q.dtype)  # (B, H, 1, D)
+
+
+def flex_decoding_attention(q, k, v, mask, slopes, scale, dropout_p, bias):
+    if q.shape[2] != 1:
+        return SDPA(q, k, v, mask, slopes, scale, dropout_p, bias)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q_pos, valid = mask.q_pos, mask.key_valid
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        qp = q_pos[q_idx]
+        ok = (kv_idx <= qp) & (valid[b, kv_idx] | (kv_idx == qp))
+        return torch.where(ok, score + slopes[h] * (kv_idx - qp).to(score.dtype), -float("inf"))
+
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def gemv_linear(self, x):
+    if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled():
+        return (x[..., None, :].float() * self.weight.float()).sum(-1).to(x.dtype)
+    return LINEAR(self, x)
+
+
+def gemv_unembed(self, h):
+    return (h[..., None, :].float() * self.transformer.wte.weight.float()).sum(-1).to(h.dtype)
+
+
+ATTENTION = {
+    "matmul": matmul_attention,
+    "reductions": reduction_attention,
+    "flex-decoding": flex_decoding_attention,
+}
+
+
+def configure(variant: str) -> None:
+    import torch._inductor.config as inductor
+
+    words = set(variant.split("+"))
+    unknown = words - {*ATTENTION, "sdpa", "no-cudnn", "gemv", "cdt"}
+    if unknown:
+        raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
+    torch._dynamo.reset()
+    inductor.coordinate_descent_tuning = "cdt" in words
+    attention.sdpa_attention = next((ATTENTION[w] for w in words if w in ATTENTION), SDPA)
+    torch.backends.cuda.enable_cudnn_sdp("no-cudnn" not in words)
+    torch.nn.Linear.forward = gemv_linear if "gemv" in words else LINEAR  # type: ignore[method-assign]
+    MPTForCausalLM.unembed = gemv_unembed if "gemv" in words else UNEMBED  # type: ignore[method-assign]
+
+
+def top_kernels(dec: Decoder, tok, pos, n: int = 20) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(10):
+            dec.step(tok, pos)
+        torch.cuda.synchronize()
+    events = [e for e in p.key_averages() if e.device_time_total > 0]
+    rows = [(e.key[:90], e.count // 10, round(e.device_time_total / 10, 1)) for e in events]
+    rows.sort(key=lambda r: -r[2])
+    return [*rows[:n], ("total GPU µs per step", 0, round(sum(r[2] for r in rows), 1))]
+
+
+@torch.inference_mode()
+def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bool) -> dict:
+    configure(variant)
+    dec = Decoder(model, batch, 256, compile=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 128), device="cuda")
+    tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)[:, None]
+    pos = torch.full((1,), 128, dtype=torch.long, device="cuda")
+    start = time.perf_counter()
+    for _ in range(3):
+        dec.step(tok, pos)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    compiled = dec.step(tok, pos).clone()
+    attention.sdpa_attention, swapped = SDPA, attention.sdpa_attention
+    linear, unembed = torch.nn.Linear.forward, MPTForCausalLM.unembed
+    torch.nn.Linear.forward, MPTForCausalLM.unembed = LINEAR, UNEMBED  # type: ignore[method-assign]
+    max_diff = (compiled - dec._step(tok, pos)).abs().max().item()  # the step writes the same k/v again
+    attention.sdpa_attention = swapped
+    torch.nn.Linear.forward, MPTForCausalLM.unembed = linear, unembed  # type: ignore[method-assign]
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(100):
+            tok = dec.step(tok, pos).argmax(-1)[:, None]
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) * 10)
+    row = dict(shape=shape, batch=batch, variant=variant, ms=round(best, 3), compile_s=round(compile_s, 1))
+    row["max_abs_diff_vs_eager"] = max_diff
+    if profile:
+        row["kernels"] = top_kernels(dec, tok, pos)
+    del dec
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit(__doc__)
+    rows, models = [], {}
+    for arg in sys.argv[1:]:
+        shape, batch, variant, *flags = arg.split(":")
+        if shape not in models:
+            models.clear()
+            torch.cuda.empty_cache()
+            cfg = MPTConfig(**SHAPES[shape], max_seq_len=2048, no_bias=True, attn_config={"alibi": True})
+            models[shape] = MPTForCausalLM(cfg, device="cuda").to(torch.bfloat16).eval()
+        try:
+            row = run(shape, int(batch), variant, models[shape], profile="profile" in flags)
+        except Exception as e:  # a variant this torch cannot compile: report it, go on
+            row = dict(shape=shape, batch=int(batch), variant=variant, error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    configure("sdpa")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "decode_kernels.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
