@@ -1,13 +1,15 @@
 """Which kernels a compiled decode step should use: the step timed with its attention / linears swapped.
 
-    python bench/decode_kernels.py 1b:1:sdpa:profile 1b:1:flex-decoding 7b:16:sdpa 7b:16:reductions
+    python bench/decode_kernels.py 1b:1:sdpa:profile 1b:1:triton 7b:16:sdpa 7b:16:triton 7b:16:reductions
     (each argument SHAPE:BATCH:VARIANT[:profile]; variant words combine with '+', e.g. gemv+no-cudnn)
 
 The decode step is smalto's (`smalto.generate.Decoder`: static per-layer KV cache of 256 slots, compiled with
 `mode="reduce-overhead"` into a CUDA graph) on a random-weight bf16 model after a 128-token prefill; only the
 decode attention (the `sdpa_attention` the model calls) or the linear layers are replaced:
 
-    sdpa             what smalto ships: F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN / cutlass)
+    sdpa             what `attn_impl: auto` runs: F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN /
+                     cutlass)
+    triton           smalto's Triton decode kernel (smalto/model/decode_attention.py, SMALTO_DECODE_KERNEL=1)
     no-cudnn         the same with PyTorch's cuDNN attention backend switched off
     flex-decoding    FlexAttention (its split-KV decoding kernel for one query) with ALiBi and the mask as a score_mod
     matmul           q·kᵀ and p·v as batched matmuls, softmax between (three kernels)
@@ -15,8 +17,8 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers are
     gemv             every linear as multiply + sum (an inductor reduction kernel in place of cuBLAS's GEMV)
     cdt              inductor's coordinate-descent tuning of its own kernels
 
-Each row: ms per step (best of 3 × 100 replays), compile seconds, the largest |Δ| of the logits against the eager
-step with smalto's kernels, and with `:profile` the per-step GPU time of the top kernels. Output: JSON lines, and
+Each row: ms per step (best of 3 × 100 replays), compile seconds, the largest |Δ| of the logits against the
+uncompiled step with SDPA, and with `:profile` the per-step GPU time of the top kernels. Output: JSON lines, and
 decode_kernels.json in $OUT when set. Figures in docs/benchmarks.md.
 """
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 import smalto.model.attention as attention
+import smalto.model.decode_attention as decode_kernel
 from smalto.generate import Decoder
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
@@ -90,14 +93,17 @@ ATTENTION = {
 }
 
 
-def configure(variant: str) -> None:
+def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     import torch._inductor.config as inductor
 
     words = set(variant.split("+"))
-    unknown = words - {*ATTENTION, "sdpa", "no-cudnn", "gemv", "cdt"}
+    unknown = words - {*ATTENTION, "triton", "sdpa", "no-cudnn", "gemv", "cdt"}
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
+    decode_kernel.ENABLED = "triton" in words and decode_kernel.prepare()  # else `auto` decodes through SDPA
+    if model is not None:
+        model.config.attn_config.attn_impl = "auto"
     inductor.coordinate_descent_tuning = "cdt" in words
     attention.sdpa_attention = next((ATTENTION[w] for w in words if w in ATTENTION), SDPA)
     torch.backends.cuda.enable_cudnn_sdp("no-cudnn" not in words)
@@ -120,7 +126,7 @@ def top_kernels(dec: Decoder, tok, pos, n: int = 20) -> list:
 
 @torch.inference_mode()
 def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bool) -> dict:
-    configure(variant)
+    configure(variant, model)
     dec = Decoder(model, batch, 256, compile=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, 128), device="cuda")
     tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)[:, None]
@@ -134,7 +140,9 @@ def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bo
     attention.sdpa_attention, swapped = SDPA, attention.sdpa_attention
     linear, unembed = torch.nn.Linear.forward, MPTForCausalLM.unembed
     torch.nn.Linear.forward, MPTForCausalLM.unembed = LINEAR, UNEMBED  # type: ignore[method-assign]
+    enabled, decode_kernel.ENABLED = decode_kernel.ENABLED, False
     max_diff = (compiled - dec._step(tok, pos)).abs().max().item()  # the step writes the same k/v again
+    decode_kernel.ENABLED = enabled
     attention.sdpa_attention = swapped
     torch.nn.Linear.forward, MPTForCausalLM.unembed = linear, unembed  # type: ignore[method-assign]
     best = float("inf")

@@ -3,10 +3,13 @@
 Notation (shape names used in comments):
     B batch, H query heads, K key/value heads (GQA: H % K == 0), T query length, S key length, D head dim.
 
-One semantics, three kernels, chosen by `attn_impl` in `resolve_attn_impl` (the only place that decides):
-    eager  explicit softmax; the readable reference every other kernel is tested against
-    sdpa   F.scaled_dot_product_attention with the ALiBi bias and the mask folded into one additive bias
-    flex   FlexAttention: ALiBi as a `score_mod`, the mask as a block mask (sparse: skips masked tiles); GPU fast path
+One semantics, three kernels (and a fourth for decoding), chosen by `attn_impl` in `resolve_attn_impl` (the only
+place that decides):
+    eager   explicit softmax; the readable reference every other kernel is tested against
+    sdpa    F.scaled_dot_product_attention with the ALiBi bias and the mask folded into one additive bias
+    flex    FlexAttention: ALiBi as a `score_mod`, the mask as a block mask (sparse: skips masked tiles); GPU training
+    decode  one query per row against the KV cache in a Triton kernel (`decode_attention.py`): `auto` on CUDA
+            when SMALTO_DECODE_KERNEL=1 (opt-in until measured in the compiled step)
 
 Positions are "key coordinates": with a KV cache the keys are the S slots of the cache and the queries sit at
 `q_pos` (T,) inside them. A query always sees itself, so no softmax row is ever empty (padding rows stay finite).
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smalto.errors import ConfigError
+from smalto.model import decode_attention as decode_kernel
 from smalto.model.config import MPTConfig
 from smalto.model.layers import build_norm
 
@@ -226,9 +230,25 @@ def flex_attention_fn(
     )
 
 
-def resolve_attn_impl(impl: str, *, device: torch.device, training: bool, dropout: bool, decode: bool) -> str:
+def resolve_attn_impl(
+    impl: str,
+    *,
+    device: torch.device,
+    training: bool,
+    dropout: bool,
+    decode: bool,
+    head_dim: int = 0,
+    n_keys: int = 0,
+) -> str:
     """The one place that maps `attn_impl` to a kernel, refusing impossible combinations with the reason."""
     if impl == "auto":
+        if (
+            decode
+            and device.type == "cuda"
+            and decode_kernel.ENABLED
+            and decode_kernel.supports(head_dim, n_keys)
+        ):
+            return "decode"
         # flex compiles one kernel per shape: right for training (fixed shapes), wrong for inference, whose
         # lengths change with every request (a recompile each time, then the unfused fallback)
         if device.type == "cuda" and training and torch.is_grad_enabled() and not dropout and not decode:
@@ -330,6 +350,11 @@ class MPTAttention(nn.Module):
             y = eager_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p)
         elif inputs.impl == "sdpa":
             y = sdpa_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p, inputs.bias)
+        elif inputs.impl == "decode":
+            m = inputs.mask
+            y = decode_kernel.decode_attention(
+                q, k, v, m.q_pos, inputs.slopes, m.key_valid, self.softmax_scale, m.window
+            )
         else:
             y = flex_attention_fn(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, inputs.block_mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)

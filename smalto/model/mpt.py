@@ -146,6 +146,8 @@ class MPTModel(nn.Module):
             training=self.training,
             dropout=c.attn_config.attn_pdrop > 0 and self.training,
             decode=cache is not None and T == 1,
+            head_dim=c.head_dim,
+            n_keys=n_keys,
         )
         inputs = build_attention_inputs(c, mask, impl=impl, dtype=dtype)
         for block in self.blocks:

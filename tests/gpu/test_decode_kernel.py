@@ -1,0 +1,55 @@
+"""The Triton decode-attention kernel equals the eager reference (run on a GPU: `pytest -m gpu tests/gpu`)."""
+
+import math
+
+import pytest
+import torch
+
+from smalto.generate import generate
+from smalto.model import decode_attention as decode_kernel
+from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention
+from smalto.model.decode_attention import decode_attention
+from tests.model.helpers import tiny, tokens, with_impl
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _kernel_built():
+    assert decode_kernel.prepare(), "the decode kernel needs Triton"
+
+
+@pytest.mark.parametrize(
+    "B,H,K,S,D,window,pad,alibi",
+    [
+        (2, 4, 4, 100, 64, -1, False, True),
+        (3, 4, 2, 130, 112, -1, True, True),  # MPT-30B's head dim (not a power of two), GQA
+        (2, 4, 1, 300, 128, 70, True, True),  # MQA, a window, padding longer than a block
+        (2, 4, 2, 200, 128, -1, True, False),  # RoPE models: no ALiBi
+    ],
+)
+def test_kernel_equals_eager(B, H, K, S, D, window, pad, alibi):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, n, t, D, device="cuda", generator=g) for n, t in ((H, 1), (K, S), (K, S)))
+    q_pos = torch.tensor([S - 50], device="cuda")
+    valid = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    if pad:
+        for b in range(B):
+            valid[b, : b * 90] = False
+    mask = AttentionMask(q_pos=q_pos, n_keys=S, key_valid=valid, window=window)
+    slopes = alibi_slopes(H, device="cuda") if alibi else None
+    ref = eager_attention(q, k, v, mask, slopes, 1 / math.sqrt(D), 0.0)
+    got = decode_attention(q, k, v, q_pos, slopes, valid, 1 / math.sqrt(D), window)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attn_config": {"alibi": False, "rope": True, "kv_n_heads": 2}}])
+def test_compiled_generation_with_the_kernel_equals_eager_generation(overrides, monkeypatch):
+    monkeypatch.setattr(decode_kernel, "ENABLED", True)
+    model = tiny(max_seq_len=256, **overrides).cuda()
+    prompts = [tokens(1, 20)[0].tolist(), tokens(1, 7, seed=3)[0].tolist()]  # left padding in the batch
+    kw = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
+    fast = generate(with_impl(model, "auto"), None, prompts, compile=True, **kw)
+    assert model.__dict__["_smalto_decoder"].compiled  # no fallback to the eager step (it warns and goes on)
+    ref = generate(with_impl(model, "eager"), None, prompts, compile=False, **kw)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
