@@ -198,9 +198,9 @@ def test_hub_layout_bin_shards_legacy_keys(tmp_path: Path) -> None:
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
     loaded = load_pretrained(folder)
-    assert loaded.config.attn_config.attn_impl == "eager" and loaded.config.attn_config.alibi
+    assert loaded.config.attn_config.attn_impl == "auto" and loaded.config.attn_config.alibi
     x = ids()
-    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-5, rtol=0)  # eager vs sdpa kernels
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-5, rtol=0)
     native = transformers.AutoModelForCausalLM.from_pretrained(
         folder
     )  # transformers reads the same folder natively
@@ -237,7 +237,7 @@ def test_sharded_save_dtype_and_overrides(tmp_path: Path, safe: bool) -> None:
     assert set(index["weight_map"]) == set(model.state_dict())
     loaded = load_pretrained(tmp_path / "m", attn_impl="torch", max_seq_len=64)
     assert loaded.dtype == torch.bfloat16 and loaded.config.max_seq_len == 64
-    assert loaded.config.attn_config.attn_impl == "eager"
+    assert loaded.config.attn_config.attn_impl == "auto"
     for name, p in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p.to(torch.bfloat16)), name
     assert load_pretrained(tmp_path / "m", dtype="fp32").dtype == torch.float32

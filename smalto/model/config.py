@@ -19,8 +19,11 @@ from smalto.errors import ConfigError
 
 NORM_TYPES = ("layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm")
 ATTN_IMPLS = ("auto", "flex", "sdpa", "eager")
-# attn_impl values written by llm-foundry / the hub, mapped onto our backends
-LEGACY_ATTN_IMPLS = {"torch": "eager", "flash": "auto", "triton": "auto"}
+# attn_impl values written by llm-foundry / the hub. They chose an implementation of one computation, and every smalto
+# kernel computes that same attention (tests/model), so all of them map to `auto`, the fast kernel for the job: a
+# `mosaicml/mpt-7b` folder (`attn_impl: torch`) must not generate or evaluate through the materialised softmax.
+# `eager` stays available by name.
+LEGACY_ATTN_IMPLS = {"torch": "auto", "flash": "auto", "triton": "auto"}
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 FFN_TYPES = ("mptmlp", "mptglu")
 FFN_ACTS = ("gelu", "silu", "relu", "gelu_tanh")
