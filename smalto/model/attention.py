@@ -70,6 +70,23 @@ class AttentionMask:
 
     _dense: Tensor | None = field(default=None, repr=False, compare=False)
 
+    def rows(self, start: int, end: int) -> AttentionMask:
+        """The mask of queries start..end-1 only (same keys)."""
+        return AttentionMask(
+            q_pos=self.q_pos[start:end],
+            n_keys=self.n_keys,
+            key_valid=self.key_valid,
+            seq_q=self.seq_q[:, start:end] if self.seq_q is not None else None,
+            seq_k=self.seq_k,
+            window=self.window,
+            from_zero=self.from_zero and start == 0,
+        )
+
+    def bias_rows(self) -> int:
+        """The batch rows of the dense mask and of SDPA's bias: B when it depends on the row, else 1."""
+        per_row = self.key_valid if self.key_valid is not None else self.seq_q
+        return per_row.shape[0] if per_row is not None else 1
+
     @property
     def dense(self) -> Tensor:
         """(B|1, 1, T, S) bool: True where the query may attend (memoised by hand: functools.cached_property takes
@@ -148,6 +165,42 @@ def sdpa_bias(mask: AttentionMask, slopes: Tensor | None, dtype: torch.dtype) ->
     neg = torch.finfo(dtype).min
     alibi = mask.alibi(slopes) if slopes is not None else torch.zeros((), device=mask.q_pos.device)
     return torch.where(mask.dense, alibi, neg).to(dtype)
+
+
+# Elements of the one additive bias SDPA is given (rows·H·T·S): 2^30 is 2 GiB in bf16. A longer input (a long
+# StoryWriter prompt: T = S = 16k, 32 heads is 8.6e9) runs its queries in chunks, each with its own slice of the bias.
+SDPA_BIAS_BUDGET = 2**30
+
+
+def sdpa_query_chunk(mask: AttentionMask, n_heads: int, slopes: Tensor | None) -> int | None:
+    """Query rows per chunk when the whole bias would exceed SDPA_BIAS_BUDGET; None when it fits (or is not needed)."""
+    per_query = mask.bias_rows() * n_heads * mask.n_keys
+    if mask.q_pos.numel() * per_query <= SDPA_BIAS_BUDGET:
+        return None
+    plain = mask.key_valid is None and mask.seq_q is None and mask.window <= 0
+    if slopes is None and plain and mask.q_pos.numel() == mask.n_keys:
+        return None  # no bias at all: SDPA's own causal kernel
+    return max(1, SDPA_BIAS_BUDGET // per_query)
+
+
+def sdpa_attention_in_chunks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    slopes: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    chunk: int,
+) -> Tensor:
+    """SDPA over the queries `chunk` at a time, each chunk with its own bias: memory bounded by SDPA_BIAS_BUDGET."""
+    outs = []
+    for start in range(0, q.shape[2], chunk):
+        end = min(start + chunk, q.shape[2])
+        rows = mask.rows(start, end)
+        bias = sdpa_bias(rows, slopes, q.dtype)
+        outs.append(sdpa_attention(q[:, :, start:end], k, v, rows, slopes, scale, dropout_p, bias))
+    return torch.cat(outs, dim=2)
 
 
 def _flex():
@@ -293,6 +346,7 @@ class AttentionInputs:
     slopes: Tensor | None = None
     rope: tuple[Tensor, Tensor] | None = None
     bias: Tensor | None = None  # sdpa only
+    sdpa_chunk: int | None = None  # sdpa only: query rows per chunk when the whole bias would be too large
     block_mask: object | None = None  # flex only
 
 
@@ -348,6 +402,9 @@ class MPTAttention(nn.Module):
         p = self.attn_pdrop if self.training else 0.0
         if inputs.impl == "eager":
             y = eager_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p)
+        elif inputs.impl == "sdpa" and inputs.sdpa_chunk is not None:
+            m, chunk = inputs.mask, inputs.sdpa_chunk
+            y = sdpa_attention_in_chunks(q, k, v, m, inputs.slopes, self.softmax_scale, p, chunk)
         elif inputs.impl == "sdpa":
             y = sdpa_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p, inputs.bias)
         elif inputs.impl == "decode":
@@ -370,7 +427,9 @@ def build_attention_inputs(
     rope = rope_cos_sin(mask.q_pos, config.head_dim, a.rope_theta) if a.rope else None
     inputs = AttentionInputs(mask=mask, impl=impl, slopes=slopes, rope=rope)
     if impl == "sdpa":
-        inputs.bias = sdpa_bias(mask, slopes, dtype)
+        inputs.sdpa_chunk = sdpa_query_chunk(mask, config.n_heads, slopes)
+        if inputs.sdpa_chunk is None:
+            inputs.bias = sdpa_bias(mask, slopes, dtype)
     elif impl == "flex":
         inputs.block_mask = flex_block_mask(mask, config.n_heads)
     return inputs

@@ -14,6 +14,7 @@ from smalto.model.attention import (
     flex_attention_fn,
     flex_block_mask,
     sdpa_attention,
+    sdpa_attention_in_chunks,
     sdpa_bias,
 )
 from smalto.model.config import MPTConfig
@@ -65,7 +66,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "sdpa-chunked", "flex"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernels_match_the_written_out_formula(case, kernel):
     c = CASES[case]
@@ -96,6 +97,8 @@ def test_kernels_match_the_written_out_formula(case, kernel):
             got = eager_attention(q, k, v, mask, s, 0.3, 0.0)
         elif kernel == "sdpa":
             got = sdpa_attention(q, k, v, mask, s, 0.3, 0.0, sdpa_bias(mask, s, q.dtype))
+        elif kernel == "sdpa-chunked":  # 3 queries at a time: chunks that split documents and windows
+            got = sdpa_attention_in_chunks(q, k, v, mask, s, 0.3, 0.0, chunk=3)
         else:
             got = flex_attention_fn(q, k, v, mask, s, 0.3, flex_block_mask(mask, H))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

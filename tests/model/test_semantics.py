@@ -203,6 +203,47 @@ def test_autocast_over_fp32_weights_computes_what_bf16_weights_compute():
     assert full.dtype == torch.float32
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_long_inputs_run_sdpa_in_query_chunks_within_the_bias_budget(monkeypatch, cached):
+    """A bias larger than SDPA_BIAS_BUDGET is never built: the queries run in chunks, with the same outputs and
+    gradients (here with padding, so the bias is per row)."""
+    import smalto.model.attention as attention
+
+    model = with_impl(tiny(max_seq_len=64), "sdpa").train()
+    x = tokens(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :5] = False
+
+    def run():
+        model.zero_grad()
+        if cached:
+            cache = KVCache.for_model(model.config, 2, 48, torch.float32, "cpu")
+            out = model(x, attention_mask=mask, past_key_values=cache).logits
+        else:
+            out = model(x, attention_mask=mask).logits
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref, ref_grads = run()
+    built: list[int] = []
+    real_bias = attention.sdpa_bias
+
+    def counting_bias(*args, **kwargs):
+        b = real_bias(*args, **kwargs)
+        built.append(b.numel())
+        return b
+
+    n_keys = 48 if cached else 40
+    monkeypatch.setattr(attention, "SDPA_BIAS_BUDGET", 2 * 4 * n_keys * 7)  # 7 queries × 2 rows × 4 heads × S
+    monkeypatch.setattr(attention, "sdpa_bias", counting_bias)
+    got, got_grads = run()
+    assert built and max(built) <= attention.SDPA_BIAS_BUDGET
+    assert len(built) == model.config.n_layers * -(-40 // 7)  # 6 chunks per layer
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
 def test_rope_matches_transformers_rotary():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
