@@ -357,7 +357,7 @@ def chat(
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
 ) -> None:
     """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
-    from smalto.generate import ChatSession
+    from smalto.chat import ChatSession
     from smalto.hf import load_model_and_tokenizer
 
     lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)

@@ -30,6 +30,7 @@ from torch import Tensor
 from smalto.errors import ConfigError, UserError
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
+from smalto.sampling import SamplingParams, sample
 
 CACHE_BUCKET = 256  # compiled decode graphs are reused across calls whose length rounds up to the same bucket
 
@@ -50,71 +51,6 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
-
-
-@dataclass
-class SamplingParams:
-    """temperature 0 means greedy; None / 0 / 1.0 switch a filter off."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature = {self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 0:
-            raise ConfigError(f"top_k = {self.top_k} must be >= 0 (0 or None = off)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ConfigError(f"min_p = {self.min_p} must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty = {self.repetition_penalty} must be > 0 (1.0 = off)")
-
-
-def filter_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None = None) -> Tensor:
-    """Float logits (B, V) → the logits to sample from: repetition penalty, temperature, then top-k, top-p and
-    min-p set the dropped tokens to -inf (the order and semantics of transformers' logits processors).
-    `seen` (B, V) bool marks the tokens the repetition penalty applies to (positive logits divided, negative
-    multiplied). With temperature 0 only the penalty applies."""
-    if seen is not None and p.repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if p.temperature == 0:
-        return logits
-    logits = logits / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p is not None and p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = (
-            probs.cumsum(dim=-1) - probs >= p.top_p
-        )  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(
-            torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf")
-        )
-    if p.min_p:
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
-    return logits
-
-
-def sample(
-    logits: Tensor, p: SamplingParams, seen: Tensor | None = None, generator: torch.Generator | None = None
-) -> Tensor:
-    """Next token per row (B,) from float logits (B, V), on the device, without a host sync."""
-    logits = filter_logits(logits, p, seen)
-    if p.temperature == 0:
-        return logits.argmax(dim=-1)
-    # Gumbel-max with exponential noise: argmax(probs / E) samples from probs without torch.multinomial's sync
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------- the decoder: cache + (compiled) step
@@ -377,45 +313,3 @@ def generate(
         )
         for i in range(len(prompts))
     ]
-
-
-class ChatSession:
-    """A conversation: the history as chat messages, formatted with the tokenizer's template (else ChatML).
-
-    `send(text)` appends the user turn, generates the assistant turn (streamed through `callback`) and returns it.
-    When the history no longer fits `max_seq_len` with room for the answer, the oldest turns are dropped
-    (a system message is kept).
-    """
-
-    def __init__(
-        self, model: MPTForCausalLM, tokenizer: Any, *, system: str | None = None, **gen_kwargs: Any
-    ):
-        from smalto.tokenizer import chat_stop_strings
-
-        self.model, self.tokenizer, self.system, self.gen_kwargs = model, tokenizer, system, gen_kwargs
-        self.stop = [*chat_stop_strings(tokenizer), *(gen_kwargs.pop("stop", None) or [])]
-        self.messages: list[dict[str, str]] = []
-        self.reset()
-
-    def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-
-    def _prompt(self) -> str:
-        from smalto.tokenizer import apply_chat_template
-
-        room = self.model.config.max_seq_len - self.gen_kwargs.get("max_new_tokens", 128)
-        first = 1 if self.system else 0
-        while True:
-            text = apply_chat_template(self.tokenizer, self.messages, add_generation_prompt=True)
-            if len(self.tokenizer.encode(text)) <= room or len(self.messages) - first <= 1:
-                return text
-            del self.messages[first : first + 2]  # the oldest user/assistant pair
-
-    def send(self, text: str, callback: Callable[[Delta], None] | None = None) -> str:
-        self.messages.append({"role": "user", "content": text})
-        (out,) = generate(
-            self.model, self.tokenizer, [self._prompt()], stop=self.stop, callback=callback, **self.gen_kwargs
-        )
-        answer = (out.text or "").strip()
-        self.messages.append({"role": "assistant", "content": answer})
-        return answer

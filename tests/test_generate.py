@@ -8,12 +8,14 @@ import pytest
 import torch
 import transformers
 
+from smalto.chat import ChatSession
 from smalto.errors import UserError
-from smalto.generate import ChatSession, SamplingParams, filter_logits, generate, iter_generate, sample
+from smalto.generate import generate, iter_generate
 from smalto.hf import load_pretrained, save_pretrained
 from smalto.model.cache import KVCache
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from smalto.sampling import SamplingParams, filter_logits, sample
 from smalto.tokenizer import load_tokenizer
 
 ALIBI = dict(

@@ -1,0 +1,51 @@
+"""A conversation with a model: the history as chat messages, formatted with the tokenizer's template (else ChatML)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from smalto.generate import Delta, generate
+from smalto.model.mpt import MPTForCausalLM
+
+
+class ChatSession:
+    """A conversation: the history as chat messages, formatted with the tokenizer's template (else ChatML).
+
+    `send(text)` appends the user turn, generates the assistant turn (streamed through `callback`) and returns it.
+    When the history no longer fits `max_seq_len` with room for the answer, the oldest turns are dropped
+    (a system message is kept).
+    """
+
+    def __init__(
+        self, model: MPTForCausalLM, tokenizer: Any, *, system: str | None = None, **gen_kwargs: Any
+    ):
+        from smalto.tokenizer import chat_stop_strings
+
+        self.model, self.tokenizer, self.system, self.gen_kwargs = model, tokenizer, system, gen_kwargs
+        self.stop = [*chat_stop_strings(tokenizer), *(gen_kwargs.pop("stop", None) or [])]
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _prompt(self) -> str:
+        from smalto.tokenizer import apply_chat_template
+
+        room = self.model.config.max_seq_len - self.gen_kwargs.get("max_new_tokens", 128)
+        first = 1 if self.system else 0
+        while True:
+            text = apply_chat_template(self.tokenizer, self.messages, add_generation_prompt=True)
+            if len(self.tokenizer.encode(text)) <= room or len(self.messages) - first <= 1:
+                return text
+            del self.messages[first : first + 2]  # the oldest user/assistant pair
+
+    def send(self, text: str, callback: Callable[[Delta], None] | None = None) -> str:
+        self.messages.append({"role": "user", "content": text})
+        (out,) = generate(
+            self.model, self.tokenizer, [self._prompt()], stop=self.stop, callback=callback, **self.gen_kwargs
+        )
+        answer = (out.text or "").strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
