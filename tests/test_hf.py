@@ -17,6 +17,7 @@ from smalto.errors import CheckpointError, ConfigError
 from smalto.hf import load_pretrained, native_incompatibilities, save_pretrained
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.model.helpers import MPT_7B_CONFIG_JSON
 
 NATIVE = dict(
     d_model=64,
@@ -134,54 +135,14 @@ def test_hub_layout_bin_shards_legacy_keys(tmp_path: Path) -> None:
     model = make_model(NATIVE)
     folder = tmp_path / "mpt-7b-like"
     folder.mkdir()
-    config = {
-        "architectures": ["MPTForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_mpt.MPTConfig",
-            "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM",
-        },
-        "attn_config": {
-            "alibi": True,
-            "alibi_bias_max": 8,
-            "attn_impl": "torch",
-            "attn_pdrop": 0,
-            "attn_type": "multihead_attention",
-            "attn_uses_sequence_id": False,
-            "clip_qkv": 6.0,
-            "prefix_lm": False,
-            "qk_ln": False,
-            "softmax_scale": None,
-        },
+    config = {  # the hub's mpt-7b config.json, at the tiny shape of NATIVE
+        **MPT_7B_CONFIG_JSON,
+        "attn_config": {**MPT_7B_CONFIG_JSON["attn_config"], "clip_qkv": 6.0},
         "d_model": 64,
-        "emb_pdrop": 0,
-        "embedding_fraction": 1.0,
-        "expansion_ratio": 4,
-        "init_config": {
-            "emb_init_std": None,
-            "emb_init_uniform_lim": None,
-            "fan_mode": "fan_in",
-            "init_div_is_residual": True,
-            "init_gain": 0,
-            "init_nonlinearity": "relu",
-            "init_std": 0.02,
-            "name": "kaiming_normal_",
-            "verbose": 0,
-        },
-        "init_device": "cpu",
-        "learned_pos_emb": True,
-        "logit_scale": None,
         "max_seq_len": 32,
-        "model_type": "mpt",
         "n_heads": 4,
         "n_layers": 2,
-        "no_bias": True,
-        "norm_type": "low_precision_layernorm",
-        "resid_pdrop": 0,
-        "tokenizer_name": "EleutherAI/gpt-neox-20b",
         "torch_dtype": "float32",
-        "transformers_version": "4.28.1",
-        "use_cache": False,
-        "verbose": 0,
         "vocab_size": 256,
     }
     (folder / "config.json").write_text(json.dumps(config))

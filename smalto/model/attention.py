@@ -82,6 +82,11 @@ class AttentionMask:
             from_zero=self.from_zero and start == 0,
         )
 
+    @property
+    def causal_only(self) -> bool:
+        """Nothing but causality (and the cache's unwritten slots) hides keys: no padding, documents or window."""
+        return self.key_valid is None and self.seq_q is None and self.window <= 0
+
     def bias_rows(self) -> int:
         """The batch rows of the dense mask and of SDPA's bias: B when it depends on the row, else 1."""
         per_row = self.key_valid if self.key_valid is not None else self.seq_q
@@ -159,12 +164,16 @@ def sdpa_attention(
 
 def sdpa_bias(mask: AttentionMask, slopes: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """The additive bias SDPA takes, shared by all blocks of one forward; None means plain causal."""
-    plain = mask.key_valid is None and mask.seq_q is None and mask.window <= 0
-    if slopes is None and plain and mask.q_pos.numel() == mask.n_keys:
+    if _bias_free(mask, slopes):
         return None
     neg = torch.finfo(dtype).min
     alibi = mask.alibi(slopes) if slopes is not None else torch.zeros((), device=mask.q_pos.device)
     return torch.where(mask.dense, alibi, neg).to(dtype)
+
+
+def _bias_free(mask: AttentionMask, slopes: Tensor | None) -> bool:
+    """Plain causal self-attention without ALiBi: SDPA's own causal kernel needs no bias."""
+    return slopes is None and mask.causal_only and mask.q_pos.numel() == mask.n_keys
 
 
 # Elements of the one additive bias SDPA is given (rows·H·T·S): 2^30 is 2 GiB in bf16. A longer input (a long
@@ -177,9 +186,8 @@ def sdpa_query_chunk(mask: AttentionMask, n_heads: int, slopes: Tensor | None) -
     per_query = mask.bias_rows() * n_heads * mask.n_keys
     if mask.q_pos.numel() * per_query <= SDPA_BIAS_BUDGET:
         return None
-    plain = mask.key_valid is None and mask.seq_q is None and mask.window <= 0
-    if slopes is None and plain and mask.q_pos.numel() == mask.n_keys:
-        return None  # no bias at all: SDPA's own causal kernel
+    if _bias_free(mask, slopes):
+        return None
     return max(1, SDPA_BIAS_BUDGET // per_query)
 
 
@@ -194,6 +202,9 @@ def sdpa_attention_in_chunks(
     chunk: int,
 ) -> Tensor:
     """SDPA over the queries `chunk` at a time, each chunk with its own bias: memory bounded by SDPA_BIAS_BUDGET."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: expand the keys/values once, not once per chunk
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     outs = []
     for start in range(0, q.shape[2], chunk):
         end = min(start + chunk, q.shape[2])
@@ -266,7 +277,7 @@ def flex_attention_fn(
 
     enable_gqa = q.shape[1] != k.shape[1]
     options = None
-    if q.is_cuda and mask.key_valid is None and mask.seq_q is None and mask.window <= 0:
+    if q.is_cuda and mask.causal_only:
         # plain causal: the kernel may assume every row has a visible key in each tile it visits and that a
         # row's tiles form runs (≈ 4% faster fwd+bwd, bench/bench_attention.py). Windows and documents break
         # both (a row can be fully masked in a window's edge tile): the tests on CUDA fail with these hints on

@@ -5,6 +5,58 @@ from smalto.model.mpt import MPTForCausalLM
 
 VOCAB = 128
 
+# config.json of mosaicml/mpt-7b as published on the hub (the keys that matter; auto_map trimmed)
+MPT_7B_CONFIG_JSON = {
+    "architectures": ["MPTForCausalLM"],
+    "attn_config": {
+        "alibi": True,
+        "alibi_bias_max": 8,
+        "attn_impl": "torch",
+        "attn_pdrop": 0,
+        "attn_type": "multihead_attention",
+        "attn_uses_sequence_id": False,
+        "clip_qkv": None,
+        "prefix_lm": False,
+        "qk_ln": False,
+        "softmax_scale": None,
+    },
+    "auto_map": {
+        "AutoConfig": "configuration_mpt.MPTConfig",
+        "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM",
+    },
+    "d_model": 4096,
+    "emb_pdrop": 0,
+    "embedding_fraction": 1.0,
+    "expansion_ratio": 4,
+    "init_config": {
+        "emb_init_std": None,
+        "emb_init_uniform_lim": None,
+        "fan_mode": "fan_in",
+        "init_div_is_residual": True,
+        "init_gain": 0,
+        "init_nonlinearity": "relu",
+        "init_std": 0.02,
+        "name": "kaiming_normal_",
+        "verbose": 0,
+    },
+    "init_device": "cpu",
+    "learned_pos_emb": True,
+    "logit_scale": None,
+    "max_seq_len": 2048,
+    "model_type": "mpt",
+    "n_heads": 32,
+    "n_layers": 32,
+    "no_bias": True,
+    "norm_type": "low_precision_layernorm",
+    "resid_pdrop": 0,
+    "tokenizer_name": "EleutherAI/gpt-neox-20b",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.28.1",
+    "use_cache": False,
+    "verbose": 0,
+    "vocab_size": 50432,
+}
+
 
 def tiny(seed: int = 0, **overrides) -> MPTForCausalLM:
     """A 2-layer, d_model-64 MPT in float32 with the given config overrides."""
