@@ -155,5 +155,10 @@ def prepare() -> bool:
     return _OP is not None
 
 
-if ENABLED:
-    prepare()
+if ENABLED and not prepare():
+    import warnings
+
+    warnings.warn(
+        "SMALTO_DECODE_KERNEL=1 but Triton is not installed: decoding uses SDPA (pip install triton)",
+        stacklevel=1,
+    )
