@@ -7,9 +7,9 @@ The decode step is smalto's (`smalto.generate.Decoder`: static per-layer KV cach
 `mode="reduce-overhead"` into a CUDA graph) on a random-weight bf16 model after a 128-token prefill; only the
 decode attention (the `sdpa_attention` the model calls) or the linear layers are replaced:
 
-    sdpa             what `attn_impl: auto` runs: F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN /
-                     cutlass)
-    triton           smalto's Triton decode kernel (smalto/model/decode_attention.py, SMALTO_DECODE_KERNEL=1)
+    auto             what `attn_impl: auto` runs: the Triton kernel when batch × heads ≥ 2 per SM, else SDPA
+    sdpa             F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN / cutlass)
+    triton           smalto's Triton decode kernel (smalto/model/decode_attention.py), at any batch
     no-cudnn         the same with PyTorch's cuDNN attention backend switched off
     flex-decoding    FlexAttention (its split-KV decoding kernel for one query) with ALiBi and the mask as a score_mod
     matmul           q·kᵀ and p·v as batched matmuls, softmax between (three kernels)
@@ -45,6 +45,7 @@ SHAPES = {
 SDPA = attention.sdpa_attention
 LINEAR = torch.nn.Linear.forward
 UNEMBED = MPTForCausalLM.unembed
+AUTO_THRESHOLD = decode_kernel.PROGRAMS_PER_SM
 
 
 def matmul_attention(q, k, v, mask, slopes, scale, dropout_p, bias):
@@ -97,11 +98,12 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     import torch._inductor.config as inductor
 
     words = set(variant.split("+"))
-    unknown = words - {*ATTENTION, "triton", "sdpa", "no-cudnn", "gemv", "cdt"}
+    unknown = words - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "gemv", "cdt"}
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
-    decode_kernel.ENABLED = "triton" in words and decode_kernel.prepare()  # else `auto` decodes through SDPA
+    decode_kernel.prepare()
+    decode_kernel.PROGRAMS_PER_SM = 0 if "triton" in words else AUTO_THRESHOLD if "auto" in words else 1 << 30
     if model is not None:
         model.config.attn_config.attn_impl = "auto"
     inductor.coordinate_descent_tuning = "cdt" in words
@@ -140,9 +142,9 @@ def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bo
     attention.sdpa_attention, swapped = SDPA, attention.sdpa_attention
     linear, unembed = torch.nn.Linear.forward, MPTForCausalLM.unembed
     torch.nn.Linear.forward, MPTForCausalLM.unembed = LINEAR, UNEMBED  # type: ignore[method-assign]
-    enabled, decode_kernel.ENABLED = decode_kernel.ENABLED, False
+    threshold, decode_kernel.PROGRAMS_PER_SM = decode_kernel.PROGRAMS_PER_SM, 1 << 30
     max_diff = (compiled - dec._step(tok, pos)).abs().max().item()  # the step writes the same k/v again
-    decode_kernel.ENABLED = enabled
+    decode_kernel.PROGRAMS_PER_SM = threshold
     attention.sdpa_attention = swapped
     torch.nn.Linear.forward, MPTForCausalLM.unembed = linear, unembed  # type: ignore[method-assign]
     best = float("inf")

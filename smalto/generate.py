@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from smalto.errors import ConfigError, UserError
+from smalto.model import decode_attention as decode_kernel
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
@@ -65,6 +66,8 @@ class Decoder:
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
+            if model.device.type == "cuda":
+                decode_kernel.prepare()  # the Triton decode attention, built before tracing (auto picks it)
             for t in self.cache.tensors():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)

@@ -8,8 +8,8 @@ place that decides):
     eager   explicit softmax; the readable reference every other kernel is tested against
     sdpa    F.scaled_dot_product_attention with the ALiBi bias and the mask folded into one additive bias
     flex    FlexAttention: ALiBi as a `score_mod`, the mask as a block mask (sparse: skips masked tiles); GPU training
-    decode  one query per row against the KV cache in a Triton kernel (`decode_attention.py`): `auto` on CUDA
-            when SMALTO_DECODE_KERNEL=1 (opt-in until measured in the compiled step)
+    decode  one query per row against the KV cache in a Triton kernel (`decode_attention.py`): `auto` for a
+            compiled decode step on CUDA when rows × heads fill the GPU (batched decoding)
 
 Positions are "key coordinates": with a KV cache the keys are the S slots of the cache and the queries sit at
 `q_pos` (T,) inside them. A query always sees itself, so no softmax row is ever empty (padding rows stay finite).
@@ -303,15 +303,11 @@ def resolve_attn_impl(
     decode: bool,
     head_dim: int = 0,
     n_keys: int = 0,
+    programs: int = 0,
 ) -> str:
     """The one place that maps `attn_impl` to a kernel, refusing impossible combinations with the reason."""
     if impl == "auto":
-        if (
-            decode
-            and device.type == "cuda"
-            and decode_kernel.ENABLED
-            and decode_kernel.supports(head_dim, n_keys)
-        ):
+        if decode and decode_kernel.supports(head_dim, n_keys, programs, device):
             return "decode"
         # flex compiles one kernel per shape: right for training (fixed shapes), wrong for inference, whose
         # lengths change with every request (a recompile each time, then the unfused fallback)

@@ -11,26 +11,34 @@ T == 1 (a query always sees itself), which `tests/gpu` checks.
 
 `decode_attention(q, k, v, q_pos, slopes, key_valid, scale, window)` is a `torch.library` custom op with a fake
 (shape) implementation, so a compiled (CUDA-graph) decode step calls it without a graph break. `prepare()` builds
-it (on import when SMALTO_DECODE_KERNEL=1); `supports(head_dim, n_slots)` says whether it applies.
+it (the decoder calls it before compiling); `supports(head_dim, n_slots, programs, device)` says whether `auto`
+should use it: only when rows × heads fill the GPU. With fewer programs (batch 1: 16 or 32 heads on 132 SMs) each
+walks its whole cache alone and SDPA is faster (docs/benchmarks.md: MPT-7B batch 1, 5.80 vs 5.69 ms a step; a
+split-KV variant with a merge kernel measured 5.82 ms and was dropped); at batch 16 the kernel is (6.24 vs 6.43 ms).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
-# Opt-in until its compiled speed is measured (docs/generate.md): the kernel's results are checked on an H100
-# (tests/gpu/test_decode_kernel.py), its speed inside the compiled decode step is not yet.
-ENABLED = os.environ.get("SMALTO_DECODE_KERNEL", "0") == "1"
 MAX_SLOTS = 8192  # one program per (row, head) walks the whole cache: past this, split-KV kernels do better
+PROGRAMS_PER_SM = 2  # below this many (row, head) programs per SM, SDPA is faster (measured, see above)
 
 
-def supports(head_dim: int, n_slots: int) -> bool:
-    """Whether the kernel runs this shape here (Triton installed; the caller has checked for CUDA)."""
-    return 0 < head_dim <= 256 and 0 < n_slots <= MAX_SLOTS and _OP is not None
+def supports(head_dim: int, n_slots: int, programs: int, device: torch.device) -> bool:
+    """Whether `auto` decodes with the kernel: Triton built (`prepare()`), the shape in range, the GPU filled."""
+    if _OP is None or not (0 < head_dim <= 256 and 0 < n_slots <= MAX_SLOTS) or device.type != "cuda":
+        return False
+    return programs >= PROGRAMS_PER_SM * _sm_count(device)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _build():
@@ -147,18 +155,9 @@ _OP = None
 
 
 def prepare() -> bool:
-    """Build the op (imports Triton); True when it is ready. Call it outside torch.compile: tracing a decode step
-    cannot enter an import, so the step only uses an op that exists already."""
+    """Build the op (imports Triton); True when it is ready. Call it outside torch.compile (the decoder does, on
+    CUDA): tracing a decode step cannot enter an import, so the step only uses an op that exists already."""
     global _OP
     if _OP is None and importlib.util.find_spec("triton") is not None:
         _OP = _build()
     return _OP is not None
-
-
-if ENABLED and not prepare():
-    import warnings
-
-    warnings.warn(
-        "SMALTO_DECODE_KERNEL=1 but Triton is not installed: decoding uses SDPA (pip install triton)",
-        stacklevel=1,
-    )

@@ -148,6 +148,7 @@ class MPTModel(nn.Module):
             decode=cache is not None and T == 1,
             head_dim=c.head_dim,
             n_keys=n_keys,
+            programs=input_ids.shape[0] * c.n_heads,
         )
         inputs = build_attention_inputs(c, mask, impl=impl, dtype=dtype)
         for block in self.blocks:

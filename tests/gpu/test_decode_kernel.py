@@ -7,7 +7,7 @@ import torch
 
 from smalto.generate import generate
 from smalto.model import decode_attention as decode_kernel
-from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention
+from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention, resolve_attn_impl
 from smalto.model.decode_attention import decode_attention
 from tests.model.helpers import tiny, tokens, with_impl
 
@@ -45,11 +45,24 @@ def test_kernel_equals_eager(B, H, K, S, D, window, pad, alibi):
 
 @pytest.mark.parametrize("overrides", [{}, {"attn_config": {"alibi": False, "rope": True, "kv_n_heads": 2}}])
 def test_compiled_generation_with_the_kernel_equals_eager_generation(overrides, monkeypatch):
-    monkeypatch.setattr(decode_kernel, "ENABLED", True)
+    monkeypatch.setattr(decode_kernel, "PROGRAMS_PER_SM", 0)  # the tiny batch: use it anyway
+    calls, kernel = [], decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     model = tiny(max_seq_len=256, **overrides).cuda()
     prompts = [tokens(1, 20)[0].tolist(), tokens(1, 7, seed=3)[0].tolist()]  # left padding in the batch
     kw = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
     fast = generate(with_impl(model, "auto"), None, prompts, compile=True, **kw)
     assert model.__dict__["_smalto_decoder"].compiled  # no fallback to the eager step (it warns and goes on)
+    assert calls, "auto did not pick the decode kernel"
     ref = generate(with_impl(model, "eager"), None, prompts, compile=False, **kw)
     assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
+
+
+def test_auto_decodes_with_the_kernel_only_when_rows_times_heads_fill_the_gpu():
+    cuda = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(cuda).multi_processor_count
+    kw = dict(device=cuda, training=False, dropout=False, decode=True, head_dim=128, n_keys=256)
+    assert resolve_attn_impl("auto", programs=16 * 32, **kw) == ("decode" if 16 * 32 >= 2 * sms else "sdpa")
+    assert resolve_attn_impl("auto", programs=32, **kw) == "sdpa"  # MPT-7B at batch 1: SDPA is faster
+    assert resolve_attn_impl("auto", programs=4 * sms, **{**kw, "decode": False}) == "sdpa"  # a prefill
+    assert resolve_attn_impl("sdpa", programs=4 * sms, **kw) == "sdpa"  # asked for by name
