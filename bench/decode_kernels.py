@@ -7,7 +7,7 @@ The decode step is smalto's (`smalto.generate.Decoder`: static per-layer KV cach
 `mode="reduce-overhead"` into a CUDA graph) on a random-weight bf16 model after a 128-token prefill; only the
 decode attention (the `sdpa_attention` the model calls) or the linear layers are replaced:
 
-    auto             what `attn_impl: auto` runs: the Triton kernel when batch × heads ≥ 2 per SM, else SDPA
+    auto             what `attn_impl: auto` runs: the Triton kernel when batch × heads ≥ the SM count, else SDPA
     sdpa             F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN / cutlass)
     triton           smalto's Triton decode kernel (smalto/model/decode_attention.py), at any batch
     no-cudnn         the same with PyTorch's cuDNN attention backend switched off
@@ -102,7 +102,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
-    decode_kernel.prepare()
+    decode_kernel.prepare(torch.device("cuda"))
     decode_kernel.PROGRAMS_PER_SM = 0 if "triton" in words else AUTO_THRESHOLD if "auto" in words else 1 << 30
     if model is not None:
         model.config.attn_config.attn_impl = "auto"

@@ -67,7 +67,9 @@ class Decoder:
         self.compiled = False
         if compile:
             if model.device.type == "cuda":
-                decode_kernel.prepare()  # the Triton decode attention, built before tracing (auto picks it)
+                decode_kernel.prepare(
+                    model.device
+                )  # the Triton decode attention, built before tracing (auto picks it)
             for t in self.cache.tensors():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)

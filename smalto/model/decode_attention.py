@@ -14,31 +14,28 @@ T == 1 (a query always sees itself), which `tests/gpu` checks.
 it (the decoder calls it before compiling); `supports(head_dim, n_slots, programs, device)` says whether `auto`
 should use it: only when rows × heads fill the GPU. With fewer programs (batch 1: 16 or 32 heads on 132 SMs) each
 walks its whole cache alone and SDPA is faster (docs/benchmarks.md: MPT-7B batch 1, 5.80 vs 5.69 ms a step; a
-split-KV variant with a merge kernel measured 5.82 ms and was dropped); at batch 16 the kernel is (6.24 vs 6.43 ms).
+split-KV variant with a merge kernel measured 5.82 ms and was dropped); from about one program per SM up the
+kernel is faster (7B batch 8, 256 programs: 6.00 vs 6.02 ms; batch 16: 6.24 vs 6.43 ms).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
 from torch import Tensor
 
 MAX_SLOTS = 8192  # one program per (row, head) walks the whole cache: past this, split-KV kernels do better
-PROGRAMS_PER_SM = 2  # below this many (row, head) programs per SM, SDPA is faster (measured, see above)
+PROGRAMS_PER_SM = 1  # below this many (row, head) programs per SM, SDPA is faster (measured, see above)
 
 
 def supports(head_dim: int, n_slots: int, programs: int, device: torch.device) -> bool:
     """Whether `auto` decodes with the kernel: Triton built (`prepare()`), the shape in range, the GPU filled."""
     if _OP is None or not (0 < head_dim <= 256 and 0 < n_slots <= MAX_SLOTS) or device.type != "cuda":
         return False
-    return programs >= PROGRAMS_PER_SM * _sm_count(device)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return (
+        programs >= PROGRAMS_PER_SM * _SMS
+    )  # a plain int: the traced decode step guards on it, no CUDA call
 
 
 def _build():
@@ -152,12 +149,15 @@ def decode_attention(
 
 
 _OP = None
+_SMS = 0  # the GPU's streaming multiprocessors, read by prepare()
 
 
-def prepare() -> bool:
+def prepare(device: torch.device | None = None) -> bool:
     """Build the op (imports Triton); True when it is ready. Call it outside torch.compile (the decoder does, on
     CUDA): tracing a decode step cannot enter an import, so the step only uses an op that exists already."""
-    global _OP
+    global _OP, _SMS
     if _OP is None and importlib.util.find_spec("triton") is not None:
         _OP = _build()
+    if _OP is not None and device is not None and device.type == "cuda":
+        _SMS = torch.cuda.get_device_properties(device).multi_processor_count
     return _OP is not None

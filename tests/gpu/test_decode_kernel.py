@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True)
 def _kernel_built():
-    assert decode_kernel.prepare(), "the decode kernel needs Triton"
+    assert decode_kernel.prepare(torch.device("cuda")), "the decode kernel needs Triton"
 
 
 @pytest.mark.parametrize(
@@ -60,9 +60,9 @@ def test_compiled_generation_with_the_kernel_equals_eager_generation(overrides, 
 
 def test_auto_decodes_with_the_kernel_only_when_rows_times_heads_fill_the_gpu():
     cuda = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(cuda).multi_processor_count
+    sms = torch.cuda.get_device_properties(cuda).multi_processor_count  # an H100: 132
     kw = dict(device=cuda, training=False, dropout=False, decode=True, head_dim=128, n_keys=256)
-    assert resolve_attn_impl("auto", programs=16 * 32, **kw) == ("decode" if 16 * 32 >= 2 * sms else "sdpa")
+    assert resolve_attn_impl("auto", programs=16 * 32, **kw) == "decode"  # MPT-7B at batch 16
     assert resolve_attn_impl("auto", programs=32, **kw) == "sdpa"  # MPT-7B at batch 1: SDPA is faster
     assert resolve_attn_impl("auto", programs=4 * sms, **{**kw, "decode": False}) == "sdpa"  # a prefill
     assert resolve_attn_impl("sdpa", programs=4 * sms, **kw) == "sdpa"  # asked for by name

@@ -72,3 +72,14 @@ def test_a_decode_step_through_the_kernel_compiles_in_one_graph(monkeypatch):
         )
         got = step(ids[:, :1], pos)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_choice_traces_in_one_graph(monkeypatch):
+    """`auto` decides inside the compiled decode step: the decision must not call into CUDA or break the graph."""
+    monkeypatch.setattr(decode_kernel, "_SMS", 132)  # what prepare(cuda device) reads on an H100
+    cuda = torch.device("cuda")
+    choose = torch.compile(
+        lambda x, n: x + decode_kernel.supports(128, 256, n, cuda), backend="eager", fullgraph=True
+    )
+    assert choose(torch.zeros(1), 16 * 32).item() == 1  # MPT-7B at batch 16
+    assert choose(torch.zeros(1), 32).item() == 0  # at batch 1: SDPA
