@@ -43,7 +43,7 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def kernel(
+    def decode_attention_kernel(
         Q, K, V, Out, QPos, Slopes, Valid,
         sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, svalb,
         scale, n_rep, window,
@@ -104,7 +104,7 @@ def _build():
         B, H, _, D = q.shape
         out = torch.empty_like(q)
         dummy = q_pos  # any tensor: the kernel does not read a pointer whose flag is off
-        kernel[(B, H)](
+        decode_attention_kernel[(B, H)](
             q, k, v, out, q_pos,
             slopes if slopes is not None else dummy,
             key_valid if key_valid is not None else dummy,
