@@ -15,6 +15,8 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers are
     matmul           q·kᵀ and p·v as batched matmuls, softmax between (three kernels)
     reductions       q·kᵀ and p·v as elementwise-multiply + sum, left to inductor to fuse into reductions
     gemv             every linear as multiply + sum (an inductor reduction kernel in place of cuBLAS's GEMV)
+    tgemv            every linear (and the unembedding) as bench/triton_gemv.py's autotuned Triton skinny GEMM
+    cublaslt         PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics than cuBLAS)
     cdt              inductor's coordinate-descent tuning of its own kernels
 
 Each row: ms per step (best of 3 × 100 replays), compile seconds, the largest |Δ| of the logits against the
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton_gemv  # bench/, beside this script
 
 import smalto.model.attention as attention
 import smalto.model.decode_attention as decode_kernel
@@ -87,6 +90,19 @@ def gemv_unembed(self, h):
     return (h[..., None, :].float() * self.transformer.wte.weight.float()).sum(-1).to(h.dtype)
 
 
+def tgemv_linear(self, x):
+    if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= 16 and not torch.is_grad_enabled():
+        y = triton_gemv.gemv(x.view(x.shape[0], -1), self.weight).view(x.shape[0], 1, -1)
+        return y if self.bias is None else y + self.bias
+    return LINEAR(self, x)
+
+
+def tgemv_unembed(self, h):
+    if h.dim() == 2 and h.shape[0] <= 16:
+        return triton_gemv.gemv(h, self.transformer.wte.weight)
+    return UNEMBED(self, h)
+
+
 ATTENTION = {
     "matmul": matmul_attention,
     "reductions": reduction_attention,
@@ -98,7 +114,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     import torch._inductor.config as inductor
 
     words = set(variant.split("+"))
-    unknown = words - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "gemv", "cdt"}
+    unknown = words - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "gemv", "tgemv", "cublaslt", "cdt"}
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
@@ -109,8 +125,12 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     inductor.coordinate_descent_tuning = "cdt" in words
     attention.sdpa_attention = next((ATTENTION[w] for w in words if w in ATTENTION), SDPA)
     torch.backends.cuda.enable_cudnn_sdp("no-cudnn" not in words)
-    torch.nn.Linear.forward = gemv_linear if "gemv" in words else LINEAR  # type: ignore[method-assign]
-    MPTForCausalLM.unembed = gemv_unembed if "gemv" in words else UNEMBED  # type: ignore[method-assign]
+    if "tgemv" in words:
+        triton_gemv.build()
+    linear = gemv_linear if "gemv" in words else tgemv_linear if "tgemv" in words else LINEAR
+    unembed = gemv_unembed if "gemv" in words else tgemv_unembed if "tgemv" in words else UNEMBED
+    torch.nn.Linear.forward, MPTForCausalLM.unembed = linear, unembed  # type: ignore[method-assign]
+    torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in words else "cublas")
 
 
 def top_kernels(dec: Decoder, tok, pos, n: int = 20) -> list:
