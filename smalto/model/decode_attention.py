@@ -31,11 +31,10 @@ PROGRAMS_PER_SM = 1  # below this many (row, head) programs per SM, SDPA is fast
 
 def supports(head_dim: int, n_slots: int, programs: int, device: torch.device) -> bool:
     """Whether `auto` decodes with the kernel: Triton built (`prepare()`), the shape in range, the GPU filled."""
-    if _OP is None or not (0 < head_dim <= 256 and 0 < n_slots <= MAX_SLOTS) or device.type != "cuda":
+    if _OP is None or _SMS == 0 or device.type != "cuda":
         return False
-    return (
-        programs >= PROGRAMS_PER_SM * _SMS
-    )  # a plain int: the traced decode step guards on it, no CUDA call
+    # _SMS is a plain int (set by prepare): the traced decode step guards on it instead of calling into CUDA
+    return 0 < head_dim <= 256 and 0 < n_slots <= MAX_SLOTS and programs >= PROGRAMS_PER_SM * _SMS
 
 
 def _build():
@@ -153,8 +152,9 @@ _SMS = 0  # the GPU's streaming multiprocessors, read by prepare()
 
 
 def prepare(device: torch.device | None = None) -> bool:
-    """Build the op (imports Triton); True when it is ready. Call it outside torch.compile (the decoder does, on
-    CUDA): tracing a decode step cannot enter an import, so the step only uses an op that exists already."""
+    """Build the op (imports Triton) and, given a CUDA device, read its SM count, which `supports` needs; True when
+    the op is ready. Call it outside torch.compile (the decoder does, on CUDA): tracing a decode step cannot enter
+    an import, so the step only uses an op that exists already."""
     global _OP, _SMS
     if _OP is None and importlib.util.find_spec("triton") is not None:
         _OP = _build()
