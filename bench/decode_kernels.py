@@ -18,6 +18,8 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers are
     tgemv            every linear (and the unembedding) as bench/triton_gemv.py's autotuned Triton skinny GEMM
     cublaslt         PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics than cuBLAS)
     cdt              inductor's coordinate-descent tuning of its own kernels
+    kb32, kw8, ks2   the Triton decode kernel's launch: slots per loop step (BLOCK), warps, pipeline stages
+                     (defaults in decode_attention.LAUNCH), e.g. 7b:16:triton+kb128+kw8
 
 Each row: ms per step (best of 3 × 100 replays), compile seconds, the largest |Δ| of the logits against the
 uncompiled step with SDPA, and with `:profile` the per-step GPU time of the top kernels. Output: JSON lines, and
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ SDPA = attention.sdpa_attention
 LINEAR = torch.nn.Linear.forward
 UNEMBED = MPTForCausalLM.unembed
 AUTO_THRESHOLD = decode_kernel.PROGRAMS_PER_SM
+LAUNCH = dict(decode_kernel.LAUNCH)
 
 
 def matmul_attention(q, k, v, mask, slopes, scale, dropout_p, bias):
@@ -114,11 +118,19 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     import torch._inductor.config as inductor
 
     words = set(variant.split("+"))
-    unknown = words - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "gemv", "tgemv", "cublaslt", "cdt"}
+    launch = {w for w in words if re.fullmatch(r"k[bws]\d+", w)}
+    unknown = (
+        words
+        - launch
+        - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "gemv", "tgemv", "cublaslt", "cdt"}
+    )
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
     decode_kernel.prepare(torch.device("cuda"))
+    decode_kernel.LAUNCH = dict(LAUNCH)
+    for w in launch:
+        decode_kernel.LAUNCH[{"b": "BLOCK", "w": "num_warps", "s": "num_stages"}[w[1]]] = int(w[2:])
     decode_kernel.PROGRAMS_PER_SM = 0 if "triton" in words else AUTO_THRESHOLD if "auto" in words else 1 << 30
     if model is not None:
         model.config.attn_config.attn_impl = "auto"

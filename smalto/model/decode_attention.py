@@ -27,6 +27,7 @@ from torch import Tensor
 
 MAX_SLOTS = 8192  # one program per (row, head) walks the whole cache: past this, split-KV kernels do better
 PROGRAMS_PER_SM = 1  # below this many (row, head) programs per SM, SDPA is faster (measured, see above)
+LAUNCH = {"BLOCK": 64, "num_warps": 4, "num_stages": 3}  # cache slots per loop step, warps, pipelining depth
 
 
 def supports(head_dim: int, n_slots: int, programs: int, device: torch.device) -> bool:
@@ -112,7 +113,7 @@ def _build():
             key_valid.stride(0) if key_valid is not None else 0,
             scale, H // k.shape[1], window,
             HAS_ALIBI=slopes is not None, HAS_VALID=key_valid is not None, HAS_WINDOW=window > 0,
-            D=D, DP=triton.next_power_of_2(D), BLOCK=64, num_warps=4,
+            D=D, DP=triton.next_power_of_2(D), **LAUNCH,
         )  # fmt: skip
         return out
 

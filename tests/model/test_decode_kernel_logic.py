@@ -83,5 +83,7 @@ def test_the_kernel_choice_traces_in_one_graph(monkeypatch):
     )
     assert choose(torch.zeros(1), 16 * 32).item() == 1  # MPT-7B at batch 16
     assert choose(torch.zeros(1), 32).item() == 0  # at batch 1: SDPA
-    monkeypatch.setattr(decode_kernel, "_SMS", 0)  # prepare() never saw a GPU: no basis for choosing the kernel
+    monkeypatch.setattr(
+        decode_kernel, "_SMS", 0
+    )  # prepare() never saw a GPU: no basis for choosing the kernel
     assert not decode_kernel.supports(128, 256, 16 * 32, cuda)
