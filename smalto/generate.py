@@ -66,10 +66,8 @@ class Decoder:
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
-            if model.device.type == "cuda":
-                decode_kernel.prepare(
-                    model.device
-                )  # the Triton decode attention, built before tracing (auto picks it)
+            if model.device.type == "cuda":  # the Triton decode attention: built before tracing, for `auto`
+                decode_kernel.prepare(model.device)
             for t in self.cache.tensors():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
