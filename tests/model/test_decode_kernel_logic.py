@@ -2,26 +2,17 @@
 equal to the eager reference, and traceable by torch.compile with `fullgraph=True` (a compiled decode step that
 could not trace it fell back to eager decoding on the GPU once). The GPU itself: tests/gpu/test_decode_kernel.py."""
 
-import importlib.util
 import math
-import os
-import platform
 
 import pytest
 import torch
 
-# Triton is a dev dependency on Linux x86-64 (its wheels exist there only); elsewhere this module cannot run
-if platform.system() != "Linux" or platform.machine() != "x86_64":
-    pytest.skip("Triton ships wheels for Linux x86-64 only", allow_module_level=True)
-assert importlib.util.find_spec("triton"), (
-    "Triton is missing: install the dev extras (pip install -e '.[dev]')"
-)
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is built: it then runs on CPU tensors
+from smalto.model import decode_attention as decode_kernel
+from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention
+from smalto.model.cache import KVCache
+from tests.model.helpers import tiny, tokens, use_triton_interpreter, with_impl
 
-from smalto.model import decode_attention as decode_kernel  # noqa: E402
-from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention  # noqa: E402
-from smalto.model.cache import KVCache  # noqa: E402
-from tests.model.helpers import tiny, tokens, with_impl  # noqa: E402
+use_triton_interpreter()  # before the kernel is built (prepare() in the fixture): it then runs on CPU tensors
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,20 +2,15 @@
 on CPU through Triton's interpreter equals x · wᵀ for decode shapes, ragged edges included."""
 
 import importlib.util
-import os
-import platform
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-if platform.system() != "Linux" or platform.machine() != "x86_64":
-    pytest.skip("Triton ships wheels for Linux x86-64 only", allow_module_level=True)
-assert importlib.util.find_spec("triton"), (
-    "Triton is missing: install the dev extras (pip install -e '.[dev]')"
-)
-os.environ["TRITON_INTERPRET"] = "1"
+from tests.model.helpers import use_triton_interpreter
+
+use_triton_interpreter()
 
 _spec = importlib.util.spec_from_file_location(
     "triton_gemv", Path(__file__).parents[2] / "bench" / "triton_gemv.py"
