@@ -1,11 +1,11 @@
 """Which kernels a compiled decode step should use: the step timed with its attention / linears swapped.
 
     python bench/decode_kernels.py 1b:1:sdpa:profile 1b:1:triton 7b:16:sdpa 7b:16:triton 7b:16:reductions
-    (each argument SHAPE:BATCH:VARIANT[:profile]; variant words combine with '+', e.g. gemv+no-cudnn)
+    (each argument SHAPE:BATCH:VARIANT[:profile]; variant words combine with '+', e.g. auto+cublas)
 
 The decode step is smalto's (`smalto.generate.Decoder`: static per-layer KV cache of 256 slots, compiled with
 `mode="reduce-overhead"` into a CUDA graph) on a random-weight bf16 model after a 128-token prefill; only the
-decode attention (the `sdpa_attention` the model calls) or the linear layers are replaced:
+decode attention (the `sdpa_attention` the model calls) or the linear layers' kernel are replaced:
 
     auto             what `attn_impl: auto` runs: the Triton kernel when batch × heads ≥ the SM count, else SDPA
     sdpa             F.scaled_dot_product_attention with the ALiBi+mask bias (cuDNN / cutlass)
@@ -14,15 +14,16 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers are
     flex-decoding    FlexAttention (its split-KV decoding kernel for one query) with ALiBi and the mask as a score_mod
     matmul           q·kᵀ and p·v as batched matmuls, softmax between (three kernels)
     reductions       q·kᵀ and p·v as elementwise-multiply + sum, left to inductor to fuse into reductions
-    gemv             every linear as multiply + sum (an inductor reduction kernel in place of cuBLAS's GEMV)
-    tgemv            every linear (and the unembedding) as bench/triton_gemv.py's autotuned Triton skinny GEMM
-    cublaslt         PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics than cuBLAS)
+    cublas           the linears (and the unembedding) on cuBLAS instead of smalto's decode-linear kernel
+                     (smalto/model/decode_linear.py, what ships)
+    cublaslt         cublas, with PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics)
     cdt              inductor's coordinate-descent tuning of its own kernels
     kb32, kw8, ks2   the Triton decode kernel's launch: slots per loop step (BLOCK), warps, pipeline stages
                      (defaults in decode_attention.LAUNCH), e.g. 7b:16:triton+kb128+kw8
 
 Each row: ms per step (best of 3 × 100 replays), compile seconds, the largest |Δ| of the logits against the
-uncompiled step with SDPA, and with `:profile` the per-step GPU time of the top kernels. Output: JSON lines, and
+uncompiled step with SDPA and cuBLAS, and with `:profile` the per-step GPU time of the top kernels and the
+decode-linear configurations the autotuner chose. Output: JSON lines, and
 decode_kernels.json in $OUT when set. Figures in docs/benchmarks.md.
 """
 
@@ -36,10 +37,10 @@ import time
 from pathlib import Path
 
 import torch
-import triton_gemv  # bench/, beside this script
 
 import smalto.model.attention as attention
 import smalto.model.decode_attention as decode_kernel
+import smalto.model.decode_linear as decode_linear
 from smalto.generate import Decoder
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
@@ -49,9 +50,8 @@ SHAPES = {
     "7b": dict(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432),
 }
 SDPA = attention.sdpa_attention
-LINEAR = torch.nn.Linear.forward
-UNEMBED = MPTForCausalLM.unembed
 AUTO_THRESHOLD = decode_kernel.PROGRAMS_PER_SM
+MAX_ROWS = decode_linear.MAX_ROWS
 LAUNCH = dict(decode_kernel.LAUNCH)
 
 
@@ -84,29 +84,6 @@ def flex_decoding_attention(q, k, v, mask, slopes, scale, dropout_p, bias):
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def gemv_linear(self, x):
-    if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled():
-        return (x[..., None, :].float() * self.weight.float()).sum(-1).to(x.dtype)
-    return LINEAR(self, x)
-
-
-def gemv_unembed(self, h):
-    return (h[..., None, :].float() * self.transformer.wte.weight.float()).sum(-1).to(h.dtype)
-
-
-def tgemv_linear(self, x):
-    if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= 16 and not torch.is_grad_enabled():
-        y = triton_gemv.gemv(x.view(x.shape[0], -1), self.weight).view(x.shape[0], 1, -1)
-        return y if self.bias is None else y + self.bias
-    return LINEAR(self, x)
-
-
-def tgemv_unembed(self, h):
-    if h.dim() == 2 and h.shape[0] <= 16:
-        return triton_gemv.gemv(h, self.transformer.wte.weight)
-    return UNEMBED(self, h)
-
-
 ATTENTION = {
     "matmul": matmul_attention,
     "reductions": reduction_attention,
@@ -119,11 +96,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
 
     words = set(variant.split("+"))
     launch = {w for w in words if re.fullmatch(r"k[bws]\d+", w)}
-    unknown = (
-        words
-        - launch
-        - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "gemv", "tgemv", "cublaslt", "cdt"}
-    )
+    unknown = words - launch - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "cublas", "cublaslt", "cdt"}
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
@@ -137,11 +110,8 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     inductor.coordinate_descent_tuning = "cdt" in words
     attention.sdpa_attention = next((ATTENTION[w] for w in words if w in ATTENTION), SDPA)
     torch.backends.cuda.enable_cudnn_sdp("no-cudnn" not in words)
-    if "tgemv" in words:
-        triton_gemv.build()
-    linear = gemv_linear if "gemv" in words else tgemv_linear if "tgemv" in words else LINEAR
-    unembed = gemv_unembed if "gemv" in words else tgemv_unembed if "tgemv" in words else UNEMBED
-    torch.nn.Linear.forward, MPTForCausalLM.unembed = linear, unembed  # type: ignore[method-assign]
+    decode_linear.prepare()
+    decode_linear.MAX_ROWS = 0 if words & {"cublas", "cublaslt"} else MAX_ROWS
     torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in words else "cublas")
 
 
@@ -172,13 +142,11 @@ def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bo
     compile_s = time.perf_counter() - start
     compiled = dec.step(tok, pos).clone()
     attention.sdpa_attention, swapped = SDPA, attention.sdpa_attention
-    linear, unembed = torch.nn.Linear.forward, MPTForCausalLM.unembed
-    torch.nn.Linear.forward, MPTForCausalLM.unembed = LINEAR, UNEMBED  # type: ignore[method-assign]
     threshold, decode_kernel.PROGRAMS_PER_SM = decode_kernel.PROGRAMS_PER_SM, 1 << 30
+    rows, decode_linear.MAX_ROWS = decode_linear.MAX_ROWS, 0
     max_diff = (compiled - dec._step(tok, pos)).abs().max().item()  # the step writes the same k/v again
-    decode_kernel.PROGRAMS_PER_SM = threshold
+    decode_kernel.PROGRAMS_PER_SM, decode_linear.MAX_ROWS = threshold, rows
     attention.sdpa_attention = swapped
-    torch.nn.Linear.forward, MPTForCausalLM.unembed = linear, unembed  # type: ignore[method-assign]
     best = float("inf")
     for _ in range(3):
         torch.cuda.synchronize()
@@ -191,6 +159,7 @@ def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bo
     row["max_abs_diff_vs_eager"] = max_diff
     if profile:
         row["kernels"] = top_kernels(dec, tok, pos)
+        row["decode_linear_configs"] = decode_linear.tuned()
     del dec
     torch.cuda.empty_cache()
     return row

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from smalto.errors import ConfigError, UserError
 from smalto.model import decode_attention as decode_kernel
+from smalto.model import decode_linear
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
@@ -66,8 +67,9 @@ class Decoder:
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
-            if model.device.type == "cuda":  # the Triton decode attention: built before tracing, for `auto`
+            if model.device.type == "cuda":  # the Triton decode kernels: built before tracing
                 decode_kernel.prepare(model.device)
+                decode_linear.prepare()
             for t in self.cache.tensors():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)

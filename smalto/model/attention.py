@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from smalto.errors import ConfigError
 from smalto.model import decode_attention as decode_kernel
 from smalto.model.config import MPTConfig
-from smalto.model.layers import build_norm
+from smalto.model.layers import Linear, build_norm
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: int = 8, device: torch.device | str | None = None) -> Tensor:
@@ -370,7 +370,7 @@ class MPTAttention(nn.Module):
         self.attn_pdrop = a.attn_pdrop
         kv_dim = self.kv_n_heads * self.head_dim
         bias = not config.no_bias
-        self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * kv_dim, bias=bias, device=device)
+        self.Wqkv = Linear(self.d_model, self.d_model + 2 * kv_dim, bias=bias, device=device)
         self.Wqkv._fused = (0, [self.d_model, self.d_model + kv_dim])  # type: ignore[assignment]  # split points for init
         self.q_ln = self.k_ln = None
         if a.qk_ln:
@@ -380,7 +380,7 @@ class MPTAttention(nn.Module):
             self.q_ln = build_norm(config, self.head_dim, device)
             self.k_ln = build_norm(config, self.head_dim, device)
         self.qk_gn = a.qk_gn
-        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
+        self.out_proj = Linear(self.d_model, self.d_model, bias=bias, device=device)
         self.out_proj._is_residual = True  # type: ignore[assignment]
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache=None, layer_idx: int = 0) -> Tensor:

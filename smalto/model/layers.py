@@ -1,4 +1,4 @@
-"""Norms, feed-forward layers and the MPT block.
+"""Linear layers, norms, feed-forward layers and the MPT block.
 
 MPT's `low_precision_layernorm` runs the norm in the autocast dtype (bf16) instead of float32: cheaper, and the
 published models were trained that way. Outside autocast it is an ordinary LayerNorm.
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smalto.model import decode_linear
 from smalto.model.config import MPTConfig
 
 if TYPE_CHECKING:
@@ -23,6 +24,14 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose inference calls on a few rows, as in a decode step on CUDA,
+    run smalto/model/decode_linear.py's kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return decode_linear.linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -84,8 +93,8 @@ class MPTMLP(nn.Module):
     def __init__(self, config: MPTConfig, device=None):
         super().__init__()
         bias, d, f = not config.no_bias, config.d_model, config.ffn_hidden_size
-        self.up_proj = nn.Linear(d, f, bias=bias, device=device)
-        self.down_proj = nn.Linear(f, d, bias=bias, device=device)
+        self.up_proj = Linear(d, f, bias=bias, device=device)
+        self.down_proj = Linear(f, d, bias=bias, device=device)
         self.down_proj._is_residual = True  # type: ignore[assignment]
         self.act = build_activation(config)
 
@@ -98,7 +107,7 @@ class MPTGLU(MPTMLP):
 
     def __init__(self, config: MPTConfig, device=None):
         super().__init__(config, device)
-        self.gate_proj = nn.Linear(
+        self.gate_proj = Linear(
             config.d_model, config.ffn_hidden_size, bias=not config.no_bias, device=device
         )
 

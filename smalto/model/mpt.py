@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smalto.errors import UserError
+from smalto.model import decode_linear
 from smalto.model.attention import AttentionMask, build_attention_inputs, resolve_attn_impl
 from smalto.model.cache import KVCache
 from smalto.model.config import MPTConfig
@@ -188,7 +189,7 @@ class MPTForCausalLM(nn.Module):
 
     def unembed(self, h: Tensor) -> Tensor:
         w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(h, w)
+        logits = decode_linear.linear(h, w)  # F.linear, or the decode kernel for a few rows on CUDA
         scale = self.config.logit_scale_value
         return logits * scale if scale is not None else logits
 
