@@ -9,7 +9,7 @@ install:
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy smalto
+	$(PY) -m mypy smalto bench
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider

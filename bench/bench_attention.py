@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,9 +82,9 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
     block_mask = create_block_mask(causal, None, None, S, S, device="cuda")
     flops = 2 * B * H * S * S * D * 3.5  # causal fwd (2·B·H·S²·D = half of 4·B·H·S²·D) + bwd (2.5×)
 
-    def flex(opts: dict | None, mode: str | None = None):
+    def flex(opts: dict | None, mode: str | None = None) -> Callable[[], torch.Tensor]:
         fn = torch.compile(flex_attention, dynamic=False, mode=mode)
-        return lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts or None)
+        return lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts or None)  # type: ignore[arg-type]
 
     cases = {name: flex(opts) for name, opts in variants.items()}
     if args.autotune:
@@ -102,7 +103,7 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             out = fwd().float()
-            err = None if ref is None else (out - ref).abs().max().item()
+            err: float | None = None if ref is None else (out - ref).abs().max().item()
             ref = out if ref is None else ref
             ms = time_ms(lambda fwd=fwd: step(fwd), args.iters)
             row = dict(shape=shape, variant=name, ms=ms, tflops=flops / ms / 1e9, compile_s=compile_s)

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,9 @@ def build(shape: str, device: str, dtype: torch.dtype) -> tuple[MPTForCausalLM, 
     """smalto's model and transformers' MptForCausalLM over the same weight tensors (one copy in memory)."""
     import transformers
 
-    cfg = MPTConfig(**SHAPES[shape], max_seq_len=2048, no_bias=True, attn_config={"alibi": True})
+    cfg = MPTConfig.from_dict(
+        {**SHAPES[shape], "max_seq_len": 2048, "no_bias": True, "attn_config": {"alibi": True}}
+    )
     model = MPTForCausalLM(cfg, device="meta")
     model.to_empty(device=device)
     model.init_weights()
@@ -150,7 +153,7 @@ def main() -> None:
             if not args.no_hf:
                 ids = torch.tensor(prompts, device=args.device)
 
-                def theirs(n: int, ids: torch.Tensor = ids, hf: torch.nn.Module = hf) -> None:
+                def theirs(n: int, ids: torch.Tensor = ids, hf: Any = hf) -> None:
                     with torch.inference_mode():
                         hf.generate(
                             ids,

@@ -54,27 +54,29 @@ def build(shape: str, impl: str, seq: int, vocab: int, device: str) -> torch.nn.
         )
         with torch.device(device):
             return transformers.MptForCausalLM(cfg)
-    config = MPTConfig(
-        d_model=d,
-        n_heads=h,
-        n_layers=n,
-        max_seq_len=seq,
-        vocab_size=vocab,
-        no_bias=True,
-        attn_config={"alibi": True, "attn_impl": impl},
+    config = MPTConfig.from_dict(
+        dict(
+            d_model=d,
+            n_heads=h,
+            n_layers=n,
+            max_seq_len=seq,
+            vocab_size=vocab,
+            no_bias=True,
+            attn_config={"alibi": True, "attn_impl": impl},
+        )
     )
     return MPTForCausalLM(config, device=device)
 
 
 def make_step(model, impl: str, compile_mode: str, device: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    kw = {"mode": args_mode} if (args_mode := os.environ.get("BENCH_COMPILE_MODE")) else {}
+    mode = os.environ.get("BENCH_COMPILE_MODE")  # e.g. max-autotune-no-cudagraphs
     if impl != "hf" and compile_mode == "block" and device == "cuda":
         for block in model.transformer.blocks:
-            block.compile(**kw)
+            block.compile(mode=mode)
     fwd = model
     if compile_mode == "model" and device == "cuda":
-        fwd = torch.compile(model, **kw)
+        fwd = torch.compile(model, mode=mode)
 
     def step(x):
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):

@@ -168,13 +168,16 @@ def run(shape: str, batch: int, variant: str, model: MPTForCausalLM, profile: bo
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         raise SystemExit(__doc__)
-    rows, models = [], {}
+    rows: list[dict] = []
+    models: dict[str, MPTForCausalLM] = {}
     for arg in sys.argv[1:]:
         shape, batch, variant, *flags = arg.split(":")
         if shape not in models:
             models.clear()
             torch.cuda.empty_cache()
-            cfg = MPTConfig(**SHAPES[shape], max_seq_len=2048, no_bias=True, attn_config={"alibi": True})
+            cfg = MPTConfig.from_dict(
+                {**SHAPES[shape], "max_seq_len": 2048, "no_bias": True, "attn_config": {"alibi": True}}
+            )
             models[shape] = MPTForCausalLM(cfg, device="cuda").to(torch.bfloat16).eval()
         try:
             row = run(shape, int(batch), variant, models[shape], profile="profile" in flags)

@@ -44,14 +44,16 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     d, h, n = SHAPES[args.shape]
-    cfg = MPTConfig(
-        d_model=d,
-        n_heads=h,
-        n_layers=n,
-        max_seq_len=args.seq,
-        vocab_size=50432,
-        no_bias=True,
-        attn_config={"alibi": True, "attn_impl": "flex"},
+    cfg = MPTConfig.from_dict(
+        dict(
+            d_model=d,
+            n_heads=h,
+            n_layers=n,
+            max_seq_len=args.seq,
+            vocab_size=50432,
+            no_bias=True,
+            attn_config={"alibi": True, "attn_impl": "flex"},
+        )
     )
     model = MPTForCausalLM(cfg, device="cuda").train()
     for block in model.transformer.blocks:
