@@ -14,6 +14,7 @@ import json
 import os
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
@@ -40,31 +41,16 @@ MICRO_BATCH = {
 
 def build(shape: str, impl: str, seq: int, vocab: int, device: str) -> torch.nn.Module:
     d, h, n = SHAPES[shape]
+    shape_kw: dict[str, Any] = dict(
+        d_model=d, n_heads=h, n_layers=n, max_seq_len=seq, vocab_size=vocab, no_bias=True
+    )
     if impl == "hf":
         import transformers
 
-        cfg = transformers.MptConfig(
-            d_model=d,
-            n_heads=h,
-            n_layers=n,
-            max_seq_len=seq,
-            vocab_size=vocab,
-            no_bias=True,
-            attn_config={"alibi": True, "alibi_bias_max": 8},
-        )
+        cfg = transformers.MptConfig(**shape_kw, attn_config={"alibi": True, "alibi_bias_max": 8})
         with torch.device(device):
             return transformers.MptForCausalLM(cfg)
-    config = MPTConfig.from_dict(
-        dict(
-            d_model=d,
-            n_heads=h,
-            n_layers=n,
-            max_seq_len=seq,
-            vocab_size=vocab,
-            no_bias=True,
-            attn_config={"alibi": True, "attn_impl": impl},
-        )
-    )
+    config = MPTConfig.from_dict({**shape_kw, "attn_config": {"alibi": True, "attn_impl": impl}})
     return MPTForCausalLM(config, device=device)
 
 
