@@ -33,7 +33,7 @@ def test_op_traces_in_one_graph():
     torch.testing.assert_close(f(x), 2 * (x @ w.T), atol=1e-4, rtol=1e-4)
 
 
-def test_only_inference_on_a_few_cuda_rows_of_16_bit_floats_uses_it():
+def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_decode_linear.py
     w = torch.randn(8, 4, dtype=torch.bfloat16)
     x = torch.randn(1, 1, 4, dtype=torch.bfloat16)
     with torch.no_grad():
