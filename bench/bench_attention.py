@@ -6,7 +6,13 @@
 Each row times `out = attn(q, k, v); out.backward(g)` at one training micro-batch of the shape (causal, seq 2048)
 and reports milliseconds and TFLOP/s of causal work (forward 2·B·H·S²·D, backward 2.5× that: the FLOPs a causal
 kernel must do, half of the dense count). `sdpa-causal` is PyTorch's flash attention *without* ALiBi: not MPT's
-semantics, shown as the speed a bias-free kernel reaches. Results: a table, and attention.json in $OUT when set.
+semantics, shown as the speed a bias-free kernel reaches.
+
+`sdpa, ALiBi as head dims (BACKEND)` computes MPT's ALiBi attention with a bias-free causal kernel: within a row,
+ALiBi's −m·(i − j) equals m·j up to a constant that softmax ignores, and m·j is a dot product of 4 extra dimensions
+q' = (64·m_hi, m_hi, 64·m_lo, m_lo) / scale and k' = (j // 64, j % 64, j // 64, j % 64), exact in bf16 (m = m_hi +
+m_lo to 16 significant bits, integers below 256); padded with zeros to a multiple of 8 (D + 8), v too. The concat
+is timed with it (eager), and once compiled (`compiled`). Results: a table, and attention.json in $OUT when set.
 """
 
 from __future__ import annotations
@@ -90,6 +96,38 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
     if args.autotune:
         cases["flex max-autotune + hints"] = flex(dict(HINTS), "max-autotune-no-cudagraphs")
     cases["sdpa-causal (no ALiBi)"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    scale = D**-0.5
+    ms = slopes.float() / scale
+    m_hi = ms.bfloat16()
+    m_lo = (ms - m_hi.float()).bfloat16()
+    q_extra = torch.stack([64 * m_hi, m_hi, 64 * m_lo, m_lo, *[torch.zeros_like(m_hi)] * 4], -1)  # (H, 8)
+    j = torch.arange(S, device="cuda")
+    hi, lo = (j // 64).bfloat16(), (j % 64).bfloat16()
+    k_extra = torch.stack([hi, lo, hi, lo, *[torch.zeros_like(hi)] * 4], -1)  # (S, 8)
+
+    def alibi_dims(q, k, v):
+        q2 = torch.cat([q, q_extra[None, :, None].expand(B, H, S, 8)], -1)
+        k2 = torch.cat([k, k_extra[None, None].expand(B, H, S, 8)], -1)
+        v2 = F.pad(v, (0, 8))
+        return F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale)[..., :D]
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def with_backend(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return alibi_dims(q, k, v)
+
+        return run
+
+    for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        cases[f"sdpa, ALiBi as head dims ({name})"] = with_backend(backend)
+    compiled_dims = torch.compile(alibi_dims, dynamic=False)
+    cases["sdpa, ALiBi as head dims (compiled)"] = lambda: compiled_dims(q, k, v)
 
     def step(fwd) -> None:
         q.grad = k.grad = v.grad = None

@@ -16,6 +16,7 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers' ke
     reductions       q·kᵀ and p·v as elementwise-multiply + sum, left to inductor to fuse into reductions
     cublas           the linears (and the unembedding) on cuBLAS instead of smalto's decode-linear kernel
                      (smalto/model/decode_linear.py, what ships)
+    unfused          that kernel, without the norms, activation and residual adds fused into it (FUSE = False)
     cublaslt         cublas, with PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics)
     cdt              inductor's coordinate-descent tuning of its own kernels
     kb32, kw8, ks2   the Triton decode kernel's launch: slots per loop step (BLOCK), warps, pipeline stages
@@ -96,7 +97,11 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
 
     words = set(variant.split("+"))
     launch = {w for w in words if re.fullmatch(r"k[bws]\d+", w)}
-    unknown = words - launch - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "cublas", "cublaslt", "cdt"}
+    unknown = (
+        words
+        - launch
+        - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "cublas", "cublaslt", "cdt", "unfused"}
+    )
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
     torch._dynamo.reset()
@@ -112,6 +117,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     torch.backends.cuda.enable_cudnn_sdp("no-cudnn" not in words)
     decode_linear.prepare()
     decode_linear.MAX_ROWS = 0 if words & {"cublas", "cublaslt"} else MAX_ROWS
+    decode_linear.FUSE = "unfused" not in words
     torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in words else "cublas")
 
 

@@ -383,10 +383,19 @@ class MPTAttention(nn.Module):
         self.out_proj = Linear(self.d_model, self.d_model, bias=bias, device=device)
         self.out_proj._is_residual = True  # type: ignore[assignment]
 
-    def forward(self, x: Tensor, inputs: AttentionInputs, cache=None, layer_idx: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        inputs: AttentionInputs,
+        cache=None,
+        layer_idx: int = 0,
+        norm: nn.Module | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
+        """`norm` (applied to x first) and `residual` (added to the output): see `Linear`."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.kv_n_heads, self.head_dim
-        qkv = self.Wqkv(x)
+        qkv = self.Wqkv(x, norm)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
@@ -422,7 +431,7 @@ class MPTAttention(nn.Module):
         else:
             y = flex_attention_fn(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, inputs.block_mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.out_proj(y)
+        return self.out_proj(y, residual=residual)
 
 
 def build_attention_inputs(

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_ROWS = 16  # rows (batch × tokens) up to which the kernel is used: one 16-row tensor-core tile
+FUSE = True  # the decode step's norms, activation and residual adds inside the kernel (fewer launches)
 
 _PLAIN = (
     Tensor,
@@ -35,6 +36,10 @@ _PLAIN = (
 )  # not a tensor subclass (a DTensor shard, a quantised weight): those take F.linear
 _OP = None
 _KERNELS: list = []  # the autotuned kernels (one-row, few-row): their `cache` holds the chosen configurations
+
+
+NORMS = {"layernorm": 1, "rmsnorm": 2}  # a norm of x's rows before the product (the block's norm_1 / norm_2)
+ACTS = {"gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}  # an activation of the output (the MLP's up_proj)
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
@@ -46,19 +51,41 @@ def supports(x: Tensor, weight: Tensor) -> bool:
     return x.dim() >= 2 and x.shape[-1] == weight.shape[1] and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), through the kernel when `supports(x, weight)`."""
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    norm: tuple[str, Tensor | None, Tensor | None, float] | None = None,
+    act: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """act(norm(x) · wᵀ + bias) + residual in one kernel when `supports(x, weight)`; else F.linear(x, weight, bias).
+
+    The fused parts are for the decode step (`smalto.model.layers.Linear` passes them only when this kernel runs):
+    norm = (kind, weight, bias, eps), kind a key of NORMS, computed in float32 per row and rounded to x's dtype
+    before the product as F.layer_norm / F.rms_norm would; act a key of ACTS; residual has the output's shape.
+    """
     if not supports(x, weight):
+        if norm is not None or act is not None or residual is not None:
+            raise ValueError(
+                "norm / act / residual are fused only where the kernel runs (supports(x, weight))"
+            )
         return F.linear(x, weight, bias)
     assert _OP is not None
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    y = _OP(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+    kind, norm_w, norm_b, eps = norm if norm is not None else ("", None, None, 0.0)
+    res = residual.reshape(-1, weight.shape[0]).contiguous() if residual is not None else None
+    y = _OP(
+        x.reshape(-1, x.shape[-1]).contiguous(), w, bias, norm_w, norm_b, res,
+        NORMS[kind] if kind else 0, float(eps), ACTS[act] if act else 0,
+    )  # fmt: skip
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _configs(triton, rows: int) -> list:
     """Tiles of BLOCK_N output columns × BLOCK_K inputs small enough for registers, and a few launch shapes."""
-    blocks_n = (8, 16, 32, 64) if rows == 1 else (16, 32, 64)  # a tensor-core tile needs N ≥ 16
+    blocks_n = (8, 16, 32, 64) if rows == 1 else (16, 32, 64, 128)  # a tensor-core tile needs N ≥ 16
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for n in blocks_n
@@ -74,12 +101,34 @@ def _build(autotune: bool):
     import triton.language as tl
 
     def skinny_matmul_kernel(
-        X, W, Y, M, N, K, sxm, swn, sym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
+        X, W, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, sym, srm, eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    ):  # fmt: skip
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n < N
         m = tl.arange(0, BLOCK_M)
         in_m = m < M
+        mean = tl.zeros([BLOCK_M], tl.float32)
+        rstd = tl.zeros([BLOCK_M], tl.float32)
+        if NORM != 0:  # the rows' statistics first: x is a few KB, read again from cache below
+            s1 = tl.zeros([BLOCK_M], tl.float32)
+            if NORM == 1:
+                for k0 in range(0, K, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    xs = tl.load(
+                        X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & (k < K)[None, :], other=0.0
+                    )
+                    s1 += tl.sum(xs.to(tl.float32), axis=1)
+                mean = s1 / K
+            s2 = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                ok = in_m[:, None] & (k < K)[None, :]
+                xs = tl.load(X + m[:, None] * sxm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+                xc = tl.where(ok, xs - mean[:, None], 0.0)
+                s2 += tl.sum(xc * xc, axis=1)
+            rstd = 1.0 / tl.sqrt(s2 / K + eps)
         if BLOCK_M == 1:
             acc = tl.zeros([BLOCK_N], tl.float32)
         else:
@@ -89,17 +138,36 @@ def _build(autotune: bool):
             in_k = k < K
             w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip  # read once: do not keep it in L2
+            x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+            if NORM != 0:  # normalised as the norm module would: float32, then rounded to x's dtype
+                g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
+                xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
+                if HAS_NB:
+                    xn += tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :]
+                x = xn.to(X.dtype.element_ty)
             if BLOCK_M == 1:
-                x = tl.load(X + k, mask=in_k, other=0.0).to(tl.float32)
-                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
             else:
-                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
                 acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(BIAS + n, mask=in_n, other=0.0).to(tl.float32)
+        if ACT == 1:  # exact GELU
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        elif ACT == 2:  # tanh GELU; tanh(z) = 2·sigmoid(2z) − 1
+            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+        elif ACT == 3:
+            acc = acc * tl.sigmoid(acc)
+        elif ACT == 4:
+            acc = tl.maximum(acc, 0.0)
         if BLOCK_M == 1:
+            if HAS_RES:
+                acc += tl.load(R + n, mask=in_n, other=0.0).to(tl.float32)
             tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=in_n)
         else:
-            out = Y + m[:, None] * sym + n[None, :]
-            tl.store(out, acc.to(Y.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+            ok = in_m[:, None] & in_n[None, :]
+            if HAS_RES:
+                acc += tl.load(R + m[:, None] * srm + n[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=ok)
 
     kernels = {}
     for rows in (1, MAX_ROWS):
@@ -110,25 +178,44 @@ def _build(autotune: bool):
                 if "cache_results" in inspect.signature(triton.autotune).parameters
                 else {}
             )
-            kernel = triton.autotune(configs=_configs(triton, rows), key=["N", "K"], **cache)(kernel)
+            key = ["N", "K", "NORM", "ACT", "HAS_RES"]  # the fused work changes the best tile
+            kernel = triton.autotune(configs=_configs(triton, rows), key=key, **cache)(kernel)
         kernels[rows] = kernel
     _KERNELS[:] = [kernels[1], kernels[MAX_ROWS]] if autotune else []
 
     @torch.library.custom_op("smalto::decode_linear", mutates_args=())
-    def decode_linear_op(x: Tensor, w: Tensor) -> Tensor:
+    def decode_linear_op(
+        x: Tensor,
+        w: Tensor,
+        bias: Tensor | None,
+        norm_w: Tensor | None,
+        norm_b: Tensor | None,
+        residual: Tensor | None,
+        norm: int,
+        eps: float,
+        act: int,
+    ) -> Tensor:
         M, K = x.shape
         N = w.shape[0]
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
         block_m = 1 if M == 1 else MAX_ROWS
-        args = (x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0))
+        args = (
+            x, w, y, bias if bias is not None else y, norm_w if norm_w is not None else y,
+            norm_b if norm_b is not None else y, residual if residual is not None else y,
+            M, N, K, x.stride(0), w.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        )  # fmt: skip
+        flags = dict(
+            BLOCK_M=block_m, NORM=norm, HAS_NB=norm_b is not None, HAS_BIAS=bias is not None, ACT=act,
+            HAS_RES=residual is not None,
+        )  # fmt: skip
         if autotune:
-            kernels[block_m][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m)
+            kernels[block_m][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
         else:  # one fixed configuration (Triton's CPU interpreter, tests)
-            kernels[block_m][(triton.cdiv(N, 32),)](*args, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64)
+            kernels[block_m][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
         return y
 
     @decode_linear_op.register_fake
-    def _(x, w):  # shapes only, for tracing
+    def _(x, w, bias, norm_w, norm_b, residual, norm, eps, act):  # shapes only, for tracing
         return x.new_empty(x.shape[0], w.shape[0])
 
     return decode_linear_op

@@ -28,10 +28,27 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) whose inference calls on a few rows, as in a decode step on CUDA,
-    run smalto/model/decode_linear.py's kernel."""
+    run smalto/model/decode_linear.py's kernel.
 
-    def forward(self, x: Tensor) -> Tensor:
-        return decode_linear.linear(x, self.weight, self.bias)
+    A decode step also passes the work around the product, which that kernel then does in the same launch:
+    `norm` (the block's norm module, applied to x first), `act` (an `Activation`, applied to the output) and
+    `residual` (added last). Elsewhere they run as the separate modules and ops they are."""
+
+    def forward(
+        self,
+        x: Tensor,
+        norm: nn.Module | None = None,
+        act: Activation | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
+        if decode_linear.FUSE and decode_linear.supports(x, self.weight):
+            spec = _fused_norm(norm, x.dtype) if norm is not None else None
+            if norm is None or spec is not None:  # all in one launch
+                name = act.name if act is not None else None
+                return decode_linear.linear(x, self.weight, self.bias, norm=spec, act=name, residual=residual)
+        y = decode_linear.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+        y = act(y) if act is not None else y
+        return y if residual is None else y + residual
 
 
 class LayerNorm(nn.LayerNorm):
@@ -70,6 +87,18 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps)
 
 
+def _fused_norm(
+    norm: nn.Module, dtype: torch.dtype
+) -> tuple[str, Tensor | None, Tensor | None, float] | None:
+    """(kind, weight, bias, eps) for the decode kernel's prologue, or None when that would not compute what the
+    module computes: its weights must be in x's dtype (a bf16 model), where low precision changes nothing."""
+    if type(norm) is LayerNorm and norm.weight is not None and norm.weight.dtype == dtype:
+        return ("layernorm", norm.weight, norm.bias, norm.eps)
+    if type(norm) is RMSNorm and norm.weight.dtype == dtype:
+        return ("rmsnorm", norm.weight, None, norm.eps)
+    return None
+
+
 def build_norm(config: MPTConfig, dim: int, device=None) -> nn.Module:
     low = config.norm_type.startswith("low_precision")
     if config.norm_type.endswith("rmsnorm"):
@@ -77,18 +106,32 @@ def build_norm(config: MPTConfig, dim: int, device=None) -> nn.Module:
     return LayerNorm(dim, config.norm_eps, bias=not config.no_bias, low_precision=low, device=device)
 
 
-def build_activation(config: MPTConfig):
+class Activation:
+    """The feed-forward activation, named so that the decode kernel can apply it in its epilogue."""
+
+    def __init__(self, name: str):
+        self.name = name  # gelu | gelu_tanh | silu | relu
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.name in ("gelu", "gelu_tanh"):
+            return F.gelu(x, approximate="tanh" if self.name == "gelu_tanh" else "none")
+        if self.name == "silu":
+            return F.silu(x)
+        if self.name == "relu":
+            return F.relu(x)
+        raise ValueError(f"unknown activation {self.name!r}; allowed: gelu, gelu_tanh, silu, relu")
+
+
+def build_activation(config: MPTConfig) -> Activation:
     act = config.ffn_config.ffn_act_fn or {"name": "gelu"}
     name, approx = act.get("name", "gelu"), act.get("approximate", "none")
-    if name == "gelu_tanh":
-        name, approx = "gelu", "tanh"
-    if name == "gelu":
-        return lambda x: F.gelu(x, approximate=approx)
-    return {"silu": F.silu, "relu": F.relu}[name]
+    if name == "gelu" and approx == "tanh":
+        name = "gelu_tanh"
+    return Activation(name)
 
 
 class MPTMLP(nn.Module):
-    """up_proj → activation (exact GELU by default) → down_proj."""
+    """up_proj → activation (exact GELU by default) → down_proj. `norm` / `residual`: see `Linear`."""
 
     def __init__(self, config: MPTConfig, device=None):
         super().__init__()
@@ -98,8 +141,8 @@ class MPTMLP(nn.Module):
         self.down_proj._is_residual = True  # type: ignore[assignment]
         self.act = build_activation(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+    def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+        return self.down_proj(self.up_proj(x, norm, self.act), residual=residual)
 
 
 class MPTGLU(MPTMLP):
@@ -111,8 +154,9 @@ class MPTGLU(MPTMLP):
             config.d_model, config.ffn_hidden_size, bias=not config.no_bias, device=device
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+        h = self.act(self.gate_proj(x, norm)) * self.up_proj(x, norm)
+        return self.down_proj(h, residual=residual)
 
 
 class MPTBlock(nn.Module):
@@ -132,5 +176,9 @@ class MPTBlock(nn.Module):
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache=None) -> Tensor:
+        if decode_linear.FUSE and not self.training and decode_linear.supports(x, self.attn.out_proj.weight):
+            # a decode step: the norms and residual adds go into the linears' kernels (fewer launches)
+            x = self.attn(x, inputs, cache, self.layer_idx, norm=self.norm_1, residual=x)
+            return self.ffn(x, norm=self.norm_2, residual=x)
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), inputs, cache, self.layer_idx))
         return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))

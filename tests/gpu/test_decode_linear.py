@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from smalto.generate import generate
 from smalto.model import decode_linear
+from smalto.model.layers import Activation
 from tests.model.helpers import tiny, tokens
 
 pytestmark = pytest.mark.gpu
@@ -50,6 +51,32 @@ def test_kernel_equals_a_float32_matmul(rows, N, K, dtype):
     )  # one rounding of the output to 16 bits
 
 
+@pytest.mark.parametrize(
+    "rows,norm,act,dtype",
+    [(1, "layernorm", None, torch.bfloat16), (1, None, "gelu", torch.bfloat16), (8, "layernorm", "gelu", torch.float16),
+     (16, "rmsnorm", "silu", torch.bfloat16), (3, None, "gelu_tanh", torch.bfloat16)],
+)  # fmt: skip
+def test_fused_norm_activation_residual_equal_float32(rows, norm, act, dtype):
+    N, K = 640, 1536
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (3 * torch.randn(rows, K, device="cuda", generator=g) + 1).to(dtype)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(dtype)
+    r = torch.randn(rows, N, device="cuda", generator=g).to(dtype)
+    h = x.float()
+    if norm == "layernorm":
+        h = F.layer_norm(h, (K,), nw.float(), None, 1e-5)
+    elif norm == "rmsnorm":
+        h = F.rms_norm(h, (K,), nw.float(), 1e-5)
+    ref = Activation(act)(F.linear(h, w.float())) if act else F.linear(h, w.float())
+    ref = ref + r.float()
+    with torch.inference_mode():
+        got = decode_linear.linear(x, w, norm=(norm, nw, None, 1e-5) if norm else None, act=act, residual=r)
+    torch.testing.assert_close(
+        got.float(), ref, atol=3e-2, rtol=2e-2
+    )  # normed x rounded to 16 bits, as F does
+
+
 def test_only_inference_on_a_few_rows_uses_it():
     x = torch.randn(2, 1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
@@ -68,13 +95,19 @@ def test_bf16_generation_runs_the_kernel_and_matches_cublas(monkeypatch):
     prompts = [tokens(1, 20)[0].tolist(), tokens(1, 7, seed=3)[0].tolist()]
     kw = dict(max_new_tokens=16, temperature=0, ignore_eos=True)
     ids = tokens(2, 9).cuda()
+    norms = []
+    hooks = [b.norm_1.register_forward_hook(lambda *a: norms.append(1)) for b in model.transformer.blocks]
     with torch.inference_mode():
         assert _ran_kernel(lambda: model(ids[:, :1]))  # two rows: the kernel
+        assert not norms  # norm_1 ran inside Wqkv's kernel
         assert not _ran_kernel(lambda: model(ids))  # 18 rows: cuBLAS
+        assert norms  # and the norm as a module
         fast = model(ids[:, :1]).logits.float()
         monkeypatch.setattr(decode_linear, "MAX_ROWS", 0)
         ref = model(ids[:, :1]).logits.float()
     torch.testing.assert_close(fast, ref, atol=3e-2, rtol=2e-2)
+    for h in hooks:
+        h.remove()
     ref_tokens = generate(model, None, prompts, compile=True, **kw)  # cuBLAS (MAX_ROWS still 0)
     monkeypatch.undo()
     fast_tokens: list = []

@@ -1,12 +1,16 @@
 """smalto/model/decode_linear.py: the kernel's logic on CPU through Triton's interpreter equals x · wᵀ at decode
-shapes (one row on CUDA cores, a few rows on the tensor-core path, ragged edges), and the op traces in one graph.
+shapes (one row on CUDA cores, a few rows on the tensor-core path, ragged edges), with its fused prologue (LayerNorm,
+RMSNorm) and epilogue (bias, activation, residual) equal to the modules they replace; the op traces in one graph;
+and a model whose blocks take the fused decode path computes what the unfused blocks compute.
 On a GPU, tests/gpu/test_decode_linear.py checks the autotuned kernel and the model's use of it."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from smalto.model import decode_linear
-from tests.model.helpers import use_triton_interpreter
+from smalto.model.layers import Activation
+from tests.model.helpers import tiny, tokens, use_triton_interpreter
 
 use_triton_interpreter()
 
@@ -16,18 +20,53 @@ def _built():
     assert decode_linear.prepare(), "Triton is installed: the op must build"
 
 
+def op(x, w, bias=None, norm_w=None, norm_b=None, residual=None, norm="", eps=0.0, act=None):
+    assert decode_linear._OP is not None
+    kind = decode_linear.NORMS[norm] if norm else 0
+    return decode_linear._OP(
+        x, w, bias, norm_w, norm_b, residual, kind, eps, decode_linear.ACTS[act] if act else 0
+    )
+
+
 @pytest.mark.parametrize("M,N,K", [(1, 96, 256), (1, 70, 200), (5, 96, 128), (16, 64, 192), (3, 50, 100)])
 def test_kernel_equals_matmul(M, N, K):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-    assert decode_linear._OP is not None
-    torch.testing.assert_close(decode_linear._OP(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(op(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "M,N,K,norm,norm_bias,act,bias,residual",
+    [
+        (1, 96, 200, "layernorm", False, None, False, False),  # MPT's norm_1 → Wqkv
+        (3, 70, 128, "layernorm", True, "gelu", True, False),  # norm_2 → up_proj → GELU, with biases
+        (1, 50, 100, "rmsnorm", False, "silu", False, False),
+        (16, 64, 96, None, False, "gelu_tanh", False, True),
+        (5, 40, 64, None, False, "relu", True, True),
+        (1, 72, 130, None, False, None, False, True),  # out_proj / down_proj + the residual stream
+    ],
+)
+def test_fused_work_equals_the_modules(M, N, K, norm, norm_bias, act, bias, residual):
+    g = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(M, K, generator=g) + 1.5  # a mean and scale for the norm to remove
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    nw, nb = 1 + 0.1 * torch.randn(K, generator=g), (torch.randn(K, generator=g) if norm_bias else None)
+    r = torch.randn(M, N, generator=g) if residual else None
+    h = x
+    if norm == "layernorm":
+        h = F.layer_norm(x, (K,), nw, nb, 1e-5)
+    elif norm == "rmsnorm":
+        h = F.rms_norm(x, (K,), nw, 1e-5)
+    ref = F.linear(h, w, b)
+    ref = Activation(act)(ref) if act else ref
+    ref = ref + r if r is not None else ref
+    got = op(x, w, b, nw if norm else None, nb, r, norm or "", 1e-5, act)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_op_traces_in_one_graph():
     w = torch.randn(32, 64)
-    assert decode_linear._OP is not None
-    op = decode_linear._OP
     f = torch.compile(lambda x: op(x, w) * 2, backend="eager", fullgraph=True)
     x = torch.randn(1, 64)
     torch.testing.assert_close(f(x), 2 * (x @ w.T), atol=1e-4, rtol=1e-4)
@@ -39,4 +78,35 @@ def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_deco
     with torch.no_grad():
         assert not decode_linear.supports(x, w)  # CPU: F.linear
         got = decode_linear.linear(x, w, torch.ones(8, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="fused only where the kernel runs"):
+            decode_linear.linear(x, w, act="gelu")
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, torch.ones(8, dtype=torch.bfloat16)))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # MPT as published: low-precision LayerNorm without bias, exact GELU, no biases
+        {"no_bias": False, "norm_type": "layernorm", "ffn_config": {"ffn_act_fn": {"name": "gelu_tanh"}}},
+        {"norm_type": "rmsnorm", "ffn_config": {"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}}},
+    ],
+)
+def test_blocks_fused_for_decode_equal_unfused(overrides, monkeypatch):
+    """The blocks' decode path (norm and residual inside the linears' kernel) on CPU through the interpreter: only
+    the device check is lifted, so that the kernel, not F.linear, takes the rows."""
+    model = tiny(**overrides)
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        ref = model(ids).logits
+        real = decode_linear.supports
+        monkeypatch.setattr(
+            decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16 and w.dim() == 2
+        )
+        calls = []
+        for block in model.transformer.blocks:
+            block.norm_1.register_forward_hook(lambda *a: calls.append(1))
+            block.norm_2.register_forward_hook(lambda *a: calls.append(1))
+        got = model(ids).logits
+        monkeypatch.setattr(decode_linear, "supports", real)
+    assert not calls, "the norms ran as modules: the blocks did not take the fused path"
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
