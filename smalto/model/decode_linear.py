@@ -63,8 +63,8 @@ def linear(
     """act(norm(x) · wᵀ + bias) + residual in one kernel when `supports(x, weight)`; else F.linear(x, weight, bias).
 
     The fused parts are for the decode step (`smalto.model.layers.Linear` passes them only when this kernel runs):
-    norm = (kind, weight, bias, eps), kind a key of NORMS, computed in float32 per row and rounded to x's dtype
-    before the product as F.layer_norm / F.rms_norm would; act a key of ACTS; residual has the output's shape.
+    norm = (kind, weight, bias, eps), kind a key of NORMS, for one row only (more rows: norm x first), computed in
+    float32 in the product's own pass; act a key of ACTS; residual has the output's shape.
     """
     if not supports(x, weight):
         if norm is not None or act is not None or residual is not None:
@@ -73,6 +73,8 @@ def linear(
             )
         return F.linear(x, weight, bias)
     assert _OP is not None
+    if norm is not None and x.numel() != x.shape[-1]:
+        raise ValueError("a norm is fused for one row only; norm the rows first")
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     kind, norm_w, norm_b, eps = norm if norm is not None else ("", None, None, 0.0)
     res = residual.reshape(-1, weight.shape[0]).contiguous() if residual is not None else None
@@ -109,45 +111,45 @@ def _build(autotune: bool):
         in_n = n < N
         m = tl.arange(0, BLOCK_M)
         in_m = m < M
-        mean = tl.zeros([BLOCK_M], tl.float32)
-        rstd = tl.zeros([BLOCK_M], tl.float32)
-        if NORM != 0:  # the rows' statistics first: x is a few KB, read again from cache below
-            s1 = tl.zeros([BLOCK_M], tl.float32)
-            if NORM == 1:
-                for k0 in range(0, K, BLOCK_K):
-                    k = k0 + tl.arange(0, BLOCK_K)
-                    xs = tl.load(
-                        X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & (k < K)[None, :], other=0.0
-                    )
-                    s1 += tl.sum(xs.to(tl.float32), axis=1)
-                mean = s1 / K
-            s2 = tl.zeros([BLOCK_M], tl.float32)
+        if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
+            # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            acc_g = tl.zeros([BLOCK_N], tl.float32)  # W·g
+            acc_b = tl.zeros([BLOCK_N], tl.float32)  # W·b
+            s1 = tl.zeros([BLOCK_N], tl.float32)  # Σx (the same in every lane)
+            s2 = tl.zeros([BLOCK_N], tl.float32)  # Σx²
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                ok = in_m[:, None] & (k < K)[None, :]
-                xs = tl.load(X + m[:, None] * sxm + k[None, :], mask=ok, other=0.0).to(tl.float32)
-                xc = tl.where(ok, xs - mean[:, None], 0.0)
-                s2 += tl.sum(xc * xc, axis=1)
-            rstd = 1.0 / tl.sqrt(s2 / K + eps)
-        if BLOCK_M == 1:
-            acc = tl.zeros([BLOCK_N], tl.float32)
-        else:
+                in_k = k < K
+                w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)  # fmt: skip  # read once: not kept in L2
+                x = tl.load(X + k, mask=in_k, other=0.0).to(tl.float32)
+                if NORM != 0:
+                    g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
+                    s1 += tl.sum(x, axis=0)
+                    s2 += tl.sum(x * x, axis=0)
+                    acc += tl.sum(w * (x * g)[None, :], axis=1)
+                    if NORM == 1:
+                        acc_g += tl.sum(w * g[None, :], axis=1)
+                    if HAS_NB:
+                        acc_b += tl.sum(
+                            w * tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :], axis=1
+                        )
+                else:
+                    acc += tl.sum(w * x[None, :], axis=1)
+            if NORM == 1:  # LayerNorm
+                mean = s1 / K
+                acc = (acc - mean * acc_g) / tl.sqrt(s2 / K - mean * mean + eps) + acc_b
+            elif NORM == 2:  # RMSNorm
+                acc = acc / tl.sqrt(s2 / K + eps)
+        else:  # 2–16 rows: one tensor-core tile (no norm: each program would re-read the rows for it)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            in_k = k < K
-            w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                        eviction_policy="evict_first")  # fmt: skip  # read once: do not keep it in L2
-            x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
-            if NORM != 0:  # normalised as the norm module would: float32, then rounded to x's dtype
-                g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
-                xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
-                if HAS_NB:
-                    xn += tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :]
-                x = xn.to(X.dtype.element_ty)
-            if BLOCK_M == 1:
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
-            else:
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                in_k = k < K
+                w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
+                            eviction_policy="evict_first")  # fmt: skip
+                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
                 acc += tl.dot(x, tl.trans(w))
         if HAS_BIAS:
             acc += tl.load(BIAS + n, mask=in_n, other=0.0).to(tl.float32)

@@ -31,8 +31,8 @@ class Linear(nn.Linear):
     run smalto/model/decode_linear.py's kernel.
 
     A decode step also passes the work around the product, which that kernel then does in the same launch:
-    `norm` (the block's norm module, applied to x first), `act` (an `Activation`, applied to the output) and
-    `residual` (added last). Elsewhere they run as the separate modules and ops they are."""
+    `norm` (the block's norm module, applied to x first; fused for one row), `act` (an `Activation`, applied to
+    the output) and `residual` (added last). Elsewhere they run as the separate modules and ops they are."""
 
     def forward(
         self,
@@ -42,10 +42,11 @@ class Linear(nn.Linear):
         residual: Tensor | None = None,
     ) -> Tensor:
         if decode_linear.FUSE and decode_linear.supports(x, self.weight):
-            spec = _fused_norm(norm, x.dtype) if norm is not None else None
-            if norm is None or spec is not None:  # all in one launch
-                name = act.name if act is not None else None
-                return decode_linear.linear(x, self.weight, self.bias, norm=spec, act=name, residual=residual)
+            spec = _fused_norm(norm, x) if norm is not None else None
+            if norm is not None and spec is None:
+                x = norm(x)
+            name = act.name if act is not None else None
+            return decode_linear.linear(x, self.weight, self.bias, norm=spec, act=name, residual=residual)
         y = decode_linear.linear(norm(x) if norm is not None else x, self.weight, self.bias)
         y = act(y) if act is not None else y
         return y if residual is None else y + residual
@@ -87,14 +88,14 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps)
 
 
-def _fused_norm(
-    norm: nn.Module, dtype: torch.dtype
-) -> tuple[str, Tensor | None, Tensor | None, float] | None:
-    """(kind, weight, bias, eps) for the decode kernel's prologue, or None when that would not compute what the
-    module computes: its weights must be in x's dtype (a bf16 model), where low precision changes nothing."""
-    if type(norm) is LayerNorm and norm.weight is not None and norm.weight.dtype == dtype:
+def _fused_norm(norm: nn.Module, x: Tensor) -> tuple[str, Tensor | None, Tensor | None, float] | None:
+    """(kind, weight, bias, eps) for the decode kernel, or None where it does not fuse the norm: more than one row
+    (each program would re-read them), or weights not in x's dtype (a bf16 model: low precision changes nothing)."""
+    if x.numel() != x.shape[-1]:
+        return None
+    if type(norm) is LayerNorm and norm.weight is not None and norm.weight.dtype == x.dtype:
         return ("layernorm", norm.weight, norm.bias, norm.eps)
-    if type(norm) is RMSNorm and norm.weight.dtype == dtype:
+    if type(norm) is RMSNorm and norm.weight.dtype == x.dtype:
         return ("rmsnorm", norm.weight, None, norm.eps)
     return None
 

@@ -39,7 +39,7 @@ def test_kernel_equals_matmul(M, N, K):
     "M,N,K,norm,norm_bias,act,bias,residual",
     [
         (1, 96, 200, "layernorm", False, None, False, False),  # MPT's norm_1 → Wqkv
-        (3, 70, 128, "layernorm", True, "gelu", True, False),  # norm_2 → up_proj → GELU, with biases
+        (1, 70, 128, "layernorm", True, "gelu", True, False),  # norm_2 → up_proj → GELU, with biases
         (1, 50, 100, "rmsnorm", False, "silu", False, False),
         (16, 64, 96, None, False, "gelu_tanh", False, True),
         (5, 40, 64, None, False, "relu", True, True),
@@ -83,6 +83,15 @@ def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_deco
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, torch.ones(8, dtype=torch.bfloat16)))
 
 
+def test_a_norm_is_fused_for_one_row_only(monkeypatch):
+    monkeypatch.setattr(
+        decode_linear, "supports", lambda x, w: True
+    )  # the kernel on CPU, via the interpreter
+    x, w = torch.randn(2, 1, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="one row only"):
+        decode_linear.linear(x, w, norm=("layernorm", torch.ones(8), None, 1e-5))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -92,21 +101,21 @@ def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_deco
     ],
 )
 def test_blocks_fused_for_decode_equal_unfused(overrides, monkeypatch):
-    """The blocks' decode path (norm and residual inside the linears' kernel) on CPU through the interpreter: only
-    the device check is lifted, so that the kernel, not F.linear, takes the rows."""
+    """The blocks' decode path on CPU through the interpreter, only the device check lifted so that the kernel, not
+    F.linear, takes the rows: one row (norms inside the kernel) and 12 rows (norms as modules, activation and
+    residual adds inside) compute what the unfused blocks compute."""
     model = tiny(**overrides)
-    ids = tokens(2, 6)
+    calls = []
+    for block in model.transformer.blocks:
+        block.norm_1.register_forward_hook(lambda *a: calls.append(1))
+        block.norm_2.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        ref = model(ids).logits
-        real = decode_linear.supports
-        monkeypatch.setattr(
-            decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16 and w.dim() == 2
-        )
-        calls = []
-        for block in model.transformer.blocks:
-            block.norm_1.register_forward_hook(lambda *a: calls.append(1))
-            block.norm_2.register_forward_hook(lambda *a: calls.append(1))
-        got = model(ids).logits
-        monkeypatch.setattr(decode_linear, "supports", real)
-    assert not calls, "the norms ran as modules: the blocks did not take the fused path"
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        for ids, norms_as_modules in ((tokens(1, 1), False), (tokens(2, 6), True)):
+            ref = model(ids).logits
+            calls.clear()
+            real = decode_linear.supports
+            monkeypatch.setattr(decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16)
+            got = model(ids).logits
+            monkeypatch.setattr(decode_linear, "supports", real)
+            assert bool(calls) == norms_as_modules
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
