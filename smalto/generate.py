@@ -11,7 +11,9 @@ How a call runs:
    (model, batch, length bucket) and kept for the next call.
 4. Sampling (repetition penalty → temperature → top-k → top-p → min-p, Gumbel-max draw) stays on the device: no
    host sync. The host looks at new tokens every `check_every` steps to stream text, end rows at EOS or a stop
-   string, and stop early when every row has ended.
+   string, and stop early when every row has ended. It copies them out before queueing the next step and waits
+   for that copy only, so the GPU decodes on while the host turns tokens into text (when every row has ended,
+   the one step queued after them is discarded).
 
 A request longer than `config.max_seq_len` (prompt + max_new_tokens) is refused; ALiBi/RoPE models run past their
 trained length when loaded with a larger `max_seq_len`.
@@ -236,25 +238,36 @@ def iter_generate(
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
 
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    out = torch.empty(max_new_tokens, B, dtype=torch.long, device=device)  # step-major: a check's tokens are
+    cuda = device.type == "cuda"  # contiguous, so that the copy to pinned host memory is a plain async memcpy
+    host = torch.empty(max_new_tokens, B, dtype=torch.long, pin_memory=cuda)
     rows = [_Row(prompt_len=len(r)) for r in rows_ids]
     logits = dec.prefill(ids, full_mask[:, :L])
     synced = 0
     for i in range(max_new_tokens):
         token = sample(logits, params, seen, gen)
-        out[:, i] = token
+        out[i] = token
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         last = i == max_new_tokens - 1
-        if (i + 1 - synced) >= every or last:
-            new = out[:, synced : i + 1].tolist()  # the one host sync, every `every` steps
+        check = (i + 1 - synced) >= every or last
+        if check:  # copy the new tokens out before the next step is queued, so that reading them waits for
+            # them alone: the GPU runs step i + 1 while the host decodes text (no drained queue per check)
+            host[synced : i + 1].copy_(out[synced : i + 1], non_blocking=cuda)
+            ready = torch.cuda.Event() if cuda else None
+            if ready is not None:
+                ready.record()
+        if not last:
+            pos = torch.full((1,), L + i, dtype=torch.long, device=device)
+            logits = dec.step(token[:, None], pos)
+        if check:
+            if ready is not None:
+                ready.synchronize()  # the one host sync, every `every` steps
+            new = host[synced : i + 1].T.tolist()
             synced = i + 1
             yield from _advance(rows, new, tokenizer, eos, stops, last)
             if all(r.finish for r in rows):
                 break
-        if not last:
-            pos = torch.full((1,), L + i, dtype=torch.long, device=device)
-            logits = dec.step(token[:, None], pos)
     dec.cache.length = 0
 
 
