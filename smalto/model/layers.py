@@ -177,9 +177,28 @@ class MPTBlock(nn.Module):
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache=None) -> Tensor:
-        if decode_linear.FUSE and not self.training and decode_linear.supports(x, self.attn.out_proj.weight):
+        if self._fuses(x):
             # a decode step: the norms and residual adds go into the linears' kernels (fewer launches)
             x = self.attn(x, inputs, cache, self.layer_idx, norm=self.norm_1, residual=x)
             return self.ffn(x, norm=self.norm_2, residual=x)
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), inputs, cache, self.layer_idx))
         return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
+
+    def _fuses(self, x: Tensor) -> bool:
+        """A decode step on the kernel, with every linear still smalto's own (not wrapped by an adapter library,
+        whose extra branch would see x without the norm)."""
+        if (
+            not decode_linear.FUSE
+            or self.training
+            or not decode_linear.supports(x, self.attn.out_proj.weight)
+        ):
+            return False
+        ffn = self.ffn
+        linears = (
+            self.attn.Wqkv,
+            self.attn.out_proj,
+            ffn.up_proj,
+            ffn.down_proj,
+            getattr(ffn, "gate_proj", ffn.up_proj),
+        )
+        return all(type(m) is Linear for m in linears)

@@ -119,3 +119,26 @@ def test_blocks_fused_for_decode_equal_unfused(overrides, monkeypatch):
             monkeypatch.setattr(decode_linear, "supports", real)
             assert bool(calls) == norms_as_modules
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrapped_linear_turns_the_fusion_off(monkeypatch):
+    """An adapter library (LoRA) wraps a linear and adds a branch of its own on the input: that branch must see
+    norm(x), so a block with a wrapped linear takes the unfused path."""
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.weight = base, base.weight
+
+        def forward(self, x, *args, **kwargs):
+            return self.base(x, *args, **kwargs) + x[..., :1]  # a branch of its own on the input
+
+    model = tiny()
+    for block in model.transformer.blocks:
+        block.attn.Wqkv = Adapter(block.attn.Wqkv)
+    ids = tokens(1, 1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        monkeypatch.setattr(decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16)
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
