@@ -84,7 +84,9 @@ def main() -> None:
     rows = []
     for arg in sys.argv[1:]:
         shape, batch = arg.split(":")
-        cfg = MPTConfig.from_dict({**SHAPES[shape], "max_seq_len": 2048, "attn_config": {"alibi": True}})
+        cfg = MPTConfig.from_dict(
+            {**SHAPES[shape], "max_seq_len": 2048, "no_bias": True, "attn_config": {"alibi": True}}
+        )
         model = MPTForCausalLM(cfg, device="cuda").to(torch.bfloat16).eval()
         rows.append({"shape": shape, "batch": int(batch), **measure(model, int(batch))})
         print(json.dumps(rows[-1]), flush=True)
