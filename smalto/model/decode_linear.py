@@ -9,8 +9,15 @@ picks narrow tiles there (8 output columns × 512–1024 inputs, 8 warps): many 
 y (M, N) = x (M, K) · wᵀ with w (N, K) row-major as `nn.Linear` stores it. One program owns BLOCK_N output columns
 and walks K in BLOCK_K steps, accumulating in float32. One row (M = 1) multiplies and reduces on CUDA cores; 2–16
 rows are padded to a 16-row tile and use `tl.dot` (tensor cores). Each has its own autotuned configurations, keyed
-by (N, K): the first call at a shape benchmarks them (the compiled decode step's first call runs eagerly, outside
-the CUDA graph) and Triton caches the choice on disk.
+by (N, K) and the fused work: the first call at a shape benchmarks them (the compiled decode step's first call runs
+eagerly, outside the CUDA graph) and Triton caches the choice on disk.
+
+The work around the product comes along in the same launch (fewer launches per decode step, which at batch 1 are
+bound by latency more than by bandwidth): a bias, an activation (ACTS) and a residual add on the output, and for one
+row a LayerNorm / RMSNorm of x (NORMS), folded into the weight pass: W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) +
+W·b, with μ and r from Σx and Σx² gathered in the same loop, so nothing delays the first weight load. (A separate
+pass for the statistics first, and the norm on 16 rows, where each program re-reads the rows, made the step slower:
+docs/benchmarks.md.) `FUSE = False` keeps the kernel and leaves that work to separate ops.
 
 `supports(x, weight)` says when `Linear` (smalto/model/layers.py) and the unembedding use it: the op built
 (`prepare()`, which the decoder calls before compiling), CUDA, bf16 / fp16 weights and input of one dtype, at most
