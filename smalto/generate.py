@@ -256,7 +256,7 @@ def iter_generate(
             host[synced : i + 1].copy_(out[synced : i + 1], non_blocking=cuda)
             ready = torch.cuda.Event() if cuda else None
             if ready is not None:
-                ready.record()
+                ready.record(torch.cuda.current_stream(device))  # the model's device, not the current one
         if not last:
             pos = torch.full((1,), L + i, dtype=torch.long, device=device)
             logits = dec.step(token[:, None], pos)
