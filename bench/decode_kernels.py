@@ -17,6 +17,7 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers' ke
     cublas           the linears (and the unembedding) on cuBLAS instead of smalto's decode-linear kernel
                      (smalto/model/decode_linear.py, what ships)
     unfused          that kernel, without the norms, activation and residual adds fused into it (FUSE = False)
+    normrows16       the norms fused on up to 16 rows too (NORM_ROWS = 16; shipped: 1)
     cublaslt         cublas, with PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics)
     cdt              inductor's coordinate-descent tuning of its own kernels
     kb32, kw8, ks2   the Triton decode kernel's launch: slots per loop step (BLOCK), warps, pipeline stages
@@ -53,6 +54,7 @@ SHAPES = {
 SDPA = attention.sdpa_attention
 AUTO_THRESHOLD = decode_kernel.PROGRAMS_PER_SM
 MAX_ROWS = decode_linear.MAX_ROWS
+NORM_ROWS = decode_linear.NORM_ROWS
 LAUNCH = dict(decode_kernel.LAUNCH)
 
 
@@ -100,7 +102,18 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     unknown = (
         words
         - launch
-        - {*ATTENTION, "auto", "triton", "sdpa", "no-cudnn", "cublas", "cublaslt", "cdt", "unfused"}
+        - {
+            *ATTENTION,
+            "auto",
+            "triton",
+            "sdpa",
+            "no-cudnn",
+            "cublas",
+            "cublaslt",
+            "cdt",
+            "unfused",
+            "normrows16",
+        }
     )
     if unknown:
         raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
@@ -118,6 +131,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     decode_linear.prepare()
     decode_linear.MAX_ROWS = 0 if words & {"cublas", "cublaslt"} else MAX_ROWS
     decode_linear.FUSE = "unfused" not in words
+    decode_linear.NORM_ROWS = 16 if "normrows16" in words else NORM_ROWS
     torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in words else "cublas")
 
 

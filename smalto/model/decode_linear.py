@@ -16,8 +16,10 @@ The work around the product comes along in the same launch (fewer launches per d
 bound by latency more than by bandwidth): a bias, an activation (ACTS) and a residual add on the output, and for one
 row a LayerNorm / RMSNorm of x (NORMS), folded into the weight pass: W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) +
 W·b, with μ and r from Σx and Σx² gathered in the same loop, so nothing delays the first weight load. (A separate
-pass for the statistics first, and the norm on 16 rows, where each program re-reads the rows, made the step slower:
-docs/benchmarks.md.) `FUSE = False` keeps the kernel and leaves that work to separate ops.
+pass for the statistics first, on 1–16 rows, made the step slower: docs/benchmarks.md.) The tensor-core path can
+fold the norm the same way, g⊙x split into a high and a low 16-bit part for two `tl.dot`s; `NORM_ROWS` says up to
+how many rows `Linear` asks for it (1 until the 16-row version is timed). `FUSE = False` keeps the kernel and leaves
+that work to separate ops.
 
 `supports(x, weight)` says when `Linear` (smalto/model/layers.py) and the unembedding use it: the op built
 (`prepare()`, which the decoder calls before compiling), CUDA, bf16 / fp16 weights and input of one dtype, at most
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 
 MAX_ROWS = 16  # rows (batch × tokens) up to which the kernel is used: one 16-row tensor-core tile
 FUSE = True  # the decode step's norms, activation and residual adds inside the kernel (fewer launches)
+NORM_ROWS = 1  # rows up to which `Linear` fuses the norm too (measured faster at 1; 16 rows not yet timed)
 
 _PLAIN = (
     Tensor,
@@ -70,8 +73,8 @@ def linear(
     """act(norm(x) · wᵀ + bias) + residual in one kernel when `supports(x, weight)`; else F.linear(x, weight, bias).
 
     The fused parts are for the decode step (`smalto.model.layers.Linear` passes them only when this kernel runs):
-    norm = (kind, weight, bias, eps), kind a key of NORMS, for one row only (more rows: norm x first), computed in
-    float32 in the product's own pass; act a key of ACTS; residual has the output's shape.
+    norm = (kind, weight, bias, eps), kind a key of NORMS, computed in the product's own pass (float32 statistics);
+    act a key of ACTS; residual has the output's shape.
     """
     if not supports(x, weight):
         if norm is not None or act is not None or residual is not None:
@@ -80,8 +83,6 @@ def linear(
             )
         return F.linear(x, weight, bias)
     assert _OP is not None
-    if norm is not None and x.numel() != x.shape[-1]:
-        raise ValueError("a norm is fused for one row only; norm the rows first")
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     kind, norm_w, norm_b, eps = norm if norm is not None else ("", None, None, 0.0)
     res = residual.reshape(-1, weight.shape[0]).contiguous() if residual is not None else None
@@ -149,15 +150,43 @@ def _build(autotune: bool):
                 acc = (acc - mean * acc_g) / tl.sqrt(s2 / K - mean * mean + eps) + acc_b
             elif NORM == 2:  # RMSNorm
                 acc = acc / tl.sqrt(s2 / K + eps)
-        else:  # 2–16 rows: one tensor-core tile (no norm: each program would re-read the rows for it)
+        else:  # 2–16 rows: one tensor-core tile
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_g = tl.zeros([BLOCK_N], tl.float32)
+            acc_b = tl.zeros([BLOCK_N], tl.float32)
+            t1 = tl.zeros([BLOCK_M], tl.float32)
+            t2 = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
                 in_k = k < K
                 w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
                 x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
-                acc += tl.dot(x, tl.trans(w))
+                if NORM != 0:  # as for one row; g⊙x split into two 16-bit parts so the products keep 16 bits
+                    g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
+                    xf = x.to(tl.float32)
+                    t1 += tl.sum(xf, axis=1)
+                    t2 += tl.sum(xf * xf, axis=1)
+                    v = xf * g[None, :]
+                    hi = v.to(x.dtype)
+                    lo = (v - hi.to(tl.float32)).to(x.dtype)
+                    acc = tl.dot(hi, tl.trans(w), acc)
+                    acc = tl.dot(lo, tl.trans(w), acc)
+                    wf = w.to(tl.float32)
+                    if NORM == 1:
+                        acc_g += tl.sum(wf * g[None, :], axis=1)
+                    if HAS_NB:
+                        acc_b += tl.sum(
+                            wf * tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :], axis=1
+                        )
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
+            if NORM == 1:
+                mu = t1 / K
+                r = 1.0 / tl.sqrt(t2 / K - mu * mu + eps)
+                acc = (acc - mu[:, None] * acc_g[None, :]) * r[:, None] + acc_b[None, :]
+            elif NORM == 2:
+                acc = acc * (1.0 / tl.sqrt(t2 / K + eps))[:, None]
         if HAS_BIAS:
             acc += tl.load(BIAS + n, mask=in_n, other=0.0).to(tl.float32)
         if ACT == 1:  # exact GELU

@@ -31,7 +31,7 @@ class Linear(nn.Linear):
     run smalto/model/decode_linear.py's kernel.
 
     A decode step also passes the work around the product, which that kernel then does in the same launch:
-    `norm` (the block's norm module, applied to x first; fused for one row), `act` (an `Activation`, applied to
+    `norm` (the block's norm module, applied to x first; fused up to NORM_ROWS rows), `act` (an `Activation`, applied to
     the output) and `residual` (added last). Elsewhere they run as the separate modules and ops they are."""
 
     def forward(
@@ -89,9 +89,9 @@ class RMSNorm(nn.Module):
 
 
 def _fused_norm(norm: nn.Module, x: Tensor) -> tuple[str, Tensor | None, Tensor | None, float] | None:
-    """(kind, weight, bias, eps) for the decode kernel, or None where it does not fuse the norm: more than one row
-    (each program would re-read them), or weights not in x's dtype (a bf16 model: low precision changes nothing)."""
-    if x.numel() != x.shape[-1]:
+    """(kind, weight, bias, eps) for the decode kernel, or None where it does not fuse the norm: more rows than
+    `decode_linear.NORM_ROWS`, or weights not in x's dtype (a bf16 model: low precision changes nothing)."""
+    if x.numel() // x.shape[-1] > decode_linear.NORM_ROWS:
         return None
     if type(norm) is LayerNorm and norm.weight is not None and norm.weight.dtype == x.dtype:
         return ("layernorm", norm.weight, norm.bias, norm.eps)

@@ -54,7 +54,8 @@ def test_kernel_equals_a_float32_matmul(rows, N, K, dtype):
 @pytest.mark.parametrize(
     "rows,norm,act,dtype",
     [(1, "layernorm", None, torch.bfloat16), (1, None, "gelu", torch.bfloat16), (1, "layernorm", "gelu", torch.float16),
-     (1, "rmsnorm", "silu", torch.bfloat16), (16, None, "silu", torch.bfloat16), (3, None, "gelu_tanh", torch.float16)],
+     (1, "rmsnorm", "silu", torch.bfloat16), (16, None, "silu", torch.bfloat16), (3, None, "gelu_tanh", torch.float16),
+     (16, "layernorm", "gelu", torch.bfloat16), (5, "rmsnorm", None, torch.float16)],  # the few-row norm (NORM_ROWS)
 )  # fmt: skip
 def test_fused_norm_activation_residual_equal_float32(rows, norm, act, dtype):
     N, K = 640, 1536

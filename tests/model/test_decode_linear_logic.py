@@ -44,6 +44,17 @@ def test_kernel_equals_matmul(M, N, K):
         (16, 64, 96, None, False, "gelu_tanh", False, True),
         (5, 40, 64, None, False, "relu", True, True),
         (1, 72, 130, None, False, None, False, True),  # out_proj / down_proj + the residual stream
+        (
+            3,
+            70,
+            128,
+            "layernorm",
+            True,
+            "gelu",
+            True,
+            True,
+        ),  # the same on the tensor-core path (NORM_ROWS > 1)
+        (16, 40, 96, "rmsnorm", False, "silu", False, False),
     ],
 )
 def test_fused_work_equals_the_modules(M, N, K, norm, norm_bias, act, bias, residual):
@@ -83,15 +94,6 @@ def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_deco
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, torch.ones(8, dtype=torch.bfloat16)))
 
 
-def test_a_norm_is_fused_for_one_row_only(monkeypatch):
-    monkeypatch.setattr(
-        decode_linear, "supports", lambda x, w: True
-    )  # the kernel on CPU, via the interpreter
-    x, w = torch.randn(2, 1, 8), torch.randn(4, 8)
-    with pytest.raises(ValueError, match="one row only"):
-        decode_linear.linear(x, w, norm=("layernorm", torch.ones(8), None, 1e-5))
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -100,24 +102,26 @@ def test_a_norm_is_fused_for_one_row_only(monkeypatch):
         {"norm_type": "rmsnorm", "ffn_config": {"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}}},
     ],
 )
-def test_blocks_fused_for_decode_equal_unfused(overrides, monkeypatch):
+@pytest.mark.parametrize("norm_rows", [1, 16])
+def test_blocks_fused_for_decode_equal_unfused(overrides, norm_rows, monkeypatch):
     """The blocks' decode path on CPU through the interpreter, only the device check lifted so that the kernel, not
-    F.linear, takes the rows: one row (norms inside the kernel) and 12 rows (norms as modules, activation and
-    residual adds inside) compute what the unfused blocks compute."""
+    F.linear, takes the rows: one row and 12 rows compute what the unfused blocks compute, the norms inside the
+    kernel up to NORM_ROWS rows and as modules above."""
+    monkeypatch.setattr(decode_linear, "NORM_ROWS", norm_rows)
     model = tiny(**overrides)
     calls = []
     for block in model.transformer.blocks:
         block.norm_1.register_forward_hook(lambda *a: calls.append(1))
         block.norm_2.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        for ids, norms_as_modules in ((tokens(1, 1), False), (tokens(2, 6), True)):
+        for ids in (tokens(1, 1), tokens(2, 6)):
             ref = model(ids).logits
             calls.clear()
             real = decode_linear.supports
             monkeypatch.setattr(decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16)
             got = model(ids).logits
             monkeypatch.setattr(decode_linear, "supports", real)
-            assert bool(calls) == norms_as_modules
+            assert bool(calls) == (ids.numel() > norm_rows)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
