@@ -82,6 +82,19 @@ def linear(
                 "norm / act / residual are fused only where the kernel runs (supports(x, weight))"
             )
         return F.linear(x, weight, bias)
+    return run(x, weight, bias, norm=norm, act=act, residual=residual)
+
+
+def run(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    norm: tuple[str, Tensor | None, Tensor | None, float] | None = None,
+    act: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """`linear`'s kernel path, for a caller that has checked `supports(x, weight)` already (`Linear`)."""
     assert _OP is not None
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     kind, norm_w, norm_b, eps = norm if norm is not None else ("", None, None, 0.0)

@@ -41,13 +41,16 @@ class Linear(nn.Linear):
         act: Activation | None = None,
         residual: Tensor | None = None,
     ) -> Tensor:
-        if decode_linear.FUSE and decode_linear.supports(x, self.weight):
+        if not decode_linear.supports(x, self.weight):
+            y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+        elif decode_linear.FUSE:
             spec = _fused_norm(norm, x) if norm is not None else None
             if norm is not None and spec is None:
                 x = norm(x)
             name = act.name if act is not None else None
-            return decode_linear.linear(x, self.weight, self.bias, norm=spec, act=name, residual=residual)
-        y = decode_linear.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+            return decode_linear.run(x, self.weight, self.bias, norm=spec, act=name, residual=residual)
+        else:
+            y = decode_linear.run(norm(x) if norm is not None else x, self.weight, self.bias)
         y = act(y) if act is not None else y
         return y if residual is None else y + residual
 
