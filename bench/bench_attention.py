@@ -17,6 +17,7 @@ is timed with it (eager), and once compiled (`compiled`).
 `cudnn-frontend ALiBi` is cuDNN's own flash attention with its built-in ALiBi (`use_alibi_mask`, whose slopes are
 MPT's for alibi_bias_max 8, powers of two or not) and a causal band, forward and backward graphs built with the
 `cudnn` package (nvidia-cudnn-frontend, not part of smalto's dependencies: the row says so when it is missing).
+`sdpa + ALiBi bias tensor (BACKEND)` passes the materialised (1, H, S, S) ALiBi + causal bias as SDPA's attn_mask.
 Results: a table, and attention.json in $OUT when set.
 """
 
@@ -208,6 +209,23 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
     compiled_dims = torch.compile(alibi_dims, dynamic=False)
     cases["sdpa, ALiBi as head dims (compiled)"] = lambda: compiled_dims(q, k, v)
     cases["cudnn-frontend ALiBi"] = cudnn_alibi_attention(q, k, v, scale)
+    i = torch.arange(S, device="cuda")
+    rel = (i[None, :] - i[:, None]).float()  # j - i
+    bias = (slopes.float()[:, None, None] * rel).masked_fill(rel > 0, float("-inf"))
+    bias = bias[None].bfloat16()  # (1, H, S, S): the materialised ALiBi + causal bias, no gradient
+
+    def with_bias(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+        return run
+
+    cases["sdpa + ALiBi bias tensor (cudnn)"] = with_bias(SDPBackend.CUDNN_ATTENTION)
+    cases["sdpa + ALiBi bias tensor (efficient)"] = with_bias(SDPBackend.EFFICIENT_ATTENTION)
+    if args.only:
+        keep = args.only.split(",")
+        cases = {n: f for n, f in cases.items() if n in variants or any(w in n for w in keep)}
 
     def step(fwd) -> None:
         q.grad = k.grad = v.grad = None
@@ -239,6 +257,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--autotune", action="store_true", help="add FlexAttention compiled with max-autotune")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated words: of the non-flex rows, keep those whose name has one",
+    )
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table

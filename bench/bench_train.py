@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import time
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from smalto.config import load_config
 from smalto.errors import UserError
+from smalto.model import cudnn_attention
 from smalto.train.guard import LossGuard
 from smalto.train.loop import train_step
 from smalto.train.metrics import RunLogger
@@ -36,13 +38,30 @@ from smalto.train.parallel import build_model, close_world, init_world
 from smalto.train.setup import Trainer
 
 
-def bench_one(recipe: str, micro: int, args: argparse.Namespace, world) -> dict:
+def kernel(cfg, micro: int, world) -> str:
+    """The training attention kernel `auto` / `cudnn` resolve to for this shape: cudnn, else flex (and why)."""
+    m = cfg.model
+    a = m.attn_config
+    reason = cudnn_attention.why_not(
+        device=world.device,
+        dtype=torch.bfloat16,
+        causal_from_zero=True,
+        alibi=a.alibi,
+        alibi_bias_max=a.alibi_bias_max,
+        dropout=a.attn_pdrop > 0,
+        shape=(micro, m.n_heads, m.kv_n_heads, cfg.data.seq_len, m.head_dim),
+        scale=m.softmax_scale,
+    )
+    return "cudnn" if reason is None else f"flex ({reason[:40]})"
+
+
+def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, world) -> dict:
     overrides = [
         f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * args.accum * world.world_size}",
         f"train.compile={str(args.compile).lower()}",
         f"train.activation_checkpointing={str(args.ac).lower()}",
-        f"model.attn_config.attn_impl={args.attn}",
+        f"model.attn_config.attn_impl={attn}",
         "logging.progress=false",
         "logging.tensorboard=false",
     ]
@@ -124,7 +143,7 @@ def bench_one(recipe: str, micro: int, args: argparse.Namespace, world) -> dict:
         "loss_last": round(t.losses[-1], 4),
         "compile": args.compile,
         "ac": args.ac,
-        "attn": args.attn,
+        "attn": attn if attn not in ("auto", "cudnn") else f"{attn}→{kernel(cfg, micro, world)}",
     }
     del t, model
     gc.collect()
@@ -142,7 +161,11 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
-    p.add_argument("--attn", default="flex", choices=["flex", "sdpa", "eager", "auto"])
+    p.add_argument(
+        "--attn",
+        default="auto",
+        help="attn_impl values to time, comma-separated: auto (shipped), cudnn, flex, sdpa",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -157,11 +180,13 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro in (int(m) for m in args.micro_batches.split(",")):
+            for micro, attn in itertools.product(
+                (int(m) for m in args.micro_batches.split(",")), args.attn.split(",")
+            ):
                 try:
-                    rows.append(bench_one(recipe, micro, args, world))
+                    rows.append(bench_one(recipe, micro, attn, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
-                    rows.append({"recipe": recipe, "micro_batch": micro, "error": str(e)[:80]})
+                    rows.append({"recipe": recipe, "micro_batch": micro, "attn": attn, "error": str(e)[:80]})
                     gc.collect()
                     if world.device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -179,6 +204,7 @@ def main() -> None:
         "seq",
         "micro_batch",
         "accum",
+        "attn",
         "tokens_per_s_per_device",
         "mfu",
         "peak_mem_gib",
@@ -188,7 +214,7 @@ def main() -> None:
         table.add_column(c)
     for r in rows:
         if "error" in r:
-            table.add_row(r["recipe"], "", "", str(r["micro_batch"]), "", r["error"], "", "", "")
+            table.add_row(r["recipe"], "", "", str(r["micro_batch"]), "", r["attn"], r["error"], "", "", "")
             continue
         table.add_row(*[f"{100 * r[c]:.1f}%" if c == "mfu" and r[c] is not None else str(r[c]) for c in cols])
     console.print(table)

@@ -33,6 +33,7 @@ KERNELS = {
     "triton": "sdpa",
     "sdpa": "sdpa",
     "flex": "sdpa",
+    "cudnn": "sdpa",
     "auto": "sdpa",
 }
 

@@ -3,11 +3,13 @@
 Notation (shape names used in comments):
     B batch, H query heads, K key/value heads (GQA: H % K == 0), T query length, S key length, D head dim.
 
-One semantics, three kernels (and a fourth for decoding), chosen by `attn_impl` in `resolve_attn_impl` (the only
+One semantics, four kernels (and a fifth for decoding), chosen by `attn_impl` in `resolve_attn_impl` (the only
 place that decides):
     eager   explicit softmax; the readable reference every other kernel is tested against
     sdpa    F.scaled_dot_product_attention with the ALiBi bias and the mask folded into one additive bias
     flex    FlexAttention: ALiBi as a `score_mod`, the mask as a block mask (sparse: skips masked tiles); GPU training
+    cudnn   cuDNN's flash attention with its own ALiBi (`cudnn_attention.py`, optional package): GPU training of
+            plain causal batches, faster than flex; `auto` takes it when it applies, flex otherwise
     decode  one query per row against the KV cache in a Triton kernel (`decode_attention.py`): `auto` for a
             compiled decode step on CUDA when rows × heads fill the GPU (batched decoding)
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smalto.errors import ConfigError
+from smalto.model import cudnn_attention as cudnn_kernel
 from smalto.model import decode_attention as decode_kernel
 from smalto.model.config import MPTConfig
 from smalto.model.layers import Linear, build_norm
@@ -304,15 +308,28 @@ def resolve_attn_impl(
     head_dim: int = 0,
     n_keys: int = 0,
     programs: int = 0,
+    cudnn_unsupported: Callable[[], str | None] = lambda: "not asked",
 ) -> str:
-    """The one place that maps `attn_impl` to a kernel, refusing impossible combinations with the reason."""
+    """The one place that maps `attn_impl` to a kernel, refusing impossible combinations with the reason.
+
+    `cudnn_unsupported()` says why cuDNN's kernel cannot compute this forward (None: it can); asked only for a
+    training forward on CUDA, where it and FlexAttention are the candidates."""
+    backward = training and torch.is_grad_enabled() and not decode
+    if impl == "cudnn":
+        if not backward:  # cuDNN is the training kernel; inference takes what `auto` takes
+            impl = "auto"
+        else:
+            reason = cudnn_unsupported()
+            if reason is not None and not reason.startswith(cudnn_kernel.MASK_REASON):
+                raise ConfigError(f"attn_impl 'cudnn' cannot train this model: {reason}")
+            return "cudnn" if reason is None else "flex"
     if impl == "auto":
         if decode and decode_kernel.supports(head_dim, n_keys, programs, device):
             return "decode"
         # flex compiles one kernel per shape: right for training (fixed shapes), wrong for inference, whose
         # lengths change with every request (a recompile each time, then the unfused fallback)
-        if device.type == "cuda" and training and torch.is_grad_enabled() and not dropout and not decode:
-            return "flex"
+        if backward and device.type == "cuda" and not dropout:
+            return "cudnn" if cudnn_unsupported() is None else "flex"
         return "sdpa"
     if impl == "flex":
         if dropout and training:
@@ -423,6 +440,8 @@ class MPTAttention(nn.Module):
             y = sdpa_attention_in_chunks(q, k, v, m, inputs.slopes, self.softmax_scale, p, chunk)
         elif inputs.impl == "sdpa":
             y = sdpa_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p, inputs.bias)
+        elif inputs.impl == "cudnn":
+            y = cudnn_kernel.cudnn_attention(q, k, v, inputs.slopes is not None, self.softmax_scale)
         elif inputs.impl == "decode":
             m = inputs.mask
             y = decode_kernel.decode_attention(

@@ -18,7 +18,7 @@ from typing import Any
 from smalto.errors import ConfigError
 
 NORM_TYPES = ("layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm")
-ATTN_IMPLS = ("auto", "flex", "sdpa", "eager")
+ATTN_IMPLS = ("auto", "flex", "cudnn", "sdpa", "eager")
 # attn_impl values written by llm-foundry / the hub. They chose an implementation of one computation, and every smalto
 # kernel computes that same attention (tests/model), so all of them map to `auto`, the fast kernel for the job: a
 # `mosaicml/mpt-7b` folder (`attn_impl: torch`) must not generate or evaluate through the materialised softmax.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smalto.errors import UserError
-from smalto.model import decode_linear
+from smalto.model import cudnn_attention, decode_linear
 from smalto.model.attention import AttentionMask, build_attention_inputs, resolve_attn_impl
 from smalto.model.cache import KVCache
 from smalto.model.config import MPTConfig
@@ -150,6 +150,16 @@ class MPTModel(nn.Module):
             head_dim=c.head_dim,
             n_keys=n_keys,
             programs=input_ids.shape[0] * c.n_heads,
+            cudnn_unsupported=lambda: cudnn_attention.why_not(
+                device=device,
+                dtype=dtype,
+                causal_from_zero=mask.causal_only and mask.from_zero and T == n_keys,
+                alibi=c.attn_config.alibi,
+                alibi_bias_max=c.attn_config.alibi_bias_max,
+                dropout=c.attn_config.attn_pdrop > 0,
+                shape=(input_ids.shape[0], c.n_heads, c.kv_n_heads, T, c.head_dim),
+                scale=c.softmax_scale,
+            ),
         )
         inputs = build_attention_inputs(c, mask, impl=impl, dtype=dtype)
         for block in self.blocks:

@@ -69,3 +69,59 @@ def test_auto_trains_on_cpu():
     model(tokens(2, 8), labels=tokens(2, 8)).loss.backward()
     g = model.transformer.wte.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- choosing cuDNN (its kernels run in tests/gpu)
+
+CUDA = torch.device("cuda")
+
+
+def _resolve(impl: str, reason: str | None, *, training: bool = True, decode: bool = False) -> str:
+    from smalto.model.attention import resolve_attn_impl
+
+    with torch.enable_grad():
+        return resolve_attn_impl(
+            impl,
+            device=CUDA,
+            training=training,
+            dropout=False,
+            decode=decode,
+            cudnn_unsupported=lambda: reason,
+        )
+
+
+def test_auto_trains_with_cudnn_where_it_applies_and_flex_elsewhere():
+    from smalto.model import cudnn_attention
+
+    assert _resolve("auto", None) == "cudnn"
+    assert _resolve("auto", cudnn_attention.MISSING) == "flex"
+    assert _resolve("auto", cudnn_attention.MASK_REASON + " (padding)") == "flex"
+    assert _resolve("auto", None, training=False) == "sdpa"  # inference never builds cuDNN graphs
+
+
+def test_explicit_cudnn_names_why_it_cannot_train():
+    from smalto.errors import ConfigError
+    from smalto.model import cudnn_attention
+
+    with pytest.raises(ConfigError, match=r"attn_impl 'cudnn' cannot train.*nvidia-cudnn-frontend"):
+        _resolve("cudnn", cudnn_attention.MISSING)
+    assert _resolve("cudnn", cudnn_attention.MASK_REASON + " (a window)") == "flex"  # that batch only
+    assert _resolve("cudnn", "anything", training=False) == "sdpa"  # inference: what auto takes
+
+
+def test_cudnn_reasons_on_this_machine():
+    from smalto.errors import ConfigError
+    from smalto.model import cudnn_attention
+
+    args = dict(
+        dtype=torch.bfloat16,
+        causal_from_zero=True,
+        alibi=True,
+        alibi_bias_max=8,
+        dropout=False,
+        shape=(2, 4, 4, 16, 16),
+        scale=0.25,
+    )
+    assert cudnn_attention.why_not(device=torch.device("cpu"), **args) == "it runs on CUDA only"
+    with pytest.raises(ConfigError, match="attn_impl 'cudnn' cannot train this model: it runs on CUDA only"):
+        with_impl(tiny(), "cudnn").train()(tokens(1, 8), labels=tokens(1, 8))

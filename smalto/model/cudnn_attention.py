@@ -1,0 +1,257 @@
+"""Causal attention with ALiBi in cuDNN's flash-attention kernels: training's fastest path on Hopper GPUs.
+
+cuDNN's fused attention has ALiBi built in (`use_alibi_mask`: slope_h · (j − i) added to the scaled scores, with
+the slopes of the ALiBi paper, which are MPT's for `alibi_bias_max: 8` at any head count) and a causal band, in
+its forward and its backward. On an H200 at the MPT-1B shape its forward + backward runs 2.23 ms against 3.02 ms
+for FlexAttention with ALiBi as a score_mod (bench/bench_attention.py, docs/benchmarks.md).
+
+The kernels are reached through NVIDIA's `cudnn` Python package (nvidia-cudnn-frontend, `pip install
+"smalto[cudnn]"`), which builds a graph per shape once and then executes it on PyTorch's tensors and stream. It is
+optional: `attn_impl: auto` uses it when it imports and the step is one it computes (CUDA, bf16/fp16, plain causal
+self-attention from position 0, ALiBi with bias max 8 or no positional bias, no dropout), FlexAttention otherwise.
+
+`cudnn_attention(q, k, v, alibi, scale)` is a `torch.library` custom op with autograd (its backward another custom
+op), so a `torch.compile`d block calls it as one opaque kernel. q (B, H, T, D), k/v (B, K, T, D) with any strides
+whose last is 1; the output is (B, H, T, D) laid out as (B, T, H, D), so the `transpose(1, 2).reshape` that follows
+is free. GQA (H a multiple of K) is cuDNN's own.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MISSING = 'the "cudnn" package (nvidia-cudnn-frontend) is not installed: pip install "smalto[cudnn]"'
+# the reason `why_not` gives for a forward whose mask cuDNN does not take: `attn_impl: cudnn` then runs flex
+MASK_REASON = "the mask is not plain causal self-attention"
+
+
+@functools.cache
+def _cudnn():
+    try:
+        import cudnn  # type: ignore[import-not-found]
+    except Exception:  # not installed, or its CUDA libraries do not load
+        return None
+    return cudnn
+
+
+def available() -> bool:
+    return torch.cuda.is_available() and _cudnn() is not None
+
+
+@functools.cache
+def _handle(device_index: int):
+    with torch.cuda.device(device_index):
+        return _cudnn().create_handle()
+
+
+def _types(cudnn, dtype: torch.dtype, handle) -> dict:
+    io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+    return dict(
+        io_data_type=io,
+        intermediate_data_type=cudnn.data_type.FLOAT,
+        compute_data_type=cudnn.data_type.FLOAT,
+        handle=handle,
+    )
+
+
+Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, strides) of one tensor
+
+
+@dataclass
+class _Graphs:
+    """One shape's forward and backward graphs and their tensor handles."""
+
+    fwd: object
+    bwd: object
+    f_in: tuple  # q, k, v
+    f_out: tuple  # o, stats
+    b_in: tuple  # q, k, v, o, dO, stats
+    b_out: tuple  # dq, dk, dv
+    workspace: int
+
+
+def _layout(t: Tensor) -> Layout:
+    return tuple(t.shape), tuple(t.stride())
+
+
+def out_layout(shape: tuple[int, ...]) -> Layout:
+    """(B, H, T, D) stored as (B, T, H, D): what the custom ops return for o, dq, dk, dv."""
+    B, H, T, D = shape
+    return (B, H, T, D), (T * H * D, D, H * D, 1)
+
+
+@functools.cache
+def _graphs(
+    q: Layout,
+    k: Layout,
+    v: Layout,
+    d_o: Layout,
+    dtype: torch.dtype,
+    device_index: int,
+    alibi: bool,
+    scale: float,
+) -> _Graphs:
+    cudnn = _cudnn()
+    handle = _handle(device_index)
+    band = dict(
+        attn_scale=scale,
+        use_alibi_mask=alibi,
+        diagonal_band_right_bound=0,  # causal: key j ≤ query i
+        diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+    )
+    B, H, T, _ = q[0]
+    o = out_layout(q[0])
+    stats: Layout = ((B, H, T, 1), (H * T, T, 1, 1))
+    io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+
+    def tensor(g, name: str, lay: Layout, data_type=io):
+        return g.tensor(name=name, dim=list(lay[0]), stride=list(lay[1]), data_type=data_type)
+
+    fwd = cudnn.pygraph(**_types(cudnn, dtype, handle))
+    f_in = (tensor(fwd, "q", q), tensor(fwd, "k", k), tensor(fwd, "v", v))
+    f_o, f_s = fwd.sdpa(name="sdpa", q=f_in[0], k=f_in[1], v=f_in[2], generate_stats=True, **band)
+    f_o.set_output(True).set_dim(list(o[0])).set_stride(list(o[1])).set_data_type(io)
+    f_s.set_output(True).set_dim(list(stats[0])).set_stride(list(stats[1])).set_data_type(
+        cudnn.data_type.FLOAT
+    )
+
+    bwd = cudnn.pygraph(**_types(cudnn, dtype, handle))
+    b_in = (
+        tensor(bwd, "q", q),
+        tensor(bwd, "k", k),
+        tensor(bwd, "v", v),
+        tensor(bwd, "o", o),
+        tensor(bwd, "dO", d_o),
+        tensor(bwd, "stats", stats, cudnn.data_type.FLOAT),
+    )
+    bq, bk, bv, bo, bdo, bs = b_in
+    b_out = bwd.sdpa_backward(name="sdpa_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bs, **band)
+    for t, lay in zip(b_out, (out_layout(q[0]), out_layout(k[0]), out_layout(v[0])), strict=True):
+        t.set_output(True).set_dim(list(lay[0])).set_stride(list(lay[1])).set_data_type(io)
+    for g in (fwd, bwd):
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+    size = max(fwd.get_workspace_size(), bwd.get_workspace_size())
+    return _Graphs(fwd, bwd, f_in, (f_o, f_s), b_in, tuple(b_out), size)
+
+
+def _strided(lay: Layout, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty_strided(lay[0], lay[1], dtype=dtype or like.dtype, device=like.device)
+
+
+def _execute(graph, pack: dict, g: _Graphs, device: torch.device) -> None:
+    cudnn = _cudnn()
+    handle = _handle(device.index)
+    cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)
+    workspace = torch.empty(g.workspace, dtype=torch.uint8, device=device)
+    graph.execute(pack, workspace, handle=handle)
+
+
+def _grad_layout(q: Tensor) -> Layout:
+    # the gradient of the output arrives in the output's layout: the backward graph is built for it
+    return out_layout(tuple(q.shape))
+
+
+@torch.library.custom_op("smalto::cudnn_attention_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, alibi: bool, scale: float) -> tuple[Tensor, Tensor]:
+    g = _graphs(_layout(q), _layout(k), _layout(v), _grad_layout(q), q.dtype, q.device.index, alibi, scale)
+    B, H, T, _ = q.shape
+    o = _strided(out_layout(tuple(q.shape)), q)
+    stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=q.device)
+    pack = dict(zip(g.f_in, (q, k, v), strict=True))
+    pack.update({g.f_out[0]: o, g.f_out[1]: stats})
+    _execute(g.fwd, pack, g, q.device)
+    return o, stats
+
+
+@_fwd.register_fake
+def _(q, k, v, alibi, scale):
+    B, H, T, _ = q.shape
+    return _strided(out_layout(tuple(q.shape)), q), q.new_empty(B, H, T, 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("smalto::cudnn_attention_bwd", mutates_args=())
+def _bwd(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, d_o: Tensor, alibi: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _layout(d_o) != _grad_layout(q):
+        d_o = _strided(_grad_layout(q), d_o).copy_(d_o)
+    g = _graphs(_layout(q), _layout(k), _layout(v), _grad_layout(q), q.dtype, q.device.index, alibi, scale)
+    grads = tuple(_strided(out_layout(tuple(t.shape)), t) for t in (q, k, v))
+    pack = dict(zip(g.b_in, (q, k, v, o, d_o, stats), strict=True))
+    pack.update(zip(g.b_out, grads, strict=True))
+    _execute(g.bwd, pack, g, q.device)
+    return grads  # type: ignore[return-value]
+
+
+@_bwd.register_fake
+def _(q, k, v, o, stats, d_o, alibi, scale):
+    return tuple(_strided(out_layout(tuple(t.shape)), t) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, alibi, scale = inputs
+    o, stats = output
+    ctx.save_for_backward(q, k, v, o, stats)
+    ctx.mark_non_differentiable(stats)
+    ctx.alibi, ctx.scale = alibi, scale
+
+
+def _backward(ctx, d_o: Tensor, _d_stats: Tensor | None):
+    q, k, v, o, stats = ctx.saved_tensors
+    dq, dk, dv = _bwd(q, k, v, o, stats, d_o, ctx.alibi, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, alibi: bool, scale: float) -> Tensor:
+    """Causal self-attention (T queries at positions 0..T-1 over the same T keys), with cuDNN's ALiBi when asked."""
+    return _fwd(q, k, v, alibi, scale)[0]
+
+
+def why_not(
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    causal_from_zero: bool,
+    alibi: bool,
+    alibi_bias_max: float,
+    dropout: bool,
+    shape: tuple[int, int, int, int, int],
+    scale: float,
+) -> str | None:
+    """None when cuDNN computes this attention; else the reason it does not (for `attn_impl: cudnn`'s error).
+
+    shape: (B, H, K, T, D). The last check builds the graphs for q, k, v as views of the fused QKV projection (as
+    the model makes them), so a cuDNN that refuses the shape is found here, not in the middle of a step."""
+    B, H, K, T, D = shape
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "it runs on CUDA only"
+    if _cudnn() is None:
+        return MISSING
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"its kernels take bf16 or fp16, not {dtype} (train with precision amp_bf16)"
+    if not causal_from_zero:
+        return f"{MASK_REASON} (padding, packed documents, a window or a KV cache)"
+    if alibi and alibi_bias_max != 8:
+        return f"its ALiBi slopes are those of alibi_bias_max 8, not {alibi_bias_max}"
+    if dropout:
+        return "smalto does not pass attention dropout to it; set attn_config.attn_pdrop 0"
+    W = (H + 2 * K) * D  # q, k, v: views of the (B, T, W) projection
+    q: Layout = ((B, H, T, D), (T * W, D, W, 1))
+    kv: Layout = ((B, K, T, D), (T * W, D, W, 1))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        _graphs(q, kv, kv, out_layout(q[0]), dtype, index, alibi, scale)
+    except Exception as e:  # cuDNN's own words: the version, the head dim, GQA...
+        return f"cuDNN does not support (B, H, K, T, D) = {shape}: {type(e).__name__}: {str(e)[:200]}"
+    return None
