@@ -37,7 +37,7 @@ def test_defaults_follow_llm_foundry():
             {"norm_type": "batchnorm"},
             "choose one of: layernorm, low_precision_layernorm, rmsnorm, low_precision_rmsnorm",
         ),
-        ({"attn_config": {"attn_impl": "flash2"}}, "choose one of: auto, flex, sdpa, eager"),
+        ({"attn_config": {"attn_impl": "flash2"}}, "choose one of: auto, flex, cudnn, sdpa, eager"),
         ({"ffn_config": {"ffn_type": "moe"}}, "choose one of: mptmlp, mptglu"),
         ({"attn_config": {"alibbi": True}}, "unknown key attn_config.'alibbi'"),
         ({"logit_scale": "sqrt"}, "inv_sqrt_d_model"),
