@@ -14,9 +14,8 @@ q' = (64·m_hi, m_hi, 64·m_lo, m_lo) / scale and k' = (j // 64, j % 64, j // 64
 m_lo to 16 significant bits, integers below 256); padded with zeros to a multiple of 8 (D + 8), v too. The concat
 is timed with it (eager), and once compiled (`compiled`).
 
-`cudnn-frontend ALiBi` is cuDNN's own flash attention with its built-in ALiBi (`use_alibi_mask`, whose slopes are
-MPT's for alibi_bias_max 8, powers of two or not) and a causal band, forward and backward graphs built with the
-`cudnn` package (nvidia-cudnn-frontend, not part of smalto's dependencies: the row says so when it is missing).
+`cudnn-frontend ALiBi` is `attn_impl: cudnn` (smalto/model/cudnn_attention.py): cuDNN's own flash attention with
+its built-in ALiBi and a causal band, through the optional `cudnn` package (the row says so when it is missing).
 `sdpa + ALiBi bias tensor (BACKEND)` passes the materialised (1, H, S, S) ALiBi + causal bias as SDPA's attn_mask.
 Results: a table, and attention.json in $OUT when set.
 """
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from smalto.model.attention import alibi_slopes
+from smalto.model.cudnn_attention import cudnn_attention
 
 SHAPES = {"1b": (16, 16, 2048, 128), "125m": (32, 12, 2048, 64)}  # micro-batch, heads, seq, head dim
 
@@ -73,80 +73,6 @@ def time_ms(fn, iters: int) -> float:
         fn()
     torch.cuda.synchronize()
     return 1000 * (time.perf_counter() - start) / iters
-
-
-def cudnn_alibi_attention(q, k, v, scale: float) -> Callable[[], torch.Tensor]:
-    """Causal ALiBi attention as cuDNN graphs (forward with softmax statistics, backward), bound to q, k, v's
-    shapes and strides, wrapped in an autograd function: the returned callable runs the forward."""
-
-    def build():
-        import cudnn
-
-        handle = cudnn.create_handle()
-        cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
-        types = dict(
-            io_data_type=cudnn.data_type.BFLOAT16,
-            intermediate_data_type=cudnn.data_type.FLOAT,
-            compute_data_type=cudnn.data_type.FLOAT,
-            handle=handle,
-        )
-        band = dict(
-            attn_scale=scale,
-            use_alibi_mask=True,
-            diagonal_band_right_bound=0,
-            diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
-        )
-        out = torch.empty_like(q)
-        stats = torch.empty(*q.shape[:3], 1, device=q.device, dtype=torch.float32)
-        fwd = cudnn.pygraph(**types)
-        fq, fk, fv = (fwd.tensor_like(t) for t in (q, k, v))
-        fo, fs = fwd.sdpa(name="sdpa", q=fq, k=fk, v=fv, generate_stats=True, **band)
-        fo.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
-        fs.set_output(True).set_data_type(cudnn.data_type.FLOAT)
-        fs.set_dim(list(stats.shape)).set_stride(list(stats.stride()))
-        bwd = cudnn.pygraph(**types)
-        dout = torch.empty_like(q)
-        bq, bk, bv, bo, bdo = (bwd.tensor_like(t) for t in (q, k, v, out, dout))
-        bs = bwd.tensor_like(stats)
-        dq, dk, dv = bwd.sdpa_backward(name="sdpa_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bs, **band)
-        for t, like in ((dq, q), (dk, k), (dv, v)):
-            t.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride()))
-        for g in (fwd, bwd):
-            g.validate()
-            g.build_operation_graph()
-            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-            g.check_support()
-            g.build_plans()
-        size = max(fwd.get_workspace_size(), bwd.get_workspace_size())
-        work = torch.empty(size, device=q.device, dtype=torch.uint8)
-
-        class Attention(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q_, k_, v_):
-                o, st = torch.empty_like(out), torch.empty_like(stats)
-                fwd.execute({fq: q_, fk: k_, fv: v_, fo: o, fs: st}, work, handle=handle)
-                ctx.save_for_backward(q_, k_, v_, o, st)
-                return o
-
-            @staticmethod
-            def backward(ctx, g_o):
-                q_, k_, v_, o, st = ctx.saved_tensors
-                grads = [torch.empty_like(t) for t in (q_, k_, v_)]
-                pack = {bq: q_, bk: k_, bv: v_, bo: o, bdo: g_o.contiguous(), bs: st}
-                pack.update(zip((dq, dk, dv), grads, strict=True))
-                bwd.execute(pack, work, handle=handle)
-                return tuple(grads)
-
-        return Attention.apply
-
-    state: dict = {}
-
-    def run() -> torch.Tensor:
-        if "fn" not in state:
-            state["fn"] = build()  # on first use, so that a missing package is this row's error only
-        return state["fn"](q, k, v)
-
-    return run
 
 
 def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace) -> list[dict]:
@@ -208,7 +134,7 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
         cases[f"sdpa, ALiBi as head dims ({name})"] = with_backend(backend)
     compiled_dims = torch.compile(alibi_dims, dynamic=False)
     cases["sdpa, ALiBi as head dims (compiled)"] = lambda: compiled_dims(q, k, v)
-    cases["cudnn-frontend ALiBi"] = cudnn_alibi_attention(q, k, v, scale)
+    cases["cudnn-frontend ALiBi"] = lambda: cudnn_attention(q, k, v, True, scale)
     i = torch.arange(S, device="cuda")
     rel = (i[None, :] - i[:, None]).float()  # j - i
     bias = (slopes.float()[:, None, None] * rel).masked_fill(rel > 0, float("-inf"))

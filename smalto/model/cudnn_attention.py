@@ -96,6 +96,8 @@ def _graphs(
     scale: float,
 ) -> _Graphs:
     cudnn = _cudnn()
+    if cudnn is None:
+        raise RuntimeError(MISSING)
     handle = _handle(device_index)
     band = dict(
         attn_scale=scale,
