@@ -252,8 +252,15 @@ def why_not(
     q: Layout = ((B, H, T, D), (T * W, D, W, 1))
     kv: Layout = ((B, K, T, D), (T * W, D, W, 1))
     index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe(q, kv, dtype, index, alibi, scale)
+
+
+@functools.cache  # a refusal too: asked at every training forward, a failing build must not be retried
+def _probe(q: Layout, kv: Layout, dtype: torch.dtype, index: int, alibi: bool, scale: float) -> str | None:
     try:
         _graphs(q, kv, kv, out_layout(q[0]), dtype, index, alibi, scale)
     except Exception as e:  # cuDNN's own words: the version, the head dim, GQA...
+        B, H, T, D = q[0]
+        shape = (B, H, kv[0][1], T, D)
         return f"cuDNN does not support (B, H, K, T, D) = {shape}: {type(e).__name__}: {str(e)[:200]}"
     return None
