@@ -6,7 +6,8 @@
 Random-weight models of the MPT-1B / MPT-7B shapes (ALiBi, no biases: a config transformers' native class computes
 exactly), in bf16. Both implementations share the same weight tensors. Each run: a `--prompt`-token prompt, then
 `--new` tokens greedily with EOS ignored. Decode time per step = (time(new tokens) - time(1 token)) / (new - 1), so the
-prefill is not counted. The floor is reading every weight once per step: weight bytes / `--bw` (H100 SXM: 3.35e12 B/s).
+prefill is not counted. The floor is reading every weight once per step: weight bytes / `--bw`, by default the
+device's peak memory bandwidth when it is known (H100 SXM 3.35e12 B/s, H200 4.8e12).
 Results: a table, and `decode.json` in $OUT when that variable is set.
 """
 
@@ -85,6 +86,19 @@ def decode_ms(run, device: str, new: int, repeats: int) -> float:
     return 1000 * (t_full - t_one) / (new - 1)
 
 
+# peak memory bandwidth (B/s) by a word of the device name: the floor of a decode step that reads every weight once
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def peak_bandwidth(device_name: str) -> float:
+    for word, bw in BANDWIDTH.items():
+        if word in device_name:
+            return bw
+    if device_name == "cpu":
+        return 1e11  # a nominal figure: the smoke run's floor column means nothing
+    raise SystemExit(f"unknown memory bandwidth of {device_name!r}: pass --bw BYTES_PER_S")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -93,7 +107,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument(
-        "--bw", type=float, default=3.35e12, help="memory bandwidth in bytes/s (H100 SXM: 3.35e12)"
+        "--bw",
+        type=float,
+        default=None,
+        help="memory bandwidth in bytes/s (default: the device's, when known)",
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (faster)")
@@ -111,6 +128,8 @@ def main() -> None:
         )
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     compile_ = args.device.startswith("cuda")
+    if args.bw is None:
+        args.bw = peak_bandwidth(torch.cuda.get_device_name() if compile_ else "cpu")
 
     from rich.console import Console
     from rich.table import Table
@@ -170,7 +189,11 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    table = Table(title=f"decode, {args.prompt}-token prompt, {args.new} new tokens, greedy ({args.device})")
+    name = torch.cuda.get_device_name() if compile_ else args.device
+    table = Table(
+        title=f"decode, {args.prompt}-token prompt, {args.new} new tokens, greedy ({name}; floor at "
+        f"{args.bw / 1e12:.2f} TB/s)"
+    )
     for col in (
         "shape",
         "batch",
