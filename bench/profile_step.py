@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: kernel time by category for one MPT shape (torch.profiler).
 
-python bench/profile_step.py --shape 1b --micro-batch 12            # on a GPU
+python bench/profile_step.py --shape 1b --micro-batch 16            # on a GPU
+python bench/profile_step.py --shape 1b --micro-batch 16 --attn flex # FlexAttention instead of cuDNN
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from smalto.train.optim import DecoupledLionW
 SHAPES = {"125m": (768, 12, 12), "1b": (2048, 16, 24), "7b": (4096, 32, 32)}
 
 CATEGORIES = [  # first match wins
-    ("attention", ("flex", "attention", "fmha", "flash")),
+    ("attention", ("flex", "attention", "fmha", "flash", "sdpa", "cudnn")),
     ("gemm", ("gemm", "sm90", "cutlass", "cublas", "nvjet", "matmul", "xmma")),
     ("optimizer", ("foreach", "multi_tensor")),
     ("loss", ("nll", "log_softmax", "cross_entropy")),
@@ -42,6 +43,9 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=12)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument(
+        "--attn", default="auto", help="attn_impl: auto (cudnn when installed, else flex), flex, cudnn"
+    )
     args = p.parse_args()
     d, h, n = SHAPES[args.shape]
     cfg = MPTConfig.from_dict(
@@ -52,7 +56,7 @@ def main() -> None:
             max_seq_len=args.seq,
             vocab_size=50432,
             no_bias=True,
-            attn_config={"alibi": True, "attn_impl": "flex"},
+            attn_config={"alibi": True, "attn_impl": args.attn},
         )
     )
     model = MPTForCausalLM(cfg, device="cuda").train()
