@@ -70,6 +70,7 @@ class MPTModel(nn.Module):
         self.emb_drop = nn.Dropout(config.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(config, i, device) for i in range(config.n_layers))
         self.norm_f = build_norm(config, config.d_model, device)
+        self.train_attn_impl: str | None = None  # the kernel the last training forward took (run summaries)
 
     def forward(
         self,
@@ -161,6 +162,8 @@ class MPTModel(nn.Module):
                 scale=c.softmax_scale,
             ),
         )
+        if self.training:
+            self.train_attn_impl = impl
         inputs = build_attention_inputs(c, mask, impl=impl, dtype=dtype)
         for block in self.blocks:
             x = block(x, inputs, cache)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from smalto.config import RunConfig, parse_seconds
 from smalto.errors import UserError
+from smalto.model import cudnn_attention
 from smalto.train.checkpoint import export_hf
 from smalto.train.guard import OK, STOP
 from smalto.train.metrics import memory_gib, mfu
@@ -235,6 +236,7 @@ def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
         "time training": f"{t.seconds:.1f} s",
         "tokens/s": f"{r.tokens / max(t.seconds, 1e-9):,.0f}",
         "world size": str(t.world.world_size),
+        "attention": _attention_note(t),
         "checkpoint": r.checkpoint or "-",
         "HF folder": r.hf_folder or "-",
     }
@@ -243,6 +245,14 @@ def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
     if r.stopped:
         rows["stopped"] = r.stopped
     return rows
+
+
+def _attention_note(t: Trainer) -> str:
+    """The attention kernel training ran, with the hint when the faster cuDNN kernel was only missing its package."""
+    impl = t.model.transformer.train_attn_impl or "-"
+    if impl == "flex" and t.world.device.type == "cuda" and not cudnn_attention.available():
+        return 'flex (cuDNN\'s faster ALiBi kernel: pip install "smalto[cudnn]")'
+    return impl
 
 
 class StopSignals:
