@@ -399,3 +399,11 @@ def _encode(folder: Path, text: str) -> list[int]:
     from smalto.tokenizer import load_tokenizer
 
     return load_tokenizer(folder).encode(text)
+
+
+def test_remote_code_takes_every_attn_impl_smalto_writes() -> None:
+    """A saved folder keeps its attn_impl: the remote code must run each one smalto accepts (and the hub's)."""
+    from smalto.hf_remote.modeling_mpt import KERNELS
+    from smalto.model.config import ATTN_IMPLS, LEGACY_ATTN_IMPLS
+
+    assert set(ATTN_IMPLS) | set(LEGACY_ATTN_IMPLS) <= set(KERNELS), set(ATTN_IMPLS) - set(KERNELS)

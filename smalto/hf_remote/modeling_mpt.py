@@ -5,8 +5,8 @@ smalto's `MPTForCausalLM` computes: ALiBi or RoPE or learned positions, multi-he
 attention, qk_ln / qk_gn, clip_qkv, softmax_scale, sliding window, MLP or GLU, LayerNorm or RMSNorm, tied or
 untied unembedding, logit_scale. Parameter names are those of the mosaicml/mpt-* checkpoints.
 
-`attn_config['attn_impl']`: `torch` / `eager` run the explicit softmax; `flash`, `triton`, `sdpa`, `flex`, `auto`
-run `scaled_dot_product_attention` (with ALiBi folded into its bias). The cache is whatever `generate()` passes:
+`attn_config['attn_impl']`: `torch` / `eager` run the explicit softmax; `flash`, `triton`, `sdpa`, `flex`, `cudnn`,
+`auto` run `scaled_dot_product_attention` (with ALiBi folded into its bias). The cache is whatever `generate()` passes:
 a transformers `Cache` (4.36+, always in 5.x) or the legacy tuple of (k, v) per layer.
 
 Shapes: B batch, T new tokens, S keys (past + new), H query heads, K key/value heads, D head dim.
