@@ -40,17 +40,13 @@ from smalto.train.setup import Trainer
 
 def kernel(cfg, micro: int, world) -> str:
     """The training attention kernel `auto` / `cudnn` resolve to for this shape: cudnn, else flex (and why)."""
-    m = cfg.model
-    a = m.attn_config
     reason = cudnn_attention.why_not(
+        cfg.model,
         device=world.device,
         dtype=torch.bfloat16,
+        batch=micro,
+        seq=cfg.data.seq_len,
         causal_from_zero=True,
-        alibi=a.alibi,
-        alibi_bias_max=a.alibi_bias_max,
-        dropout=a.attn_pdrop > 0,
-        shape=(micro, m.n_heads, m.kv_n_heads, cfg.data.seq_len, m.head_dim),
-        scale=m.softmax_scale,
     )
     return "cudnn" if reason is None else f"flex ({reason[:40]})"
 

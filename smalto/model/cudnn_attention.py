@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from smalto.model.config import MPTConfig
+
 MISSING = 'the "cudnn" package (nvidia-cudnn-frontend) is not installed: pip install "smalto[cudnn]"'
 # the reason `why_not` gives for a forward whose mask cuDNN does not take: `attn_impl: cudnn` then runs flex
 MASK_REASON = "the mask is not plain causal self-attention"
@@ -46,16 +48,6 @@ def available() -> bool:
 def _handle(device_index: int):
     with torch.cuda.device(device_index):
         return _cudnn().create_handle()
-
-
-def _types(cudnn, dtype: torch.dtype, handle) -> dict:
-    io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
-    return dict(
-        io_data_type=io,
-        intermediate_data_type=cudnn.data_type.FLOAT,
-        compute_data_type=cudnn.data_type.FLOAT,
-        handle=handle,
-    )
 
 
 Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, strides) of one tensor
@@ -109,11 +101,17 @@ def _graphs(
     o = out_layout(q[0])
     stats: Layout = ((B, H, T, 1), (H * T, T, 1, 1))
     io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+    types = dict(
+        io_data_type=io,
+        intermediate_data_type=cudnn.data_type.FLOAT,
+        compute_data_type=cudnn.data_type.FLOAT,
+        handle=handle,
+    )
 
     def tensor(g, name: str, lay: Layout, data_type=io):
         return g.tensor(name=name, dim=list(lay[0]), stride=list(lay[1]), data_type=data_type)
 
-    fwd = cudnn.pygraph(**_types(cudnn, dtype, handle))
+    fwd = cudnn.pygraph(**types)
     f_in = (tensor(fwd, "q", q), tensor(fwd, "k", k), tensor(fwd, "v", v))
     f_o, f_s = fwd.sdpa(name="sdpa", q=f_in[0], k=f_in[1], v=f_in[2], generate_stats=True, **band)
     f_o.set_output(True).set_dim(list(o[0])).set_stride(list(o[1])).set_data_type(io)
@@ -121,7 +119,7 @@ def _graphs(
         cudnn.data_type.FLOAT
     )
 
-    bwd = cudnn.pygraph(**_types(cudnn, dtype, handle))
+    bwd = cudnn.pygraph(**types)
     b_in = (
         tensor(bwd, "q", q),
         tensor(bwd, "k", k),
@@ -144,8 +142,8 @@ def _graphs(
     return _Graphs(fwd, bwd, f_in, (f_o, f_s), b_in, tuple(b_out), size)
 
 
-def _strided(lay: Layout, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty_strided(lay[0], lay[1], dtype=dtype or like.dtype, device=like.device)
+def _strided(lay: Layout, like: Tensor) -> Tensor:
+    return torch.empty_strided(lay[0], lay[1], dtype=like.dtype, device=like.device)
 
 
 def _execute(graph, pack: dict, g: _Graphs, device: torch.device) -> None:
@@ -156,16 +154,12 @@ def _execute(graph, pack: dict, g: _Graphs, device: torch.device) -> None:
     graph.execute(pack, workspace, handle=handle)
 
 
-def _grad_layout(q: Tensor) -> Layout:
-    # the gradient of the output arrives in the output's layout: the backward graph is built for it
-    return out_layout(tuple(q.shape))
-
-
 @torch.library.custom_op("smalto::cudnn_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, alibi: bool, scale: float) -> tuple[Tensor, Tensor]:
-    g = _graphs(_layout(q), _layout(k), _layout(v), _grad_layout(q), q.dtype, q.device.index, alibi, scale)
+    o_layout = out_layout(tuple(q.shape))  # the backward graph takes dO in o's layout too
+    g = _graphs(_layout(q), _layout(k), _layout(v), o_layout, q.dtype, q.device.index, alibi, scale)
     B, H, T, _ = q.shape
-    o = _strided(out_layout(tuple(q.shape)), q)
+    o = _strided(o_layout, q)
     stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=q.device)
     pack = dict(zip(g.f_in, (q, k, v), strict=True))
     pack.update({g.f_out[0]: o, g.f_out[1]: stats})
@@ -183,9 +177,10 @@ def _(q, k, v, alibi, scale):
 def _bwd(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, d_o: Tensor, alibi: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if _layout(d_o) != _grad_layout(q):
-        d_o = _strided(_grad_layout(q), d_o).copy_(d_o)
-    g = _graphs(_layout(q), _layout(k), _layout(v), _grad_layout(q), q.dtype, q.device.index, alibi, scale)
+    o_layout = out_layout(tuple(q.shape))
+    if _layout(d_o) != o_layout:  # autograd hands dO in o's layout; anything else is copied into it
+        d_o = _strided(o_layout, d_o).copy_(d_o)
+    g = _graphs(_layout(q), _layout(k), _layout(v), o_layout, q.dtype, q.device.index, alibi, scale)
     grads = tuple(_strided(out_layout(tuple(t.shape)), t) for t in (q, k, v))
     pack = dict(zip(g.b_in, (q, k, v, o, d_o, stats), strict=True))
     pack.update(zip(g.b_out, grads, strict=True))
@@ -221,38 +216,38 @@ def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, alibi: bool, scale: float) 
 
 
 def why_not(
+    config: MPTConfig,
     *,
     device: torch.device,
     dtype: torch.dtype,
+    batch: int,
+    seq: int,
     causal_from_zero: bool,
-    alibi: bool,
-    alibi_bias_max: float,
-    dropout: bool,
-    shape: tuple[int, int, int, int, int],
-    scale: float,
 ) -> str | None:
-    """None when cuDNN computes this attention; else the reason it does not (for `attn_impl: cudnn`'s error).
+    """None when cuDNN computes this model's attention for a (batch, seq) forward; else the reason it does not (for
+    `attn_impl: cudnn`'s error). causal_from_zero: the mask is plain causal self-attention from position 0.
 
-    shape: (B, H, K, T, D). The last check builds the graphs for q, k, v as views of the fused QKV projection (as
-    the model makes them), so a cuDNN that refuses the shape is found here, not in the middle of a step."""
-    B, H, K, T, D = shape
+    The last check builds the graphs for q, k, v as views of the fused QKV projection (as the model makes them), so
+    a cuDNN that refuses the shape is found here, not in the middle of a step."""
+    a = config.attn_config
     if device.type != "cuda" or not torch.cuda.is_available():
         return "it runs on CUDA only"
     if _cudnn() is None:
         return MISSING
     if dtype not in (torch.bfloat16, torch.float16):
-        return f"its kernels take bf16 or fp16, not {dtype} (train with precision amp_bf16)"
+        return f"its kernels take bf16 or fp16, not {dtype} (train with train.precision bf16)"
     if not causal_from_zero:
         return f"{MASK_REASON} (padding, packed documents, a window or a KV cache)"
-    if alibi and alibi_bias_max != 8:
-        return f"its ALiBi slopes are those of alibi_bias_max 8, not {alibi_bias_max}"
-    if dropout:
+    if a.alibi and a.alibi_bias_max != 8:
+        return f"its ALiBi slopes are those of alibi_bias_max 8, not {a.alibi_bias_max}"
+    if a.attn_pdrop > 0:
         return "smalto does not pass attention dropout to it; set attn_config.attn_pdrop 0"
+    B, H, K, T, D = batch, config.n_heads, config.kv_n_heads, seq, config.head_dim
     W = (H + 2 * K) * D  # q, k, v: views of the (B, T, W) projection
     q: Layout = ((B, H, T, D), (T * W, D, W, 1))
     kv: Layout = ((B, K, T, D), (T * W, D, W, 1))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _probe(q, kv, dtype, index, alibi, scale)
+    return _probe(q, kv, dtype, index, a.alibi, config.softmax_scale)
 
 
 @functools.cache  # a refusal too: asked at every training forward, a failing build must not be retried

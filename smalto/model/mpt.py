@@ -152,14 +152,12 @@ class MPTModel(nn.Module):
             n_keys=n_keys,
             programs=input_ids.shape[0] * c.n_heads,
             cudnn_unsupported=lambda: cudnn_attention.why_not(
+                c,
                 device=device,
                 dtype=dtype,
-                causal_from_zero=mask.causal_only and mask.from_zero and T == n_keys,
-                alibi=c.attn_config.alibi,
-                alibi_bias_max=c.attn_config.alibi_bias_max,
-                dropout=c.attn_config.attn_pdrop > 0,
-                shape=(input_ids.shape[0], c.n_heads, c.kv_n_heads, T, c.head_dim),
-                scale=c.softmax_scale,
+                batch=input_ids.shape[0],
+                seq=T,
+                causal_from_zero=mask.causal_only and mask.from_zero,  # from_zero: no cache, keys = queries
             ),
         )
         if self.training:
