@@ -7,6 +7,8 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
     python bench/bench_train.py --device cuda                                  # MPT-125M and MPT-1B, seq 2048
     python bench/bench_train.py --device cuda --models mpt-7b --micro-batches 1,2 --ac   # 7B on one GPU
     python bench/bench_train.py --smoke                                        # CPU, tiny shapes: does it run?
+    python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --profile
+                                   # and where one step's GPU time goes (kernel categories, top kernels)
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
 Results: a rich table, and bench_train.json in $OUT when set.
@@ -15,6 +17,7 @@ Results: a rich table, and bench_train.json in $OUT when set.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -49,6 +52,32 @@ def kernel(cfg, micro: int, world) -> str:
         causal_from_zero=True,
     )
     return "cudnn" if reason is None else f"flex ({reason[:40]})"
+
+
+def print_profile(step, title: str, top: int = 30) -> None:
+    """One more step under torch.profiler: GPU kernel time by category and the top kernels (profile_step.py's)."""
+    from profile_step import category
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = evt.device_time_total
+        if us > 0:
+            by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + us
+            by_name[evt.key] = by_name.get(evt.key, 0.0) + us
+    total = sum(by_cat.values())
+    print(f"{title}: GPU kernel time in one step {total / 1e3:.1f} ms")
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:14s} {us / 1e3:9.1f} ms  {100 * us / total:5.1f}%")
+    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {us / 1e3:9.2f} ms  {name[:120]}")
+    out = os.environ.get("OUT")
+    if out:
+        prof.export_chrome_trace(os.path.join(out, f"trace_{title.split()[0]}.json"))
 
 
 def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, world) -> dict:
@@ -120,6 +149,10 @@ def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, worl
         train_step(t, batches)
     sync()
     seconds = (time.perf_counter() - start) / args.steps
+    if args.profile and world.device.type == "cuda":
+        print_profile(
+            functools.partial(train_step, t, batches), f"{recipe} micro {micro} × {args.accum}, {attn}"
+        )
     tps = tokens_per_step / seconds
     peak = args.peak_tflops
     row = {
@@ -164,6 +197,9 @@ def main() -> None:
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
+    p.add_argument(
+        "--profile", action="store_true", help="profile one more step per row: kernel time by category (CUDA)"
+    )
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 2 steps: check that it runs")
     args = p.parse_args()

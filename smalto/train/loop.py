@@ -84,16 +84,11 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     if ws > 1:
         dist.all_reduce(n_global_t)
     loss_sum = torch.zeros((), device=dev)
+    staged = stage(micro_batches, dev)
     try:
-        for mb in micro_batches:
-            ids, labels = mb["input_ids"].to(dev, non_blocking=True), mb["labels"].to(dev, non_blocking=True)
+        for ids, labels, seq_id in staged:
             with t.autocast:
-                out = t.model(
-                    ids,
-                    labels=labels,
-                    sequence_id=mb["sequence_id"].to(dev, non_blocking=True),
-                    return_logits=False,
-                )
+                out = t.model(ids, labels=labels, sequence_id=seq_id, return_logits=False)
             n = (labels[:, 1:] != -100).sum()
             loss = torch.where(n > 0, out.loss * n, 0.0) / n_global_t  # this micro-batch's share of the mean
             (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
@@ -138,6 +133,20 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
         metrics["guard"] = verdict
         t.logger.print(f"[yellow]loss guard: {verdict} at step {t.step}: {t.guard.reason}")
     return metrics, verdict
+
+
+def stage(micro_batches: list[dict[str, torch.Tensor]], dev: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """The step's micro-batches on the device, as (input_ids, labels, sequence_id): on CUDA one copy per
+    micro-batch from pinned memory, all issued before the first forward, so that no pageable copy waits on the
+    stream between micro-batches."""
+    keys = ("input_ids", "labels", "sequence_id")
+    if dev.type != "cuda":
+        return [tuple(mb[k].to(dev) for k in keys) for mb in micro_batches]
+    staged = []
+    for mb in micro_batches:
+        on_dev = torch.stack([mb[k] for k in keys]).pin_memory().to(dev, non_blocking=True)
+        staged.append(tuple(on_dev.unbind(0)))
+    return staged
 
 
 @torch.no_grad()
