@@ -134,7 +134,11 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
         cases[f"sdpa, ALiBi as head dims ({name})"] = with_backend(backend)
     compiled_dims = torch.compile(alibi_dims, dynamic=False)
     cases["sdpa, ALiBi as head dims (compiled)"] = lambda: compiled_dims(q, k, v)
-    cases["cudnn-frontend ALiBi"] = lambda: cudnn_attention(q, k, v, True, scale)
+    # the model's call: the packed (B, S, 3·H·D) projection in, its packed gradient out
+    packed = torch.cat(
+        [t.detach().transpose(1, 2).reshape(B, S, H * D) for t in (q, k, v)], -1
+    ).requires_grad_()
+    cases["cudnn-frontend ALiBi"] = lambda: cudnn_attention(packed, H, H, True, scale)
     i = torch.arange(S, device="cuda")
     rel = (i[None, :] - i[:, None]).float()  # j - i
     bias = (slopes.float()[:, None, None] * rel).masked_fill(rel > 0, float("-inf"))
@@ -154,7 +158,7 @@ def bench_shape(shape: str, variants: dict[str, dict], args: argparse.Namespace)
         cases = {n: f for n, f in cases.items() if n in variants or any(w in n for w in keep)}
 
     def step(fwd) -> None:
-        q.grad = k.grad = v.grad = None
+        q.grad = k.grad = v.grad = packed.grad = None
         fwd().backward(grad)
 
     rows, ref = [], None

@@ -440,8 +440,10 @@ class MPTAttention(nn.Module):
             y = sdpa_attention_in_chunks(q, k, v, m, inputs.slopes, self.softmax_scale, p, chunk)
         elif inputs.impl == "sdpa":
             y = sdpa_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p, inputs.bias)
-        elif inputs.impl == "cudnn":
-            y = cudnn_kernel.cudnn_attention(q, k, v, inputs.slopes is not None, self.softmax_scale)
+        elif inputs.impl == "cudnn":  # the packed projection in, its gradient packed out: no concatenation
+            if self.q_ln is not None or inputs.rope is not None:
+                qkv = torch.cat([t.transpose(1, 2).reshape(B, T, -1) for t in (q, k, v)], dim=-1)
+            y = cudnn_kernel.cudnn_attention(qkv, H, K, inputs.slopes is not None, self.softmax_scale)
         elif inputs.impl == "decode":
             m = inputs.mask
             y = decode_kernel.decode_attention(

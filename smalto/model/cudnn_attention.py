@@ -10,10 +10,13 @@ The kernels are reached through NVIDIA's `cudnn` Python package (nvidia-cudnn-fr
 optional: `attn_impl: auto` uses it when it imports and the step is one it computes (CUDA, bf16/fp16, plain causal
 self-attention from position 0, ALiBi with bias max 8 or no positional bias, no dropout), FlexAttention otherwise.
 
-`cudnn_attention(q, k, v, alibi, scale)` is a `torch.library` custom op with autograd (its backward another custom
-op), so a `torch.compile`d block calls it as one opaque kernel. q (B, H, T, D), k/v (B, K, T, D) with any strides
-whose last is 1; the output is (B, H, T, D) laid out as (B, T, H, D), so the `transpose(1, 2).reshape` that follows
-is free. GQA (H a multiple of K) is cuDNN's own.
+`cudnn_attention(qkv, n_heads, kv_heads, alibi, scale)` is a `torch.library` custom op with autograd (its backward
+another custom op), so a `torch.compile`d block calls it as one opaque kernel. It takes the packed (B, T, (H + 2K)·D)
+projection (rows Q | K | V, as `Wqkv` makes it) and hands cuDNN strided views of it; the backward writes dQ, dK and
+dV into the same views of one packed gradient, which is then the projection's gradient as it is, where separate
+dq, dk, dv would be concatenated by autograd (a copy of three activations per block). The output is (B, H, T, D)
+laid out as (B, T, H, D), so the `transpose(1, 2).reshape` that follows is free. GQA (H a multiple of K) is cuDNN's
+own.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def _handle(device_index: int):
 
 
 Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, strides) of one tensor
+Shape = tuple[
+    int, int, int, int, int
+]  # (B, T, H, K, D): batch, length, query heads, key/value heads, head dim
 
 
 @dataclass
@@ -66,27 +72,31 @@ class _Graphs:
     workspace: int
 
 
-def _layout(t: Tensor) -> Layout:
-    return tuple(t.shape), tuple(t.stride())
+def _layouts(shape: Shape) -> tuple[Layout, Layout, Layout]:
+    """q (B, H, T, D) and k, v (B, K, T, D) as views of the packed (B, T, (H + 2K)·D) projection, and o
+    (B, H, T, D) stored as (B, T, H, D)."""
+    B, T, H, K, D = shape
+    W = (H + 2 * K) * D
+    return (
+        ((B, H, T, D), (T * W, D, W, 1)),
+        ((B, K, T, D), (T * W, D, W, 1)),
+        ((B, H, T, D), (T * H * D, D, H * D, 1)),
+    )
 
 
-def out_layout(shape: tuple[int, ...]) -> Layout:
-    """(B, H, T, D) stored as (B, T, H, D): what the custom ops return for o, dq, dk, dv."""
-    B, H, T, D = shape
-    return (B, H, T, D), (T * H * D, D, H * D, 1)
+def _views(packed: Tensor, H: int, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, W = packed.shape
+    D = W // (H + 2 * K)
+    q, k, v = packed.split([H * D, K * D, K * D], dim=-1)
+    return (
+        q.view(B, T, H, D).transpose(1, 2),
+        k.view(B, T, K, D).transpose(1, 2),
+        v.view(B, T, K, D).transpose(1, 2),
+    )
 
 
 @functools.cache
-def _graphs(
-    q: Layout,
-    k: Layout,
-    v: Layout,
-    d_o: Layout,
-    dtype: torch.dtype,
-    device_index: int,
-    alibi: bool,
-    scale: float,
-) -> _Graphs:
+def _graphs(shape: Shape, dtype: torch.dtype, device_index: int, alibi: bool, scale: float) -> _Graphs:
     cudnn = _cudnn()
     if cudnn is None:
         raise RuntimeError(MISSING)
@@ -97,8 +107,8 @@ def _graphs(
         diagonal_band_right_bound=0,  # causal: key j ≤ query i
         diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
     )
-    B, H, T, _ = q[0]
-    o = out_layout(q[0])
+    B, T, H, _, _ = shape
+    q, kv, o = _layouts(shape)
     stats: Layout = ((B, H, T, 1), (H * T, T, 1, 1))
     io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
     types = dict(
@@ -112,7 +122,7 @@ def _graphs(
         return g.tensor(name=name, dim=list(lay[0]), stride=list(lay[1]), data_type=data_type)
 
     fwd = cudnn.pygraph(**types)
-    f_in = (tensor(fwd, "q", q), tensor(fwd, "k", k), tensor(fwd, "v", v))
+    f_in = (tensor(fwd, "q", q), tensor(fwd, "k", kv), tensor(fwd, "v", kv))
     f_o, f_s = fwd.sdpa(name="sdpa", q=f_in[0], k=f_in[1], v=f_in[2], generate_stats=True, **band)
     f_o.set_output(True).set_dim(list(o[0])).set_stride(list(o[1])).set_data_type(io)
     f_s.set_output(True).set_dim(list(stats[0])).set_stride(list(stats[1])).set_data_type(
@@ -122,15 +132,15 @@ def _graphs(
     bwd = cudnn.pygraph(**types)
     b_in = (
         tensor(bwd, "q", q),
-        tensor(bwd, "k", k),
-        tensor(bwd, "v", v),
+        tensor(bwd, "k", kv),
+        tensor(bwd, "v", kv),
         tensor(bwd, "o", o),
-        tensor(bwd, "dO", d_o),
+        tensor(bwd, "dO", o),  # the backward op copies any other dO layout into o's
         tensor(bwd, "stats", stats, cudnn.data_type.FLOAT),
     )
     bq, bk, bv, bo, bdo, bs = b_in
     b_out = bwd.sdpa_backward(name="sdpa_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bs, **band)
-    for t, lay in zip(b_out, (out_layout(q[0]), out_layout(k[0]), out_layout(v[0])), strict=True):
+    for t, lay in zip(b_out, (q, kv, kv), strict=True):  # dq, dk, dv: views of one packed gradient
         t.set_output(True).set_dim(list(lay[0])).set_stride(list(lay[1])).set_data_type(io)
     for g in (fwd, bwd):
         g.validate()
@@ -142,8 +152,14 @@ def _graphs(
     return _Graphs(fwd, bwd, f_in, (f_o, f_s), b_in, tuple(b_out), size)
 
 
-def _strided(lay: Layout, like: Tensor) -> Tensor:
-    return torch.empty_strided(lay[0], lay[1], dtype=like.dtype, device=like.device)
+def _shape(packed: Tensor, H: int, K: int) -> Shape:
+    B, T, W = packed.shape
+    return B, T, H, K, W // (H + 2 * K)
+
+
+def _out(packed: Tensor, H: int, K: int) -> Tensor:
+    o = _layouts(_shape(packed, H, K))[2]
+    return torch.empty_strided(o[0], o[1], dtype=packed.dtype, device=packed.device)
 
 
 def _execute(graph, pack: dict, g: _Graphs, device: torch.device) -> None:
@@ -155,64 +171,63 @@ def _execute(graph, pack: dict, g: _Graphs, device: torch.device) -> None:
 
 
 @torch.library.custom_op("smalto::cudnn_attention_fwd", mutates_args=())
-def _fwd(q: Tensor, k: Tensor, v: Tensor, alibi: bool, scale: float) -> tuple[Tensor, Tensor]:
-    o_layout = out_layout(tuple(q.shape))  # the backward graph takes dO in o's layout too
-    g = _graphs(_layout(q), _layout(k), _layout(v), o_layout, q.dtype, q.device.index, alibi, scale)
-    B, H, T, _ = q.shape
-    o = _strided(o_layout, q)
-    stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=q.device)
-    pack = dict(zip(g.f_in, (q, k, v), strict=True))
+def _fwd(qkv: Tensor, n_heads: int, kv_heads: int, alibi: bool, scale: float) -> tuple[Tensor, Tensor]:
+    shape = _shape(qkv, n_heads, kv_heads)
+    g = _graphs(shape, qkv.dtype, qkv.device.index, alibi, scale)
+    B, T, H = shape[:3]
+    o = _out(qkv, n_heads, kv_heads)
+    stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=qkv.device)
+    pack = dict(zip(g.f_in, _views(qkv, n_heads, kv_heads), strict=True))
     pack.update({g.f_out[0]: o, g.f_out[1]: stats})
-    _execute(g.fwd, pack, g, q.device)
+    _execute(g.fwd, pack, g, qkv.device)
     return o, stats
 
 
 @_fwd.register_fake
-def _(q, k, v, alibi, scale):
-    B, H, T, _ = q.shape
-    return _strided(out_layout(tuple(q.shape)), q), q.new_empty(B, H, T, 1, dtype=torch.float32)
+def _(qkv, n_heads, kv_heads, alibi, scale):
+    B, T, H = _shape(qkv, n_heads, kv_heads)[:3]
+    return _out(qkv, n_heads, kv_heads), qkv.new_empty(B, H, T, 1, dtype=torch.float32)
 
 
 @torch.library.custom_op("smalto::cudnn_attention_bwd", mutates_args=())
 def _bwd(
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, d_o: Tensor, alibi: bool, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    o_layout = out_layout(tuple(q.shape))
-    if _layout(d_o) != o_layout:  # autograd hands dO in o's layout; anything else is copied into it
-        d_o = _strided(o_layout, d_o).copy_(d_o)
-    g = _graphs(_layout(q), _layout(k), _layout(v), o_layout, q.dtype, q.device.index, alibi, scale)
-    grads = tuple(_strided(out_layout(tuple(t.shape)), t) for t in (q, k, v))
-    pack = dict(zip(g.b_in, (q, k, v, o, d_o, stats), strict=True))
-    pack.update(zip(g.b_out, grads, strict=True))
-    _execute(g.bwd, pack, g, q.device)
-    return grads  # type: ignore[return-value]
+    qkv: Tensor, o: Tensor, stats: Tensor, d_o: Tensor, n_heads: int, kv_heads: int, alibi: bool, scale: float
+) -> Tensor:
+    if d_o.stride() != o.stride():  # autograd hands dO in o's layout; anything else is copied into it
+        d_o = torch.empty_like(o).copy_(d_o)
+    g = _graphs(_shape(qkv, n_heads, kv_heads), qkv.dtype, qkv.device.index, alibi, scale)
+    d_qkv = torch.empty_like(qkv)
+    pack = dict(zip(g.b_in, (*_views(qkv, n_heads, kv_heads), o, d_o, stats), strict=True))
+    pack.update(zip(g.b_out, _views(d_qkv, n_heads, kv_heads), strict=True))
+    _execute(g.bwd, pack, g, qkv.device)
+    return d_qkv
 
 
 @_bwd.register_fake
-def _(q, k, v, o, stats, d_o, alibi, scale):
-    return tuple(_strided(out_layout(tuple(t.shape)), t) for t in (q, k, v))
+def _(qkv, o, stats, d_o, n_heads, kv_heads, alibi, scale):
+    return torch.empty_like(qkv)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, alibi, scale = inputs
+    qkv, n_heads, kv_heads, alibi, scale = inputs
     o, stats = output
-    ctx.save_for_backward(q, k, v, o, stats)
+    ctx.save_for_backward(qkv, o, stats)
     ctx.mark_non_differentiable(stats)
-    ctx.alibi, ctx.scale = alibi, scale
+    ctx.args = (n_heads, kv_heads, alibi, scale)
 
 
 def _backward(ctx, d_o: Tensor, _d_stats: Tensor | None):
-    q, k, v, o, stats = ctx.saved_tensors
-    dq, dk, dv = _bwd(q, k, v, o, stats, d_o, ctx.alibi, ctx.scale)
-    return dq, dk, dv, None, None
+    qkv, o, stats = ctx.saved_tensors
+    return _bwd(qkv, o, stats, d_o, *ctx.args), None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, alibi: bool, scale: float) -> Tensor:
-    """Causal self-attention (T queries at positions 0..T-1 over the same T keys), with cuDNN's ALiBi when asked."""
-    return _fwd(q, k, v, alibi, scale)[0]
+def cudnn_attention(qkv: Tensor, n_heads: int, kv_heads: int, alibi: bool, scale: float) -> Tensor:
+    """Causal self-attention (T queries at positions 0..T-1 over the same T keys) of the packed (B, T, (H + 2K)·D)
+    projection, rows Q | K | V; with cuDNN's ALiBi when asked. Returns (B, H, T, D), stored as (B, T, H, D)."""
+    return _fwd(qkv.contiguous(), n_heads, kv_heads, alibi, scale)[0]
 
 
 def why_not(
@@ -227,8 +242,8 @@ def why_not(
     """None when cuDNN computes this model's attention for a (batch, seq) forward; else the reason it does not (for
     `attn_impl: cudnn`'s error). causal_from_zero: the mask is plain causal self-attention from position 0.
 
-    The last check builds the graphs for q, k, v as views of the fused QKV projection (as the model makes them), so
-    a cuDNN that refuses the shape is found here, not in the middle of a step."""
+    The last check builds the very graphs a step runs (q, k, v and their gradients as views of the packed QKV
+    projection), so a cuDNN that refuses the shape is found here, not in the middle of a step."""
     a = config.attn_config
     if device.type != "cuda" or not torch.cuda.is_available():
         return "it runs on CUDA only"
@@ -242,20 +257,18 @@ def why_not(
         return f"its ALiBi slopes are those of alibi_bias_max 8, not {a.alibi_bias_max}"
     if a.attn_pdrop > 0:
         return "smalto does not pass attention dropout to it; set attn_config.attn_pdrop 0"
-    B, H, K, T, D = batch, config.n_heads, config.kv_n_heads, seq, config.head_dim
-    W = (H + 2 * K) * D  # q, k, v: views of the (B, T, W) projection
-    q: Layout = ((B, H, T, D), (T * W, D, W, 1))
-    kv: Layout = ((B, K, T, D), (T * W, D, W, 1))
+    shape = (batch, seq, config.n_heads, config.kv_n_heads, config.head_dim)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _probe(q, kv, dtype, index, a.alibi, config.softmax_scale)
+    return _probe(shape, dtype, index, a.alibi, config.softmax_scale)
 
 
 @functools.cache  # a refusal too: asked at every training forward, a failing build must not be retried
-def _probe(q: Layout, kv: Layout, dtype: torch.dtype, index: int, alibi: bool, scale: float) -> str | None:
+def _probe(shape: Shape, dtype: torch.dtype, index: int, alibi: bool, scale: float) -> str | None:
     try:
-        _graphs(q, kv, kv, out_layout(q[0]), dtype, index, alibi, scale)
+        _graphs(shape, dtype, index, alibi, scale)
     except Exception as e:  # cuDNN's own words: the version, the head dim, GQA...
-        B, H, T, D = q[0]
-        shape = (B, H, kv[0][1], T, D)
-        return f"cuDNN does not support (B, H, K, T, D) = {shape}: {type(e).__name__}: {str(e)[:200]}"
+        B, T, H, K, D = shape
+        return (
+            f"cuDNN does not support (B, H, K, T, D) = {(B, H, K, T, D)}: {type(e).__name__}: {str(e)[:200]}"
+        )
     return None

@@ -24,12 +24,9 @@ def _needs_cudnn():
 
 
 def _qkv(B, H, K, T, D, seed=0):
-    """q, k, v as the model makes them: views of one (B, T, (H + 2K)·D) projection."""
+    """The packed (B, T, (H + 2K)·D) projection, rows Q | K | V, as the model makes it."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    qkv = torch.randn(B, T, (H + 2 * K) * D, device="cuda", generator=g).bfloat16().requires_grad_()
-    q, k, v = qkv.split([H * D, K * D, K * D], -1)
-    views = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
-    return qkv, *views
+    return torch.randn(B, T, (H + 2 * K) * D, device="cuda", generator=g).bfloat16().requires_grad_()
 
 
 @pytest.mark.parametrize(
@@ -43,8 +40,8 @@ def _qkv(B, H, K, T, D, seed=0):
 )
 def test_forward_and_gradients_match_eager(B, H, K, T, D, alibi):
     scale = D**-0.5
-    qkv, q, k, v = _qkv(B, H, K, T, D)
-    out = cudnn_attention.cudnn_attention(q, k, v, alibi, scale)
+    qkv = _qkv(B, H, K, T, D)
+    out = cudnn_attention.cudnn_attention(qkv, H, K, alibi, scale)
     assert out.shape == (B, H, T, D)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -62,9 +59,18 @@ def test_forward_and_gradients_match_eager(B, H, K, T, D, alibi):
     assert (got_grad - ref_qkv.grad).abs().mean() < 2e-3
 
 
-def test_training_step_cudnn_equals_flex_in_compiled_blocks():
+@pytest.mark.parametrize(
+    "attn",
+    [
+        {},  # q, k, v straight from Wqkv: the projection goes to cuDNN as it is
+        {"qk_ln": True},  # normed q, k: packed again before the kernel
+        {"alibi": False, "rope": True},
+        {"kv_n_heads": 2},  # GQA
+    ],
+)
+def test_training_step_cudnn_equals_flex_in_compiled_blocks(attn):
     """A bf16 training step through compiled blocks: cuDNN and FlexAttention give the same loss and gradients."""
-    ref = tiny(max_seq_len=512, n_heads=4, d_model=128).cuda().train()
+    ref = tiny(max_seq_len=512, n_heads=4, d_model=128, attn_config=attn).cuda().train()
     models = {"flex": with_impl(ref, "flex"), "cudnn": with_impl(copy.deepcopy(ref), "cudnn")}
     x = tokens(2, 256).cuda()
     losses, grads = {}, {}
