@@ -54,9 +54,24 @@ def kernel(cfg, micro: int, world) -> str:
     return "cudnn" if reason is None else f"flex ({reason[:40]})"
 
 
+CATEGORIES = [  # a kernel's category: the first whose words its name contains
+    ("attention", ("flex", "attention", "fmha", "flash", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "sm90", "cutlass", "cublas", "nvjet", "matmul", "xmma")),
+    ("optimizer", ("foreach", "multi_tensor")),
+    ("loss", ("nll", "log_softmax", "cross_entropy")),
+    ("triton-fused", ("triton",)),  # inductor's kernels: norms, GELU, residual adds, casts
+    ("copy/cast", ("copy", "cast", "to_copy")),
+]
+
+
+def category(kernel: str) -> str:
+    low = kernel.lower()
+    return next((cat for cat, words in CATEGORIES if any(w in low for w in words)), "other")
+
+
 def print_profile(step, title: str, top: int = 30) -> None:
-    """One more step under torch.profiler: GPU kernel time by category and the top kernels (profile_step.py's)."""
-    from profile_step import category
+    """One more step under torch.profiler: GPU kernel time by category and the top kernels; the Chrome trace in
+    $OUT when set."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
