@@ -164,7 +164,7 @@ def main() -> None:
             f"{r['peak_mem_gb']:.1f}",
             ratio,
         )
-    Console().print(table)
+    Console(width=160).print(table)
     out = os.environ.get("OUT")
     if out:
         meta = {"date": datetime.now(UTC).isoformat(), "torch": torch.__version__, "args": vars(args)}

@@ -223,7 +223,7 @@ def main() -> None:
         args.steps, args.warmup, args.attn, args.compile, args.peak_tflops = 2, 1, "sdpa", False, None
     torch.backends.cuda.matmul.allow_tf32 = True
     world = init_world(args.device)
-    console = Console()
+    console = Console(width=160)  # the whole table also when captured to a file
     rows = []
     try:
         for recipe in args.models.split(","):
