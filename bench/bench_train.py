@@ -69,7 +69,7 @@ def category(kernel: str) -> str:
     return next((cat for cat, words in CATEGORIES if any(w in low for w in words)), "other")
 
 
-def print_profile(step, title: str, top: int = 30) -> None:
+def print_profile(step, title: str, trace: str, top: int = 30) -> None:
     """One more step under torch.profiler: GPU kernel time by category and the top kernels; the Chrome trace in
     $OUT when set."""
     from torch.profiler import ProfilerActivity, profile
@@ -82,7 +82,8 @@ def print_profile(step, title: str, top: int = 30) -> None:
     for evt in prof.key_averages():
         us = evt.device_time_total
         if us > 0:
-            by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + us
+            cat = category(evt.key)
+            by_cat[cat] = by_cat.get(cat, 0.0) + us
             by_name[evt.key] = by_name.get(evt.key, 0.0) + us
     total = sum(by_cat.values())
     print(f"{title}: GPU kernel time in one step {total / 1e3:.1f} ms")
@@ -92,7 +93,7 @@ def print_profile(step, title: str, top: int = 30) -> None:
         print(f"  {us / 1e3:9.2f} ms  {name[:120]}")
     out = os.environ.get("OUT")
     if out:
-        prof.export_chrome_trace(os.path.join(out, f"trace_{title.split()[0]}.json"))
+        prof.export_chrome_trace(os.path.join(out, f"trace_{trace}.json"))
 
 
 def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, world) -> dict:
@@ -166,7 +167,9 @@ def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, worl
     seconds = (time.perf_counter() - start) / args.steps
     if args.profile and world.device.type == "cuda":
         print_profile(
-            functools.partial(train_step, t, batches), f"{recipe} micro {micro} × {args.accum}, {attn}"
+            functools.partial(train_step, t, batches),
+            f"{recipe} micro {micro} × {args.accum}, {attn}",
+            trace=f"{recipe}_{micro}x{args.accum}_{attn}",  # one trace per row
         )
     tps = tokens_per_step / seconds
     peak = args.peak_tflops

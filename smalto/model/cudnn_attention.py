@@ -54,9 +54,8 @@ def _handle(device_index: int):
 
 
 Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, strides) of one tensor
-Shape = tuple[
-    int, int, int, int, int
-]  # (B, T, H, K, D): batch, length, query heads, key/value heads, head dim
+# (B, T, H, K, D): batch, length, query heads, key/value heads, head dim
+Shape = tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -157,9 +156,9 @@ def _shape(packed: Tensor, H: int, K: int) -> Shape:
     return B, T, H, K, W // (H + 2 * K)
 
 
-def _out(packed: Tensor, H: int, K: int) -> Tensor:
-    o = _layouts(_shape(packed, H, K))[2]
-    return torch.empty_strided(o[0], o[1], dtype=packed.dtype, device=packed.device)
+def _out(shape: Shape, like: Tensor) -> Tensor:
+    o = _layouts(shape)[2]
+    return torch.empty_strided(o[0], o[1], dtype=like.dtype, device=like.device)
 
 
 def _execute(graph, pack: dict, g: _Graphs, device: torch.device) -> None:
@@ -175,7 +174,7 @@ def _fwd(qkv: Tensor, n_heads: int, kv_heads: int, alibi: bool, scale: float) ->
     shape = _shape(qkv, n_heads, kv_heads)
     g = _graphs(shape, qkv.dtype, qkv.device.index, alibi, scale)
     B, T, H = shape[:3]
-    o = _out(qkv, n_heads, kv_heads)
+    o = _out(shape, qkv)
     stats = torch.empty(B, H, T, 1, dtype=torch.float32, device=qkv.device)
     pack = dict(zip(g.f_in, _views(qkv, n_heads, kv_heads), strict=True))
     pack.update({g.f_out[0]: o, g.f_out[1]: stats})
@@ -185,8 +184,9 @@ def _fwd(qkv: Tensor, n_heads: int, kv_heads: int, alibi: bool, scale: float) ->
 
 @_fwd.register_fake
 def _(qkv, n_heads, kv_heads, alibi, scale):
-    B, T, H = _shape(qkv, n_heads, kv_heads)[:3]
-    return _out(qkv, n_heads, kv_heads), qkv.new_empty(B, H, T, 1, dtype=torch.float32)
+    shape = _shape(qkv, n_heads, kv_heads)
+    B, T, H = shape[:3]
+    return _out(shape, qkv), qkv.new_empty(B, H, T, 1, dtype=torch.float32)
 
 
 @torch.library.custom_op("smalto::cudnn_attention_bwd", mutates_args=())
