@@ -18,6 +18,7 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers' ke
                      (smalto/model/decode_linear.py, what ships)
     unfused          that kernel, without the norms, activation and residual adds fused into it (FUSE = False)
     normrows16       the norms fused on up to 16 rows too (NORM_ROWS = 16; shipped: 1)
+    pdl              that kernel launched with programmatic dependent launch (PDL = True; shipped: off)
     cublaslt         cublas, with PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics)
     cdt              inductor's coordinate-descent tuning of its own kernels
     kb32, kw8, ks2   the Triton decode kernel's launch: slots per loop step (BLOCK), warps, pipeline stages
@@ -113,6 +114,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
             "cdt",
             "unfused",
             "normrows16",
+            "pdl",
         }
     )
     if unknown:
@@ -132,6 +134,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     decode_linear.MAX_ROWS = 0 if words & {"cublas", "cublaslt"} else MAX_ROWS
     decode_linear.FUSE = "unfused" not in words
     decode_linear.NORM_ROWS = 16 if "normrows16" in words else NORM_ROWS
+    decode_linear.PDL = "pdl" in words
     torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in words else "cublas")
 
 

@@ -18,8 +18,16 @@ row a LayerNorm / RMSNorm of x (NORMS), folded into the weight pass: W·(g⊙(x 
 W·b, with μ and r from Σx and Σx² gathered in the same loop, so nothing delays the first weight load. (A separate
 pass for the statistics first, on 1–16 rows, made the step slower: docs/benchmarks.md.) The tensor-core path can
 fold the norm the same way, g⊙x split into a high and a low 16-bit part for two `tl.dot`s; `NORM_ROWS` says up to
-how many rows `Linear` asks for it (1 until the 16-row version is timed). `FUSE = False` keeps the kernel and leaves
-that work to separate ops.
+how many rows `Linear` asks for it (1: on 16 rows it made the MPT-7B step twice as slow). `FUSE = False` keeps the
+kernel and leaves that work to separate ops.
+
+Programmatic dependent launch (PDL, Hopper and newer) is prepared and off (`PDL = True` turns it on): inside a
+CUDA graph being captured, as the compiled decode step is, each launch may then start while the kernel before it
+finishes; a program loads its first weight tile, lets the next kernel start (`gdc_launch_dependents`) and only then
+waits for the previous kernel's outputs (`gdc_wait`) before reading x (safe there: no kernel of a decode step
+writes weights; outside a capture it launches plainly). In a chain of bare products it made the step 4–10%
+faster, but the MPT decode step 4–5% slower at batch 1 and no faster at 16 rows on an H200 (docs/benchmarks.md).
+The kernel's source is smalto/model/decode_linear_kernel.py.
 
 `supports(x, weight)` says when `Linear` (smalto/model/layers.py) and the unembedding use it: the op built
 (`prepare()`, which the decoder calls before compiling), CUDA, bf16 / fp16 weights and input of one dtype, at most
@@ -28,6 +36,7 @@ that work to separate ops.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -38,7 +47,10 @@ from torch import Tensor, nn
 
 MAX_ROWS = 16  # rows (batch × tokens) up to which the kernel is used: one 16-row tensor-core tile
 FUSE = True  # the decode step's norms, activation and residual adds inside the kernel (fewer launches)
-NORM_ROWS = 1  # rows up to which `Linear` fuses the norm too (measured faster at 1; 16 rows not yet timed)
+NORM_ROWS = (
+    1  # rows up to which `Linear` fuses the norm too (1: 16 rows measured 2x slower, docs/benchmarks.md)
+)
+PDL = False  # programmatic dependent launch in captured decode steps (Hopper+; measured slower at batch 1: module doc)
 
 _PLAIN = (
     Tensor,
@@ -121,108 +133,12 @@ def _configs(triton, rows: int) -> list:
 
 def _build(autotune: bool):
     import triton
-    import triton.language as tl
 
-    def skinny_matmul_kernel(
-        X, W, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, sym, srm, eps,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    ):  # fmt: skip
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = n < N
-        m = tl.arange(0, BLOCK_M)
-        in_m = m < M
-        if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
-            # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
-            acc = tl.zeros([BLOCK_N], tl.float32)
-            acc_g = tl.zeros([BLOCK_N], tl.float32)  # W·g
-            acc_b = tl.zeros([BLOCK_N], tl.float32)  # W·b
-            s1 = tl.zeros([BLOCK_N], tl.float32)  # Σx (the same in every lane)
-            s2 = tl.zeros([BLOCK_N], tl.float32)  # Σx²
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                in_k = k < K
-                w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                            eviction_policy="evict_first").to(tl.float32)  # fmt: skip  # read once: not kept in L2
-                x = tl.load(X + k, mask=in_k, other=0.0).to(tl.float32)
-                if NORM != 0:
-                    g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
-                    s1 += tl.sum(x, axis=0)
-                    s2 += tl.sum(x * x, axis=0)
-                    acc += tl.sum(w * (x * g)[None, :], axis=1)
-                    if NORM == 1:
-                        acc_g += tl.sum(w * g[None, :], axis=1)
-                    if HAS_NB:
-                        acc_b += tl.sum(
-                            w * tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :], axis=1
-                        )
-                else:
-                    acc += tl.sum(w * x[None, :], axis=1)
-            if NORM == 1:  # LayerNorm
-                mean = s1 / K
-                acc = (acc - mean * acc_g) / tl.sqrt(s2 / K - mean * mean + eps) + acc_b
-            elif NORM == 2:  # RMSNorm
-                acc = acc / tl.sqrt(s2 / K + eps)
-        else:  # 2–16 rows: one tensor-core tile
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_g = tl.zeros([BLOCK_N], tl.float32)
-            acc_b = tl.zeros([BLOCK_N], tl.float32)
-            t1 = tl.zeros([BLOCK_M], tl.float32)
-            t2 = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                in_k = k < K
-                w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                            eviction_policy="evict_first")  # fmt: skip
-                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
-                if NORM != 0:  # as for one row; g⊙x split into two 16-bit parts so the products keep 16 bits
-                    g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
-                    xf = x.to(tl.float32)
-                    t1 += tl.sum(xf, axis=1)
-                    t2 += tl.sum(xf * xf, axis=1)
-                    v = xf * g[None, :]
-                    hi = v.to(x.dtype)
-                    lo = (v - hi.to(tl.float32)).to(x.dtype)
-                    acc = tl.dot(hi, tl.trans(w), acc)
-                    acc = tl.dot(lo, tl.trans(w), acc)
-                    wf = w.to(tl.float32)
-                    if NORM == 1:
-                        acc_g += tl.sum(wf * g[None, :], axis=1)
-                    if HAS_NB:
-                        acc_b += tl.sum(
-                            wf * tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :], axis=1
-                        )
-                else:
-                    acc = tl.dot(x, tl.trans(w), acc)
-            if NORM == 1:
-                mu = t1 / K
-                r = 1.0 / tl.sqrt(t2 / K - mu * mu + eps)
-                acc = (acc - mu[:, None] * acc_g[None, :]) * r[:, None] + acc_b[None, :]
-            elif NORM == 2:
-                acc = acc * (1.0 / tl.sqrt(t2 / K + eps))[:, None]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + n, mask=in_n, other=0.0).to(tl.float32)
-        if ACT == 1:  # exact GELU
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        elif ACT == 2:  # tanh GELU; tanh(z) = 2·sigmoid(2z) − 1
-            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
-        elif ACT == 3:
-            acc = acc * tl.sigmoid(acc)
-        elif ACT == 4:
-            acc = tl.maximum(acc, 0.0)
-        if BLOCK_M == 1:
-            if HAS_RES:
-                acc += tl.load(R + n, mask=in_n, other=0.0).to(tl.float32)
-            tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=in_n)
-        else:
-            ok = in_m[:, None] & in_n[None, :]
-            if HAS_RES:
-                acc += tl.load(R + m[:, None] * srm + n[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=ok)
+    from smalto.model import decode_linear_kernel as source
 
     kernels = {}
     for rows in (1, MAX_ROWS):
-        kernel = triton.jit(skinny_matmul_kernel)
+        kernel = source.skinny_matmul_kernel
         if autotune:
             cache = (
                 {"cache_results": True}
@@ -260,9 +176,11 @@ def _build(autotune: bool):
             HAS_RES=residual is not None,
         )  # fmt: skip
         if autotune:
-            kernels[block_m][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+            pdl = _pdl(x.device)
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+            kernels[block_m][grid](*args, **flags, PDL=pdl, launch_pdl=pdl)
         else:  # one fixed configuration (Triton's CPU interpreter, tests)
-            kernels[block_m][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
+            kernels[block_m][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, PDL=False, **flags)
         return y
 
     @decode_linear_op.register_fake
@@ -270,6 +188,20 @@ def _build(autotune: bool):
         return x.new_empty(x.shape[0], w.shape[0])
 
     return decode_linear_op
+
+
+def _pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch: inside a CUDA graph being captured (a decode step, where no kernel
+    writes the weights this one reads before waiting), on a GPU and Triton that have it."""
+    return PDL and torch.cuda.is_current_stream_capturing() and _pdl_capable(device.index)
+
+
+@functools.cache
+def _pdl_capable(index: int | None) -> bool:
+    import triton.language as tl
+
+    major = torch.cuda.get_device_capability(index)[0]
+    return major >= 9 and hasattr(tl.extra, "cuda") and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def prepare() -> bool:

@@ -121,3 +121,32 @@ def test_bf16_generation_runs_the_kernel_and_matches_cublas(monkeypatch):
     ]
     assert len(pairs) == 2 * 16
     assert sum(a == b for a, b in pairs) >= 24  # bf16 greedy paths may part at a near tie; most tokens agree
+
+
+def test_a_captured_chain_with_programmatic_dependent_launch_equals_float32(monkeypatch):
+    """With PDL (opt-in, Hopper+) each launch in a CUDA graph may start before the one before it ends: a chain of
+    products, each reading the previous one's output (and adding it as the residual), must still see every input
+    complete."""
+    monkeypatch.setattr(decode_linear, "PDL", True)
+    assert torch.cuda.get_device_capability()[0] < 9 or decode_linear._pdl_capable(
+        torch.cuda.current_device()
+    )
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [(torch.randn(512, 512, device="cuda", generator=g) / 512**0.5).bfloat16() for _ in range(8)]
+    x0 = torch.randn(1, 512, device="cuda", generator=g).bfloat16()
+
+    def chain(x):
+        for w in ws:
+            x = decode_linear.run(x, w, act="gelu", residual=x)
+        return x
+
+    with torch.inference_mode():
+        chain(x0)  # autotune outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x0)
+        graph.replay()
+        ref = x0.float()
+        for w in ws:
+            ref = F.gelu(F.linear(ref.bfloat16().float(), w.float())) + ref.bfloat16().float()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)

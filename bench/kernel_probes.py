@@ -1,0 +1,357 @@
+"""Single-kernel probes behind the training and decode decisions of docs/benchmarks.md (CUDA only).
+
+    python bench/kernel_probes.py attention-plans   # every cuDNN plan of the MPT-1B attention, packed vs BHSD
+    python bench/kernel_probes.py gelu              # the MLP's GELU: exact, tanh, a polynomial erf, a copy's time
+    python bench/kernel_probes.py mlp-epilogues     # cuDNN matmul with a GELU / GELU-backward epilogue vs cuBLAS
+    python bench/kernel_probes.py pdl-chain 1b,7b   # a decode step's products chained in a CUDA graph, with PDL
+
+Shapes are MPT-1B's training micro-batch (16 × 2048 tokens: x (32768, 2048), the MLP's (32768, 8192)) and, for
+`pdl-chain`, the linears of a decode step at batch 1 (1B: 24 layers of d 2048; 7B: 32 of d 4096). Each prints a
+table; times are the mean of 20 (50 for graphs) launches after a warm-up, by CUDA events. `attention-plans` and
+`mlp-epilogues` need the `cudnn` package (nvidia-cudnn-frontend).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+DEV = torch.device("cuda")
+B, T, H, D = 16, 2048, 16, 128  # MPT-1B attention at micro-batch 16
+M, DM, FF = B * T, 2048, 8192  # MPT-1B MLP: tokens, d_model, ffn hidden
+
+
+def timeit(fn: Callable[[], object], iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def show(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*r)
+    Console(width=160).print(table)
+
+
+def all_plans(cudnn, graph, pack: dict, handle, check: Callable[[], str] | None = None) -> list[list[str]]:
+    """Build every plan cuDNN offers for `graph` (heuristics A, B and fallback) and time each."""
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+    rows = []
+    for i in range(graph.get_execution_plan_count()):
+        size = max(1, graph.get_workspace_size_plan_at_index(i))
+        ws = torch.empty(size, dtype=torch.uint8, device=DEV)
+        try:
+            ms = timeit(lambda: graph.execute_plan_at_index(pack, ws, index=i, handle=handle))  # noqa: B023
+            rows.append([str(i), graph.get_plan_name_at_index(i), f"{ms:.3f}", check() if check else ""])
+        except Exception as e:  # a plan that builds but does not run here
+            rows.append([str(i), "?", "failed", f"{type(e).__name__}: {str(e)[:80]}"])
+    return rows
+
+
+def attention_plans() -> None:
+    """cuDNN's ALiBi attention at MPT-1B: each forward and backward plan, on views of the packed QKV projection (what
+    smalto/model/cudnn_attention.py runs) and on contiguous (B, H, T, D) tensors."""
+    import cudnn  # type: ignore[import-not-found]
+
+    from smalto.model import cudnn_attention as ca
+
+    handle = ca._handle(DEV.index or 0)
+    cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+    scale = 1 / math.sqrt(D)
+    io, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+    rows = []
+    for layout in ("packed", "bhsd"):
+        if layout == "packed":
+            W = 3 * H * D
+            ql = ((B, H, T, D), (T * W, D, W, 1))
+            ol = ((B, H, T, D), (T * H * D, D, H * D, 1))
+            packed = torch.randn(B, T, W, device=DEV, dtype=torch.bfloat16)
+            q, k, v = ca._views(packed, H, H)
+            dq, dk, dv = ca._views(torch.empty_like(packed), H, H)
+            o = ca._out((B, T, H, H, D), packed)
+        else:
+            ql = ol = ((B, H, T, D), (H * T * D, T * D, D, 1))
+            q, k, v = (torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+            dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+            o = torch.empty_like(q)
+        d_o = torch.randn_like(o)
+        stats = torch.empty(B, H, T, 1, device=DEV, dtype=torch.float32)
+        sl = ((B, H, T, 1), (H * T, T, 1, 1))
+        band = dict(
+            attn_scale=scale,
+            use_alibi_mask=True,
+            diagonal_band_right_bound=0,
+            diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+        )
+
+        def tensor(g, name, lay, dt=io):
+            return g.tensor(name=name, dim=list(lay[0]), stride=list(lay[1]), data_type=dt)
+
+        types = dict(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+        fwd = cudnn.pygraph(**types)
+        fq, fk, fv = tensor(fwd, "q", ql), tensor(fwd, "k", ql), tensor(fwd, "v", ql)
+        fo, fs = fwd.sdpa(name="sdpa", q=fq, k=fk, v=fv, generate_stats=True, **band)
+        fo.set_output(True).set_dim(list(ol[0])).set_stride(list(ol[1])).set_data_type(io)
+        fs.set_output(True).set_dim(list(sl[0])).set_stride(list(sl[1])).set_data_type(f32)
+        for r in all_plans(cudnn, fwd, {fq: q, fk: k, fv: v, fo: o, fs: stats}, handle):
+            rows.append([layout, "forward", *r])
+        bwd = cudnn.pygraph(**types)
+        bq, bk, bv = tensor(bwd, "q", ql), tensor(bwd, "k", ql), tensor(bwd, "v", ql)
+        bo, bdo, bs = tensor(bwd, "o", ol), tensor(bwd, "dO", ol), tensor(bwd, "stats", sl, f32)
+        grads = bwd.sdpa_backward(name="sdpa_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bs, **band)
+        for t in grads:
+            t.set_output(True).set_dim(list(ql[0])).set_stride(list(ql[1])).set_data_type(io)
+        pack = {bq: q, bk: k, bv: v, bo: o, bdo: d_o, bs: stats, grads[0]: dq, grads[1]: dk, grads[2]: dv}
+        for r in all_plans(cudnn, bwd, pack, handle):
+            rows.append([layout, "backward", *r])
+    show(
+        f"cuDNN ALiBi attention plans, (B, H, T, D) = {(B, H, T, D)}",
+        ["layout", "pass", "plan", "engine", "ms", ""],
+        rows,
+    )
+
+
+SQRT_HALF = 0.7071067811865476
+
+
+def erf_poly(z: torch.Tensor) -> torch.Tensor:
+    """erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), float32: one exp and one division."""
+    a = z.abs()
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return torch.copysign(1.0 - p * torch.exp(-a * a), z)
+
+
+def gelu_poly_backward(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dGELU·gy, GELU(x)) sharing one exp(−x²/2): the backward that also recomputes the forward for a weight
+    gradient."""
+    xf = x.float()
+    z = xf * SQRT_HALF
+    a = z.abs()
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    e = torch.exp(-a * a)
+    cdf = 0.5 * (1 + torch.copysign(1.0 - p * e, z))
+    return (gy.float() * (cdf + xf * e * 0.3989422804014327)).to(x.dtype), (xf * cdf).to(x.dtype)
+
+
+def _gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_poly(x: torch.Tensor) -> torch.Tensor:
+    return (0.5 * x.float() * (1 + erf_poly(x.float() * SQRT_HALF))).to(x.dtype)
+
+
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.5
+
+
+def _dgelu(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(gy, x)
+
+
+def _dgelu_and_gelu(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.gelu_backward(gy, x), F.gelu(x)
+
+
+def _mul(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return gy * x
+
+
+def gelu() -> None:
+    h = torch.randn(M, FF, device=DEV, dtype=torch.bfloat16)
+    g = torch.randn_like(h)
+    fwd = {
+        "exact (F.gelu)": torch.compile(_gelu_exact),
+        "tanh approximation": torch.compile(_gelu_tanh),
+        "polynomial erf": torch.compile(_gelu_poly),
+        "x * 1.5 (memory roofline)": torch.compile(_scale),
+    }
+    bwd = {
+        "exact": torch.compile(_dgelu),
+        "exact + recomputed forward": torch.compile(_dgelu_and_gelu),
+        "polynomial + recomputed forward": torch.compile(gelu_poly_backward),
+        "gy * x (memory roofline)": torch.compile(_mul),
+    }
+    exact = fwd["exact (F.gelu)"](h)
+    rows = []
+    for name, fn in fwd.items():
+        y = fn(h)
+        differ = "" if "roofline" in name else f"{int((y != exact).sum()):,}"
+        rows.append(["forward", name, f"{timeit(lambda: fn(h)):.3f}", differ])  # noqa: B023
+    for name, bfn in bwd.items():
+        rows.append(["backward", name, f"{timeit(lambda: bfn(g, h)):.3f}", ""])  # noqa: B023
+    show(
+        f"GELU of a bf16 ({M}, {FF}) activation, compiled",
+        ["pass", "variant", "ms", f"bf16 outputs unlike exact (of {h.numel():,})"],
+        rows,
+    )
+
+
+def mlp_epilogues() -> None:
+    """The up-projection with GELU in cuDNN's matmul epilogue (with and without also writing the pre-activation,
+    which the backward needs), and the down-projection's data gradient with GELU's derivative in its epilogue,
+    against cuBLAS plus inductor's separate kernel."""
+    import cudnn  # type: ignore[import-not-found]
+
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+    bf, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+    x = torch.randn(M, DM, device=DEV, dtype=torch.bfloat16)
+    w_up = torch.randn(FF, DM, device=DEV, dtype=torch.bfloat16) * 0.02
+    w_dn = torch.randn(DM, FF, device=DEV, dtype=torch.bfloat16) * 0.02
+    dy = torch.randn(M, DM, device=DEV, dtype=torch.bfloat16)
+    h = x @ w_up.t()
+    da = dy @ w_dn
+    gelu_c = torch.compile(lambda t: F.gelu(t))
+    dgelu_c = torch.compile(lambda gy, t: torch.ops.aten.gelu_backward(gy, t))
+    rows = [
+        ["up: cuBLAS mm", "", f"{timeit(lambda: x @ w_up.t()):.3f}", ""],
+        ["up: inductor GELU after it", "", f"{timeit(lambda: gelu_c(h)):.3f}", ""],
+        ["down dgrad: cuBLAS mm", "", f"{timeit(lambda: dy @ w_dn):.3f}", ""],
+        ["down dgrad: inductor GELU backward after it", "", f"{timeit(lambda: dgelu_c(da, h)):.3f}", ""],
+    ]
+    a_ref = F.gelu(h.float()).bfloat16()
+
+    def graph():
+        return cudnn.pygraph(
+            io_data_type=bf, intermediate_data_type=f32, compute_data_type=f32, handle=handle
+        )
+
+    def up_operands(g):
+        a = g.tensor(name="x", dim=[1, M, DM], stride=[M * DM, DM, 1], data_type=bf)
+        b = g.tensor(name="w", dim=[1, DM, FF], stride=[FF * DM, 1, DM], data_type=bf)  # w_up transposed
+        return a, b
+
+    out_a = torch.empty(1, M, FF, device=DEV, dtype=torch.bfloat16)
+    out_h = torch.empty_like(out_a)
+    g = graph()
+    xa, wb = up_operands(g)
+    act = g.gelu(name="gelu", input=g.matmul(name="mm", A=xa, B=wb))
+    act.set_output(True).set_data_type(bf)
+    pack = {xa: x.view(1, M, DM), wb: w_up.t().unsqueeze(0), act: out_a}
+    for r in all_plans(cudnn, g, pack, handle):
+        rows.append([f"up: cuDNN mm + GELU, GELU(h) only, plan {r[0]}", r[1], r[2], r[3]])
+    g = graph()
+    xa, wb = up_operands(g)
+    pre = g.matmul(name="mm", A=xa, B=wb)
+    pre.set_output(True).set_data_type(bf)
+    act = g.gelu(name="gelu", input=pre)
+    act.set_output(True).set_data_type(bf)
+    pack = {xa: x.view(1, M, DM), wb: w_up.t().unsqueeze(0), pre: out_h, act: out_a}
+
+    def same_as_exact() -> str:
+        return f"{int((out_a[0] != a_ref).sum()):,} outputs unlike F.gelu"
+
+    for r in all_plans(cudnn, g, pack, handle, same_as_exact):
+        rows.append([f"up: cuDNN mm + GELU, h and GELU(h), plan {r[0]}", r[1], r[2], r[3]])
+    g = graph()
+    gy = g.tensor(name="dy", dim=[1, M, DM], stride=[M * DM, DM, 1], data_type=bf)
+    wd = g.tensor(name="wd", dim=[1, DM, FF], stride=[FF * DM, FF, 1], data_type=bf)
+    hin = g.tensor(name="h", dim=[1, M, FF], stride=[M * FF, FF, 1], data_type=bf)
+    dh = g.gelu_backward(name="dgelu", loss=g.matmul(name="mm", A=gy, B=wd), input=hin)
+    dh.set_output(True).set_data_type(bf)
+    pack = {gy: dy.view(1, M, DM), wd: w_dn.unsqueeze(0), hin: h.view(1, M, FF), dh: out_a}
+    for r in all_plans(cudnn, g, pack, handle):
+        rows.append([f"down dgrad: cuDNN mm + GELU backward, plan {r[0]}", r[1], r[2], r[3]])
+    show(f"MPT-1B MLP GEMMs with GELU epilogues, {M} tokens", ["kernel", "engine", "ms", ""], rows)
+
+
+def _chain(ws, ys, x0, block_n: int, block_k: int, warps: int, pdl: bool) -> torch.Tensor:
+    """Every product of the step once, each reading the one before's output."""
+    from smalto.model import decode_linear_kernel as source
+
+    x = x0
+    for wl, yl in zip(ws, ys, strict=True):
+        for w, y in zip(wl, yl, strict=True):
+            n, k = w.shape
+            source.skinny_matmul_kernel[(-(-n // block_n),)](
+                x, w, y, y, y, y, y, 1, n, k, x.stride(0), w.stride(0), y.stride(0), 0, 0.0,
+                BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, NORM=0, HAS_NB=False, HAS_BIAS=False, ACT=0,
+                HAS_RES=False, PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=2,
+            )  # fmt: skip
+            x = y
+    return x
+
+
+def pdl_chain(shapes: str) -> None:
+    """The decode step's four products per layer, x → y chained, in one CUDA graph: the decode-linear kernel's one-row
+    path (no fused work) at fixed launch configurations, launched plainly and with programmatic dependent launch."""
+    rows = []
+    for shape in shapes.split(","):
+        d, layers = {"1b": (2048, 24), "7b": (4096, 32)}[shape]
+        dims = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
+        ws = [
+            [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for n, k in dims]
+            for _ in range(layers)
+        ]
+        ys = [[torch.empty(1, n, device=DEV, dtype=torch.bfloat16) for n, _ in dims] for _ in range(layers)]
+        x0 = torch.randn(1, 4 * d, device=DEV, dtype=torch.bfloat16)
+        floor = sum(w.numel() * 2 for layer in ws for w in layer) / 4.8e9  # ms at the H200's 4.8 TB/s
+
+        for cfg in ((8, 512, 8), (8, 1024, 8), (16, 512, 8), (8, 256, 4)):
+            plain = None
+            for pdl in (False, True):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    _chain(ws, ys, x0, *cfg, pdl)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = _chain(ws, ys, x0, *cfg, pdl)
+                ms = timeit(graph.replay, iters=50)
+                result = out.float().clone()
+                plain = result if plain is None else plain
+                same = "yes" if torch.equal(result, plain) else "NO"
+                rows.append(
+                    [shape, str(cfg), "PDL" if pdl else "plain", f"{ms:.3f}", f"{ms / floor:.2f}×", same]
+                )
+    show(
+        "decode products chained in a CUDA graph (BLOCK_N, BLOCK_K, warps)",
+        ["shape", "launch", "mode", "ms", "× floor", "same output as plain"],
+        rows,
+    )
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_probes.py needs a CUDA GPU")
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    probes = {"attention-plans": attention_plans, "gelu": gelu, "mlp-epilogues": mlp_epilogues}
+    if what == "pdl-chain":
+        pdl_chain(sys.argv[2] if len(sys.argv) > 2 else "1b,7b")
+    elif what in probes:
+        probes[what]()
+    else:
+        raise SystemExit(
+            f"usage: kernel_probes.py {{{', '.join([*probes, 'pdl-chain'])}}} (see the docstring)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The Triton source of the decode-linear kernel: y = act(norm(x) · wᵀ + bias) + residual for 1–16 rows.
+
+smalto/model/decode_linear.py builds, autotunes, launches and documents it; this module holds only the kernel and
+imports Triton at the top, so it is imported when that module builds its op, never by `import smalto`.
+
+The first BLOCK_K tile of a program is peeled off the loop: its weights are loaded before anything else, and with
+programmatic dependent launch (PDL) before the kernel waits for the one before it (`gdc_wait`), so that load
+overlaps the end of the previous kernel. Peeled, not rotated (loading each next tile a loop step ahead): the
+rotated loop measured 10% slower on an H200 (docs/benchmarks.md).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def one_row_tile(acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr):
+    """One BLOCK_K step for one row, on CUDA cores: W·x, or with a norm W·(g⊙x), W·g, W·b, Σx and Σx²."""
+    wf = w.to(tl.float32)
+    x = tl.load(X + k, mask=in_k, other=0.0).to(tl.float32)
+    if NORM != 0:
+        g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
+        s1 += tl.sum(x, axis=0)
+        s2 += tl.sum(x * x, axis=0)
+        acc += tl.sum(wf * (x * g)[None, :], axis=1)
+        if NORM == 1:
+            acc_g += tl.sum(wf * g[None, :], axis=1)
+        if HAS_NB:
+            acc_b += tl.sum(wf * tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :], axis=1)
+    else:
+        acc += tl.sum(wf * x[None, :], axis=1)
+    return acc, acc_g, acc_b, s1, s2
+
+
+@triton.jit
+def few_rows_tile(
+    acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr
+):
+    """One BLOCK_K step for 2–16 rows, on tensor cores; a norm as for one row, with g⊙x split into a high and a
+    low 16-bit part so that the products keep 16 bits."""
+    x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+    if NORM != 0:
+        g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
+        xf = x.to(tl.float32)
+        t1 += tl.sum(xf, axis=1)
+        t2 += tl.sum(xf * xf, axis=1)
+        v = xf * g[None, :]
+        hi = v.to(x.dtype)
+        lo = (v - hi.to(tl.float32)).to(x.dtype)
+        acc = tl.dot(hi, tl.trans(w), acc)
+        acc = tl.dot(lo, tl.trans(w), acc)
+        wf = w.to(tl.float32)
+        if NORM == 1:
+            acc_g += tl.sum(wf * g[None, :], axis=1)
+        if HAS_NB:
+            acc_b += tl.sum(wf * tl.load(NB + k, mask=in_k, other=0.0).to(tl.float32)[None, :], axis=1)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc, acc_g, acc_b, t1, t2
+
+
+@triton.jit
+def skinny_matmul_kernel(
+    X, W, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, sym, srm, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = n < N
+    m = tl.arange(0, BLOCK_M)
+    in_m = m < M
+    k = tl.arange(0, BLOCK_K)
+    in_k = k < K
+    # the first tile's weights (read once: not kept in L2); no kernel of a decode step writes weights
+    w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
+                eviction_policy="evict_first")  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start as this one's programs finish
+        tl.extra.cuda.gdc_wait()  # the previous kernel's outputs (x, the residual) are complete and visible
+    if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
+        # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        acc_g = tl.zeros([BLOCK_N], tl.float32)  # W·g
+        acc_b = tl.zeros([BLOCK_N], tl.float32)  # W·b
+        s1 = tl.zeros([BLOCK_N], tl.float32)  # Σx (the same in every lane)
+        s2 = tl.zeros([BLOCK_N], tl.float32)  # Σx²
+        acc, acc_g, acc_b, s1, s2 = one_row_tile(
+            acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
+        )
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            in_k = k < K
+            w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+            acc, acc_g, acc_b, s1, s2 = one_row_tile(
+                acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
+            )
+        if NORM == 1:  # LayerNorm
+            mean = s1 / K
+            acc = (acc - mean * acc_g) / tl.sqrt(s2 / K - mean * mean + eps) + acc_b
+        elif NORM == 2:  # RMSNorm
+            acc = acc / tl.sqrt(s2 / K + eps)
+    else:  # 2–16 rows: one tensor-core tile
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_g = tl.zeros([BLOCK_N], tl.float32)
+        acc_b = tl.zeros([BLOCK_N], tl.float32)
+        t1 = tl.zeros([BLOCK_M], tl.float32)
+        t2 = tl.zeros([BLOCK_M], tl.float32)
+        acc, acc_g, acc_b, t1, t2 = few_rows_tile(
+            acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
+        )
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            in_k = k < K
+            w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+            acc, acc_g, acc_b, t1, t2 = few_rows_tile(
+                acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
+            )
+        if NORM == 1:
+            mu = t1 / K
+            r = 1.0 / tl.sqrt(t2 / K - mu * mu + eps)
+            acc = (acc - mu[:, None] * acc_g[None, :]) * r[:, None] + acc_b[None, :]
+        elif NORM == 2:
+            acc = acc * (1.0 / tl.sqrt(t2 / K + eps))[:, None]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=in_n, other=0.0).to(tl.float32)
+    if ACT == 1:  # exact GELU
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:  # tanh GELU; tanh(z) = 2·sigmoid(2z) − 1
+        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+    elif ACT == 3:
+        acc = acc * tl.sigmoid(acc)
+    elif ACT == 4:
+        acc = tl.maximum(acc, 0.0)
+    if BLOCK_M == 1:
+        if HAS_RES:
+            acc += tl.load(R + n, mask=in_n, other=0.0).to(tl.float32)
+        tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=in_n)
+    else:
+        ok = in_m[:, None] & in_n[None, :]
+        if HAS_RES:
+            acc += tl.load(R + m[:, None] * srm + n[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=ok)
