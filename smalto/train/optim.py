@@ -3,8 +3,10 @@
 `DecoupledLionW` is llm-foundry's: the update is sign(β1·m + (1−β1)·g), the momentum then moves to
 β2·m + (1−β2)·g, and the weight decay is "decoupled": p ← p·(1 − wd·lr/peak_lr), i.e. scaled by the schedule but
 not by the learning rate itself (so `weight_decay` is a per-step fraction at the peak, unlike lion-pytorch's
-p·(1 − lr·wd)). It works on whole lists of tensors with `torch._foreach_*` (a few kernels per step, and DTensor
-shards under FSDP2 just work).
+p·(1 − lr·wd)). It works on lists of tensors with `torch._foreach_*` (a few kernels per step, and DTensor shards
+under FSDP2 just work), CHUNK_ELEMENTS at a time: the sign(β1·m + (1−β1)·g) it computes needs a temporary as large
+as its tensors, which for all of MPT-7B's float32 parameters at once would be 26.6 GB on top of the weights,
+gradients and momentum (the whole of MPT-7B's 99 GiB peak on one GPU above their 74 GiB).
 
 Schedules are a multiplier of the peak lr as a function of the optimizer step, composer's formulas:
 linear warmup from 0, then cosine / linear decay to `alpha_f`, constant, or inverse square root.
@@ -19,6 +21,22 @@ import torch
 from torch import Tensor
 
 from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
+
+# parameters' elements per foreach call: a float32 temporary of 256 MB at most (or of one larger tensor)
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunks(sizes: list[int], limit: int) -> list[slice]:
+    """Consecutive index ranges whose sizes add up to at most `limit` (a larger single size is a range alone)."""
+    out, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > limit:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        out.append(slice(start, len(sizes)))
+    return out
 
 
 class DecoupledLionW(torch.optim.Optimizer):
@@ -60,10 +78,12 @@ class DecoupledLionW(torch.optim.Optimizer):
             if wd != 0:
                 decay = lr / group["initial_lr"] if group["initial_lr"] else 1.0
                 torch._foreach_mul_(params, 1.0 - decay * wd)
-            update = torch._foreach_lerp(moms, grads, 1.0 - beta1)  # β1·m + (1−β1)·g
-            torch._foreach_sign_(update)
-            torch._foreach_add_(params, update, alpha=-lr)
-            torch._foreach_lerp_(moms, grads, 1.0 - beta2)
+            for part in _chunks([p.numel() for p in params], CHUNK_ELEMENTS):
+                ps, gs, ms = params[part], grads[part], moms[part]
+                update = torch._foreach_lerp(ms, gs, 1.0 - beta1)  # β1·m + (1−β1)·g
+                torch._foreach_sign_(update)
+                torch._foreach_add_(ps, update, alpha=-lr)
+                torch._foreach_lerp_(ms, gs, 1.0 - beta2)
         return loss
 
 

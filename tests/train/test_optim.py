@@ -11,7 +11,8 @@ from lion_pytorch import Lion
 
 from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
 from smalto.errors import ConfigError
-from smalto.train.optim import DecoupledLionW, Schedule, build_optimizer
+from smalto.train import optim
+from smalto.train.optim import DecoupledLionW, Schedule, _chunks, build_optimizer
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -34,7 +35,12 @@ def _run_pair(ours, ref, a, b, lrs):
 
 
 @pytest.mark.parametrize("betas", [(0.9, 0.99), (0.95, 0.98)])
-def test_lion_matches_lion_pytorch_without_decay(betas):
+@pytest.mark.parametrize(
+    "chunk", [None, 100]
+)  # 100 elements: the four tensors (512, 32, 128, 4), one call each
+def test_lion_matches_lion_pytorch_without_decay(betas, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(optim, "CHUNK_ELEMENTS", chunk)
     a = _model()
     b = copy.deepcopy(a)
     ours = DecoupledLionW(a.parameters(), lr=1e-3, betas=betas, weight_decay=0.0)
@@ -50,6 +56,13 @@ def test_lion_decoupled_decay_is_scaled_by_the_schedule():
     ref = Lion(b.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=1e-2, decoupled_weight_decay=True)
     lrs = [2e-3 * (0.5 + 0.5 * math.cos(math.pi * i / 15)) for i in range(15)]
     _run_pair(ours, ref, a, b, lrs)
+
+
+def test_chunks_bound_each_foreach_call():
+    assert _chunks([512, 32, 128, 4], 100) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)]
+    assert _chunks([10, 20, 30], 60) == [slice(0, 3)]
+    assert _chunks([10, 20, 30], 59) == [slice(0, 2), slice(2, 3)]
+    assert _chunks([], 10) == []
 
 
 def test_lion_decay_formula_on_zero_gradient():
