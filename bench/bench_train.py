@@ -9,6 +9,8 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
     python bench/bench_train.py --smoke                                        # CPU, tiny shapes: does it run?
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --profile
                                    # and where one step's GPU time goes (kernel categories, top kernels)
+    python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
+                                   # the MLP's GELU as shipped, and with erf as a polynomial (kernel_probes.py)
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
 Results: a rich table, and bench_train.json in $OUT when set.
@@ -33,6 +35,7 @@ from rich.table import Table
 from smalto.config import load_config
 from smalto.errors import UserError
 from smalto.model import cudnn_attention
+from smalto.model.layers import MPTMLP, Activation
 from smalto.train.guard import LossGuard
 from smalto.train.loop import train_step
 from smalto.train.metrics import RunLogger
@@ -96,7 +99,16 @@ def print_profile(step, title: str, trace: str, top: int = 30) -> None:
         prof.export_chrome_trace(os.path.join(out, f"trace_{trace}.json"))
 
 
-def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, world) -> dict:
+class _PolyActivation(Activation):
+    """The exact GELU computed with a polynomial erf (bench/kernel_probes.py's PolyGELU), for an A/B in the step."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from kernel_probes import PolyGELU
+
+        return PolyGELU.apply(x)
+
+
+def bench_one(recipe: str, micro: int, attn: str, gelu: str, args: argparse.Namespace, world) -> dict:
     overrides = [
         f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * args.accum * world.world_size}",
@@ -129,6 +141,10 @@ def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, worl
         compile=cfg.train.compile,
         bf16=bf16,
     )
+    if gelu == "poly":
+        for m in model.modules():
+            if isinstance(m, MPTMLP) and m.act.name == "gelu":
+                m.act = _PolyActivation("gelu")
     tokens_per_step = cfg.train.global_batch_size * seq
     t = Trainer(
         cfg=cfg,
@@ -168,8 +184,8 @@ def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, worl
     if args.profile and world.device.type == "cuda":
         print_profile(
             functools.partial(train_step, t, batches),
-            f"{recipe} micro {micro} × {args.accum}, {attn}",
-            trace=f"{recipe}_{micro}x{args.accum}_{attn}",  # one trace per row
+            f"{recipe} micro {micro} × {args.accum}, {attn}, {gelu} GELU",
+            trace=f"{recipe}_{micro}x{args.accum}_{attn}_{gelu}",  # one trace per row
         )
     tps = tokens_per_step / seconds
     peak = args.peak_tflops
@@ -191,6 +207,7 @@ def bench_one(recipe: str, micro: int, attn: str, args: argparse.Namespace, worl
         "compile": args.compile,
         "ac": args.ac,
         "attn": attn if attn not in ("auto", "cudnn") else f"{attn}→{kernel(cfg, micro, world)}",
+        "gelu": gelu,
     }
     del t, model
     gc.collect()
@@ -213,6 +230,11 @@ def main() -> None:
         default="auto",
         help="attn_impl values to time, comma-separated: auto (shipped), cudnn, flex, sdpa",
     )
+    p.add_argument(
+        "--gelu",
+        default="exact",
+        help="the MLP's GELU, comma-separated: exact (shipped), poly (erf as a polynomial: kernel_probes.py)",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
     p.add_argument(
@@ -221,6 +243,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 2 steps: check that it runs")
     args = p.parse_args()
+    if bad := set(args.gelu.split(",")) - {"exact", "poly"}:
+        p.error(f"--gelu {sorted(bad)}: choose from exact, poly")
     if args.smoke:
         args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
         args.steps, args.warmup, args.attn, args.compile, args.peak_tflops = 2, 1, "sdpa", False, None
@@ -230,13 +254,21 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro, attn in itertools.product(
-                (int(m) for m in args.micro_batches.split(",")), args.attn.split(",")
+            for micro, attn, gelu in itertools.product(
+                (int(m) for m in args.micro_batches.split(",")), args.attn.split(","), args.gelu.split(",")
             ):
                 try:
-                    rows.append(bench_one(recipe, micro, attn, args, world))
+                    rows.append(bench_one(recipe, micro, attn, gelu, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
-                    rows.append({"recipe": recipe, "micro_batch": micro, "attn": attn, "error": str(e)[:80]})
+                    rows.append(
+                        {
+                            "recipe": recipe,
+                            "micro_batch": micro,
+                            "attn": attn,
+                            "gelu": gelu,
+                            "error": str(e)[:80],
+                        }
+                    )
                     gc.collect()
                     if world.device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -255,6 +287,7 @@ def main() -> None:
         "micro_batch",
         "accum",
         "attn",
+        "gelu",
         "tokens_per_s_per_device",
         "mfu",
         "peak_mem_gib",
@@ -264,7 +297,9 @@ def main() -> None:
         table.add_column(c)
     for r in rows:
         if "error" in r:
-            table.add_row(r["recipe"], "", "", str(r["micro_batch"]), "", r["attn"], r["error"], "", "", "")
+            table.add_row(
+                r["recipe"], "", "", str(r["micro_batch"]), "", r["attn"], r["gelu"], r["error"], "", "", ""
+            )
             continue
         table.add_row(*[f"{100 * r[c]:.1f}%" if c == "mfu" and r[c] is not None else str(r[c]) for c in cols])
     console.print(table)

@@ -154,6 +154,21 @@ def gelu_poly_backward(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor,
     return (gy.float() * (cdf + xf * e * 0.3989422804014327)).to(x.dtype), (xf * cdf).to(x.dtype)
 
 
+class PolyGELU(torch.autograd.Function):
+    """Exact GELU with erf as the polynomial above: forward x·Φ(x), backward Φ(x) + x·φ(x) from one exp(−x²/2).
+    For `bench_train.py --gelu poly` (not used by the model)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return _gelu_poly(x)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return gelu_poly_backward(gy, x)[0]
+
+
 def _gelu_exact(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
