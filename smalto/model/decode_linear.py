@@ -47,10 +47,8 @@ from torch import Tensor, nn
 
 MAX_ROWS = 16  # rows (batch × tokens) up to which the kernel is used: one 16-row tensor-core tile
 FUSE = True  # the decode step's norms, activation and residual adds inside the kernel (fewer launches)
-NORM_ROWS = (
-    1  # rows up to which `Linear` fuses the norm too (1: 16 rows measured 2x slower, docs/benchmarks.md)
-)
-PDL = False  # programmatic dependent launch in captured decode steps (Hopper+; measured slower at batch 1: module doc)
+NORM_ROWS = 1  # rows up to which `Linear` fuses the norm too (16 rows measured 2x slower: docs/benchmarks.md)
+PDL = False  # programmatic dependent launch in captured decode steps (Hopper+; measured slower: module doc)
 
 _PLAIN = (
     Tensor,
