@@ -1,6 +1,7 @@
 """Single-kernel probes behind the training and decode decisions of docs/benchmarks.md (CUDA only).
 
     python bench/kernel_probes.py attention-plans   # every cuDNN plan of the MPT-1B attention, packed vs BHSD
+    python bench/kernel_probes.py attention-plans 0.05   # the same with q, k, v as small as a new model's
     python bench/kernel_probes.py gelu              # the MLP's GELU: exact, tanh, a polynomial erf, a copy's time
     python bench/kernel_probes.py mlp-epilogues     # cuDNN matmul with a GELU / GELU-backward epilogue vs cuBLAS
     python bench/kernel_probes.py pdl-chain 1b,7b   # a decode step's products chained in a CUDA graph, with PDL
@@ -67,9 +68,10 @@ def all_plans(cudnn, graph, pack: dict, handle, check: Callable[[], str] | None 
     return rows
 
 
-def attention_plans() -> None:
+def attention_plans(std: float = 1.0) -> None:
     """cuDNN's ALiBi attention at MPT-1B: each forward and backward plan, on views of the packed QKV projection (what
-    smalto/model/cudnn_attention.py runs) and on contiguous (B, H, T, D) tensors."""
+    smalto/model/cudnn_attention.py runs) and on contiguous (B, H, T, D) tensors; q, k, v drawn with standard
+    deviation `std` (a freshly initialised model's are small: its scores, and so its softmax, are flat)."""
     import cudnn  # type: ignore[import-not-found]
 
     from smalto.model import cudnn_attention as ca
@@ -84,13 +86,13 @@ def attention_plans() -> None:
             W = 3 * H * D
             ql = ((B, H, T, D), (T * W, D, W, 1))
             ol = ((B, H, T, D), (T * H * D, D, H * D, 1))
-            packed = torch.randn(B, T, W, device=DEV, dtype=torch.bfloat16)
+            packed = (torch.randn(B, T, W, device=DEV) * std).bfloat16()
             q, k, v = ca._views(packed, H, H)
             dq, dk, dv = ca._views(torch.empty_like(packed), H, H)
             o = ca._out((B, T, H, H, D), packed)
         else:
             ql = ol = ((B, H, T, D), (H * T * D, T * D, D, 1))
-            q, k, v = (torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+            q, k, v = ((torch.randn(B, H, T, D, device=DEV) * std).bfloat16() for _ in range(3))
             dq, dk, dv = (torch.empty_like(q) for _ in range(3))
             o = torch.empty_like(q)
         d_o = torch.randn_like(o)
@@ -124,7 +126,7 @@ def attention_plans() -> None:
         for r in all_plans(cudnn, bwd, pack, handle):
             rows.append([layout, "backward", *r])
     show(
-        f"cuDNN ALiBi attention plans, (B, H, T, D) = {(B, H, T, D)}",
+        f"cuDNN ALiBi attention plans, (B, H, T, D) = {(B, H, T, D)}, q, k, v std {std}",
         ["layout", "pass", "plan", "engine", "ms", ""],
         rows,
     )
@@ -357,9 +359,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kernel_probes.py needs a CUDA GPU")
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    probes = {"attention-plans": attention_plans, "gelu": gelu, "mlp-epilogues": mlp_epilogues}
+    probes = {"gelu": gelu, "mlp-epilogues": mlp_epilogues}
     if what == "pdl-chain":
         pdl_chain(sys.argv[2] if len(sys.argv) > 2 else "1b,7b")
+    elif what == "attention-plans":
+        attention_plans(float(sys.argv[2]) if len(sys.argv) > 2 else 1.0)
     elif what in probes:
         probes[what]()
     else:
