@@ -157,3 +157,31 @@ def test_durations():
     for bad in ("10 epochs", "-3ba", "x", True):
         with pytest.raises(ConfigError, match=r"duration|negative"):
             duration_steps(bad, "train.max_duration", tokens_per_step=1)
+
+
+def test_lion_temporaries_stay_within_a_chunk(monkeypatch):
+    """The update sign(β1·m + (1−β1)·g) is a new tensor list: it must cover at most CHUNK_ELEMENTS elements at a time
+    (all of MPT-7B at once was a 26.6 GB temporary), and the chunked step still touches every parameter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.out_of_place: list[int] = []  # elements allocated by each out-of-place foreach lerp
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten._foreach_lerp:
+                self.out_of_place.append(sum(t.numel() for t in out))
+            return out
+
+    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 2500)
+    params = [torch.nn.Parameter(torch.randn(1000)) for _ in range(10)]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(1000)
+    opt = DecoupledLionW(params, lr=1e-2)
+    with Sizes() as sizes:
+        opt.step()
+    assert sizes.out_of_place == [2000] * 5  # two 1000-element tensors per call: a third would pass 2500
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
