@@ -19,6 +19,8 @@ decode attention (the `sdpa_attention` the model calls) or the linear layers' ke
     unfused          that kernel, without the norms, activation and residual adds fused into it (FUSE = False)
     normrows16       the norms fused on up to 16 rows too (NORM_ROWS = 16; shipped: 1)
     pdl              that kernel launched with programmatic dependent launch (PDL = True; shipped: off)
+    combo            inductor's horizontal fusion of independent kernels (combo_kernels), e.g. the K and V cache
+                     writes of a layer in one launch
     cublaslt         cublas, with PyTorch's preferred BLAS library set to cuBLASLt (other kernel heuristics)
     cdt              inductor's coordinate-descent tuning of its own kernels
     kb32, kw8, ks2   the Triton decode kernel's launch: slots per loop step (BLOCK), warps, pipeline stages
@@ -115,6 +117,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
             "unfused",
             "normrows16",
             "pdl",
+            "combo",
         }
     )
     if unknown:
@@ -128,6 +131,7 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
     if model is not None:
         model.config.attn_config.attn_impl = "auto"
     inductor.coordinate_descent_tuning = "cdt" in words
+    inductor.combo_kernels = "combo" in words
     attention.sdpa_attention = next((ATTENTION[w] for w in words if w in ATTENTION), SDPA)
     torch.backends.cuda.enable_cudnn_sdp("no-cudnn" not in words)
     decode_linear.prepare()
