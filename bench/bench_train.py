@@ -29,6 +29,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from kernel_probes import PolyGELU  # bench/, on the path when this script runs
 from rich.console import Console
 from rich.table import Table
 
@@ -103,8 +104,6 @@ class _PolyActivation(Activation):
     """The exact GELU computed with a polynomial erf (bench/kernel_probes.py's PolyGELU), for an A/B in the step."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from kernel_probes import PolyGELU
-
         return PolyGELU.apply(x)
 
 
