@@ -14,6 +14,13 @@ import triton.language as tl
 
 
 @triton.jit
+def weight_tile(W, n, in_n, swn, k, in_k):
+    """The BLOCK_N × BLOCK_K weights of output columns n and inputs k, read once: not kept in L2."""
+    return tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
+                   eviction_policy="evict_first")  # fmt: skip
+
+
+@triton.jit
 def one_row_tile(acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr):
     """One BLOCK_K step for one row, on CUDA cores: W·x, or with a norm W·(g⊙x), W·g, W·b, Σx and Σx²."""
     wf = w.to(tl.float32)
@@ -72,9 +79,7 @@ def skinny_matmul_kernel(
     in_m = m < M
     k = tl.arange(0, BLOCK_K)
     in_k = k < K
-    # the first tile's weights (read once: not kept in L2); no kernel of a decode step writes weights
-    w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                eviction_policy="evict_first")  # fmt: skip
+    w = weight_tile(W, n, in_n, swn, k, in_k)  # the first tile: no kernel of a decode step writes weights
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start as this one's programs finish
         tl.extra.cuda.gdc_wait()  # the previous kernel's outputs (x, the residual) are complete and visible
@@ -91,8 +96,7 @@ def skinny_matmul_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                        eviction_policy="evict_first")  # fmt: skip
+            w = weight_tile(W, n, in_n, swn, k, in_k)
             acc, acc_g, acc_b, s1, s2 = one_row_tile(
                 acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
             )
@@ -113,8 +117,7 @@ def skinny_matmul_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            w = tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                        eviction_policy="evict_first")  # fmt: skip
+            w = weight_tile(W, n, in_n, swn, k, in_k)
             acc, acc_g, acc_b, t1, t2 = few_rows_tile(
                 acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
             )
