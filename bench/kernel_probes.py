@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -355,21 +356,32 @@ def pdl_chain(shapes: str) -> None:
     )
 
 
+def _usage(message: str) -> NoReturn:
+    print(f"kernel_probes.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("kernel_probes.py needs a CUDA GPU")
-    what = sys.argv[1] if len(sys.argv) > 1 else ""
     probes = {"gelu": gelu, "mlp-epilogues": mlp_epilogues}
+    names = ", ".join(["attention-plans", *probes, "pdl-chain"])
+    what, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if what not in (*probes, "attention-plans", "pdl-chain"):
+        _usage(f"choose one of {names} (see the docstring)")
+    if not torch.cuda.is_available():
+        _usage("needs a CUDA GPU")
     if what == "pdl-chain":
-        pdl_chain(sys.argv[2] if len(sys.argv) > 2 else "1b,7b")
+        shapes = rest[0] if rest else "1b,7b"
+        if bad := set(shapes.split(",")) - {"1b", "7b"}:
+            _usage(f"pdl-chain shapes {sorted(bad)}: choose from 1b, 7b")
+        pdl_chain(shapes)
     elif what == "attention-plans":
-        attention_plans(float(sys.argv[2]) if len(sys.argv) > 2 else 1.0)
-    elif what in probes:
-        probes[what]()
+        try:
+            std = float(rest[0]) if rest else 1.0
+        except ValueError:
+            _usage(f"attention-plans takes the q/k/v standard deviation, a number, not {rest[0]!r}")
+        attention_plans(std)
     else:
-        raise SystemExit(
-            f"usage: kernel_probes.py {{{', '.join([*probes, 'pdl-chain'])}}} (see the docstring)"
-        )
+        probes[what]()
 
 
 if __name__ == "__main__":
