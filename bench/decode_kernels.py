@@ -121,7 +121,11 @@ def configure(variant: str, model: MPTForCausalLM | None = None) -> None:
         }
     )
     if unknown:
-        raise SystemExit(f"unknown variant word(s) {sorted(unknown)}; see the docstring")
+        print(
+            f"decode_kernels.py: unknown variant word(s) {sorted(unknown)}; see the docstring",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     torch._dynamo.reset()
     decode_kernel.prepare(torch.device("cuda"))
     decode_kernel.LAUNCH = dict(LAUNCH)
