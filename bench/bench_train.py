@@ -10,7 +10,7 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --profile
                                    # and where one step's GPU time goes (kernel categories, top kernels)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
-                                   # the MLP's GELU as shipped, and with erf as a polynomial (kernel_probes.py)
+                                   # the MLP's GELU as shipped (polynomial erf, smalto/model/gelu.py) and F.gelu
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
 Results: a rich table, and bench_train.json in $OUT when set.
@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from kernel_probes import PolyGELU  # bench/, on the path when this script runs
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -100,11 +100,11 @@ def print_profile(step, title: str, trace: str, top: int = 30) -> None:
         prof.export_chrome_trace(os.path.join(out, f"trace_{trace}.json"))
 
 
-class _PolyActivation(Activation):
-    """The exact GELU computed with a polynomial erf (bench/kernel_probes.py's PolyGELU), for an A/B in the step."""
+class _ExactActivation(Activation):
+    """F.gelu also in training (before the ninth session's polynomial erf, smalto/model/gelu.py), for an A/B."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return PolyGELU.apply(x)
+        return F.gelu(x)
 
 
 def bench_one(recipe: str, micro: int, attn: str, gelu: str, args: argparse.Namespace, world) -> dict:
@@ -140,10 +140,10 @@ def bench_one(recipe: str, micro: int, attn: str, gelu: str, args: argparse.Name
         compile=cfg.train.compile,
         bf16=bf16,
     )
-    if gelu == "poly":
+    if gelu == "exact":
         for m in model.modules():
             if isinstance(m, MPTMLP) and m.act.name == "gelu":
-                m.act = _PolyActivation("gelu")
+                m.act = _ExactActivation("gelu")
     tokens_per_step = cfg.train.global_batch_size * seq
     t = Trainer(
         cfg=cfg,
@@ -231,8 +231,9 @@ def main() -> None:
     )
     p.add_argument(
         "--gelu",
-        default="exact",
-        help="the MLP's GELU, comma-separated: exact (shipped), poly (erf as a polynomial: kernel_probes.py)",
+        default="poly",
+        help="the MLP's GELU in training, comma-separated: poly (shipped: erf as a polynomial, smalto/model/gelu.py), "
+        "exact (F.gelu)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")

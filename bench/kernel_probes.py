@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from smalto.model import gelu as smalto_gelu
+
 DEV = torch.device("cuda")
 B, T, H, D = 16, 2048, 16, 128  # MPT-1B attention at micro-batch 16
 M, DM, FF = B * T, 2048, 8192  # MPT-1B MLP: tokens, d_model, ffn hidden
@@ -133,43 +135,12 @@ def attention_plans(std: float = 1.0) -> None:
     )
 
 
-SQRT_HALF = 0.7071067811865476
-
-
-def erf_poly(z: torch.Tensor) -> torch.Tensor:
-    """erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), float32: one exp and one division."""
-    a = z.abs()
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return torch.copysign(1.0 - p * torch.exp(-a * a), z)
-
-
 def gelu_poly_backward(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dGELU·gy, GELU(x)) sharing one exp(−x²/2): the backward that also recomputes the forward for a weight
-    gradient."""
+    """(dGELU·gy, GELU(x)) by smalto/model/gelu.py's polynomial erf, sharing one exp(−x²/2): the backward that also
+    recomputes the forward for a weight gradient."""
     xf = x.float()
-    z = xf * SQRT_HALF
-    a = z.abs()
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    e = torch.exp(-a * a)
-    cdf = 0.5 * (1 + torch.copysign(1.0 - p * e, z))
-    return (gy.float() * (cdf + xf * e * 0.3989422804014327)).to(x.dtype), (xf * cdf).to(x.dtype)
-
-
-class PolyGELU(torch.autograd.Function):
-    """Exact GELU with erf as the polynomial above: forward x·Φ(x), backward Φ(x) + x·φ(x) from one exp(−x²/2).
-    For `bench_train.py --gelu poly` (not used by the model)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return _gelu_poly(x)
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return gelu_poly_backward(gy, x)[0]
+    cdf, e = smalto_gelu._cdf_and_exp(xf)
+    return (gy.float() * (cdf + xf * e * smalto_gelu.INV_SQRT_2PI)).to(x.dtype), (xf * cdf).to(x.dtype)
 
 
 def _gelu_exact(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +152,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_poly(x: torch.Tensor) -> torch.Tensor:
-    return (0.5 * x.float() * (1 + erf_poly(x.float() * SQRT_HALF))).to(x.dtype)
+    return smalto_gelu.gelu(x)
 
 
 def _scale(x: torch.Tensor) -> torch.Tensor:
