@@ -3,8 +3,10 @@
 `DecoupledLionW` is llm-foundry's: the update is sign(β1·m + (1−β1)·g), the momentum then moves to
 β2·m + (1−β2)·g, and the weight decay is "decoupled": p ← p·(1 − wd·lr/peak_lr), i.e. scaled by the schedule but
 not by the learning rate itself (so `weight_decay` is a per-step fraction at the peak, unlike lion-pytorch's
-p·(1 − lr·wd)). It works on lists of tensors with `torch._foreach_*` (a few kernels per step, and DTensor shards
-under FSDP2 just work), CHUNK_ELEMENTS at a time: the sign(β1·m + (1−β1)·g) it computes needs a temporary as large
+p·(1 − lr·wd)). It works on lists of tensors with `torch._foreach_*` (a few kernels per step). Every operation is
+elementwise, so under FSDP2 it steps each rank's local shards of parameters, gradients and momentum (DTensors with
+the same placements) as plain tensors: no sharding rules needed (torch 2.11's DTensor has none for the out-of-place
+`_foreach_lerp`, which stopped every multi-GPU run before the ninth session), no collective. CHUNK_ELEMENTS at a time: the sign(β1·m + (1−β1)·g) it computes needs a temporary as large
 as its tensors, which for all of MPT-7B's float32 parameters at once would be 26.6 GB on top of the weights,
 gradients and momentum (the whole of MPT-7B's 99 GiB peak on one GPU above their 74 GiB).
 
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
 
@@ -37,6 +40,11 @@ def _chunks(sizes: list[int], limit: int) -> list[slice]:
     if start < len(sizes):
         out.append(slice(start, len(sizes)))
     return out
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's shard on this rank (the same storage: in-place ops on it update the DTensor), else t."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class DecoupledLionW(torch.optim.Optimizer):
@@ -66,13 +74,14 @@ class DecoupledLionW(torch.optim.Optimizer):
             params: list[Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [_local(p.grad) for p in params if p.grad is not None]
             moms = []
             for p in params:
                 state = self.state[p]
                 if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                moms.append(state["exp_avg"])
+                    state["exp_avg"] = torch.zeros_like(p)  # a DTensor like p under FSDP2 (DCP saves it so)
+                moms.append(_local(state["exp_avg"]))
+            params = [_local(p) for p in params]
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
             if wd != 0:
