@@ -112,14 +112,14 @@ def build_norm(config: MPTConfig, dim: int, device=None) -> nn.Module:
 
 class Activation:
     """The feed-forward activation, named so that the decode kernel can apply it in its epilogue. The exact GELU
-    takes smalto/model/gelu.py's polynomial erf where a backward will follow (training: cheaper kernels, the same
-    function to float32 rounding) and F.gelu elsewhere."""
+    of a bf16/fp16 activation takes smalto/model/gelu.py's polynomial erf where a backward will follow (mixed-precision
+    training: cheaper kernels, the same function to float32 rounding) and F.gelu elsewhere."""
 
     def __init__(self, name: str):
         self.name = name  # gelu | gelu_tanh | silu | relu
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.name == "gelu" and x.requires_grad and torch.is_grad_enabled():
+        if self.name == "gelu" and x.dtype in gelu.DTYPES and x.requires_grad and torch.is_grad_enabled():
             return gelu.gelu(x)
         if self.name in ("gelu", "gelu_tanh"):
             return F.gelu(x, approximate="tanh" if self.name == "gelu_tanh" else "none")
