@@ -55,8 +55,7 @@ def parse_fewshot(text: str | None) -> list[int] | None:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Everything `smalto eval` does; returns the results dict written to OUT/results.json."""
-    from smalto.eval.models import load_model, resolve_device
-    from smalto.eval.report import print_results, write_results
+    from smalto.eval.models import resolve_device
     from smalto.eval.tasks import resolve_data_root, resolve_tasks
 
     if not cfg.tasks and not cfg.perplexity:
@@ -73,10 +72,22 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.out:
         _check_out(cfg.out)
     resolve_device(cfg.device)
-    dist = _init_distributed()
-    model, tokenizer = load_model(
-        cfg.model, tokenizer=cfg.tokenizer, device=_rank_device(cfg.device), dtype=cfg.dtype
-    )
+    device = _rank_device(cfg.device)  # before the process group: NCCL binds each rank to its own GPU
+    dist, owned = _init_distributed()
+    try:
+        return _evaluate(cfg, suite, root, device, dist)
+    finally:
+        if owned:  # this run created the group (under torchrun): close it; a caller's group stays
+            import torch
+
+            torch.distributed.destroy_process_group()
+
+
+def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -> dict[str, Any]:
+    from smalto.eval.models import load_model
+    from smalto.eval.report import print_results, write_results
+
+    model, tokenizer = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.dtype)
     results: dict[str, Any] = {"model": cfg.model, "tasks": [], "gauntlet": None, "perplexity": None}
     samples: dict[str, list[dict[str, Any]]] = {}
     rank0 = not dist or _rank() == 0
@@ -139,15 +150,17 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _init_distributed() -> bool:
-    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPUs, gloo on CPU."""
+def _init_distributed() -> tuple[bool, bool]:
+    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPUs, gloo on CPU. Returns (distributed, whether
+    this call created the group)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+        return False, False
     import torch
 
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
+    if torch.distributed.is_initialized():
+        return True, False
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True, True
 
 
 def _rank_device(device: str) -> str:
