@@ -185,3 +185,52 @@ def test_lion_temporaries_stay_within_a_chunk(monkeypatch):
         opt.step()
     assert sizes.out_of_place == [2000] * 5  # two 1000-element tensors per call: a third would pass 2500
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+
+
+def test_lion_steps_dtensor_shards_as_plain_tensors():
+    """Under FSDP2 the parameters, gradients and momentum are DTensors. LION must not need DTensor sharding rules for
+    its foreach ops (torch 2.11 has none for the out-of-place _foreach_lerp, and every multi-GPU run failed there):
+    it steps the local shards, and the result equals the same step on plain tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ForeachOnDTensor(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
+            if "_foreach" in func.__name__ and any(isinstance(a, DTensor) for a in flat):
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        plain = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(6))]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        for p, s in zip(plain, sharded, strict=True):
+            p.grad = torch.randn_like(p)
+            s.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+        ref = DecoupledLionW(plain, lr=1e-2, weight_decay=0.1)
+        opt = DecoupledLionW(sharded, lr=1e-2, weight_decay=0.1)
+        for _ in range(2):
+            ref.step()
+            with ForeachOnDTensor() as mode:
+                opt.step()
+            assert mode.seen == []
+        for p, s in zip(plain, sharded, strict=True):
+            assert isinstance(s, DTensor) and isinstance(
+                opt.state[s]["exp_avg"], DTensor
+            )  # DCP saves DTensors
+            torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(opt.state[s]["exp_avg"].full_tensor(), ref.state[p]["exp_avg"])
+    finally:
+        if owned:
+            dist.destroy_process_group()
