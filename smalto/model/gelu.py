@@ -4,14 +4,15 @@
 run well above the memory roofline (bench/kernel_probes.py gelu: 0.400 ms forward, 0.580 ms backward with the
 forward recomputed, on a (32768, 8192) bf16 activation, against 0.265 / 0.382 for the roofline). Abramowitz &
 Stegun 7.1.26 writes erf as one exp and a degree-5 polynomial in t = 1/(1 + p·|z|), |error| ≤ 1.5e-7 (a float32
-rounding near 1); the backward reuses the forward's exp(−x²/2) for the density. On bf16 activations 13,327 of
-268 M outputs differ from F.gelu's by one bf16 rounding (0.005%), and an MPT-1B training step is 0.8% faster.
+rounding near 1); the backward reuses the forward's exp(−x²/2) for the density. On bf16 activations about 0.005% of
+outputs differ from F.gelu's, by one bf16 rounding (and in the far lower tail, where F.gelu's 1 + erf cancels and
+this form does not), and an MPT-1B training step is 0.8% faster on an H200 (docs/benchmarks.md).
 
 `gelu(x)` is what `Activation("gelu")` calls on bf16/fp16 activations when autograd will take a backward through
-them (mixed-precision training); inference keeps F.gelu, so generation and evaluation match transformers' MPT bit
-for bit, and so do float32 activations (CPU training), for which the polynomial saves nothing and on which inductor's
-CUDA code for this function's backward computed wrong gradients (torch 2.11, found by tests/gpu/test_gelu.py's
-predecessor; bf16 and fp16 are right, and are what tests/gpu/test_gelu.py checks).
+them (mixed-precision training). Inference keeps F.gelu, so generation and evaluation match transformers' MPT bit
+for bit, and so does float32 (CPU training): there the polynomial saves nothing, and on torch 2.11 inductor's CUDA
+code for this function's float32 backward computes wrong gradients (eager and the bf16/fp16 code are right;
+tests/gpu/test_gelu.py checks those compiled against eager and F.gelu).
 """
 
 from __future__ import annotations
