@@ -11,6 +11,8 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
                                    # and where one step's GPU time goes (kernel categories, top kernels)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
                                    # the MLP's GELU as shipped (polynomial erf, smalto/model/gelu.py) and F.gelu
+    torchrun --nproc_per_node 2 bench/bench_train.py --models mpt-1b --micro-batches 16 --accum 4 --grad-sync micro_batch,step
+                                   # FSDP2: gradients reduce-scattered per micro-batch (default) or once per step
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
 Results: a rich table, and bench_train.json in $OUT when set.
@@ -107,13 +109,16 @@ class _ExactActivation(Activation):
         return F.gelu(x)
 
 
-def bench_one(recipe: str, micro: int, attn: str, gelu: str, args: argparse.Namespace, world) -> dict:
+def bench_one(
+    recipe: str, micro: int, attn: str, gelu: str, grad_sync: str, args: argparse.Namespace, world
+) -> dict:
     overrides = [
         f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * args.accum * world.world_size}",
         f"train.compile={str(args.compile).lower()}",
         f"train.activation_checkpointing={str(args.ac).lower()}",
         f"model.attn_config.attn_impl={attn}",
+        f"train.grad_sync={grad_sync}",
         "logging.progress=false",
         "logging.tensorboard=false",
     ]
@@ -207,6 +212,7 @@ def bench_one(recipe: str, micro: int, attn: str, gelu: str, args: argparse.Name
         "ac": args.ac,
         "attn": attn if attn not in ("auto", "cudnn") else f"{attn}→{kernel(cfg, micro, world)}",
         "gelu": gelu,
+        "grad_sync": grad_sync,
     }
     del t, model
     gc.collect()
@@ -235,6 +241,11 @@ def main() -> None:
         help="the MLP's GELU in training, comma-separated: poly (shipped: erf as a polynomial, smalto/model/gelu.py), "
         "exact (F.gelu)",
     )
+    p.add_argument(
+        "--grad-sync",
+        default="micro_batch",
+        help="train.grad_sync values under torchrun with --accum > 1, comma-separated: micro_batch (default), step",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
     p.add_argument(
@@ -254,11 +265,14 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro, attn, gelu in itertools.product(
-                (int(m) for m in args.micro_batches.split(",")), args.attn.split(","), args.gelu.split(",")
+            for micro, attn, gelu, sync in itertools.product(
+                (int(m) for m in args.micro_batches.split(",")),
+                args.attn.split(","),
+                args.gelu.split(","),
+                args.grad_sync.split(","),
             ):
                 try:
-                    rows.append(bench_one(recipe, micro, attn, gelu, args, world))
+                    rows.append(bench_one(recipe, micro, attn, gelu, sync, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
                     rows.append(
                         {
@@ -266,6 +280,7 @@ def main() -> None:
                             "micro_batch": micro,
                             "attn": attn,
                             "gelu": gelu,
+                            "grad_sync": sync,
                             "error": str(e)[:80],
                         }
                     )
@@ -288,6 +303,7 @@ def main() -> None:
         "accum",
         "attn",
         "gelu",
+        "grad_sync",
         "tokens_per_s_per_device",
         "mfu",
         "peak_mem_gib",
@@ -298,7 +314,18 @@ def main() -> None:
     for r in rows:
         if "error" in r:
             table.add_row(
-                r["recipe"], "", "", str(r["micro_batch"]), "", r["attn"], r["gelu"], r["error"], "", "", ""
+                r["recipe"],
+                "",
+                "",
+                str(r["micro_batch"]),
+                "",
+                r["attn"],
+                r["gelu"],
+                r["grad_sync"],
+                r["error"],
+                "",
+                "",
+                "",
             )
             continue
         table.add_row(*[f"{100 * r[c]:.1f}%" if c == "mfu" and r[c] is not None else str(r[c]) for c in cols])

@@ -178,6 +178,10 @@ class TrainConfig:
     """true: every block; an integer k: every k-th block; false: none."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
+    grad_sync: str = "micro_batch"
+    """FSDP2 with gradient accumulation: reduce-scatter the gradients after every micro-batch's backward
+    (`micro_batch`: sharded gradients only) or once per step, after the last (`step`: one reduce-scatter instead of
+    one per micro-batch, for 4 bytes per parameter of unsharded float32 gradients held on every rank)."""
     time_limit: str | None = None
     """End the run normally (evaluate, save, export) once training has taken this long: "90s", "2m", "1.5h".
     The schedule stays laid out for max_duration; a safety net for demos and fixed-time budgets."""
@@ -198,6 +202,7 @@ class TrainConfig:
         parse_duration(self.max_duration, "train.max_duration")
         parse_duration(self.eval_interval, "train.eval_interval")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.grad_sync", self.grad_sync, ("micro_batch", "step"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda"

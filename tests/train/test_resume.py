@@ -86,6 +86,14 @@ def test_two_processes_match_one_and_resume_with_other_world_size(reference, tin
     assert fixed_batch_loss(tmp_path / "run") == fixed_batch_loss(tmp_path / "run")  # deterministic re-load
 
 
+def test_gradients_reduced_once_per_step_give_the_same_losses(reference, tiny_data, tmp_path):
+    """`train.grad_sync: step` under FSDP2 with accumulation (2 ranks × 2 micro-batches of 2): the gradients are
+    reduce-scattered after the last micro-batch only, and the run is the single-process one."""
+    rec = recipe(tiny_data, tmp_path / "run", train={"micro_batch_size": 2, "grad_sync": "step"})
+    run_cli(rec, tmp_path, nproc=2)
+    torch.testing.assert_close(losses(tmp_path / "run"), losses(reference), rtol=1e-4, atol=1e-5)
+
+
 def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     import yaml
 
