@@ -80,7 +80,10 @@ def test_overrides_are_yaml_typed():
         (["train.max_duration=10 epochs"], "not a duration"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "multiple of train.micro_batch_size"),
         (["scheduler.name=step"], "choose one of: cosine, linear, constant, inverse_sqrt"),
-        (["train.grad_sync=never"], "train.grad_sync = 'never' is not allowed; choose one of: micro_batch, step"),
+        (
+            ["train.grad_sync=never"],
+            "train.grad_sync = 'never' is not allowed; choose one of: micro_batch, step",
+        ),
         (["guard.spike=ignore"], "guard.spike = 'ignore'"),
         (["data.shufle=false"], "unknown key data.shufle"),
         (["train.activation_checkpointing=0"], "use true, false or a positive integer"),
