@@ -12,7 +12,8 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
                                    # the MLP's GELU as shipped (polynomial erf, smalto/model/gelu.py) and F.gelu
     torchrun --nproc_per_node 2 bench/bench_train.py --models mpt-1b --micro-batches 16 --accum 4 --grad-sync micro_batch,step
-                                   # FSDP2: gradients reduce-scattered per micro-batch (default) or once per step
+                                   # FSDP2: gradients reduce-scattered per micro-batch (default) or once per step;
+                                   # --no-reshard-after-forward keeps gathered parameters for the backward (ZeRO-2)
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
 Results: a rich table, and bench_train.json in $OUT when set.
@@ -119,6 +120,7 @@ def bench_one(
         f"train.activation_checkpointing={str(args.ac).lower()}",
         f"model.attn_config.attn_impl={attn}",
         f"train.grad_sync={grad_sync}",
+        f"train.reshard_after_forward={str(args.reshard_after_forward).lower()}",
         "logging.progress=false",
         "logging.tensorboard=false",
     ]
@@ -210,6 +212,7 @@ def bench_one(
         "loss_last": round(t.losses[-1], 4),
         "compile": args.compile,
         "ac": args.ac,
+        "reshard_after_forward": args.reshard_after_forward,
         "attn": attn if attn not in ("auto", "cudnn") else f"{attn}→{kernel(cfg, micro, world)}",
         "gelu": gelu,
         "grad_sync": grad_sync,
@@ -245,6 +248,12 @@ def main() -> None:
         "--grad-sync",
         default="micro_batch",
         help="train.grad_sync values under torchrun with --accum > 1, comma-separated: micro_batch (default), step",
+    )
+    p.add_argument(
+        "--reshard-after-forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FSDP2 under torchrun: free gathered parameters after the forward (ZeRO-3, default) or keep them (ZeRO-2)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
