@@ -265,6 +265,8 @@ def main() -> None:
     args = p.parse_args()
     if bad := set(args.gelu.split(",")) - {"exact", "poly"}:
         p.error(f"--gelu {sorted(bad)}: choose from exact, poly")
+    if bad := set(args.grad_sync.split(",")) - {"micro_batch", "step"}:
+        p.error(f"--grad-sync {sorted(bad)}: choose from micro_batch, step")
     if args.smoke:
         args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
         args.steps, args.warmup, args.attn, args.compile, args.peak_tflops = 2, 1, "sdpa", False, None
