@@ -86,14 +86,12 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
         dist.all_reduce(n_global_t)
     loss_sum = torch.zeros((), device=dev)
     staged = stage(micro_batches, dev)
-    fsdp = t.model if isinstance(t.model, FSDPModule) else None
-    sync_last_only = fsdp is not None and t.cfg.train.grad_sync == "step"
+    # train.grad_sync: step: FSDP2 keeps unsharded gradients until the last micro-batch reduce-scatters them
+    sync_at_last = t.model if isinstance(t.model, FSDPModule) and t.cfg.train.grad_sync == "step" else None
     try:
         for i, (ids, labels, seq_id) in enumerate(staged):
-            if (
-                fsdp is not None and sync_last_only
-            ):  # unsharded gradients until the last micro-batch reduces them
-                fsdp.set_requires_gradient_sync(i == len(staged) - 1)
+            if sync_at_last is not None:
+                sync_at_last.set_requires_gradient_sync(i == len(staged) - 1)
             with t.autocast:
                 out = t.model(ids, labels=labels, sequence_id=seq_id, return_logits=False)
             n = (labels[:, 1:] != -100).sum()

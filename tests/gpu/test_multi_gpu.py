@@ -7,15 +7,12 @@ after that session's GPU time was spent: run on CPU (DEVICE = "cpu") but not yet
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from tests.train.conftest import REPO, losses, recipe, run_cli, tiny_data  # noqa: F401 (a fixture)
+from tests.train.conftest import losses, recipe, run_cli, run_smalto, tiny_data  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu2
 DEVICE = "cuda"  # "cpu" runs the same test over gloo in fp32 (how its logic was checked without two GPUs)
@@ -31,24 +28,6 @@ def _gpu_recipe(tiny_data, run, hf):  # noqa: F811
     )
 
 
-def _run(args: list[str], nproc: int, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m smalto ARGS` in a new process, under torchrun when nproc > 1."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_extra}
-    launch = (
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    )
-    p = subprocess.run(
-        [sys.executable, *launch, "-m", "smalto", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    return p
-
-
 def test_two_gpus_train_stop_and_resume_on_one(tiny_data, tmp_path):  # noqa: F811
     assert DEVICE != "cuda" or torch.cuda.device_count() >= 2, "needs two GPUs: run on nvidia-h200-x2"
     ref = _gpu_recipe(tiny_data, tmp_path / "ref", tmp_path / "ref_hf")
@@ -58,7 +37,7 @@ def test_two_gpus_train_stop_and_resume_on_one(tiny_data, tmp_path):  # noqa: F8
     one_gpu = {"CUDA_VISIBLE_DEVICES": "0"} if DEVICE == "cuda" else {}
     path = tmp_path / "cut.yaml"
     path.write_text(yaml.safe_dump(cut))
-    p = _run(["train", str(path)], 1, one_gpu)  # the two-GPU checkpoint continues on one
+    p = run_smalto(["train", str(path)], env=one_gpu, timeout=300)  # the two-GPU checkpoint continues on one
     assert "resumed from" in p.stderr and "world size 1" in p.stderr
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "cut")
     assert len(a) == len(b) == 8
@@ -72,10 +51,11 @@ def test_two_gpus_train_stop_and_resume_on_one(tiny_data, tmp_path):  # noqa: F8
     ppl = {}
     for nproc in (1, 2):
         out = tmp_path / f"eval{nproc}"
-        _run(
+        run_smalto(
             ["eval", str(tmp_path / "ref_hf"), "--perplexity", tiny_data["data"], "--out", str(out)],
-            nproc,
-            one_gpu if nproc == 1 else {},
+            nproc=nproc,
+            env={"HF_HUB_OFFLINE": "1", **(one_gpu if nproc == 1 else {})},
+            timeout=300,
         )
         ppl[nproc] = json.loads((out / "results.json").read_text())["perplexity"]
     assert ppl[2]["tokens"] == ppl[1]["tokens"] > 0

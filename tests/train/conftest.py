@@ -74,33 +74,40 @@ def recipe(tiny_data: dict[str, str], run_dir: Path, **sections) -> dict:
     return r
 
 
+def run_smalto(
+    args: list[str],
+    *,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 240,
+) -> subprocess.CompletedProcess:
+    """`python -m smalto ARGS` in a new process from the repo root (under torchrun when nproc > 1); `env` adds to
+    the environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    launch = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    )
+    p = subprocess.run(
+        [sys.executable, *launch, "-m", "smalto", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
 def run_cli(
     rec: dict, tmp: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: float = 240
 ) -> subprocess.CompletedProcess:
     """`smalto train RECIPE overrides...` in a new process (under torchrun when nproc > 1)."""
     path = tmp / f"recipe-{os.getpid()}-{len(list(tmp.glob('recipe-*')))}.yaml"
     path.write_text(yaml.safe_dump(rec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "smalto", "train", str(path), *overrides]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "smalto",
-            "train",
-            str(path),
-            *overrides,
-        ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
+    return run_smalto(["train", str(path), *overrides], nproc=nproc, check=check, timeout=timeout)
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
