@@ -14,6 +14,8 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
     torchrun --nproc_per_node 2 bench/bench_train.py --models mpt-1b --micro-batches 16 --accum 4 --grad-sync micro_batch,step
                                    # FSDP2: gradients reduce-scattered per micro-batch (default) or once per step;
                                    # --no-reshard-after-forward keeps gathered parameters for the backward (ZeRO-2)
+    python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 32 --weight-cast step,micro_batch
+                                   # bf16 weights made once per step (shipped) or autocast's casts per forward
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
 Results: a rich table, and bench_train.json in $OUT when set.
@@ -46,6 +48,7 @@ from smalto.train.metrics import RunLogger
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import build_model, close_world, init_world
 from smalto.train.setup import Trainer
+from smalto.train.weight_cast import StepWeightCast
 
 
 def kernel(cfg, micro: int, world) -> str:
@@ -111,7 +114,14 @@ class _ExactActivation(Activation):
 
 
 def bench_one(
-    recipe: str, micro: int, attn: str, gelu: str, grad_sync: str, args: argparse.Namespace, world
+    recipe: str,
+    micro: int,
+    attn: str,
+    gelu: str,
+    grad_sync: str,
+    weight_cast: str,
+    args: argparse.Namespace,
+    world,
 ) -> dict:
     overrides = [
         f"train.micro_batch_size={micro}",
@@ -120,6 +130,7 @@ def bench_one(
         f"train.activation_checkpointing={str(args.ac).lower()}",
         f"model.attn_config.attn_impl={attn}",
         f"train.grad_sync={grad_sync}",
+        f"train.weight_cast={weight_cast}",
         f"train.reshard_after_forward={str(args.reshard_after_forward).lower()}",
         "logging.progress=false",
         "logging.tensorboard=false",
@@ -168,6 +179,9 @@ def bench_one(
         flops_per_token=cfg.model.flops_per_token(seq),
         peak_tflops=args.peak_tflops,
         logger=RunLogger(cfg, enabled=False, total_steps=1),
+        weight_cast=StepWeightCast(model, torch.bfloat16)
+        if bf16 and world.world_size == 1 and weight_cast == "step"
+        else None,
     )
     gen = torch.Generator().manual_seed(0)
 
@@ -216,6 +230,7 @@ def bench_one(
         "attn": attn if attn not in ("auto", "cudnn") else f"{attn}→{kernel(cfg, micro, world)}",
         "gelu": gelu,
         "grad_sync": grad_sync,
+        "weight_cast": weight_cast,
     }
     del t, model
     gc.collect()
@@ -250,6 +265,12 @@ def main() -> None:
         help="train.grad_sync values under torchrun with --accum > 1, comma-separated: micro_batch (default), step",
     )
     p.add_argument(
+        "--weight-cast",
+        default="step",
+        help="train.weight_cast values on one device, comma-separated: step (default: bf16 weights made once per "
+        "step), micro_batch (autocast's casts in every forward)",
+    )
+    p.add_argument(
         "--reshard-after-forward",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -267,6 +288,8 @@ def main() -> None:
         p.error(f"--gelu {sorted(bad)}: choose from exact, poly")
     if bad := set(args.grad_sync.split(",")) - {"micro_batch", "step"}:
         p.error(f"--grad-sync {sorted(bad)}: choose from micro_batch, step")
+    if bad := set(args.weight_cast.split(",")) - {"micro_batch", "step"}:
+        p.error(f"--weight-cast {sorted(bad)}: choose from step, micro_batch")
     if args.smoke:
         args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
         args.steps, args.warmup, args.attn, args.compile, args.peak_tflops = 2, 1, "sdpa", False, None
@@ -276,14 +299,15 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro, attn, gelu, sync in itertools.product(
+            for micro, attn, gelu, sync, cast in itertools.product(
                 (int(m) for m in args.micro_batches.split(",")),
                 args.attn.split(","),
                 args.gelu.split(","),
                 args.grad_sync.split(","),
+                args.weight_cast.split(","),
             ):
                 try:
-                    rows.append(bench_one(recipe, micro, attn, gelu, sync, args, world))
+                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
                     rows.append(
                         {
@@ -292,6 +316,7 @@ def main() -> None:
                             "attn": attn,
                             "gelu": gelu,
                             "grad_sync": sync,
+                            "weight_cast": cast,
                             "error": str(e)[:80],
                         }
                     )
@@ -315,6 +340,7 @@ def main() -> None:
         "attn",
         "gelu",
         "grad_sync",
+        "weight_cast",
         "tokens_per_s_per_device",
         "mfu",
         "peak_mem_gib",
@@ -333,6 +359,7 @@ def main() -> None:
                 r["attn"],
                 r["gelu"],
                 r["grad_sync"],
+                r["weight_cast"],
                 r["error"],
                 "",
                 "",

@@ -182,6 +182,11 @@ class TrainConfig:
     """FSDP2 with gradient accumulation: reduce-scatter the gradients after every micro-batch's backward
     (`micro_batch`: sharded gradients only) or once per step, after the last (`step`: one reduce-scatter instead of
     one per micro-batch, for 4 bytes per parameter of unsharded float32 gradients held on every rank)."""
+    weight_cast: str = "step"
+    """One device with bf16: cast the linears' float32 weights to bf16 once per optimizer step and add their bf16
+    gradients straight into the float32 `.grad` (`step`: fewer memory passes, the same numbers, 2 bytes per
+    parameter held for the step), or let autocast cast them in every micro-batch's forward (`micro_batch`: least
+    memory). Ignored under FSDP2, which casts at each all-gather."""
     time_limit: str | None = None
     """End the run normally (evaluate, save, export) once training has taken this long: "90s", "2m", "1.5h".
     The schedule stays laid out for max_duration; a safety net for demos and fixed-time budgets."""
@@ -203,6 +208,7 @@ class TrainConfig:
         parse_duration(self.eval_interval, "train.eval_interval")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.grad_sync", self.grad_sync, ("micro_batch", "step"))
+        _choice("train.weight_cast", self.weight_cast, ("step", "micro_batch"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda"

@@ -32,7 +32,12 @@ class Linear(nn.Linear):
 
     A decode step also passes the work around the product, which that kernel then does in the same launch:
     `norm` (the block's norm module, applied to x first; fused up to NORM_ROWS rows), `act` (an `Activation`, applied to
-    the output) and `residual` (added last). Elsewhere they run as the separate modules and ops they are."""
+    the output) and `residual` (added last). Elsewhere they run as the separate modules and ops they are.
+
+    `weight_lp`, when set, is a low-precision copy of the weight that training's forwards use instead of it
+    (smalto/train/weight_cast.py: made once per optimizer step rather than cast by autocast in every forward)."""
+
+    weight_lp: Tensor | None = None
 
     def forward(
         self,
@@ -41,7 +46,9 @@ class Linear(nn.Linear):
         act: Activation | None = None,
         residual: Tensor | None = None,
     ) -> Tensor:
-        if not decode_linear.supports(x, self.weight):
+        if self.weight_lp is not None:
+            y = F.linear(norm(x) if norm is not None else x, self.weight_lp, self.bias)
+        elif not decode_linear.supports(x, self.weight):
             y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
         elif decode_linear.FUSE:
             spec = _fused_norm(norm, x) if norm is not None else None

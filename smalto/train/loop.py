@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,15 +90,16 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     # train.grad_sync: step: FSDP2 keeps unsharded gradients until the last micro-batch reduce-scatters them
     sync_at_last = t.model if isinstance(t.model, FSDPModule) and t.cfg.train.grad_sync == "step" else None
     try:
-        for i, (ids, labels, seq_id) in enumerate(staged):
-            if sync_at_last is not None:
-                sync_at_last.set_requires_gradient_sync(i == len(staged) - 1)
-            with t.autocast:
-                out = t.model(ids, labels=labels, sequence_id=seq_id, return_logits=False)
-            n = (labels[:, 1:] != -100).sum()
-            loss = torch.where(n > 0, out.loss * n, 0.0) / n_global_t  # this micro-batch's share of the mean
-            (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
-            loss_sum += loss.detach()
+        with t.weight_cast or nullcontext():  # bf16 weights for the whole step (weight_cast.py)
+            for i, (ids, labels, seq_id) in enumerate(staged):
+                if sync_at_last is not None:
+                    sync_at_last.set_requires_gradient_sync(i == len(staged) - 1)
+                with t.autocast:
+                    out = t.model(ids, labels=labels, sequence_id=seq_id, return_logits=False)
+                n = (labels[:, 1:] != -100).sum()
+                loss = torch.where(n > 0, out.loss * n, 0.0) / n_global_t  # this micro-batch's share
+                (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
+                loss_sum += loss.detach()
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of memory with train.micro_batch_size = {t.micro}; lower it (e.g. train.micro_batch_size="

@@ -27,6 +27,7 @@ from smalto.train.guard import LossGuard
 from smalto.train.metrics import RunLogger, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
+from smalto.train.weight_cast import StepWeightCast
 
 
 @dataclass(kw_only=True)
@@ -58,6 +59,7 @@ class Trainer:
     checkpoint: str | None = None
     losses: list[float] = field(default_factory=list)
     last_eval: float | None = None
+    weight_cast: StepWeightCast | None = None  # bf16 weights made once per step (one device, bf16)
 
     def out_of_time(self, limit: float) -> bool:
         """Ranks agree (the slowest rank's clock decides), or they would part ways at the next collective."""
@@ -161,6 +163,9 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         flops_per_token=cfg.model.flops_per_token(seq),
         logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
         peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
+        weight_cast=StepWeightCast(model, torch.bfloat16)
+        if bf16 and world.world_size == 1 and tc.weight_cast == "step"
+        else None,
     )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
     if latest is not None:

@@ -84,6 +84,10 @@ def test_overrides_are_yaml_typed():
             ["train.grad_sync=never"],
             "train.grad_sync = 'never' is not allowed; choose one of: micro_batch, step",
         ),
+        (
+            ["train.weight_cast=once"],
+            "train.weight_cast = 'once' is not allowed; choose one of: step, micro_batch",
+        ),
         (["guard.spike=ignore"], "guard.spike = 'ignore'"),
         (["data.shufle=false"], "unknown key data.shufle"),
         (["train.activation_checkpointing=0"], "use true, false or a positive integer"),
