@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from smalto.model.config import MPTConfig
-from smalto.model.loss import causal_lm_loss
-from smalto.model.mpt import MPTForCausalLM
+from smalto.model.mpt import MPTForCausalLM, causal_lm_loss
 
 SHAPES = {  # llm-foundry's mpt-125m / mpt-1b yamls (d_model, n_heads, n_layers)
     "tiny": (64, 4, 2),

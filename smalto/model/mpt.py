@@ -1,4 +1,4 @@
-"""`MPTForCausalLM`: embedding → blocks → final norm → tied unembedding, and the loss (smalto/model/loss.py).
+"""`MPTForCausalLM`: embedding → blocks → final norm → tied unembedding, and the loss.
 
 Parameter names are those of the HF MPT checkpoints (`transformer.wte`, `transformer.blocks.{i}.attn.Wqkv`, ...),
 so a `mosaicml/mpt-7b` state dict maps by name. The model is single-device code: parallelism, checkpoint formats
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smalto.errors import UserError
@@ -20,7 +21,6 @@ from smalto.model.cache import KVCache
 from smalto.model.config import MPTConfig
 from smalto.model.init import init_weights
 from smalto.model.layers import MPTBlock, build_norm
-from smalto.model.loss import causal_lm_loss
 
 
 @dataclass
@@ -33,6 +33,31 @@ class CausalLMOutput:
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+    )
+
+
+_compiled_cross_entropy = None
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Sum of next-token cross-entropies / number of non-ignored targets; labels are aligned with the inputs.
+
+    The labels are shifted (not the logits: slicing them would copy the largest tensor of the step), and on CUDA
+    the float32 upcast is fused into the loss kernel by torch.compile instead of materialising fp32 logits.
+    """
+    global _compiled_cross_entropy
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    fn = _cross_entropy
+    if logits.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_cross_entropy is None:
+            _compiled_cross_entropy = torch.compile(_cross_entropy, dynamic=False)
+        fn = _compiled_cross_entropy
+    return fn(logits, targets, ignore_index)
 
 
 class MPTModel(nn.Module):
