@@ -38,9 +38,7 @@ class StepWeightCast:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.dtype = dtype
-        self.linears = [
-            m for m in model.modules() if isinstance(m, Linear) and m.weight.requires_grad
-        ]
+        self.linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight.requires_grad]
 
     def __enter__(self) -> StepWeightCast:
         with torch.no_grad():
