@@ -32,12 +32,12 @@ def _grads(model, micro_batches, cast: StepWeightCast | None):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_step_cast_gradients_equal_autocast_casts_bit_for_bit(compile):
+@pytest.mark.parametrize(("compile", "ac"), [(False, False), (True, False), (True, True)])
+def test_step_cast_gradients_equal_autocast_casts_bit_for_bit(compile, ac):
     world = init_world("cpu")
     gen = torch.Generator().manual_seed(0)
     micro_batches = [torch.randint(0, 256, (2, 32), generator=gen) for _ in range(3)]
-    model = build_model(CFG, world, seed=3, compile=compile)
+    model = build_model(CFG, world, seed=3, compile=compile, activation_checkpointing=ac)
     ref = _grads(model, micro_batches, None)
     cast = StepWeightCast(model, torch.bfloat16)
     assert len(cast.linears) == 4 * CFG.n_layers  # Wqkv, out_proj, up_proj, down_proj
