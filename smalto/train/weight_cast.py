@@ -7,7 +7,7 @@ cast and 12 for the addition. `StepWeightCast` (`train.weight_cast: step`, the d
 once, when the step's first forward starts, as leaves of their own (`Linear.weight_lp`); a hook adds each copy's
 bf16 gradient into the float32 parameter's `.grad` (10 bytes) and drops it. The numbers are the same bit for bit:
 the copies are autocast's casts, and the float32 sums are the same sums. It holds 2 bytes per linear parameter for
-the step (MPT-1B: 2.4 GiB); `train.weight_cast: micro_batch` keeps autocast's casts for the least memory.
+the step (MPT-1B: 2.3 GiB); `train.weight_cast: micro_batch` keeps autocast's casts for the least memory.
 
 Not used under FSDP2 (world size > 1), which casts to bf16 at each all-gather by its mixed-precision policy.
 """
