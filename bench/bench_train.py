@@ -48,7 +48,7 @@ from smalto.train.metrics import RunLogger
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import build_model, close_world, init_world
 from smalto.train.setup import Trainer
-from smalto.train.weight_cast import StepWeightCast
+from smalto.train.weight_cast import step_weight_cast
 
 
 def kernel(cfg, micro: int, world) -> str:
@@ -179,9 +179,7 @@ def bench_one(
         flops_per_token=cfg.model.flops_per_token(seq),
         peak_tflops=args.peak_tflops,
         logger=RunLogger(cfg, enabled=False, total_steps=1),
-        weight_cast=StepWeightCast(model, torch.bfloat16)
-        if bf16 and world.world_size == 1 and weight_cast == "step"
-        else None,
+        weight_cast=step_weight_cast(model, weight_cast, bf16=bf16, world_size=world.world_size),
     )
     gen = torch.Generator().manual_seed(0)
 

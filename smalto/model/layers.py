@@ -46,10 +46,9 @@ class Linear(nn.Linear):
         act: Activation | None = None,
         residual: Tensor | None = None,
     ) -> Tensor:
-        if self.weight_lp is not None:
-            y = F.linear(norm(x) if norm is not None else x, self.weight_lp, self.bias)
-        elif not decode_linear.supports(x, self.weight):
-            y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+        if self.weight_lp is not None or not decode_linear.supports(x, self.weight):
+            w = self.weight if self.weight_lp is None else self.weight_lp
+            y = F.linear(norm(x) if norm is not None else x, w, self.bias)
         elif decode_linear.FUSE:
             spec = _fused_norm(norm, x) if norm is not None else None
             if norm is not None and spec is None:

@@ -27,7 +27,7 @@ from smalto.train.guard import LossGuard
 from smalto.train.metrics import RunLogger, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
-from smalto.train.weight_cast import StepWeightCast
+from smalto.train.weight_cast import StepWeightCast, step_weight_cast
 
 
 @dataclass(kw_only=True)
@@ -163,9 +163,7 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         flops_per_token=cfg.model.flops_per_token(seq),
         logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
         peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
-        weight_cast=StepWeightCast(model, torch.bfloat16)
-        if bf16 and world.world_size == 1 and tc.weight_cast == "step"
-        else None,
+        weight_cast=step_weight_cast(model, tc.weight_cast, bf16=bf16, world_size=world.world_size),
     )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
     if latest is not None:

@@ -51,3 +51,10 @@ class StepWeightCast:
     def __exit__(self, *exc: object) -> None:
         for m in self.linears:
             m.weight_lp = None
+
+
+def step_weight_cast(model: nn.Module, mode: str, *, bf16: bool, world_size: int) -> StepWeightCast | None:
+    """The run's `StepWeightCast` for `train.weight_cast: step` on one device with bf16, else None."""
+    if mode == "step" and bf16 and world_size == 1:
+        return StepWeightCast(model, torch.bfloat16)
+    return None

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from smalto.model.config import MPTConfig
 from smalto.train.parallel import build_model, init_world
-
-CFG = MPTConfig(
-    d_model=64,
-    n_heads=4,
-    n_layers=3,
-    max_seq_len=32,
-    vocab_size=256,
-    no_bias=True,
-    attn_config={"alibi": True, "attn_impl": "eager"},
-)
+from tests.train.conftest import TINY_MODEL as CFG
 
 
 def _loss_and_grads(model, ids):

@@ -6,20 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smalto.model.config import MPTConfig
 from smalto.model.layers import Linear
 from smalto.train.parallel import build_model, init_world
 from smalto.train.weight_cast import StepWeightCast
-
-CFG = MPTConfig(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    max_seq_len=32,
-    vocab_size=256,
-    no_bias=True,
-    attn_config={"alibi": True, "attn_impl": "sdpa"},
-)
+from tests.train.conftest import TINY_MODEL as CFG
 
 
 def _grads(model, micro_batches, cast: StepWeightCast | None):
