@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from smalto.model.cudnn_attention import cudnn_attention
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from smalto.model.attention import alibi_slopes
-from smalto.model.cudnn_attention import cudnn_attention
 
 SHAPES = {"1b": (16, 16, 2048, 128), "125m": (32, 12, 2048, 64)}  # micro-batch, heads, seq, head dim
 

@@ -148,9 +148,7 @@ def main() -> None:
             def ours(
                 n: int, compile: bool = compile_, prompts: list = prompts, model: MPTForCausalLM = model
             ) -> None:
-                generate(
-                    model, None, prompts, max_new_tokens=n, temperature=0, ignore_eos=True, compile=compile
-                )
+                generate(model, None, prompts, max_new_tokens=n, temperature=0, compile=compile)
 
             row = {
                 "shape": shape,

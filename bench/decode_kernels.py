@@ -41,11 +41,11 @@ import sys
 import time
 from pathlib import Path
 
+import smalto.model.decode_attention as decode_kernel
+import smalto.model.decode_linear as decode_linear
 import torch
 
 import smalto.model.attention as attention
-import smalto.model.decode_attention as decode_kernel
-import smalto.model.decode_linear as decode_linear
 from smalto.generate import Decoder
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM

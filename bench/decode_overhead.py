@@ -47,7 +47,7 @@ def measure(model: MPTForCausalLM, batch: int) -> dict:
     prompts = torch.randint(0, model.config.vocab_size, (batch, 128)).tolist()
 
     def gen(n: int, every: int | None = None) -> None:
-        generate(model, None, prompts, max_new_tokens=n, temperature=0, ignore_eos=True, check_every=every)
+        generate(model, None, prompts, max_new_tokens=n, temperature=0, check_every=every)
 
     row = {}
     for name, every in (("generate", None), ("generate/128", 128)):

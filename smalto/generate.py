@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from smalto.errors import ConfigError, UserError
-from smalto.model import decode_attention as decode_kernel
-from smalto.model import decode_linear
+from smalto.kernels import DecodeOptions, decode_attention, decode_linear, select
+from smalto.kernels.decode_block import decode_blocks
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
@@ -61,32 +61,61 @@ class Completion:
 
 
 class Decoder:
-    """A KV cache of fixed (batch, length) and the decode step over it, compiled on CUDA when asked."""
+    """A KV cache of fixed (batch, length) and the decode step over it, compiled on CUDA when asked.
 
-    def __init__(self, model: MPTForCausalLM, batch: int, max_len: int, compile: bool):
+    The attention plans of prefill and decode are chosen here, once (they depend on the batch and the cache
+    length); a compiled step on CUDA also runs the decode kernels (smalto/kernels/: fused decode blocks, the
+    decode-linear unembedding) with `options`."""
+
+    def __init__(
+        self,
+        model: MPTForCausalLM,
+        batch: int,
+        max_len: int,
+        compile: bool,
+        options: DecodeOptions | None = None,
+    ):
         self.model, self.batch, self.max_len, self.want_compile = model, batch, max_len, compile
+        self.asked = options
         self.cache = KVCache.for_model(model.config, batch, max_len, model.dtype, model.device)
+        kernels = compile and model.device.type == "cuda"
+        self.options = (options or DecodeOptions()) if kernels else None
+        if kernels:  # the Triton decode kernels: built before tracing
+            decode_attention.prepare()
+            decode_linear.prepare()
+        shape = dict(device=model.device, dtype=model.dtype, batch=batch, seq=max_len, options=self.options)
+        self.prefill_plan = select(model.config, "prefill", **shape)  # type: ignore[arg-type]
+        self.decode_plan = select(model.config, "decode", **shape)  # type: ignore[arg-type]
+        self.blocks = decode_blocks(model, self.options)
+        self.max_rows = self.options.linear_rows if self.options is not None else 0
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
-            if model.device.type == "cuda":  # the Triton decode kernels: built before tracing
-                decode_kernel.prepare(model.device)
-                decode_linear.prepare()
             for t in self.cache.tensors():  # fixed addresses: CUDA graphs read them in place
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.compiled = True
 
+    def _logits(self, h: Tensor) -> Tensor:
+        """h (B, d_model) → float logits (B, V); the decode-linear kernel for a few rows."""
+        m = self.model
+        return m.scale_logits(
+            decode_linear.linear_or_matmul(h, m.unembedding, max_rows=self.max_rows)
+        ).float()
+
     def _step(self, token: Tensor, pos: Tensor) -> Tensor:
         """token (B, 1), pos (1,) → float logits (B, V). The cache's host-side length is not touched here."""
-        h = self.model.transformer(token, None, None, self.cache, pos)
-        return self.model.unembed(h[:, -1]).float()
+        tr = self.model.transformer
+        x, inputs = tr.embed(token, None, None, self.cache, pos, self.decode_plan)
+        for block in self.blocks:
+            x = block(x, inputs, self.cache)
+        return self._logits(tr.norm_f(x)[:, -1])
 
     def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
         self.cache.reset()
-        h = self.model.transformer(ids, mask, None, self.cache, None)
+        h = self.model.transformer(ids, mask, None, self.cache, None, self.prefill_plan)
         self.cache.length = ids.shape[1]
-        return self.model.unembed(h[:, -1]).float()
+        return self._logits(h[:, -1])
 
     def step(self, token: Tensor, pos: Tensor) -> Tensor:
         if not self.compiled:
@@ -100,14 +129,19 @@ class Decoder:
             return self._step(token, pos)
 
 
-def get_decoder(model: MPTForCausalLM, batch: int, length: int, compile: bool) -> Decoder:
-    """Reuse the model's last decoder when batch and length bucket match (keeps compiled graphs warm)."""
+def get_decoder(
+    model: MPTForCausalLM, batch: int, length: int, compile: bool, options: DecodeOptions | None = None
+) -> Decoder:
+    """Reuse the model's last decoder when batch, length bucket and options match (keeps compiled graphs warm)."""
     size = -(-length // CACHE_BUCKET) * CACHE_BUCKET if compile else length
     dec = model.__dict__.pop("_smalto_decoder", None)
-    key = (batch, size, compile, model.dtype, model.device)
-    if dec is None or (dec.batch, dec.max_len, dec.want_compile, dec.cache.dtype, dec.cache.device) != key:
+    key = (batch, size, compile, model.dtype, model.device, options)
+    if (
+        dec is None
+        or (dec.batch, dec.max_len, dec.want_compile, dec.cache.dtype, dec.cache.device, dec.asked) != key
+    ):
         dec = None  # drop the old cache before allocating the new one
-        dec = Decoder(model, batch, size, compile)
+        dec = Decoder(model, batch, size, compile, options)
     model.__dict__["_smalto_decoder"] = dec  # a plain attribute, not a submodule: no state_dict entry
     return dec
 
@@ -187,14 +221,15 @@ def iter_generate(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
-    ignore_eos: bool = False,
     compile: bool | None = None,
     check_every: int | None = None,
+    options: DecodeOptions | None = None,
 ) -> Iterator[Delta]:
     """Generate for every prompt at once, yielding `Delta`s as text becomes final (see the module docstring).
 
-    eos_token_id defaults to the tokenizer's; `ignore_eos` generates max_new_tokens regardless (benchmarks).
+    eos_token_id defaults to the tokenizer's (an empty list: none, generate max_new_tokens).
     compile: None = on CUDA only. check_every: host checks every N steps (default 1 on CPU, 8 on CUDA).
+    options: how a compiled CUDA step uses the decode kernels (default `DecodeOptions()`).
     """
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
@@ -211,7 +246,7 @@ def iter_generate(
         eos_token_id = tokenizer.eos_token_id
     eos = (
         set()
-        if ignore_eos or eos_token_id is None
+        if eos_token_id is None
         else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
     )
 
@@ -220,7 +255,7 @@ def iter_generate(
     check_length(model, L, max_new_tokens)
     compile = device.type == "cuda" if compile is None else compile
     every = check_every or (8 if device.type == "cuda" else 1)
-    dec = get_decoder(model, B, L + max_new_tokens, compile)
+    dec = get_decoder(model, B, L + max_new_tokens, compile, options)
 
     ids = torch.zeros(B, L, dtype=torch.long, device=device)
     full_mask = torch.zeros(B, dec.max_len, dtype=torch.bool, device=device)

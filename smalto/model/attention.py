@@ -1,17 +1,15 @@
-"""MPT attention: ALiBi slopes, the mask each query sees, one attention module, three kernels.
+"""MPT attention: ALiBi slopes, the mask each query sees, the attention module, and the reference kernels.
 
 Notation (shape names used in comments):
     B batch, H query heads, K key/value heads (GQA: H % K == 0), T query length, S key length, D head dim.
 
-One semantics, four kernels (and a fifth for decoding), chosen by `attn_impl` in `resolve_attn_impl` (the only
-place that decides):
+One semantics, several kernels. The module computes q, k, v and hands them to the `AttentionKernel` of the
+`AttentionPlan` it is given; this file holds the two that are plain PyTorch:
     eager   explicit softmax; the readable reference every other kernel is tested against
     sdpa    F.scaled_dot_product_attention with the ALiBi bias and the mask folded into one additive bias
-    flex    FlexAttention: ALiBi as a `score_mod`, the mask as a block mask (sparse: skips masked tiles); GPU training
-    cudnn   cuDNN's flash attention with its own ALiBi (`cudnn_attention.py`, optional package): GPU training of
-            plain causal batches, faster than flex; `auto` takes it when it applies, flex otherwise
-    decode  one query per row against the KV cache in a Triton kernel (`decode_attention.py`): `auto` for a
-            compiled decode step on CUDA when rows × heads fill the GPU (batched decoding)
+The fast paths (FlexAttention, cuDNN's flash attention with ALiBi, the Triton decode kernel) live in
+smalto/kernels/, which chooses one plan per mode (train, prefill, decode, score) with its reason and applies it
+from outside (`smalto.kernels.apply`). A model no plan was applied to runs `reference_plan(config)`.
 
 Positions are "key coordinates": with a KV cache the keys are the S slots of the cache and the queries sit at
 `q_pos` (T,) inside them. A query always sees itself, so no softmax row is ever empty (padding rows stay finite).
@@ -19,20 +17,17 @@ Positions are "key coordinates": with a KV cache the keys are the S slots of the
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smalto.errors import ConfigError
-from smalto.model import cudnn_attention as cudnn_kernel
-from smalto.model import decode_attention as decode_kernel
 from smalto.model.config import MPTConfig
-from smalto.model.layers import Linear, build_norm
+from smalto.model.layers import build_norm
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: int = 8, device: torch.device | str | None = None) -> Tensor:
@@ -218,129 +213,6 @@ def sdpa_attention_in_chunks(
     return torch.cat(outs, dim=2)
 
 
-def _flex():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    return flex_attention, create_block_mask
-
-
-@functools.cache
-def _compiled_flex():
-    flex_attention, _ = _flex()
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_block_mask(mask: AttentionMask, n_heads: int):
-    """The block mask for FlexAttention (tiles that are fully masked are skipped)."""
-    _, create_block_mask = _flex()
-    q_pos, window, valid, seq_q, seq_k = mask.q_pos, mask.window, mask.key_valid, mask.seq_q, mask.seq_k
-    from_zero = mask.from_zero
-    key = (
-        (q_pos.numel(), mask.n_keys, window, q_pos.device)
-        if from_zero and valid is None and seq_q is None
-        else None
-    )
-    if key is not None and key in _BLOCK_MASKS:  # plain causal (+ window): the same mask every training step
-        return _BLOCK_MASKS[key]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        q = q_idx if from_zero else q_pos[q_idx]
-        ok = kv_idx <= q
-        if window > 0:
-            ok = ok & (q - kv_idx < window)
-        if seq_q is not None and seq_k is not None:
-            ok = ok & (seq_q[b, q_idx] == seq_k[b, kv_idx])
-        if valid is not None:
-            ok = ok & (valid[b, kv_idx] | (kv_idx == q))
-        return ok
-
-    batch = None if valid is None and seq_q is None else (valid if valid is not None else seq_q).shape[0]  # type: ignore[union-attr]
-    block_mask = create_block_mask(
-        mask_mod, batch, None, q_pos.numel(), mask.n_keys, device=q_pos.device, _compile=q_pos.is_cuda
-    )
-    if key is not None:
-        _BLOCK_MASKS[key] = block_mask
-    return block_mask
-
-
-_BLOCK_MASKS: dict[tuple, object] = {}
-
-
-def flex_attention_fn(
-    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, slopes: Tensor | None, scale: float, block_mask
-) -> Tensor:
-    flex_attention, _ = _flex()
-    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    score_mod = None
-    if slopes is not None:
-        q_pos, from_zero = mask.q_pos, mask.from_zero
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            q = q_idx if from_zero else q_pos[q_idx]
-            return score + slopes[h] * (kv_idx - q).to(score.dtype)
-
-    enable_gqa = q.shape[1] != k.shape[1]
-    options = None
-    if q.is_cuda and mask.causal_only:
-        # plain causal: the kernel may assume every row has a visible key in each tile it visits and that a
-        # row's tiles form runs (≈ 4% faster fwd+bwd, bench/bench_attention.py). Windows and documents break
-        # both (a row can be fully masked in a window's edge tile): the tests on CUDA fail with these hints on
-        options = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
-    return fn(
-        q,
-        k,
-        v,
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        kernel_options=options,
-    )
-
-
-def resolve_attn_impl(
-    impl: str,
-    *,
-    device: torch.device,
-    training: bool,
-    dropout: bool,
-    decode: bool,
-    head_dim: int = 0,
-    n_keys: int = 0,
-    programs: int = 0,
-    cudnn_unsupported: Callable[[], str | None] = lambda: "not asked",
-) -> str:
-    """The one place that maps `attn_impl` to a kernel, refusing impossible combinations with the reason.
-
-    `cudnn_unsupported()` says why cuDNN's kernel cannot compute this forward (None: it can); asked only for a
-    training forward on CUDA, where it and FlexAttention are the candidates."""
-    backward = training and torch.is_grad_enabled() and not decode
-    if impl == "cudnn":
-        if not backward:  # cuDNN is the training kernel; inference takes what `auto` takes
-            impl = "auto"
-        else:
-            reason = cudnn_unsupported()
-            if reason is not None and not reason.startswith(cudnn_kernel.MASK_REASON):
-                raise ConfigError(f"attn_impl 'cudnn' cannot train this model: {reason}")
-            return "cudnn" if reason is None else "flex"
-    if impl == "auto":
-        if decode and decode_kernel.supports(head_dim, n_keys, programs, device):
-            return "decode"
-        # flex compiles one kernel per shape: right for training (fixed shapes), wrong for inference, whose
-        # lengths change with every request (a recompile each time, then the unfused fallback)
-        if backward and device.type == "cuda" and not dropout:
-            return "cudnn" if cudnn_unsupported() is None else "flex"
-        return "sdpa"
-    if impl == "flex":
-        if dropout and training:
-            raise ConfigError(
-                "attn_impl 'flex' has no attention dropout; set attn_config.attn_pdrop 0 or use 'sdpa'"
-            )
-        if training and device.type != "cuda" and torch.is_grad_enabled():
-            raise ConfigError("attn_impl 'flex' has no backward on CPU; train on CPU with 'sdpa' (or 'auto')")
-    return impl
-
-
 # ---------------------------------------------------------------- rotary positions (the alternative to ALiBi)
 
 
@@ -358,7 +230,75 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-# ---------------------------------------------------------------- the module
+# ---------------------------------------------------------------- plans: which kernel computes attention
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """One way to compute attention.
+
+    prepare(config, mask, slopes, dtype) runs once per forward and returns the state all blocks share (an additive
+    bias, a block mask); attend(q, k, v, qkv, inputs, scale, dropout_p) computes one block's attention: q (B,H,T,D),
+    k/v (B,K,S,D), qkv the packed projection (B, T, (H+2K)·D) while q, k, v are still plain views of it (else None)
+    → (B, H, T, D). accepts(mask) says whether the kernel computes that mask (None: every mask)."""
+
+    name: str
+    attend: Callable[..., Tensor]
+    prepare: Callable[..., Any] | None = None
+    accepts: Callable[[AttentionMask], bool] | None = None
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The kernel one mode runs and why it was chosen; `fallback` computes the forwards whose mask `kernel` does
+    not accept (cuDNN's causal kernel → FlexAttention for padded or packed batches)."""
+
+    kernel: AttentionKernel
+    reason: str
+    fallback: AttentionKernel | None = None
+
+    @property
+    def name(self) -> str:
+        extra = f" ({self.fallback.name} for masked batches)" if self.fallback is not None else ""
+        return self.kernel.name + extra
+
+    def kernel_for(self, mask: AttentionMask) -> AttentionKernel:
+        k = self.kernel
+        if k.accepts is None or k.accepts(mask):
+            return k
+        if self.fallback is None:
+            raise ValueError(
+                f"attention kernel {k.name!r} cannot compute this mask and its plan has no fallback"
+            )
+        return self.fallback
+
+
+def _eager(q, k, v, qkv, inputs: AttentionInputs, scale: float, dropout_p: float) -> Tensor:
+    return eager_attention(q, k, v, inputs.mask, inputs.slopes, scale, dropout_p)
+
+
+def _sdpa_prepare(config: MPTConfig, mask: AttentionMask, slopes: Tensor | None, dtype: torch.dtype):
+    """(bias, None), or (None, rows per chunk) when the whole bias would exceed SDPA_BIAS_BUDGET."""
+    chunk = sdpa_query_chunk(mask, config.n_heads, slopes)
+    return (None, chunk) if chunk is not None else (sdpa_bias(mask, slopes, dtype), None)
+
+
+def _sdpa(q, k, v, qkv, inputs: AttentionInputs, scale: float, dropout_p: float) -> Tensor:
+    bias, chunk = inputs.state
+    if chunk is not None:
+        return sdpa_attention_in_chunks(q, k, v, inputs.mask, inputs.slopes, scale, dropout_p, chunk)
+    return sdpa_attention(q, k, v, inputs.mask, inputs.slopes, scale, dropout_p, bias)
+
+
+EAGER = AttentionKernel("eager", _eager)
+SDPA = AttentionKernel("sdpa", _sdpa, prepare=_sdpa_prepare)
+
+
+def reference_plan(config: MPTConfig) -> AttentionPlan:
+    """What a model runs when no plan was applied to it: `eager` when the config asks for it, else SDPA."""
+    if config.attn_config.attn_impl == "eager":
+        return AttentionPlan(EAGER, "attn_impl: eager")
+    return AttentionPlan(SDPA, "no kernels applied (smalto.kernels.apply chooses them)")
 
 
 @dataclass
@@ -366,12 +306,25 @@ class AttentionInputs:
     """Per-forward attention state shared by every block (built once in MPTModel.forward)."""
 
     mask: AttentionMask
-    impl: str
+    kernel: AttentionKernel
     slopes: Tensor | None = None
     rope: tuple[Tensor, Tensor] | None = None
-    bias: Tensor | None = None  # sdpa only
-    sdpa_chunk: int | None = None  # sdpa only: query rows per chunk when the whole bias would be too large
-    block_mask: object | None = None  # flex only
+    state: Any = field(default=None, repr=False)  # the kernel's `prepare` result
+
+
+def build_attention_inputs(
+    config: MPTConfig, mask: AttentionMask, plan: AttentionPlan, dtype: torch.dtype
+) -> AttentionInputs:
+    a = config.attn_config
+    device = mask.q_pos.device
+    slopes = alibi_slopes(config.n_heads, a.alibi_bias_max, device=device) if a.alibi else None
+    rope = rope_cos_sin(mask.q_pos, config.head_dim, a.rope_theta) if a.rope else None
+    kernel = plan.kernel_for(mask)
+    state = kernel.prepare(config, mask, slopes, dtype) if kernel.prepare is not None else None
+    return AttentionInputs(mask=mask, kernel=kernel, slopes=slopes, rope=rope, state=state)
+
+
+# ---------------------------------------------------------------- the module
 
 
 class MPTAttention(nn.Module):
@@ -387,7 +340,7 @@ class MPTAttention(nn.Module):
         self.attn_pdrop = a.attn_pdrop
         kv_dim = self.kv_n_heads * self.head_dim
         bias = not config.no_bias
-        self.Wqkv = Linear(self.d_model, self.d_model + 2 * kv_dim, bias=bias, device=device)
+        self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * kv_dim, bias=bias, device=device)
         self.Wqkv._fused = (0, [self.d_model, self.d_model + kv_dim])  # type: ignore[assignment]  # split points for init
         self.q_ln = self.k_ln = None
         if a.qk_ln:
@@ -397,25 +350,20 @@ class MPTAttention(nn.Module):
             self.q_ln = build_norm(config, self.head_dim, device)
             self.k_ln = build_norm(config, self.head_dim, device)
         self.qk_gn = a.qk_gn
-        self.out_proj = Linear(self.d_model, self.d_model, bias=bias, device=device)
-        self.out_proj._is_residual = True  # type: ignore[assignment]
+        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
+        self.out_proj._is_residual = True  # type: ignore[assignment]  # init scales it (init.py)
 
-    def forward(
-        self,
-        x: Tensor,
-        inputs: AttentionInputs,
-        cache=None,
-        layer_idx: int = 0,
-        norm: nn.Module | None = None,
-        residual: Tensor | None = None,
-    ) -> Tensor:
-        """`norm` (applied to x first) and `residual` (added to the output): see `Linear`."""
-        B, T, _ = x.shape
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache=None, layer_idx: int = 0) -> Tensor:
+        return self.out_proj(self.attend(self.Wqkv(x), inputs, cache, layer_idx))
+
+    def attend(self, qkv: Tensor, inputs: AttentionInputs, cache=None, layer_idx: int = 0) -> Tensor:
+        """The packed projection (B, T, (H+2K)·D) → attention output (B, T, H·D), before out_proj."""
+        B, T, _ = qkv.shape
         H, K, D = self.n_heads, self.kv_n_heads, self.head_dim
-        qkv = self.Wqkv(x, norm)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+        packed: Tensor | None = qkv
         if self.q_ln is not None and self.k_ln is not None:
             dtype = q.dtype
             if self.qk_gn:  # norm each head separately
@@ -423,50 +371,16 @@ class MPTAttention(nn.Module):
                 k = self.k_ln(k.view(B, T, K, D)).view(B, T, K * D)
             else:
                 q, k = self.q_ln(q), self.k_ln(k)
-            q, k = q.to(dtype), k.to(dtype)
+            q, k, packed = q.to(dtype), k.to(dtype), None
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)
         if inputs.rope is not None:
             cos, sin = inputs.rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, packed = apply_rope(q, cos, sin), apply_rope(k, cos, sin), None
         if cache is not None:
             k, v = cache.update(layer_idx, k, v, inputs.mask.q_pos)  # (B, K, S, D)
+            packed = None
         p = self.attn_pdrop if self.training else 0.0
-        if inputs.impl == "eager":
-            y = eager_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p)
-        elif inputs.impl == "sdpa" and inputs.sdpa_chunk is not None:
-            m, chunk = inputs.mask, inputs.sdpa_chunk
-            y = sdpa_attention_in_chunks(q, k, v, m, inputs.slopes, self.softmax_scale, p, chunk)
-        elif inputs.impl == "sdpa":
-            y = sdpa_attention(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, p, inputs.bias)
-        elif inputs.impl == "cudnn":  # the packed projection in, its gradient packed out: no concatenation
-            if self.q_ln is not None or inputs.rope is not None:
-                qkv = torch.cat([t.transpose(1, 2).reshape(B, T, -1) for t in (q, k, v)], dim=-1)
-            y = cudnn_kernel.cudnn_attention(qkv, H, K, inputs.slopes is not None, self.softmax_scale)
-        elif inputs.impl == "decode":
-            m = inputs.mask
-            y = decode_kernel.decode_attention(
-                q, k, v, m.q_pos, inputs.slopes, m.key_valid, self.softmax_scale, m.window
-            )
-        else:
-            y = flex_attention_fn(q, k, v, inputs.mask, inputs.slopes, self.softmax_scale, inputs.block_mask)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.out_proj(y, residual=residual)
-
-
-def build_attention_inputs(
-    config: MPTConfig, mask: AttentionMask, *, impl: str, dtype: torch.dtype
-) -> AttentionInputs:
-    a = config.attn_config
-    device = mask.q_pos.device
-    slopes = alibi_slopes(config.n_heads, a.alibi_bias_max, device=device) if a.alibi else None
-    rope = rope_cos_sin(mask.q_pos, config.head_dim, a.rope_theta) if a.rope else None
-    inputs = AttentionInputs(mask=mask, impl=impl, slopes=slopes, rope=rope)
-    if impl == "sdpa":
-        inputs.sdpa_chunk = sdpa_query_chunk(mask, config.n_heads, slopes)
-        if inputs.sdpa_chunk is None:
-            inputs.bias = sdpa_bias(mask, slopes, dtype)
-    elif impl == "flex":
-        inputs.block_mask = flex_block_mask(mask, config.n_heads)
-    return inputs
+        y = inputs.kernel.attend(q, k, v, packed, inputs, self.softmax_scale, p)
+        return y.transpose(1, 2).reshape(B, T, H * D)

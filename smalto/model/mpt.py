@@ -1,12 +1,15 @@
 """`MPTForCausalLM`: embedding → blocks → final norm → tied unembedding, and the loss.
 
 Parameter names are those of the HF MPT checkpoints (`transformer.wte`, `transformer.blocks.{i}.attn.Wqkv`, ...),
-so a `mosaicml/mpt-7b` state dict maps by name. The model is single-device code: parallelism, checkpoint formats
-and training live elsewhere and act on it from outside.
+so a `mosaicml/mpt-7b` state dict maps by name; every linear layer is a plain `nn.Linear`. The model is
+single-device reference code: attention kernels (smalto/kernels/), parallelism, checkpoint formats and training
+live elsewhere and act on it from outside. Which attention kernel a forward runs is the `AttentionPlan` of its mode
+(train / prefill / decode / score) in `MPTModel.plans`, chosen once by `smalto.kernels.apply`.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +18,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smalto.errors import UserError
-from smalto.model import cudnn_attention, decode_linear
-from smalto.model.attention import AttentionMask, build_attention_inputs, resolve_attn_impl
+from smalto.model.attention import (
+    AttentionInputs,
+    AttentionMask,
+    AttentionPlan,
+    MPTAttention,
+    build_attention_inputs,
+    reference_plan,
+)
 from smalto.model.cache import KVCache
 from smalto.model.config import MPTConfig
 from smalto.model.init import init_weights
-from smalto.model.layers import MPTBlock, build_norm
+from smalto.model.layers import build_ffn, build_norm
+
+MODES = (
+    "train",
+    "prefill",
+    "decode",
+    "score",
+)  # what a forward is for; each mode can have its own attention plan
 
 
 @dataclass
@@ -35,29 +51,42 @@ class CausalLMOutput:
         return getattr(self, key)
 
 
-def _cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Sum of next-token cross-entropies / number of non-ignored targets; labels are aligned with the inputs.
+
+    The labels are shifted, not the logits (slicing them would copy the largest tensor of the step)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
     )
 
 
-_compiled_cross_entropy = None
+def forward_mode(training: bool, cache: KVCache | None, n_tokens: int) -> str:
+    """train (a forward autograd will go back through), decode (one token per row on a cache), prefill (a prompt
+    into a cache) or score (a full forward without a cache, as evaluation runs)."""
+    if training and torch.is_grad_enabled():
+        return "train"
+    if cache is not None:
+        return "decode" if n_tokens == 1 else "prefill"
+    return "score"
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Sum of next-token cross-entropies / number of non-ignored targets; labels are aligned with the inputs.
+class MPTBlock(nn.Module):
+    """Pre-norm block: x + attn(norm_1(x)), then x + ffn(norm_2(x))."""
 
-    The labels are shifted (not the logits: slicing them would copy the largest tensor of the step), and on CUDA
-    the float32 upcast is fused into the loss kernel by torch.compile instead of materialising fp32 logits.
-    """
-    global _compiled_cross_entropy
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    fn = _cross_entropy
-    if logits.is_cuda and not torch.compiler.is_compiling():
-        if _compiled_cross_entropy is None:
-            _compiled_cross_entropy = torch.compile(_cross_entropy, dynamic=False)
-        fn = _compiled_cross_entropy
-    return fn(logits, targets, ignore_index)
+    def __init__(self, config: MPTConfig, layer_idx: int, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm_1 = build_norm(config, config.d_model, device)
+        self.attn = MPTAttention(config, device)
+        self.norm_2 = build_norm(config, config.d_model, device)
+        self.ffn = build_ffn(config, device)
+        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> Tensor:
+        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), inputs, cache, self.layer_idx))
+        return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
 
 
 class MPTModel(nn.Module):
@@ -70,7 +99,9 @@ class MPTModel(nn.Module):
         self.emb_drop = nn.Dropout(config.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(config, i, device) for i in range(config.n_layers))
         self.norm_f = build_norm(config, config.d_model, device)
-        self.train_attn_impl: str | None = None  # the kernel the last training forward took (run summaries)
+        # the attention plan of each mode, applied from outside (smalto.kernels.apply); a plain attribute, not
+        # state: a mode without one runs `reference_plan(config)`
+        self.plans: dict[str, AttentionPlan] = {}
 
     def forward(
         self,
@@ -79,8 +110,36 @@ class MPTModel(nn.Module):
         sequence_id: Tensor | None = None,
         cache: KVCache | None = None,
         cache_position: Tensor | None = None,
+        attention: AttentionPlan | None = None,
     ) -> Tensor:
-        """input_ids (B, T) → hidden states (B, T, d_model)."""
+        """input_ids (B, T) → hidden states (B, T, d_model). `attention` overrides the mode's plan."""
+        x, inputs = self.embed(input_ids, attention_mask, sequence_id, cache, cache_position, attention)
+        for block in self.blocks:
+            x = block(x, inputs, cache)
+        return self.norm_f(x)
+
+    def plan_for(self, mode: str) -> AttentionPlan:
+        plan = self.plans.get(mode)
+        if plan is not None:
+            return plan
+        if self.config.attn_config.attn_impl in ("flex", "cudnn"):
+            warnings.warn(
+                f"attn_impl {self.config.attn_config.attn_impl!r} is a kernel applied from outside "
+                "(smalto.kernels.apply(model)); this model has none applied and runs sdpa",
+                stacklevel=3,
+            )
+        return reference_plan(self.config)
+
+    def embed(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        sequence_id: Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_position: Tensor | None = None,
+        attention: AttentionPlan | None = None,
+    ) -> tuple[Tensor, AttentionInputs]:
+        """The blocks' input (B, T, d_model) and the attention inputs all blocks share (mask, positions, kernel)."""
         c = self.config
         T = input_ids.shape[1]
         device = input_ids.device
@@ -142,30 +201,8 @@ class MPTModel(nn.Module):
             # llm-foundry's FSDP mixed precision): one GPU computes what N do, with half the activation traffic
             dtype = torch.get_autocast_dtype(device.type)
             x = x.to(dtype)
-        impl = resolve_attn_impl(
-            c.attn_config.attn_impl,
-            device=device,
-            training=self.training,
-            dropout=c.attn_config.attn_pdrop > 0 and self.training,
-            decode=cache is not None and T == 1,
-            head_dim=c.head_dim,
-            n_keys=n_keys,
-            programs=input_ids.shape[0] * c.n_heads,
-            cudnn_unsupported=lambda: cudnn_attention.why_not(
-                c,
-                device=device,
-                dtype=dtype,
-                batch=input_ids.shape[0],
-                seq=T,
-                causal_from_zero=mask.causal_only and mask.from_zero,  # from_zero: no cache, keys = queries
-            ),
-        )
-        if self.training:
-            self.train_attn_impl = impl
-        inputs = build_attention_inputs(c, mask, impl=impl, dtype=dtype)
-        for block in self.blocks:
-            x = block(x, inputs, cache)
-        return self.norm_f(x)
+        plan = attention or self.plan_for(forward_mode(self.training, cache, T))
+        return x, build_attention_inputs(c, mask, plan, dtype)
 
 
 class MPTForCausalLM(nn.Module):
@@ -198,9 +235,15 @@ class MPTForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.wte.weight.dtype
 
+    @property
+    def unembedding(self) -> Tensor:
+        """The (vocab, d_model) output matrix: the embedding when tied, else lm_head's weight."""
+        return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def unembed(self, h: Tensor) -> Tensor:
-        w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = decode_linear.linear(h, w)  # F.linear, or the decode kernel for a few rows on CUDA
+        return self.scale_logits(F.linear(h, self.unembedding))
+
+    def scale_logits(self, logits: Tensor) -> Tensor:
         scale = self.config.logit_scale_value
         return logits * scale if scale is not None else logits
 
@@ -214,6 +257,7 @@ class MPTForCausalLM(nn.Module):
         use_cache: bool = False,
         cache_position: Tensor | None = None,
         return_logits: bool = True,
+        attention: AttentionPlan | None = None,
     ) -> CausalLMOutput:
         cache = past_key_values
         T = input_ids.shape[1]
@@ -223,7 +267,7 @@ class MPTForCausalLM(nn.Module):
             )
         if cache is not None:
             cache.check_room(T)
-        h = self.transformer(input_ids, attention_mask, sequence_id, cache, cache_position)
+        h = self.transformer(input_ids, attention_mask, sequence_id, cache, cache_position, attention)
         if cache is not None:
             cache.length += T
         logits = self.unembed(h)
@@ -233,18 +277,6 @@ class MPTForCausalLM(nn.Module):
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
-    # ---- Hugging Face folders (smalto.hf holds the formats) ----
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> MPTForCausalLM:
-        from smalto.hf import load_pretrained
-
-        return load_pretrained(path, **kwargs)
-
-    def save_pretrained(self, path: str, **kwargs: Any) -> None:
-        from smalto.hf import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
 
 
 def build_model(config: MPTConfig, device: torch.device | str | None = None) -> MPTForCausalLM:

@@ -23,7 +23,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from smalto.config import RunConfig, parse_seconds
 from smalto.errors import UserError
-from smalto.model import cudnn_attention
+from smalto.kernels import cudnn_attention
+from smalto.kernels.loss import fused_causal_lm_loss
 from smalto.train.checkpoint import export_hf
 from smalto.train.guard import OK, STOP
 from smalto.train.metrics import memory_gib, mfu
@@ -95,9 +96,9 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
                 if sync_at_last is not None:
                     sync_at_last.set_requires_gradient_sync(i == len(staged) - 1)
                 with t.autocast:
-                    out = t.model(ids, labels=labels, sequence_id=seq_id, return_logits=False)
+                    mean = fused_causal_lm_loss(t.model(ids, sequence_id=seq_id).logits, labels)
                 n = (labels[:, 1:] != -100).sum()
-                loss = torch.where(n > 0, out.loss * n, 0.0) / n_global_t  # this micro-batch's share
+                loss = torch.where(n > 0, mean * n, 0.0) / n_global_t  # this micro-batch's share
                 (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
                 loss_sum += loss.detach()
     except torch.OutOfMemoryError:
@@ -168,14 +169,10 @@ def evaluate(t: Trainer) -> dict[str, float]:
             break
         labels = mb["labels"].to(dev)
         with t.autocast:
-            out = t.model(
-                mb["input_ids"].to(dev),
-                labels=labels,
-                sequence_id=mb["sequence_id"].to(dev),
-                return_logits=False,
-            )
+            logits = t.model(mb["input_ids"].to(dev), sequence_id=mb["sequence_id"].to(dev)).logits
+            mean = fused_causal_lm_loss(logits, labels)
         n = (labels[:, 1:] != -100).sum()
-        total += torch.stack([torch.where(n > 0, out.loss.double() * n, 0.0), n.double()])
+        total += torch.stack([torch.where(n > 0, mean.double() * n, 0.0), n.double()])
     if t.world.world_size > 1:
         dist.all_reduce(total)
     t.model.train()
@@ -265,10 +262,10 @@ def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
 
 def _attention_note(t: Trainer) -> str:
     """The attention kernel training ran, with the hint when the faster cuDNN kernel was only missing its package."""
-    impl = t.model.transformer.train_attn_impl or "-"
-    if impl == "flex" and t.world.device.type == "cuda" and not cudnn_attention.available():
+    name = t.attention.name
+    if name == "flex" and t.world.device.type == "cuda" and not cudnn_attention.available():
         return 'flex (cuDNN\'s faster ALiBi kernel: pip install "smalto[cudnn]")'
-    return impl
+    return name
 
 
 class StopSignals:

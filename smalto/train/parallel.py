@@ -1,12 +1,14 @@
 """Where the model runs: process group, device, and one function that parallelises the model from outside.
 
 `build_model` builds MPT on the meta device (no memory), applies, in this order,
-  1. activation checkpointing (every block or every k-th): wraps blocks, so it must see the plain blocks;
-  2. torch.compile per block: compiles the (possibly checkpoint-wrapped) block, so recomputation is compiled too;
-  3. FSDP2 `fully_shard` per block, then the root (which keeps the tied embedding/unembedding in one unit):
-     it must come last, because it wraps what the other two produced;
+  1. kernels: the attention plans (smalto/kernels/plans.py), the polynomial GELU (bf16), the once-per-step
+     bf16 weight cast (one device): they change what modules compute, so everything after must see them;
+  2. activation checkpointing (every block or every k-th): wraps blocks, so it must see the plain blocks;
+  3. torch.compile per block: compiles the (possibly checkpoint-wrapped) block, so recomputation is compiled too;
+  4. FSDP2 `fully_shard` per block, then the root (which keeps the tied embedding/unembedding in one unit):
+     it must come last, because it wraps what the others produced;
 then materialises only this rank's shards (`to_empty`) and initialises them. World size 1 runs the same code
-with step 3 left out (there is nothing to shard; bf16 comes from autocast instead of FSDP's policy).
+with step 4 left out (there is nothing to shard; bf16 comes from autocast instead of FSDP's policy).
 
 Initialisation is identical for every world size: each unit (embedding, each block, final norm) is initialised
 in full, one at a time, from its own seed, and each rank keeps its slice. That costs one block of memory and
@@ -22,17 +24,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from smalto.errors import ConfigError
+from smalto.kernels import apply
+from smalto.kernels.gelu import use_poly_gelu
+from smalto.model.attention import AttentionPlan
 from smalto.model.config import MPTConfig
 from smalto.model.init import init_weights
 from smalto.model.mpt import MPTForCausalLM
-
-try:  # public since torch 2.6
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # pragma: no cover
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # type: ignore[no-redef]
-from torch.distributed.tensor import DTensor
+from smalto.train.weight_cast import use_step_cast
 
 
 @dataclass
@@ -87,6 +89,8 @@ def build_model(
     world: World,
     *,
     seed: int,
+    plans: dict[str, AttentionPlan] | None = None,
+    step_cast: bool = False,
     activation_checkpointing: bool | int = False,
     compile: bool = False,
     bf16: bool = False,
@@ -96,6 +100,8 @@ def build_model(
     parallelize(
         model,
         world,
+        plans=plans,
+        step_cast=step_cast,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
         bf16=bf16,
@@ -110,13 +116,22 @@ def parallelize(
     model: MPTForCausalLM,
     world: World,
     *,
+    plans: dict[str, AttentionPlan] | None = None,
+    step_cast: bool = False,
     activation_checkpointing: bool | int = False,
     compile: bool = False,
     bf16: bool = False,
     reshard_after_forward: bool = True,
 ) -> None:
     blocks = model.transformer.blocks
-    # 1. activation checkpointing: recompute a block's activations in the backward instead of keeping them
+    # 1. kernels: what the modules compute (before anything wraps or compiles them)
+    if plans:
+        apply(model, plans)
+    if bf16:
+        use_poly_gelu(model)
+    if step_cast:
+        use_step_cast(blocks)
+    # 2. activation checkpointing: recompute a block's activations in the backward instead of keeping them
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -125,11 +140,11 @@ def parallelize(
         for i in range(len(blocks)):
             if i % every == 0:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=dropout)
-    # 2. per-block compile: every block has the same code, so one graph serves all of them
+    # 3. per-block compile: every block has the same code, so one graph serves all of them
     if compile:
         for block in blocks:
             block.compile()
-    # 3. FSDP2: one unit per block; the root holds the embedding (tied to the unembedding), final norm and head
+    # 4. FSDP2: one unit per block; the root holds the embedding (tied to the unembedding), final norm and head
     if world.world_size > 1:
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

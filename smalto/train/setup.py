@@ -21,13 +21,15 @@ import torch.distributed as dist
 
 from smalto.config import RunConfig, duration_steps
 from smalto.errors import ConfigError
+from smalto.kernels import select
+from smalto.model.attention import AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
 from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.guard import LossGuard
 from smalto.train.metrics import RunLogger, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
-from smalto.train.weight_cast import StepWeightCast, step_weight_cast
+from smalto.train.weight_cast import StepWeightCast, uses_step_cast
 
 
 @dataclass(kw_only=True)
@@ -41,6 +43,7 @@ class Trainer:
     schedule: Schedule
     guard: LossGuard
     logger: RunLogger
+    attention: AttentionPlan  # the training forwards' attention kernel, chosen once at setup
     autocast: Any
     micro: int
     accum: int
@@ -112,10 +115,16 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         )
     on_cuda = world.device.type == "cuda"
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_cuda)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    shape = dict(device=world.device, dtype=dtype, batch=micro, seq=cfg.data.seq_len)
+    attention = select(cfg.model, "train", **shape)  # type: ignore[arg-type]
+    step_cast = uses_step_cast(tc.weight_cast, bf16=bf16, world_size=world.world_size)
     model = build_model(
         cfg.model,
         world,
         seed=cfg.seed,
+        plans={"train": attention, "score": select(cfg.model, "score", **shape)},  # type: ignore[arg-type]
+        step_cast=step_cast,
         activation_checkpointing=tc.activation_checkpointing,
         compile=tc.compile,
         bf16=bf16,
@@ -163,7 +172,8 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         flops_per_token=cfg.model.flops_per_token(seq),
         logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
         peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
-        weight_cast=step_weight_cast(model, tc.weight_cast, bf16=bf16, world_size=world.world_size),
+        weight_cast=StepWeightCast(model, torch.bfloat16) if step_cast else None,
+        attention=attention,
     )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
     if latest is not None:

@@ -89,9 +89,14 @@ def tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (b, t), generator=g)
 
 
-def with_impl(model: MPTForCausalLM, impl: str) -> MPTForCausalLM:
+def with_impl(model: MPTForCausalLM, impl: str, modes=("score", "prefill")) -> MPTForCausalLM:
+    """Set `attn_impl` and apply the plans `smalto.kernels.plans` chooses for `modes` on the model's device (the
+    other modes run the reference plan)."""
+    from smalto.kernels import apply, select
+
     model.config.attn_config.attn_impl = impl
-    return model
+    model.transformer.plans.clear()
+    return apply(model, {m: select(model.config, m, device=model.device, dtype=model.dtype) for m in modes})
 
 
 def use_triton_interpreter() -> None:

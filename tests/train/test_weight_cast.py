@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smalto.model.layers import Linear
 from smalto.train.parallel import build_model, init_world
-from smalto.train.weight_cast import StepWeightCast
+from smalto.train.weight_cast import StepCastLinear, StepWeightCast
 from tests.train.conftest import TINY_MODEL as CFG
 
 
@@ -27,7 +26,7 @@ def test_step_cast_gradients_equal_autocast_casts_bit_for_bit(compile, ac):
     world = init_world("cpu")
     gen = torch.Generator().manual_seed(0)
     micro_batches = [torch.randint(0, 256, (2, 32), generator=gen) for _ in range(3)]
-    model = build_model(CFG, world, seed=3, compile=compile, activation_checkpointing=ac)
+    model = build_model(CFG, world, seed=3, step_cast=True, compile=compile, activation_checkpointing=ac)
     ref = _grads(model, micro_batches, None)
     cast = StepWeightCast(model, torch.bfloat16)
     assert len(cast.linears) == 4 * CFG.n_layers  # Wqkv, out_proj, up_proj, down_proj
@@ -38,12 +37,12 @@ def test_step_cast_gradients_equal_autocast_casts_bit_for_bit(compile, ac):
             assert g.dtype == torch.float32, name
             assert torch.equal(g, ref[name]), name
     # the copies live for the step only, and their own gradients were handed over
-    assert all(m.weight_lp is None for m in model.modules() if isinstance(m, Linear))
+    assert all(m.weight_lp is None for m in model.modules() if isinstance(m, StepCastLinear))
 
 
 def test_step_cast_copies_are_bf16_leaves_used_by_the_forward():
     world = init_world("cpu")
-    model = build_model(CFG, world, seed=3)
+    model = build_model(CFG, world, seed=3, step_cast=True)
     cast = StepWeightCast(model, torch.bfloat16)
     ids = torch.randint(0, 256, (1, 8))
     with cast:
@@ -63,3 +62,16 @@ def test_step_cast_copies_are_bf16_leaves_used_by_the_forward():
             assert torch.equal(model(ids, labels=ids).loss, loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # after the step, the weight itself again
         assert not torch.equal(model(ids, labels=ids).loss, loss)
+
+
+def test_step_cast_keeps_names_and_state_dict():
+    """The cast is applied from outside: the same parameters under the same names; the model's own linears are
+    plain nn.Linear until training swaps them."""
+    world = init_world("cpu")
+    plain, cast = build_model(CFG, world, seed=3), build_model(CFG, world, seed=3, step_cast=True)
+    assert not any(isinstance(m, StepCastLinear) for m in plain.modules())
+    assert sum(isinstance(m, StepCastLinear) for m in cast.modules()) == 4 * CFG.n_layers
+    a, b = plain.state_dict(), cast.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="use_step_cast"):
+        StepWeightCast(plain, torch.bfloat16)

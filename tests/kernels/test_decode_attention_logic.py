@@ -1,14 +1,14 @@
 """The Triton decode-attention kernel's logic, run on CPU through Triton's interpreter (`TRITON_INTERPRET=1`):
 equal to the eager reference, and traceable by torch.compile with `fullgraph=True` (a compiled decode step that
-could not trace it fell back to eager decoding on the GPU once). The GPU itself: tests/gpu/test_decode_kernel.py."""
+could not trace it would fall back to eager decoding). The GPU itself: tests/gpu/test_decode_kernel.py."""
 
 import math
 
 import pytest
 import torch
 
-from smalto.model import decode_attention as decode_kernel
-from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention
+from smalto.kernels import decode_attention as decode_kernel
+from smalto.model.attention import AttentionMask, AttentionPlan, alibi_slopes, eager_attention
 from smalto.model.cache import KVCache
 from tests.model.helpers import tiny, tokens, use_triton_interpreter, with_impl
 
@@ -44,37 +44,21 @@ def test_kernel_equals_eager(B, H, K, S, D, q_at, window, pad, alibi):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_a_decode_step_through_the_kernel_compiles_in_one_graph(monkeypatch):
-    import smalto.model.mpt as mpt
-
+def test_a_decode_step_through_the_kernel_compiles_in_one_graph():
     model = with_impl(tiny(max_seq_len=64), "sdpa")
     cache = KVCache.for_model(model.config, 2, 48, torch.float32, "cpu")
     ids = tokens(2, 10)
+    plan = AttentionPlan(decode_kernel.decode_kernel(), "test")
     with torch.no_grad():
         model.transformer(ids, None, None, cache, None)
         pos = torch.tensor([10])
         ref = model.transformer(ids[:, :1], None, None, cache, pos)  # SDPA
-        real = mpt.resolve_attn_impl
-        monkeypatch.setattr(
-            mpt, "resolve_attn_impl", lambda impl, **kw: "decode" if kw["decode"] else real(impl, **kw)
-        )
         step = torch.compile(
-            lambda t, p: model.transformer(t, None, None, cache, p), backend="eager", fullgraph=True
+            lambda t, p: model.transformer(t, None, None, cache, p, plan), backend="eager", fullgraph=True
         )
         got = step(ids[:, :1], pos)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_the_kernel_choice_traces_in_one_graph(monkeypatch):
-    """`auto` decides inside the compiled decode step: the decision must not call into CUDA or break the graph."""
-    monkeypatch.setattr(decode_kernel, "_SMS", 132)  # what prepare(cuda device) reads on an H100
-    cuda = torch.device("cuda")
-    choose = torch.compile(
-        lambda x, n: x + decode_kernel.supports(128, 256, n, cuda), backend="eager", fullgraph=True
-    )
-    assert choose(torch.zeros(1), 16 * 32).item() == 1  # MPT-7B at batch 16
-    assert choose(torch.zeros(1), 32).item() == 0  # at batch 1: SDPA
-    monkeypatch.setattr(
-        decode_kernel, "_SMS", 0
-    )  # prepare() never saw a GPU: no basis for choosing the kernel
-    assert not decode_kernel.supports(128, 256, 16 * 32, cuda)
+def test_the_kernel_is_for_cuda_only():
+    assert decode_kernel.why_not(128, 256, 512, torch.device("cpu"), 1.0) == "it runs on CUDA only"

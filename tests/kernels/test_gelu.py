@@ -1,10 +1,10 @@
-"""smalto/model/gelu.py: the polynomial-erf GELU training uses, against torch's exact erf GELU (F.gelu)."""
+"""smalto/kernels/gelu.py: the polynomial-erf GELU training uses, against torch's exact erf GELU (F.gelu)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smalto.model import gelu
+from smalto.kernels import gelu
 from smalto.model.layers import Activation
 
 
@@ -78,8 +78,8 @@ def test_compiled_equals_eager():
     torch.testing.assert_close(x2.grad, x.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_activation_takes_the_polynomial_only_for_half_precision_training():
-    act = Activation("gelu")
+def test_poly_gelu_takes_the_polynomial_only_for_half_precision_training():
+    act = gelu.PolyGELU()
     x = torch.linspace(-4, 4, 100_001)
     # float32 (CPU training) and inference: torch's exact GELU, bit for bit
     assert torch.equal(act(x.clone().requires_grad_()).detach(), F.gelu(x))
@@ -90,10 +90,22 @@ def test_activation_takes_the_polynomial_only_for_half_precision_training():
             assert torch.equal(act(xh.clone().requires_grad_()), F.gelu(xh))
         y = act(xh.clone().requires_grad_())  # mixed-precision training: the polynomial
         assert y.grad_fn is not None and "PolyGELU" in type(y.grad_fn).__name__
-        assert not torch.equal(y.detach(), F.gelu(xh))  # differs in a few roundings (F.gelu's tail cancels)
         ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
         torch.testing.assert_close(y.detach(), F.gelu(xh), atol=1e-5, rtol=ulp)
-    # the other activations are untouched
+    # the model's own activation is torch's, always; the other activations are untouched
     xg = x.clone().requires_grad_()
+    for dtype in gelu.DTYPES:
+        xh = x.to(dtype).requires_grad_()
+        assert torch.equal(Activation("gelu")(xh).detach(), F.gelu(xh.detach()))
     assert torch.equal(Activation("gelu_tanh")(xg).detach(), F.gelu(x, approximate="tanh"))
     assert torch.equal(Activation("silu")(xg).detach(), F.silu(x))
+
+
+def test_use_poly_gelu_swaps_exact_gelu_only():
+    from tests.model.helpers import tiny
+
+    model = tiny()
+    assert gelu.use_poly_gelu(model) == model.config.n_layers
+    assert all(isinstance(b.ffn.act, gelu.PolyGELU) for b in model.transformer.blocks)
+    silu = tiny(ffn_config={"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}})
+    assert gelu.use_poly_gelu(silu) == 0

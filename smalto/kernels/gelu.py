@@ -11,8 +11,8 @@ instruction sequences, and at the clock a power-capped training step runs these 
 of outputs differ from F.gelu's, by one bf16 rounding (and in the far lower tail, where F.gelu's 1 + erf cancels and
 this form does not), and an MPT-1B training step is 1.3% faster on an H200 (docs/benchmarks.md).
 
-`gelu(x)` is what `Activation("gelu")` calls on bf16/fp16 activations when autograd will take a backward through
-them (mixed-precision training). Inference keeps F.gelu, so generation and evaluation match transformers' MPT bit
+Training with bf16 replaces the MLPs' exact GELU by `PolyGELU` (`use_poly_gelu`, applied from outside like every
+fast path), which calls `gelu(x)` on bf16/fp16 activations when autograd will take a backward through them. Inference keeps F.gelu, so generation and evaluation match transformers' MPT bit
 for bit, and so does float32 (CPU training): there the polynomial saves nothing, and on torch 2.11 inductor's CUDA
 code for this function's float32 backward computes wrong gradients (eager and the bf16/fp16 code are right;
 tests/gpu/test_gelu.py checks those compiled against eager and F.gelu).
@@ -21,7 +21,10 @@ tests/gpu/test_gelu.py checks those compiled against eager and F.gelu).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smalto.model.layers import MPTMLP, Activation
 
 DTYPES = (torch.bfloat16, torch.float16)  # the activations training takes the polynomial for
 SQRT_HALF = 0.7071067811865476
@@ -76,3 +79,25 @@ class _PolyGELU(torch.autograd.Function):
 def gelu(x: Tensor) -> Tensor:
     """The exact GELU x·Φ(x) with the polynomial erf, differentiable (its own backward)."""
     return _PolyGELU.apply(x)
+
+
+class PolyGELU(nn.Module):
+    """The MLP activation for mixed-precision training: `gelu` on bf16/fp16 activations a backward will go
+    through, F.gelu elsewhere (inference, float32)."""
+
+    name = "gelu"  # what the decode kernel would read; the same function
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in DTYPES and x.requires_grad and torch.is_grad_enabled():
+            return gelu(x)
+        return F.gelu(x)
+
+
+def use_poly_gelu(model: nn.Module) -> int:
+    """Replace every exact-GELU activation of `model`'s MLPs by `PolyGELU`; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MPTMLP) and type(m.act) is Activation and m.act.name == "gelu":
+            m.act = PolyGELU()
+            n += 1
+    return n

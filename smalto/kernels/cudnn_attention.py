@@ -7,8 +7,10 @@ for FlexAttention with ALiBi as a score_mod (bench/bench_attention.py, docs/benc
 
 The kernels are reached through NVIDIA's `cudnn` Python package (nvidia-cudnn-frontend, `pip install
 "smalto[cudnn]"`), which builds a graph per shape once and then executes it on PyTorch's tensors and stream. It is
-optional: `attn_impl: auto` uses it when it imports and the step is one it computes (CUDA, bf16/fp16, plain causal
-self-attention from position 0, ALiBi with bias max 8 or no positional bias, no dropout), FlexAttention otherwise.
+optional: for training, `attn_impl: auto` uses it when it imports and the step is one it computes (CUDA, bf16/fp16,
+ALiBi with bias max 8 or no positional bias, no dropout; `why_not` says which is missing), FlexAttention otherwise.
+It computes plain causal self-attention from position 0 (`CUDNN.accepts`); a training plan that chooses it takes
+FlexAttention for batches with padding or packed documents.
 
 `cudnn_attention(qkv, n_heads, kv_heads, alibi, scale)` is a `torch.library` custom op with autograd (its backward
 another custom op), so a `torch.compile`d block calls it as one opaque kernel. It takes the packed (B, T, (H + 2K)·D)
@@ -27,11 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from smalto.model.attention import AttentionInputs, AttentionKernel, AttentionMask
 from smalto.model.config import MPTConfig
 
 MISSING = 'the "cudnn" package (nvidia-cudnn-frontend) is not installed: pip install "smalto[cudnn]"'
-# the reason `why_not` gives for a forward whose mask cuDNN does not take: `attn_impl: cudnn` then runs flex
-MASK_REASON = "the mask is not plain causal self-attention"
 
 
 @functools.cache
@@ -237,10 +238,9 @@ def why_not(
     dtype: torch.dtype,
     batch: int,
     seq: int,
-    causal_from_zero: bool,
 ) -> str | None:
-    """None when cuDNN computes this model's attention for a (batch, seq) forward; else the reason it does not (for
-    `attn_impl: cudnn`'s error). causal_from_zero: the mask is plain causal self-attention from position 0.
+    """None when cuDNN computes this model's causal attention for a (batch, seq) forward; else the reason it does
+    not (for `attn_impl: cudnn`'s error and the training plan's reason).
 
     The last check builds the very graphs a step runs (q, k, v and their gradients as views of the packed QKV
     projection), so a cuDNN that refuses the shape is found here, not in the middle of a step."""
@@ -251,8 +251,6 @@ def why_not(
         return MISSING
     if dtype not in (torch.bfloat16, torch.float16):
         return f"its kernels take bf16 or fp16, not {dtype} (train with train.precision bf16)"
-    if not causal_from_zero:
-        return f"{MASK_REASON} (padding, packed documents, a window or a KV cache)"
     if a.alibi and a.alibi_bias_max != 8:
         return f"its ALiBi slopes are those of alibi_bias_max 8, not {a.alibi_bias_max}"
     if a.attn_pdrop > 0:
@@ -262,7 +260,7 @@ def why_not(
     return _probe(shape, dtype, index, a.alibi, config.softmax_scale)
 
 
-@functools.cache  # a refusal too: asked at every training forward, a failing build must not be retried
+@functools.cache  # a refusal too: a failing build must not be retried
 def _probe(shape: Shape, dtype: torch.dtype, index: int, alibi: bool, scale: float) -> str | None:
     try:
         _graphs(shape, dtype, index, alibi, scale)
@@ -272,3 +270,26 @@ def _probe(shape: Shape, dtype: torch.dtype, index: int, alibi: bool, scale: flo
             f"cuDNN does not support (B, H, K, T, D) = {(B, H, K, T, D)}: {type(e).__name__}: {str(e)[:200]}"
         )
     return None
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qkv: Tensor | None,
+    inputs: AttentionInputs,
+    scale: float,
+    dropout_p: float,
+):
+    B, H, T, _ = q.shape
+    if qkv is None:  # QK-norm or RoPE made new q, k: pack them again (the kernel reads one projection)
+        qkv = torch.cat([t.transpose(1, 2).reshape(B, T, -1) for t in (q, k, v)], dim=-1)
+    return cudnn_attention(qkv, H, k.shape[1], inputs.slopes is not None, scale)
+
+
+def _accepts(mask: AttentionMask) -> bool:
+    """Plain causal self-attention from position 0: no padding, documents, window or cache."""
+    return mask.causal_only and mask.from_zero
+
+
+CUDNN = AttentionKernel("cudnn", _attend, accepts=_accepts)

@@ -1,21 +1,19 @@
 """Attention for one decode step on CUDA: one new query per row against the static KV cache, in one Triton kernel.
 
 Why a kernel of our own: for one query over a short cache neither of PyTorch's SDPA backends reads the cache near
-memory bandwidth (at the MPT-7B shape, batch 16, 256 slots: 38 µs a layer for 33 MB, a third of the bandwidth; see
-docs/benchmarks.md), and the ALiBi + mask bias they need is one more tensor built every step.
+memory bandwidth (at the MPT-7B shape, batch 16, 256 slots: a third of it; docs/benchmarks.md), and the ALiBi +
+mask bias they need is one more tensor built every step.
 
 One program per (row, query head) walks the cache slots up to the query's position (unwritten slots are never
 read) in blocks, computes q·k, adds ALiBi, masks padding / the window, and keeps an online softmax and the weighted
 sum of values in float32. GQA: a query head reads its key/value head. The semantics are `eager_attention`'s for
 T == 1 (a query always sees itself), which `tests/gpu` checks.
 
-`decode_attention(q, k, v, q_pos, slopes, key_valid, scale, window)` is a `torch.library` custom op with a fake
-(shape) implementation, so a compiled (CUDA-graph) decode step calls it without a graph break. `prepare()` builds
-it (the decoder calls it before compiling); `supports(head_dim, n_slots, programs, device)` says whether `auto`
-should use it: only when rows × heads fill the GPU. With fewer programs (batch 1: 16 or 32 heads on 132 SMs) each
-walks its whole cache alone and SDPA is faster (docs/benchmarks.md: MPT-7B batch 1, 5.80 vs 5.69 ms a step; a
-split-KV variant with a merge kernel measured 5.82 ms and was dropped); from about one program per SM up the
-kernel is faster (7B batch 8, 256 programs: 6.00 vs 6.02 ms; batch 16: 6.24 vs 6.43 ms).
+`decode_attention(q, k, v, q_pos, slopes, key_valid, scale, window, launch)` is a `torch.library` custom op with a
+fake (shape) implementation, so a compiled (CUDA-graph) decode step calls it without a graph break. `prepare()`
+builds it (the decoder calls it before compiling). `fills_gpu` says whether a decode step should use it: only when
+rows × heads fill the GPU. With fewer programs (batch 1: 16 or 32 heads on 132 SMs) each walks its whole cache
+alone and SDPA is faster; from about one program per SM up the kernel is faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,17 +23,26 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from smalto.model.attention import AttentionInputs, AttentionKernel
+
 MAX_SLOTS = 8192  # one program per (row, head) walks the whole cache: past this, split-KV kernels do better
-PROGRAMS_PER_SM = 1  # below this many (row, head) programs per SM, SDPA is faster (measured, see above)
-LAUNCH = {"BLOCK": 64, "num_warps": 4, "num_stages": 3}  # cache slots per loop step, warps, pipelining depth
 
 
-def supports(head_dim: int, n_slots: int, programs: int, device: torch.device) -> bool:
-    """Whether `auto` decodes with the kernel: Triton built (`prepare()`), the shape in range, the GPU filled."""
-    if _OP is None or _SMS == 0 or device.type != "cuda":
-        return False
-    # _SMS is a plain int (set by prepare): the traced decode step guards on it instead of calling into CUDA
-    return 0 < head_dim <= 256 and 0 < n_slots <= MAX_SLOTS and programs >= PROGRAMS_PER_SM * _SMS
+def why_not(
+    head_dim: int, n_slots: int, programs: int, device: torch.device, programs_per_sm: float
+) -> str | None:
+    """None when a decode step should take the kernel; else why not (Triton missing, the shape, too few programs).
+    Reads the device's SM count: call it where the step is planned, not inside a traced step."""
+    if device.type != "cuda":
+        return "it runs on CUDA only"
+    if _OP is None:
+        return "Triton is not installed (or prepare() was not called)"
+    if not 0 < head_dim <= 256 or not 0 < n_slots <= MAX_SLOTS:
+        return f"head_dim {head_dim} / {n_slots} cache slots are outside its range (≤ 256 / ≤ {MAX_SLOTS})"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs < programs_per_sm * sms:
+        return f"{programs} (row, head) programs do not fill {sms} SMs: SDPA is faster"
+    return None
 
 
 def _build():
@@ -100,6 +107,9 @@ def _build():
         key_valid: Tensor | None,
         scale: float,
         window: int,
+        block: int,
+        warps: int,
+        stages: int,
     ) -> Tensor:
         B, H, _, D = q.shape
         out = torch.empty_like(q)
@@ -113,12 +123,12 @@ def _build():
             key_valid.stride(0) if key_valid is not None else 0,
             scale, H // k.shape[1], window,
             HAS_ALIBI=slopes is not None, HAS_VALID=key_valid is not None, HAS_WINDOW=window > 0,
-            D=D, DP=triton.next_power_of_2(D), **LAUNCH,
+            D=D, DP=triton.next_power_of_2(D), BLOCK=block, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return out
 
     @decode_attention_op.register_fake
-    def _(q, k, v, q_pos, slopes, key_valid, scale, window):  # shapes only, for tracing
+    def _(q, k, v, q_pos, slopes, key_valid, scale, window, block, warps, stages):  # shapes only, for tracing
         return torch.empty_like(q)
 
     return decode_attention_op
@@ -133,9 +143,11 @@ def decode_attention(
     key_valid: Tensor | None,
     scale: float,
     window: int = -1,
+    launch: tuple[int, int, int] = (64, 4, 3),
 ) -> Tensor:
     """q (B, H, 1, D); k, v (B, K, S, D) with unit stride over D; q_pos (1,) long; slopes (H,) float32 or None;
-    key_valid (B, S) bool or None → (B, H, 1, D) in q's dtype."""
+    key_valid (B, S) bool or None → (B, H, 1, D) in q's dtype. launch: (cache slots per loop step, warps,
+    pipelining stages)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -144,21 +156,27 @@ def decode_attention(
         key_valid = key_valid.contiguous()
     if slopes is not None and slopes.dtype != torch.float32:
         slopes = slopes.float()
-    assert _OP is not None, "decode_attention needs Triton (check supports() first)"
-    return _OP(q, k, v, q_pos, slopes, key_valid, float(scale), int(window))
+    assert _OP is not None, "decode_attention needs Triton (prepare() first)"
+    return _OP(q, k, v, q_pos, slopes, key_valid, float(scale), int(window), *launch)
 
 
-_OP = None
-_SMS = 0  # the GPU's streaming multiprocessors, read by prepare()
+_OP = None  # the built custom op (a build cache: `prepare()` fills it once per process)
 
 
-def prepare(device: torch.device | None = None) -> bool:
-    """Build the op (imports Triton) and, given a CUDA device, read its SM count, which `supports` needs; True when
-    the op is ready. Call it outside torch.compile (the decoder does, on CUDA): tracing a decode step cannot enter
-    an import, so the step only uses an op that exists already."""
-    global _OP, _SMS
+def prepare() -> bool:
+    """Build the op (imports Triton); True when it is ready. Call it outside torch.compile (the decoder does, on
+    CUDA): tracing a decode step cannot enter an import, so the step only uses an op that exists already."""
+    global _OP
     if _OP is None and importlib.util.find_spec("triton") is not None:
         _OP = _build()
-    if _OP is not None and device is not None and device.type == "cuda":
-        _SMS = torch.cuda.get_device_properties(device).multi_processor_count
     return _OP is not None
+
+
+def decode_kernel(launch: tuple[int, int, int] = (64, 4, 3)) -> AttentionKernel:
+    """The kernel as an `AttentionKernel` for a decode plan, with its launch shape (`DecodeOptions`)."""
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, qkv, inputs: AttentionInputs, scale: float, dropout_p: float):
+        m = inputs.mask
+        return decode_attention(q, k, v, m.q_pos, inputs.slopes, m.key_valid, scale, m.window, launch)
+
+    return AttentionKernel("decode", attend)

@@ -1,4 +1,4 @@
-"""smalto/model/decode_linear.py: the kernel's logic on CPU through Triton's interpreter equals x · wᵀ at decode
+"""smalto/kernels/decode_linear.py: the kernel's logic on CPU through Triton's interpreter equals x · wᵀ at decode
 shapes (one row on CUDA cores, a few rows on the tensor-core path, ragged edges), with its fused prologue (LayerNorm,
 RMSNorm) and epilogue (bias, activation, residual) equal to the modules they replace; the op traces in one graph;
 and a model whose blocks take the fused decode path computes what the unfused blocks compute.
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smalto.model import decode_linear
+from smalto.kernels import DecodeOptions, decode_linear
+from smalto.kernels.decode_block import FusedDecodeBlock, decode_blocks
 from smalto.model.layers import Activation
 from tests.model.helpers import tiny, tokens, use_triton_interpreter
 
@@ -88,10 +89,24 @@ def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_deco
     x = torch.randn(1, 1, 4, dtype=torch.bfloat16)
     with torch.no_grad():
         assert not decode_linear.supports(x, w)  # CPU: F.linear
-        got = decode_linear.linear(x, w, torch.ones(8, dtype=torch.bfloat16))
-        with pytest.raises(ValueError, match="fused only where the kernel runs"):
-            decode_linear.linear(x, w, act="gelu")
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, torch.ones(8, dtype=torch.bfloat16)))
+        got = decode_linear.linear_or_matmul(x, w, torch.ones(8, dtype=torch.bfloat16))
+    torch.testing.assert_close(got, F.linear(x, w, torch.ones(8, dtype=torch.bfloat16)))
+
+
+def _decode_path(model, blocks, ids):
+    """What the decoder's step computes, over `blocks`, for a forward without a cache."""
+    tr = model.transformer
+    x, inputs = tr.embed(ids)
+    for block in blocks:
+        x = block(x, inputs, None)
+    return model.unembed(tr.norm_f(x))
+
+
+def _lift_device_check(monkeypatch):
+    """Only the CUDA condition lifted, so that the kernel (through the interpreter), not F.linear, takes the rows."""
+    monkeypatch.setattr(
+        decode_linear, "supports", lambda x, w, max_rows=16: 0 < x.numel() // x.shape[-1] <= max_rows
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,47 +117,66 @@ def test_cpu_inputs_take_f_linear():  # the CUDA conditions: tests/gpu/test_deco
         {"norm_type": "rmsnorm", "ffn_config": {"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}}},
     ],
 )
-@pytest.mark.parametrize("norm_rows", [1, 16])
-def test_blocks_fused_for_decode_equal_unfused(overrides, norm_rows, monkeypatch):
-    """The blocks' decode path on CPU through the interpreter, only the device check lifted so that the kernel, not
-    F.linear, takes the rows: one row and 12 rows compute what the unfused blocks compute, the norms inside the
-    kernel up to NORM_ROWS rows and as modules above."""
-    monkeypatch.setattr(decode_linear, "NORM_ROWS", norm_rows)
+@pytest.mark.parametrize(("norm_rows", "fuse"), [(1, True), (16, True), (1, False)])
+def test_blocks_fused_for_decode_equal_unfused(overrides, norm_rows, fuse, monkeypatch):
+    """The fused decode blocks on CPU through the interpreter: one row and 12 rows compute what the model's own
+    blocks compute, the norms inside the kernel up to `norm_rows` rows and as modules above."""
     model = tiny(**overrides)
     calls = []
     for block in model.transformer.blocks:
         block.norm_1.register_forward_hook(lambda *a: calls.append(1))
         block.norm_2.register_forward_hook(lambda *a: calls.append(1))
+    blocks = decode_blocks(model, DecodeOptions(norm_rows=norm_rows, fuse=fuse))
+    assert all(isinstance(b, FusedDecodeBlock) for b in blocks)
     with torch.no_grad():
         for ids in (tokens(1, 1), tokens(2, 6)):
             ref = model(ids).logits
             calls.clear()
-            real = decode_linear.supports
-            monkeypatch.setattr(decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16)
-            got = model(ids).logits
-            monkeypatch.setattr(decode_linear, "supports", real)
-            assert bool(calls) == (ids.numel() > norm_rows)
+            _lift_device_check(monkeypatch)
+            got = _decode_path(model, blocks, ids)
+            monkeypatch.undo()
+            assert bool(calls) == (not fuse or ids.numel() > norm_rows)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_more_rows_than_the_options_allow_run_the_block(monkeypatch):
+    model = tiny()
+    blocks = decode_blocks(model, DecodeOptions(linear_rows=4))
+    ran = []
+    model.transformer.blocks[0].register_forward_hook(lambda *a: ran.append(1))
+    _lift_device_check(monkeypatch)
+    with torch.no_grad():
+        _decode_path(model, blocks, tokens(1, 4))
+        assert not ran  # 4 rows: the fused path
+        torch.testing.assert_close(_decode_path(model, blocks, tokens(1, 5)), model(tokens(1, 5)).logits)
+        assert ran  # 5 rows: the block itself
 
 
 def test_a_wrapped_linear_turns_the_fusion_off(monkeypatch):
     """An adapter library (LoRA) wraps a linear and adds a branch of its own on the input: that branch must see
-    norm(x), so a block with a wrapped linear takes the unfused path."""
+    norm(x), so a block with a wrapped linear is decoded as it is."""
 
     class Adapter(torch.nn.Module):
         def __init__(self, base):
             super().__init__()
             self.base, self.weight = base, base.weight
 
-        def forward(self, x, *args, **kwargs):
-            return self.base(x, *args, **kwargs) + x[..., :1]  # a branch of its own on the input
+        def forward(self, x):
+            return self.base(x) + x[..., :1]  # a branch of its own on the input
 
     model = tiny()
     for block in model.transformer.blocks:
         block.attn.Wqkv = Adapter(block.attn.Wqkv)
+    blocks = decode_blocks(model, DecodeOptions())
+    assert blocks == list(model.transformer.blocks)
     ids = tokens(1, 1)
     with torch.no_grad():
         ref = model(ids).logits
-        monkeypatch.setattr(decode_linear, "supports", lambda x, w: x.numel() // x.shape[-1] <= 16)
-        got = model(ids).logits
+        _lift_device_check(monkeypatch)
+        got = _decode_path(model, blocks, ids)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_options_means_the_plain_blocks():
+    model = tiny()
+    assert decode_blocks(model, None) == list(model.transformer.blocks)

@@ -1,12 +1,10 @@
 """The Triton source of the decode-linear kernel: y = act(norm(x) · wᵀ + bias) + residual for 1–16 rows.
 
-smalto/model/decode_linear.py builds, autotunes, launches and documents it; this module holds only the kernel and
+smalto/kernels/decode_linear.py builds, autotunes, launches and documents it; this module holds only the kernel and
 imports Triton at the top, so it is imported when that module builds its op, never by `import smalto`.
 
-The first BLOCK_K tile of a program is peeled off the loop: its weights are loaded before anything else, and with
-programmatic dependent launch (PDL) before the kernel waits for the one before it (`gdc_wait`), so that load
-overlaps the end of the previous kernel. Peeled, not rotated (loading each next tile a loop step ahead): the
-rotated loop measured 10% slower on an H200 (docs/benchmarks.md).
+The first BLOCK_K tile of a program is peeled off the loop, so that its weights are loaded before anything else
+(rotating the loop, each next tile loaded a step ahead, is slower on an H200: docs/benchmarks.md).
 """
 
 import triton
@@ -71,7 +69,6 @@ def skinny_matmul_kernel(
     X, W, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, sym, srm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    PDL: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
@@ -79,10 +76,7 @@ def skinny_matmul_kernel(
     in_m = m < M
     k = tl.arange(0, BLOCK_K)
     in_k = k < K
-    w = weight_tile(W, n, in_n, swn, k, in_k)  # the first tile: no kernel of a decode step writes weights
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start as this one's programs finish
-        tl.extra.cuda.gdc_wait()  # the previous kernel's outputs (x, the residual) are complete and visible
+    w = weight_tile(W, n, in_n, swn, k, in_k)  # the first tile
     if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
         # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
         acc = tl.zeros([BLOCK_N], tl.float32)
