@@ -181,9 +181,7 @@ def test_stop_strings_eos_and_streaming(neox) -> None:
     eos = free.token_ids[2]
     (out, _) = generate(model, neox, prompts, max_new_tokens=16, temperature=0, eos_token_id=eos)
     assert out.finish_reason == "eos" and out.token_ids == free.token_ids[: free.token_ids.index(eos)]
-    (out, _) = generate(
-        model, neox, prompts, max_new_tokens=16, temperature=0, eos_token_id=eos, ignore_eos=True
-    )
+    (out, _) = generate(model, neox, prompts, max_new_tokens=16, temperature=0, eos_token_id=[])  # no EOS
     assert out.token_ids == free.token_ids
     assert [d for d in iter_generate(model, neox, "Hi", max_new_tokens=3, temperature=0)][-1].finish_reason
 

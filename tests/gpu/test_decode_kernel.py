@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from smalto.model.decode_attention import decode_attention
 from torch.profiler import ProfilerActivity, profile
 
 from smalto.generate import generate
 from smalto.model import decode_attention as decode_kernel
 from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention, resolve_attn_impl
-from smalto.model.decode_attention import decode_attention
 from tests.model.helpers import tiny, tokens, with_impl
 
 pytestmark = pytest.mark.gpu

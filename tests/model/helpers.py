@@ -89,7 +89,7 @@ def tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (b, t), generator=g)
 
 
-def with_impl(model: MPTForCausalLM, impl: str, modes=("score", "prefill")) -> MPTForCausalLM:
+def with_impl(model: MPTForCausalLM, impl: str, modes=("score", "prefill", "decode")) -> MPTForCausalLM:
     """Set `attn_impl` and apply the plans `smalto.kernels.plans` chooses for `modes` on the model's device (the
     other modes run the reference plan)."""
     from smalto.kernels import apply, select

@@ -6,6 +6,7 @@ import transformers
 
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.model.helpers import with_impl
 
 
 def _pair(seed: int = 0, **hf_kwargs):
@@ -45,7 +46,7 @@ def _pair(seed: int = 0, **hf_kwargs):
 )
 def test_logits_match_transformers(impl, hf_kwargs):
     hf, ours = _pair(**hf_kwargs)
-    ours.config.attn_config.attn_impl = impl
+    with_impl(ours, impl)
     x = torch.randint(0, 100, (3, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(x).logits

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from smalto.kernels.flex_attention import flex_attention_fn, flex_block_mask
 from smalto.model.attention import (
     AttentionMask,
     eager_attention,
-    flex_attention_fn,
-    flex_block_mask,
     sdpa_attention,
     sdpa_attention_in_chunks,
     sdpa_bias,
@@ -140,7 +139,7 @@ def test_attention_layer_options_follow_the_formula(attn_config):
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
     block = model.transformer.blocks[0]
     with torch.no_grad():
-        from smalto.model.attention import build_attention_inputs
+        from smalto.model.attention import build_attention_inputs, reference_plan
 
         mask = AttentionMask(
             q_pos=torch.arange(9),
@@ -148,7 +147,7 @@ def test_attention_layer_options_follow_the_formula(attn_config):
             window=model.config.attn_config.sliding_window_size,
             from_zero=True,
         )
-        got = block.attn(x, build_attention_inputs(model.config, mask, impl="eager", dtype=x.dtype))
+        got = block.attn(x, build_attention_inputs(model.config, mask, reference_plan(model.config), x.dtype))
         ref = manual_mpt_attention(block.attn, x, model.config)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
