@@ -14,7 +14,7 @@ q' = (64·m_hi, m_hi, 64·m_lo, m_lo) / scale and k' = (j // 64, j % 64, j // 64
 m_lo to 16 significant bits, integers below 256); padded with zeros to a multiple of 8 (D + 8), v too. The concat
 is timed with it (eager), and once compiled (`compiled`).
 
-`cudnn-frontend ALiBi` is `attn_impl: cudnn` (smalto/model/cudnn_attention.py): cuDNN's own flash attention with
+`cudnn-frontend ALiBi` is `attn_impl: cudnn` (smalto/kernels/cudnn_attention.py): cuDNN's own flash attention with
 its built-in ALiBi and a causal band, through the optional `cudnn` package (the row says so when it is missing).
 `sdpa + ALiBi bias tensor (BACKEND)` passes the materialised (1, H, S, S) ALiBi + causal bias as SDPA's attn_mask.
 Results: a table, and attention.json in $OUT when set.
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from smalto.model.cudnn_attention import cudnn_attention
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from smalto.kernels.cudnn_attention import cudnn_attention
 from smalto.model.attention import alibi_slopes
 
 SHAPES = {"1b": (16, 16, 2048, 128), "125m": (32, 12, 2048, 64)}  # micro-batch, heads, seq, head dim

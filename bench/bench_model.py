@@ -2,6 +2,9 @@
 
 One step = forward + backward + AdamW (fused) under bf16 autocast with float32 master weights, the same for every
 row. MFU uses llm-foundry's formula: flops/token = 6·N + 12·n_layers·d_model·seq, peak 989 TFLOP/s (H100/H200 bf16).
+A smalto row's impl is its `attn_impl` (flex, sdpa, eager, cudnn, auto); the training plan `smalto.kernels.select`
+makes for it at the row's micro-batch is applied as training applies it, with the polynomial GELU under bf16
+(smalto/train/parallel.py); the table names the kernel each ran.
 
     python bench/bench_model.py --device cuda                      # 125m and 1b, every kernel, seq 2048
     python bench/bench_model.py --smoke                            # tiny shapes on CPU: checks the script runs
@@ -18,6 +21,9 @@ from typing import Any
 
 import torch
 
+from smalto.errors import ConfigError
+from smalto.kernels import apply, select
+from smalto.kernels.gelu import use_poly_gelu
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM, causal_lm_loss
 
@@ -39,7 +45,8 @@ MICRO_BATCH = {
 }
 
 
-def build(shape: str, impl: str, seq: int, vocab: int, device: str) -> torch.nn.Module:
+def build(shape: str, impl: str, seq: int, vocab: int, device: str, micro_batch: int) -> torch.nn.Module:
+    """transformers' model for impl "hf"; else smalto's, with the training plan and GELU a bf16 run takes."""
     d, h, n = SHAPES[shape]
     shape_kw: dict[str, Any] = dict(
         d_model=d, n_heads=h, n_layers=n, max_seq_len=seq, vocab_size=vocab, no_bias=True
@@ -51,7 +58,14 @@ def build(shape: str, impl: str, seq: int, vocab: int, device: str) -> torch.nn.
         with torch.device(device):
             return transformers.MptForCausalLM(cfg)
     config = MPTConfig.from_dict({**shape_kw, "attn_config": {"alibi": True, "attn_impl": impl}})
-    return MPTForCausalLM(config, device=device)
+    model = MPTForCausalLM(config, device=device)
+    bf16 = device == "cuda"  # the step's autocast (make_step)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    plan = select(config, "train", device=torch.device(device), dtype=dtype, batch=micro_batch, seq=seq)
+    apply(model, {"train": plan})
+    if bf16:
+        use_poly_gelu(model)
+    return model
 
 
 def make_step(model, impl: str, compile_mode: str, device: str):
@@ -85,7 +99,9 @@ def run(shape: str, impl: str, args) -> dict:
     torch.manual_seed(0)
     row = {"shape": shape, "impl": impl, "micro_batch": mb, "seq": seq, "compile": args.compile}
     try:
-        model = build(shape, impl, seq, args.vocab, device).train()
+        model = build(shape, impl, seq, args.vocab, device, mb).train()
+        if impl != "hf":
+            row["attention"] = model.transformer.plans["train"].name
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         d, _, n = SHAPES[shape]
         flops_per_token = 6 * n_params + 12 * n * d * seq
@@ -113,6 +129,8 @@ def run(shape: str, impl: str, args) -> dict:
         )
     except torch.OutOfMemoryError:
         row.update(error="OOM")
+    except ConfigError as e:  # an attn_impl that cannot train here (flex on CPU, cudnn without the package)
+        row.update(error=f"ConfigError: {e}")
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -123,7 +141,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="125m,1b")
-    p.add_argument("--impls", default="flex,sdpa,eager,hf")
+    p.add_argument(
+        "--impls", default="flex,sdpa,eager,hf", help="attn_impl values (also cudnn, auto), and hf: transformers"
+    )
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=50432)
     p.add_argument("--micro-batch", type=int, default=0, help="0 = the per-shape default")
@@ -146,17 +166,19 @@ def main() -> None:
     table = Table(
         title=f"training step, bf16, seq {args.seq}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
     )
-    for col in ("shape", "impl", "micro-batch", "step ms", "tokens/s", "MFU", "peak GB", "vs hf"):
+    for col in ("shape", "impl", "attention", "micro-batch", "step ms", "tokens/s", "MFU", "peak GB", "vs hf"):
         table.add_column(col, justify="right")
     hf = {r["shape"]: r.get("tokens_per_s") for r in rows if r["impl"] == "hf"}
     for r in rows:
         if "error" in r:
-            table.add_row(r["shape"], r["impl"], str(r["micro_batch"]), r["error"], "", "", "", "")
+            row = [r["shape"], r["impl"], r.get("attention", ""), str(r["micro_batch"]), r["error"]]
+            table.add_row(*row, "", "", "", "")
             continue
         ratio = f"{r['tokens_per_s'] / hf[r['shape']]:.2f}×" if hf.get(r["shape"]) else ""
         table.add_row(
             r["shape"],
             r["impl"],
+            r.get("attention", ""),
             str(r["micro_batch"]),
             f"{r['step_ms']:.1f}",
             f"{r['tokens_per_s']:,.0f}",

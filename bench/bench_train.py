@@ -1,8 +1,9 @@
 """Training throughput of the real training step: tokens/s, MFU (llm-foundry's formula) and peak memory.
 
-Builds each recipe's model exactly as `smalto train` does (meta device → per-block compile → materialise, bf16
-autocast, LION) and times `smalto.train.loop.train_step` on random tokens (data loading is not measured), for several
-micro-batch sizes. One process; run it under torchrun to measure FSDP2.
+Builds each recipe's step with `smalto.train.setup.build_trainer`, as `smalto train` does (attention plan, meta
+device → kernels → per-block compile → materialise, bf16 autocast, LION), and times `smalto.train.loop.train_step`
+on random tokens (data loading is not measured), for several micro-batch sizes. One process; run it under torchrun
+to measure FSDP2.
 
     python bench/bench_train.py --device cuda                                  # MPT-125M and MPT-1B, seq 2048
     python bench/bench_train.py --device cuda --models mpt-7b --micro-batches 1,2 --ac   # 7B on one GPU
@@ -10,14 +11,15 @@ micro-batch sizes. One process; run it under torchrun to measure FSDP2.
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --profile
                                    # and where one step's GPU time goes (kernel categories, top kernels)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
-                                   # the MLP's GELU as shipped (polynomial erf, smalto/model/gelu.py) and F.gelu
+                                   # the MLP's GELU as shipped (polynomial erf, smalto/kernels/gelu.py) and F.gelu
     torchrun --nproc_per_node 2 bench/bench_train.py --models mpt-1b --micro-batches 16 --accum 4 --grad-sync micro_batch,step
                                    # FSDP2: gradients reduce-scattered per micro-batch (default) or once per step;
                                    # --no-reshard-after-forward keeps gathered parameters for the backward (ZeRO-2)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 32 --weight-cast step,micro_batch
                                    # bf16 weights made once per step (shipped) or autocast's casts per forward
 
-MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / peak FLOP/s (989 TFLOP/s bf16 dense for H100/H200).
+MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / the device's bf16 dense peak FLOP/s (as training
+looks it up; --peak-tflops overrides).
 Results: a rich table, and bench_train.json in $OUT when set.
 """
 
@@ -30,39 +32,19 @@ import itertools
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
 from smalto.config import load_config
 from smalto.errors import UserError
-from smalto.model import cudnn_attention
-from smalto.model.layers import MPTMLP, Activation
-from smalto.train.guard import LossGuard
+from smalto.kernels.gelu import PolyGELU
+from smalto.model.layers import Activation
 from smalto.train.loop import train_step
-from smalto.train.metrics import RunLogger
-from smalto.train.optim import Schedule, build_optimizer
-from smalto.train.parallel import build_model, close_world, init_world
-from smalto.train.setup import Trainer
-from smalto.train.weight_cast import step_weight_cast
-
-
-def kernel(cfg, micro: int, world) -> str:
-    """The training attention kernel `auto` / `cudnn` resolve to for this shape: cudnn, else flex (and why)."""
-    reason = cudnn_attention.why_not(
-        cfg.model,
-        device=world.device,
-        dtype=torch.bfloat16,
-        batch=micro,
-        seq=cfg.data.seq_len,
-        causal_from_zero=True,
-    )
-    return "cudnn" if reason is None else f"flex ({reason[:40]})"
-
+from smalto.train.parallel import close_world, init_world
+from smalto.train.setup import build_trainer
 
 CATEGORIES = [  # a kernel's category: the first whose words its name contains
     ("attention", ("flex", "attention", "fmha", "flash", "sdpa", "cudnn")),
@@ -106,13 +88,6 @@ def print_profile(step, title: str, trace: str, top: int = 30) -> None:
         prof.export_chrome_trace(os.path.join(out, f"trace_{trace}.json"))
 
 
-class _ExactActivation(Activation):
-    """F.gelu also in training (before the ninth session's polynomial erf, smalto/model/gelu.py), for an A/B."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x)
-
-
 def bench_one(
     recipe: str,
     micro: int,
@@ -147,40 +122,16 @@ def bench_one(
             "data.seq_len=64",
             "train.precision=fp32",
         ]
+    if args.peak_tflops is not None:
+        overrides.append(f"train.peak_tflops={args.peak_tflops}")
     cfg = load_config(recipe, overrides)
     seq = cfg.data.seq_len
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and world.device.type == "cuda")
-    model = build_model(
-        cfg.model,
-        world,
-        seed=0,
-        activation_checkpointing=cfg.train.activation_checkpointing,
-        compile=cfg.train.compile,
-        bf16=bf16,
-    )
-    if gelu == "exact":
-        for m in model.modules():
-            if isinstance(m, MPTMLP) and m.act.name == "gelu":
-                m.act = _ExactActivation("gelu")
-    tokens_per_step = cfg.train.global_batch_size * seq
-    t = Trainer(
-        cfg=cfg,
-        world=world,
-        model=model,
-        optimizer=build_optimizer(model, cfg.optimizer),
-        schedule=Schedule(cfg.scheduler, total_steps=1000, tokens_per_step=tokens_per_step),
-        micro=micro,
-        accum=args.accum,
-        tokens_per_step=tokens_per_step,
-        guard=LossGuard(cfg.guard),
-        autocast=torch.autocast(world.device.type, dtype=torch.bfloat16)
-        if bf16 and world.world_size == 1
-        else nullcontext(),
-        flops_per_token=cfg.model.flops_per_token(seq),
-        peak_tflops=args.peak_tflops,
-        logger=RunLogger(cfg, enabled=False, total_steps=1),
-        weight_cast=step_weight_cast(model, weight_cast, bf16=bf16, world_size=world.world_size),
-    )
+    t = build_trainer(cfg, world)
+    t.logger.enabled = False  # no run folder: the table is the output
+    if gelu == "exact":  # F.gelu in training too, for an A/B against the polynomial
+        for m in t.model.modules():
+            if isinstance(getattr(m, "act", None), PolyGELU):
+                m.act = Activation("gelu")
     gen = torch.Generator().manual_seed(0)
 
     def batch() -> dict[str, torch.Tensor]:
@@ -205,8 +156,8 @@ def bench_one(
             f"{recipe} micro {micro} × {args.accum}, {attn}, {gelu} GELU",
             trace=f"{recipe}_{micro}x{args.accum}_{attn}_{gelu}",  # one trace per row
         )
-    tps = tokens_per_step / seconds
-    peak = args.peak_tflops
+    tps = t.tokens_per_step / seconds
+    peak = t.peak_tflops
     row = {
         "recipe": recipe,
         "params_M": round(cfg.model.num_params() / 1e6, 1),
@@ -225,12 +176,12 @@ def bench_one(
         "compile": args.compile,
         "ac": args.ac,
         "reshard_after_forward": args.reshard_after_forward,
-        "attn": attn if attn not in ("auto", "cudnn") else f"{attn}→{kernel(cfg, micro, world)}",
+        "attn": f"{attn}→{t.attention.kernel.name}" if attn in ("auto", "cudnn") else attn,
         "gelu": gelu,
         "grad_sync": grad_sync,
         "weight_cast": weight_cast,
     }
-    del t, model
+    del t
     gc.collect()
     if world.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -254,7 +205,7 @@ def main() -> None:
     p.add_argument(
         "--gelu",
         default="poly",
-        help="the MLP's GELU in training, comma-separated: poly (shipped: erf as a polynomial, smalto/model/gelu.py), "
+        help="the MLP's GELU in training, comma-separated: poly (shipped: erf as a polynomial, smalto/kernels/gelu.py), "
         "exact (F.gelu)",
     )
     p.add_argument(
@@ -279,7 +230,9 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="profile one more step per row: kernel time by category (CUDA)"
     )
-    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="bf16 dense peak of the device (default: looked up)"
+    )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 2 steps: check that it runs")
     args = p.parse_args()
     if bad := set(args.gelu.split(",")) - {"exact", "poly"}:
@@ -290,7 +243,7 @@ def main() -> None:
         p.error(f"--weight-cast {sorted(bad)}: choose from step, micro_batch")
     if args.smoke:
         args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
-        args.steps, args.warmup, args.attn, args.compile, args.peak_tflops = 2, 1, "sdpa", False, None
+        args.steps, args.warmup, args.attn, args.compile = 2, 1, "sdpa", False
     torch.backends.cuda.matmul.allow_tf32 = True
     world = init_world(args.device)
     console = Console(width=160)  # the whole table also when captured to a file

@@ -1,15 +1,13 @@
-"""Single-kernel probes behind the training and decode decisions of docs/benchmarks.md (CUDA only).
+"""Single-kernel probes behind the training decisions of docs/benchmarks.md (CUDA only).
 
     python bench/kernel_probes.py attention-plans   # every cuDNN plan of the MPT-1B attention, packed vs BHSD
     python bench/kernel_probes.py attention-plans 0.05   # the same with q, k, v as small as a new model's
     python bench/kernel_probes.py gelu              # the MLP's GELU: exact, tanh, a polynomial erf, a copy's time
     python bench/kernel_probes.py mlp-epilogues     # cuDNN matmul with a GELU / GELU-backward epilogue vs cuBLAS
-    python bench/kernel_probes.py pdl-chain 1b,7b   # a decode step's products chained in a CUDA graph, with PDL
 
-Shapes are MPT-1B's training micro-batch (16 × 2048 tokens: x (32768, 2048), the MLP's (32768, 8192)) and, for
-`pdl-chain`, the linears of a decode step at batch 1 (1B: 24 layers of d 2048; 7B: 32 of d 4096). Each prints a
-table; times are the mean of 20 (50 for graphs) launches after a warm-up, by CUDA events. `attention-plans` and
-`mlp-epilogues` need the `cudnn` package (nvidia-cudnn-frontend).
+Shapes are MPT-1B's training micro-batch (16 × 2048 tokens: x (32768, 2048), the MLP's (32768, 8192)). Each prints
+a table; times are the mean of 20 launches after a warm-up, by CUDA events. `attention-plans` and `mlp-epilogues`
+need the `cudnn` package (nvidia-cudnn-frontend).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from smalto.model import gelu as smalto_gelu
+from smalto.kernels import gelu as smalto_gelu
 
 DEV = torch.device("cuda")
 B, T, H, D = 16, 2048, 16, 128  # MPT-1B attention at micro-batch 16
@@ -73,11 +71,11 @@ def all_plans(cudnn, graph, pack: dict, handle, check: Callable[[], str] | None 
 
 def attention_plans(std: float = 1.0) -> None:
     """cuDNN's ALiBi attention at MPT-1B: each forward and backward plan, on views of the packed QKV projection (what
-    smalto/model/cudnn_attention.py runs) and on contiguous (B, H, T, D) tensors; q, k, v drawn with standard
+    smalto/kernels/cudnn_attention.py runs) and on contiguous (B, H, T, D) tensors; q, k, v drawn with standard
     deviation `std` (a freshly initialised model's are small: its scores, and so its softmax, are flat)."""
     import cudnn  # type: ignore[import-not-found]
 
-    from smalto.model import cudnn_attention as ca
+    from smalto.kernels import cudnn_attention as ca
 
     handle = ca._handle(DEV.index or 0)
     cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
@@ -136,7 +134,7 @@ def attention_plans(std: float = 1.0) -> None:
 
 
 def gelu_poly_backward(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dGELU·gy, GELU(x)) by smalto/model/gelu.py's polynomial erf, sharing one exp(−x²/2): the backward that also
+    """(dGELU·gy, GELU(x)) by smalto/kernels/gelu.py's polynomial erf, sharing one exp(−x²/2): the backward that also
     recomputes the forward for a weight gradient."""
     xf = x.float()
     cdf, e = smalto_gelu._cdf_and_exp(xf)
@@ -282,63 +280,6 @@ def mlp_epilogues() -> None:
     show(f"MPT-1B MLP GEMMs with GELU epilogues, {M} tokens", ["kernel", "engine", "ms", ""], rows)
 
 
-def _chain(ws, ys, x0, block_n: int, block_k: int, warps: int, pdl: bool) -> torch.Tensor:
-    """Every product of the step once, each reading the one before's output."""
-    from smalto.model import decode_linear_kernel as source
-
-    x = x0
-    for wl, yl in zip(ws, ys, strict=True):
-        for w, y in zip(wl, yl, strict=True):
-            n, k = w.shape
-            source.skinny_matmul_kernel[(-(-n // block_n),)](
-                x, w, y, y, y, y, y, 1, n, k, x.stride(0), w.stride(0), y.stride(0), 0, 0.0,
-                BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, NORM=0, HAS_NB=False, HAS_BIAS=False, ACT=0,
-                HAS_RES=False, PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=2,
-            )  # fmt: skip
-            x = y
-    return x
-
-
-def pdl_chain(shapes: str) -> None:
-    """The decode step's four products per layer, x → y chained, in one CUDA graph: the decode-linear kernel's one-row
-    path (no fused work) at fixed launch configurations, launched plainly and with programmatic dependent launch."""
-    rows = []
-    for shape in shapes.split(","):
-        d, layers = {"1b": (2048, 24), "7b": (4096, 32)}[shape]
-        dims = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
-        ws = [
-            [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for n, k in dims]
-            for _ in range(layers)
-        ]
-        ys = [[torch.empty(1, n, device=DEV, dtype=torch.bfloat16) for n, _ in dims] for _ in range(layers)]
-        x0 = torch.randn(1, 4 * d, device=DEV, dtype=torch.bfloat16)
-        floor = sum(w.numel() * 2 for layer in ws for w in layer) / 4.8e9  # ms at the H200's 4.8 TB/s
-
-        for cfg in ((8, 512, 8), (8, 1024, 8), (16, 512, 8), (8, 256, 4)):
-            plain = None
-            for pdl in (False, True):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    _chain(ws, ys, x0, *cfg, pdl)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = _chain(ws, ys, x0, *cfg, pdl)
-                ms = timeit(graph.replay, iters=50)
-                result = out.float().clone()
-                plain = result if plain is None else plain
-                same = "yes" if torch.equal(result, plain) else "NO"
-                rows.append(
-                    [shape, str(cfg), "PDL" if pdl else "plain", f"{ms:.3f}", f"{ms / floor:.2f}×", same]
-                )
-    show(
-        "decode products chained in a CUDA graph (BLOCK_N, BLOCK_K, warps)",
-        ["shape", "launch", "mode", "ms", "× floor", "same output as plain"],
-        rows,
-    )
-
-
 def _usage(message: str) -> NoReturn:
     print(f"kernel_probes.py: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -346,18 +287,16 @@ def _usage(message: str) -> NoReturn:
 
 def main() -> None:
     probes = {"gelu": gelu, "mlp-epilogues": mlp_epilogues}
-    names = ", ".join(["attention-plans", *probes, "pdl-chain"])
+    names = ", ".join(["attention-plans", *probes])
     what, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    if what not in (*probes, "attention-plans", "pdl-chain"):
-        _usage(f"choose one of {names} (see the docstring)")
+    if what in ("-h", "--help"):
+        print(__doc__)
+        return
+    if what not in (*probes, "attention-plans"):
+        _usage(f"choose one of {names} (see --help)")
     if not torch.cuda.is_available():
         _usage("needs a CUDA GPU")
-    if what == "pdl-chain":
-        shapes = rest[0] if rest else "1b,7b"
-        if bad := set(shapes.split(",")) - {"1b", "7b"}:
-            _usage(f"pdl-chain shapes {sorted(bad)}: choose from 1b, 7b")
-        pdl_chain(shapes)
-    elif what == "attention-plans":
+    if what == "attention-plans":
         try:
             std = float(rest[0]) if rest else 1.0
         except ValueError:
@@ -365,7 +304,6 @@ def main() -> None:
         attention_plans(std)
     else:
         probes[what]()
-
 
 if __name__ == "__main__":
     main()

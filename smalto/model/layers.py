@@ -102,7 +102,7 @@ class MPTMLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=bias, device=device)
         self.down_proj = nn.Linear(f, d, bias=bias, device=device)
         self.down_proj._is_residual = True  # type: ignore[assignment]  # init scales it (init.py)
-        self.act = build_activation(config)
+        self.act: nn.Module = build_activation(config)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.up_proj(x)))

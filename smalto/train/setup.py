@@ -1,8 +1,9 @@
 """A run's parts, built from the recipe: `setup(cfg, world)` → `Trainer` (model, optimizer, data, checkpoints, ...).
 
-Building follows the recipe's order of dependence: seeds, the model (meta → parallelise → materialise), optimizer,
-schedule (its lengths need the tokens per step), data streams, then autoresume from `latest` (or initial weights
-from `checkpoint.load_from`), and last the logger, which starts at the step we resume from.
+Building follows the recipe's order of dependence: seeds, the attention plan (it needs the step's shape), the model
+(meta → kernels → parallelise → materialise), optimizer, schedule (its lengths need the tokens per step) — that much
+is `build_trainer` — then data streams, autoresume from `latest` (or initial weights from `checkpoint.load_from`),
+and last the logger, which starts at the step we resume from.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class Trainer:
 
 
 def setup(cfg: RunConfig, world: World) -> Trainer:
+    """A run's `Trainer`: `build_trainer`, then its data streams and checkpoints, resumed from `latest` when
+    there is one (or initial weights from `checkpoint.load_from`), and its logger started."""
     from smalto.data.stream import build_loader
 
     if cfg.prepare == "stdlib":
@@ -105,6 +108,34 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         if world.is_main:
             prepare_stdlib(cfg)
         world.barrier()
+    t = build_trainer(cfg, world)
+    t.loader = build_loader(
+        cfg.data,
+        rank=world.rank,
+        world_size=world.world_size,
+        micro_batch_size=t.micro,
+        global_batch_size=cfg.train.global_batch_size,
+    )
+    t.val_loader = _val_loader(cfg, world, t.micro)
+    t.ckpt = Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last)
+    latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
+    if latest is not None:
+        t.load_state_dict(t.ckpt.load(latest, t.model, t.optimizer))
+        t.checkpoint = str(latest)
+    elif cfg.checkpoint.load_from:
+        load_weights(cfg.checkpoint.load_from, t.model, world)
+    if world.is_main:
+        write_run_info(cfg, world.world_size, world.device)
+    t.logger.start(t.step)
+    if latest is not None:
+        t.logger.print(f"resumed from {latest} at step {t.step} (world size {world.world_size})")
+    return t
+
+
+def build_trainer(cfg: RunConfig, world: World) -> Trainer:
+    """What a training step needs, without data or checkpoints: the model with its fast paths (attention plan,
+    precision, weight cast) applied, optimizer, schedule, guard and the step's shape. bench/bench_train.py times
+    steps of exactly this."""
     seed_everything(cfg.seed + world.rank)
     tc = cfg.train
     micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
@@ -115,22 +146,22 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         )
     on_cuda = world.device.type == "cuda"
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_cuda)
+    seq = cfg.data.seq_len
     dtype = torch.bfloat16 if bf16 else torch.float32
-    shape = dict(device=world.device, dtype=dtype, batch=micro, seq=cfg.data.seq_len)
-    attention = select(cfg.model, "train", **shape)  # type: ignore[arg-type]
+    attention = select(cfg.model, "train", device=world.device, dtype=dtype, batch=micro, seq=seq)
+    scoring = select(cfg.model, "score", device=world.device, dtype=dtype, batch=micro, seq=seq)
     step_cast = uses_step_cast(tc.weight_cast, bf16=bf16, world_size=world.world_size)
     model = build_model(
         cfg.model,
         world,
         seed=cfg.seed,
-        plans={"train": attention, "score": select(cfg.model, "score", **shape)},  # type: ignore[arg-type]
+        plans={"train": attention, "score": scoring},
         step_cast=step_cast,
         activation_checkpointing=tc.activation_checkpointing,
         compile=tc.compile,
         bf16=bf16,
         reshard_after_forward=tc.reshard_after_forward,
     )
-    seq = cfg.data.seq_len
     tokens_per_step = tc.global_batch_size * seq
     total = duration_steps(tc.max_duration, "train.max_duration", tokens_per_step=tokens_per_step)
     if total < 1:
@@ -144,20 +175,12 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
             ("checkpoint.interval", cfg.checkpoint.interval),
         )
     }
-    t = Trainer(
+    return Trainer(
         cfg=cfg,
         world=world,
         model=model,
         optimizer=build_optimizer(model, cfg.optimizer),
         schedule=Schedule(cfg.scheduler, total_steps=total, tokens_per_step=tokens_per_step),
-        loader=build_loader(
-            cfg.data,
-            rank=world.rank,
-            world_size=world.world_size,
-            micro_batch_size=micro,
-            global_batch_size=tc.global_batch_size,
-        ),
-        val_loader=_val_loader(cfg, world, micro),
         micro=micro,
         accum=tc.global_batch_size // (world.world_size * micro),
         total_steps=total,
@@ -165,7 +188,6 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         save_every=every["checkpoint.interval"],
         tokens_per_step=tokens_per_step,
         guard=LossGuard(cfg.guard),
-        ckpt=Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last),
         autocast=torch.autocast(world.device.type, dtype=torch.bfloat16)
         if bf16 and world.world_size == 1
         else nullcontext(),
@@ -175,18 +197,6 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         weight_cast=StepWeightCast(model, torch.bfloat16) if step_cast else None,
         attention=attention,
     )
-    latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
-    if latest is not None:
-        t.load_state_dict(t.ckpt.load(latest, model, t.optimizer))
-        t.checkpoint = str(latest)
-    elif cfg.checkpoint.load_from:
-        load_weights(cfg.checkpoint.load_from, model, world)
-    if world.is_main:
-        write_run_info(cfg, world.world_size, world.device)
-    t.logger.start(t.step)
-    if latest is not None:
-        t.logger.print(f"resumed from {latest} at step {t.step} (world size {world.world_size})")
-    return t
 
 
 def seed_everything(seed: int) -> None:

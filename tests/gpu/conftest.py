@@ -5,7 +5,7 @@ and K still meet masked tiles of both kinds."""
 
 import pytest
 
-from smalto.model import decode_linear
+from smalto.kernels import decode_linear
 
 
 def _two_configs(triton, rows: int) -> list:

@@ -25,8 +25,10 @@ def _cuda(model):
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_flex_matches_eager_forward_and_gradients_on_cuda(name, compiled):
-    ref = _cuda(with_impl(tiny(max_seq_len=512, **CONFIGS[name]), "eager")).train()
-    flex = with_impl(copy.deepcopy(ref), "flex").train()
+    # the training plans, chosen on CUDA (FlexAttention has no CPU backward: select refuses it there)
+    ref = with_impl(_cuda(tiny(max_seq_len=512, **CONFIGS[name])), "eager", modes=("train",)).train()
+    flex = with_impl(copy.deepcopy(ref), "flex", modes=("train",)).train()
+    assert flex.transformer.plans["train"].kernel.name == "flex"
     if compiled:
         for block in flex.transformer.blocks:
             block.compile()
@@ -46,6 +48,8 @@ def test_bf16_autocast_flex_close_to_eager():
     model = _cuda(tiny(max_seq_len=512)).eval()
     x = tokens(2, 300).cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        ref = with_impl(model, "eager")(x).logits.float()
-        got = with_impl(model, "flex")(x).logits.float()
+        ref = with_impl(model, "eager", modes=("score",))(x).logits.float()
+        flex = with_impl(model, "flex", modes=("score",))
+        assert flex.transformer.plans["score"].kernel.name == "flex"
+        got = flex(x).logits.float()
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()

@@ -1,4 +1,5 @@
-"""cuDNN's ALiBi attention (smalto/model/cudnn_attention.py) against the eager reference, on CUDA.
+"""cuDNN's ALiBi attention (smalto/kernels/cudnn_attention.py) against the eager reference, on CUDA; and the
+training plans `select` makes with it.
 
 Needs the optional `cudnn` package (nvidia-cudnn-frontend): on the GPU box, `python3 -m pip install --no-deps
 .whl/nvidia_cudnn_frontend-*.whl` from a carried wheel. Without it these tests fail, they do not skip.
@@ -10,11 +11,14 @@ import pytest
 import torch
 
 from smalto.errors import ConfigError
-from smalto.model import cudnn_attention
+from smalto.kernels import apply, cudnn_attention, select
+from smalto.kernels.gelu import use_poly_gelu
 from smalto.model.attention import AttentionMask, alibi_slopes, eager_attention
-from tests.model.helpers import tiny, tokens, with_impl
+from tests.model.helpers import tiny, tokens
 
 pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +31,13 @@ def _qkv(B, H, K, T, D, seed=0):
     """The packed (B, T, (H + 2K)·D) projection, rows Q | K | V, as the model makes it."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     return torch.randn(B, T, (H + 2 * K) * D, device="cuda", generator=g).bfloat16().requires_grad_()
+
+
+def _train_plan(model, impl: str, batch: int, seq: int):
+    """Set `attn_impl` and apply the training plan `select` makes for a bf16-autocast step of (batch, seq)."""
+    model.config.attn_config.attn_impl = impl
+    plan = select(model.config, "train", device=CUDA, dtype=torch.bfloat16, batch=batch, seq=seq)
+    return apply(model, {"train": plan})
 
 
 @pytest.mark.parametrize(
@@ -71,7 +82,13 @@ def test_forward_and_gradients_match_eager(B, H, K, T, D, alibi):
 def test_training_step_cudnn_equals_flex_in_compiled_blocks(attn):
     """A bf16 training step through compiled blocks: cuDNN and FlexAttention give the same loss and gradients."""
     ref = tiny(max_seq_len=512, n_heads=4, d_model=128, attn_config=attn).cuda().train()
-    models = {"flex": with_impl(ref, "flex"), "cudnn": with_impl(copy.deepcopy(ref), "cudnn")}
+    use_poly_gelu(ref)  # as bf16 training builds the model (smalto/train/parallel.py)
+    models = {
+        "flex": _train_plan(ref, "flex", 2, 256),
+        "cudnn": _train_plan(copy.deepcopy(ref), "cudnn", 2, 256),
+    }
+    assert models["cudnn"].transformer.plans["train"].kernel.name == "cudnn"
+    assert models["flex"].transformer.plans["train"].kernel.name == "flex"
     x = tokens(2, 256).cuda()
     losses, grads = {}, {}
     for name, m in models.items():
@@ -88,8 +105,14 @@ def test_training_step_cudnn_equals_flex_in_compiled_blocks(attn):
 
 
 def test_auto_takes_cudnn_for_training_and_not_for_inference():
-    """`auto` sends a training forward through cuDNN's op (seen by the profiler), generation through the others."""
-    m = with_impl(tiny(max_seq_len=256, n_heads=4, d_model=128), "auto").cuda()
+    """`auto`'s plans send a training forward through cuDNN's op (seen by the profiler), inference through others."""
+    m = tiny(max_seq_len=256, n_heads=4, d_model=128).cuda()
+    m.config.attn_config.attn_impl = "auto"
+    shape = dict(device=CUDA, dtype=torch.bfloat16, batch=2, seq=64)
+    plans = {mode: select(m.config, mode, **shape) for mode in ("train", "score", "prefill")}
+    assert plans["train"].kernel.name == "cudnn" and plans["train"].fallback.name == "flex"
+    assert plans["score"].kernel.name == plans["prefill"].kernel.name == "sdpa"
+    apply(m, plans)
 
     def ops(train: bool) -> set[str]:
         m.train(train)
@@ -102,10 +125,28 @@ def test_auto_takes_cudnn_for_training_and_not_for_inference():
     assert "smalto::cudnn_attention_fwd" not in ops(False)
 
 
+def test_a_padded_batch_takes_the_fallback():
+    """cuDNN's kernel is plain causal from position 0: a training batch with padding runs the plan's FlexAttention
+    and still gives eager's loss."""
+    m = tiny(max_seq_len=256, n_heads=4, d_model=128).cuda().train()
+    ref = copy.deepcopy(m)
+    _train_plan(m, "auto", 2, 64)
+    x = tokens(2, 64).cuda()
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, :9] = False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.profiler.profile() as prof:
+            loss = m(x, attention_mask=mask, labels=x).loss
+        want = ref(x, attention_mask=mask, labels=x).loss  # the reference plan (eager: tiny's attn_impl)
+    assert "smalto::cudnn_attention_fwd" not in {e.name for e in prof.events()}
+    torch.testing.assert_close(loss.float(), want.float(), atol=2e-2, rtol=1e-2)
+
+
 def test_other_bias_max_is_refused_by_name():
-    m = with_impl(tiny(max_seq_len=256, attn_config={"alibi_bias_max": 4}), "cudnn").cuda().train()
-    with (
-        torch.autocast("cuda", dtype=torch.bfloat16),
-        pytest.raises(ConfigError, match="alibi_bias_max 8, not 4"),
-    ):
-        m(tokens(1, 32).cuda())
+    config = tiny(max_seq_len=256, attn_config={"alibi_bias_max": 4}).config
+    config.attn_config.attn_impl = "cudnn"
+    with pytest.raises(ConfigError, match="alibi_bias_max 8, not 4"):
+        select(config, "train", device=CUDA, dtype=torch.bfloat16, batch=1, seq=32)
+    config.attn_config.attn_impl = "auto"  # auto trains with FlexAttention instead, and says why
+    plan = select(config, "train", device=CUDA, dtype=torch.bfloat16, batch=1, seq=32)
+    assert plan.kernel.name == "flex" and "alibi_bias_max 8, not 4" in plan.reason

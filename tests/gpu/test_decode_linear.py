@@ -1,5 +1,6 @@
-"""The autotuned decode-linear kernel (smalto/model/decode_linear.py) equals a float32 matmul, and the model's
-inference on a few CUDA rows runs it while training does not (run on a GPU: `pytest -m gpu tests/gpu`)."""
+"""The autotuned decode-linear kernel (smalto/kernels/decode_linear.py) equals a float32 matmul, and the decode
+step's fused blocks (smalto/kernels/decode_block.py) run it on a few CUDA rows while training does not (run on a
+GPU: `pytest -m gpu tests/gpu`)."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from smalto.generate import generate
-from smalto.model import decode_linear
+from smalto.kernels import DecodeOptions, decode_linear
+from smalto.kernels.decode_block import FusedDecodeBlock, decode_blocks
 from smalto.model.layers import Activation
 from tests.model.helpers import tiny, tokens
 
@@ -55,7 +57,7 @@ def test_kernel_equals_a_float32_matmul(rows, N, K, dtype):
     "rows,norm,act,dtype",
     [(1, "layernorm", None, torch.bfloat16), (1, None, "gelu", torch.bfloat16), (1, "layernorm", "gelu", torch.float16),
      (1, "rmsnorm", "silu", torch.bfloat16), (16, None, "silu", torch.bfloat16), (3, None, "gelu_tanh", torch.float16),
-     (16, "layernorm", "gelu", torch.bfloat16), (5, "rmsnorm", None, torch.float16)],  # the few-row norm (NORM_ROWS)
+     (16, "layernorm", "gelu", torch.bfloat16), (5, "rmsnorm", None, torch.float16)],  # the few-row norm (norm_rows)
 )  # fmt: skip
 def test_fused_norm_activation_residual_equal_float32(rows, norm, act, dtype):
     N, K = 640, 1536
@@ -83,34 +85,57 @@ def test_only_inference_on_a_few_rows_uses_it():
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         assert decode_linear.supports(x, w)
+        assert not decode_linear.supports(x, w, max_rows=1)  # more rows than the options allow
         assert not decode_linear.supports(x.float(), w.float())  # float32: cuBLAS
         assert not decode_linear.supports(
             torch.randn(17, 64, device="cuda", dtype=torch.bfloat16), w
         )  # a prefill
         assert not decode_linear.supports(x.cpu(), w.cpu())
+        torch.testing.assert_close(  # F.linear where the kernel does not apply
+            decode_linear.linear_or_matmul(x, w, max_rows=0), F.linear(x, w)
+        )
     assert not decode_linear.supports(x, w.requires_grad_())  # training
 
 
-def test_bf16_generation_runs_the_kernel_and_matches_cublas(monkeypatch):
+def _decode_path(model, blocks, ids, max_rows: int):
+    """What the decoder's step computes over `blocks` (and its unembedding), for a forward without a cache."""
+    tr = model.transformer
+    x, inputs = tr.embed(ids)
+    for block in blocks:
+        x = block(x, inputs, None)
+    h = tr.norm_f(x)
+    return model.scale_logits(decode_linear.linear_or_matmul(h, model.unembedding, max_rows=max_rows))
+
+
+def test_bf16_generation_runs_the_kernel_and_matches_cublas():
     model = tiny(max_seq_len=256, d_model=128).cuda().to(torch.bfloat16)
     prompts = [tokens(1, 20)[0].tolist(), tokens(1, 7, seed=3)[0].tolist()]
-    kw = dict(max_new_tokens=16, temperature=0, ignore_eos=True)
+    kw = dict(max_new_tokens=16, temperature=0)  # no tokenizer: no EOS, every row runs to the end
+    cublas = DecodeOptions(linear_rows=0)
     ids = tokens(1, 9).cuda()
+    fused = decode_blocks(model, DecodeOptions())
+    assert all(isinstance(b, FusedDecodeBlock) for b in fused)
+    assert decode_blocks(model, cublas) == list(model.transformer.blocks)  # linear_rows 0: the plain blocks
     norms = []
     hooks = [b.norm_1.register_forward_hook(lambda *a: norms.append(1)) for b in model.transformer.blocks]
     with torch.inference_mode():
-        assert _ran_kernel(lambda: model(ids[:, :1]))  # one row: the kernel
+        assert _ran_kernel(lambda: _decode_path(model, fused, ids[:, :1], 16))  # one row: the kernel
         assert not norms  # norm_1 ran inside Wqkv's kernel
-        assert not _ran_kernel(lambda: model(torch.cat([ids, ids, ids])))  # 27 rows: cuBLAS
+        many = torch.cat([ids, ids, ids])
+        assert not _ran_kernel(lambda: _decode_path(model, fused, many, 16))  # 27 rows: cuBLAS
         assert norms  # and the norm as a module
-        fast = model(ids[:, :1]).logits.float()
-        monkeypatch.setattr(decode_linear, "MAX_ROWS", 0)
+        norms.clear()
+        assert not _ran_kernel(lambda: model(ids[:, :1]))  # the model itself: plain nn.Linear, cuBLAS
+        assert norms
+        fast = _decode_path(model, fused, ids[:, :1], 16).float()
         ref = model(ids[:, :1]).logits.float()
     torch.testing.assert_close(fast, ref, atol=3e-2, rtol=2e-2)
     for h in hooks:
         h.remove()
-    ref_tokens = generate(model, None, prompts, compile=True, **kw)  # cuBLAS (MAX_ROWS still 0)
-    monkeypatch.undo()
+    ref_tokens: list = []
+    assert not _ran_kernel(
+        lambda: ref_tokens.extend(generate(model, None, prompts, compile=True, options=cublas, **kw))
+    )  # cuBLAS
     fast_tokens: list = []
     assert _ran_kernel(lambda: fast_tokens.extend(generate(model, None, prompts, compile=True, **kw)))
     assert model.__dict__["_smalto_decoder"].compiled  # no fallback to the eager step
@@ -121,32 +146,3 @@ def test_bf16_generation_runs_the_kernel_and_matches_cublas(monkeypatch):
     ]
     assert len(pairs) == 2 * 16
     assert sum(a == b for a, b in pairs) >= 24  # bf16 greedy paths may part at a near tie; most tokens agree
-
-
-def test_a_captured_chain_with_programmatic_dependent_launch_equals_float32(monkeypatch):
-    """With PDL (opt-in, Hopper+) each launch in a CUDA graph may start before the one before it ends: a chain of
-    products, each reading the previous one's output (and adding it as the residual), must still see every input
-    complete."""
-    monkeypatch.setattr(decode_linear, "PDL", True)
-    assert torch.cuda.get_device_capability()[0] < 9 or decode_linear._pdl_capable(
-        torch.cuda.current_device()
-    )
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ws = [(torch.randn(512, 512, device="cuda", generator=g) / 512**0.5).bfloat16() for _ in range(8)]
-    x0 = torch.randn(1, 512, device="cuda", generator=g).bfloat16()
-
-    def chain(x):
-        for w in ws:
-            x = decode_linear.run(x, w, act="gelu", residual=x)
-        return x
-
-    with torch.inference_mode():
-        chain(x0)  # autotune outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(x0)
-        graph.replay()
-        ref = x0.float()
-        for w in ws:
-            ref = F.gelu(F.linear(ref.bfloat16().float(), w.float())) + ref.bfloat16().float()
-    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)

@@ -1,5 +1,6 @@
-"""The training GELU (smalto/model/gelu.py) on CUDA: compiled by inductor as training compiles it, against eager
-and against F.gelu, in the dtypes training uses it for; and inside compiled blocks under bf16 autocast."""
+"""The training GELU (smalto/kernels/gelu.py) on CUDA: compiled by inductor as training compiles it, against eager
+and against F.gelu, in the dtypes training uses it for; and inside compiled blocks under bf16 autocast, where
+`use_poly_gelu` puts it (the model's own activation is F.gelu)."""
 
 import copy
 
@@ -7,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smalto.model import gelu
-from smalto.model.layers import Activation
+from smalto.kernels import gelu
 from tests.model.helpers import tiny, tokens, with_impl
 
 pytestmark = pytest.mark.gpu
@@ -37,10 +37,10 @@ def test_compiled_blocks_under_autocast_take_it_and_match_f_gelu():
     base = tiny(max_seq_len=512).cuda().train()
     x = tokens(2, 256).cuda()
 
-    def grads(model, exact: bool):
-        if exact:
-            for block in model.transformer.blocks:
-                block.ffn.act = type("Exact", (Activation,), {"__call__": lambda self, h: F.gelu(h)})("gelu")
+    def grads(model, poly: bool):
+        if poly:  # as bf16 training builds the model (smalto/train/parallel.py); else the model's F.gelu
+            assert gelu.use_poly_gelu(model) == model.config.n_layers
+            assert all(isinstance(b.ffn.act, gelu.PolyGELU) for b in model.transformer.blocks)
         for block in model.transformer.blocks:
             block.compile()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -48,8 +48,8 @@ def test_compiled_blocks_under_autocast_take_it_and_match_f_gelu():
         torch._dynamo.reset()
         return {n: p.grad.float() for n, p in model.named_parameters()}
 
-    poly = grads(with_impl(copy.deepcopy(base), "flex"), exact=False)
-    exact = grads(with_impl(copy.deepcopy(base), "flex"), exact=True)
+    poly = grads(with_impl(copy.deepcopy(base), "flex", modes=("train",)), poly=True)
+    exact = grads(with_impl(copy.deepcopy(base), "flex", modes=("train",)), poly=False)
     for n in poly:
         # bf16 activations: the two differ by roundings, not by a wrong derivative (that showed as |Δ| ≈ |g|)
         err = (poly[n] - exact[n]).abs().max().item() / exact[n].abs().max().item()
