@@ -1,21 +1,20 @@
-"""MPT's exact (erf) GELU for training, with erf as a polynomial: cheaper kernels, the same function.
+"""MPT's exact (erf) GELU for bf16 training, with erf as a polynomial: cheaper kernels, the same function.
 
 `F.gelu`'s exact erf costs some 25 float32 instructions an element, so on an H200 its forward and backward kernels
-run well above the memory roofline (bench/kernel_probes.py gelu: 0.400 ms forward, 0.580 ms backward with the
-forward recomputed, on a (32768, 8192) bf16 activation, against 0.265 / 0.382 for the roofline). Abramowitz &
-Stegun 7.1.26 writes erf as one exp and a degree-5 polynomial in t = 1/(1 + p·|z|), |error| ≤ 1.5e-7 (a float32
-rounding near 1); the backward reuses the forward's exp(−x²/2) for the density. t is rsqrt(y²) and the exp an exp2:
-on CUDA one approximate instruction each (relative error about 1e-7), where `1 / y` and `exp` are precise
-instruction sequences, and at the clock a power-capped training step runs these kernels are bound by instructions
-(the GELU kernels 18% faster alone; |erf error| in float32 7.3e-7 against 5.7e-7). On bf16 activations about 0.005%
-of outputs differ from F.gelu's, by one bf16 rounding (and in the far lower tail, where F.gelu's 1 + erf cancels and
-this form does not), and an MPT-1B training step is 1.3% faster on an H200 (docs/benchmarks.md).
+run well above the memory roofline (bench/kernel_probes.py gelu). Abramowitz & Stegun 7.1.26 writes erf as one exp
+and a degree-5 polynomial in t = 1/(1 + p·|z|), |error| ≤ 1.5e-7 (a float32 rounding near 1); the backward reuses
+the forward's exp(−x²/2) for the density. t is rsqrt(y²) and the exp an exp2: on CUDA one approximate instruction
+each, where `1 / y` and `exp` are precise instruction sequences, and at the clock a power-capped training step runs
+these kernels are bound by instructions. On bf16 activations a few outputs in 10⁵ differ from F.gelu's, by one bf16
+rounding (and in the far lower tail, where F.gelu's 1 + erf cancels and this form does not); the MPT-1B training
+step is faster with it (docs/benchmarks.md).
 
 Training with bf16 replaces the MLPs' exact GELU by `PolyGELU` (`use_poly_gelu`, applied from outside like every
-fast path), which calls `gelu(x)` on bf16/fp16 activations when autograd will take a backward through them. Inference keeps F.gelu, so generation and evaluation match transformers' MPT bit
-for bit, and so does float32 (CPU training): there the polynomial saves nothing, and on torch 2.11 inductor's CUDA
-code for this function's float32 backward computes wrong gradients (eager and the bf16/fp16 code are right;
-tests/gpu/test_gelu.py checks those compiled against eager and F.gelu).
+fast path), which calls `gelu(x)` on bf16/fp16 activations when autograd will take a backward through them.
+Inference keeps F.gelu, so generation and evaluation match transformers' MPT bit for bit, and so does float32 (CPU
+training): there the polynomial saves nothing, and inductor's CUDA code for this function's float32 backward
+computes wrong gradients on torch 2.11 (eager and the bf16/fp16 code are right; tests/gpu/test_gelu.py checks those
+compiled against eager and F.gelu).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ not by the learning rate itself (so `weight_decay` is a per-step fraction at the
 p·(1 − lr·wd)). It works on lists of tensors with `torch._foreach_*` (a few kernels per step). Every operation is
 elementwise, so under FSDP2 it steps each rank's local shards of parameters, gradients and momentum (DTensors with
 the same placements) as plain tensors: no sharding rules needed (torch 2.11's DTensor has none for the out-of-place
-`_foreach_lerp`, which stopped every multi-GPU run before the ninth session), no collective.
+`_foreach_lerp`), no collective.
 
 It steps CHUNK_ELEMENTS at a time: the sign(β1·m + (1−β1)·g) it computes needs a temporary as large as its
 tensors, which for all of MPT-7B's float32 parameters at once would be 26.6 GB on top of the weights, gradients and
