@@ -100,7 +100,7 @@ def run(shape: str, impl: str, args) -> dict:
     row = {"shape": shape, "impl": impl, "micro_batch": mb, "seq": seq, "compile": args.compile}
     try:
         model = build(shape, impl, seq, args.vocab, device, mb).train()
-        if impl != "hf":
+        if isinstance(model, MPTForCausalLM):
             row["attention"] = model.transformer.plans["train"].name
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         d, _, n = SHAPES[shape]
@@ -142,7 +142,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="125m,1b")
     p.add_argument(
-        "--impls", default="flex,sdpa,eager,hf", help="attn_impl values (also cudnn, auto), and hf: transformers"
+        "--impls",
+        default="flex,sdpa,eager,hf",
+        help="attn_impl values (also cudnn, auto), and hf: transformers",
     )
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=50432)
@@ -166,7 +168,17 @@ def main() -> None:
     table = Table(
         title=f"training step, bf16, seq {args.seq}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
     )
-    for col in ("shape", "impl", "attention", "micro-batch", "step ms", "tokens/s", "MFU", "peak GB", "vs hf"):
+    for col in (
+        "shape",
+        "impl",
+        "attention",
+        "micro-batch",
+        "step ms",
+        "tokens/s",
+        "MFU",
+        "peak GB",
+        "vs hf",
+    ):
         table.add_column(col, justify="right")
     hf = {r["shape"]: r.get("tokens_per_s") for r in rows if r["impl"] == "hf"}
     for r in rows:

@@ -305,5 +305,6 @@ def main() -> None:
     else:
         probes[what]()
 
+
 if __name__ == "__main__":
     main()
