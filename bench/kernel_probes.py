@@ -154,7 +154,7 @@ def _gelu_poly(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_poly_precise(x: torch.Tensor) -> torch.Tensor:
-    """The ninth session's form: 1/y as a division and exp as exp, both precise instruction sequences on CUDA."""
+    """The precise form: 1/y as a division and exp as exp, both precise instruction sequences on CUDA."""
     xf = x.float()
     z = xf * smalto_gelu.SQRT_HALF
     a = z.abs()
