@@ -78,9 +78,13 @@ def _locate(path: str | Path) -> tuple[str, Path]:
     from smalto.train.checkpoint import find_checkpoint
 
     ckpt = find_checkpoint(p) if p.is_dir() else None
-    if ckpt is None:
-        raise CheckpointError(f"{path} is not a model folder smalto can read; pass {FORMATS}")
-    return "checkpoint", ckpt
+    if ckpt is not None:
+        return "checkpoint", ckpt
+    if p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
+        raise CheckpointError(
+            f"{path} holds weights but no config.json; add the config.json they were saved with"
+        )
+    raise CheckpointError(f"{path} is not a model folder smalto can read; pass {FORMATS}")
 
 
 def _stored_config(kind: str, folder: Path) -> MPTConfig:
