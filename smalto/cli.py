@@ -294,7 +294,7 @@ def generate_cmd(
     import time
 
     from smalto.generate import generate
-    from smalto.hf import load_model_and_tokenizer
+    from smalto.load import load_model_and_tokenizer
 
     lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
     one = len(prompts) == 1
@@ -358,7 +358,7 @@ def chat(
 ) -> None:
     """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
     from smalto.chat import ChatSession
-    from smalto.hf import load_model_and_tokenizer
+    from smalto.load import load_model_and_tokenizer
 
     lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
     session = ChatSession(
@@ -414,7 +414,7 @@ def convert(
     import json
     from pathlib import Path
 
-    from smalto.hf import convert as convert_checkpoint
+    from smalto.convert import convert as convert_checkpoint
 
     out = convert_checkpoint(src, dst, dtype=dtype, shard_size=shard_size, safe_serialization=not bin)
     cfg = json.loads((Path(out) / "config.json").read_text())

@@ -8,10 +8,11 @@ import pytest
 import torch
 import transformers
 
+import smalto
 from smalto.chat import ChatSession
 from smalto.errors import UserError
 from smalto.generate import generate, iter_generate
-from smalto.hf import load_pretrained, save_pretrained
+from smalto.hf import save_pretrained
 from smalto.model.cache import KVCache
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
@@ -96,7 +97,7 @@ def test_greedy_equals_transformers_greedy(tmp_path: Path) -> None:
         ref = hf.generate(
             torch.tensor([prompt]), max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, len(prompt) :].tolist()
-        (ours,) = generate(load_pretrained(tmp_path / "m"), None, [prompt], max_new_tokens=15, temperature=0)
+        (ours,) = generate(smalto.load(tmp_path / "m"), None, [prompt], max_new_tokens=15, temperature=0)
         assert ours.token_ids == ref
 
 
@@ -192,7 +193,7 @@ def test_past_max_seq_len_refused_then_allowed_when_raised(tmp_path: Path) -> No
     with pytest.raises(UserError, match=r"exceeds max_seq_len \(16\).*larger max_seq_len"):
         generate(model, None, [prompt], max_new_tokens=10, temperature=0)
     save_pretrained(model, tmp_path / "m")
-    longer = load_pretrained(tmp_path / "m", max_seq_len=64)
+    longer = smalto.load(tmp_path / "m", max_seq_len=64)
     (out,) = generate(longer, None, [prompt], max_new_tokens=30, temperature=0)
     assert len(out.token_ids) == 30  # 40 tokens in a model trained for 16
     seq = torch.tensor([prompt + out.token_ids])

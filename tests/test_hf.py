@@ -13,8 +13,9 @@ import pytest
 import torch
 import transformers
 
+import smalto
 from smalto.errors import CheckpointError, ConfigError
-from smalto.hf import load_pretrained, native_incompatibilities, save_pretrained
+from smalto.hf import native_incompatibilities, save_pretrained
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from tests.model.helpers import MPT_7B_CONFIG_JSON
@@ -104,7 +105,7 @@ def test_native_roundtrip_matches_transformers(tmp_path: Path) -> None:
     assert type(native).__name__ == "MptForCausalLM"
     x = ids()
     torch.testing.assert_close(native(x).logits, model(x).logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(load_pretrained(tmp_path / "m")(x).logits, model(x).logits, atol=0, rtol=0)
+    torch.testing.assert_close(smalto.load(tmp_path / "m")(x).logits, model(x).logits, atol=0, rtol=0)
 
 
 @torch.no_grad()
@@ -124,7 +125,7 @@ def test_transformers_save_loads_in_smalto(tmp_path: Path, safe: bool) -> None:
         for p in ref.parameters():
             p.normal_(0, 0.2)
     ref.save_pretrained(tmp_path / "hf", safe_serialization=safe)
-    model = load_pretrained(tmp_path / "hf")
+    model = smalto.load(tmp_path / "hf")
     x = ids()
     torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=0)
 
@@ -158,7 +159,7 @@ def test_hub_layout_bin_shards_legacy_keys(tmp_path: Path) -> None:
     (folder / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
-    loaded = load_pretrained(folder)
+    loaded = smalto.load(folder)
     assert loaded.config.attn_config.attn_impl == "auto" and loaded.config.attn_config.alibi
     x = ids()
     torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-5, rtol=0)
@@ -178,11 +179,11 @@ def test_composer_prefix_and_tied_lm_head(tmp_path: Path) -> None:
     state["model.lm_head.weight"] = model.transformer.wte.weight.clone()  # transformers writes the tied head
     save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
     x = ids()
-    torch.testing.assert_close(load_pretrained(tmp_path / "m")(x).logits, model(x).logits, atol=0, rtol=0)
+    torch.testing.assert_close(smalto.load(tmp_path / "m")(x).logits, model(x).logits, atol=0, rtol=0)
     state["model.lm_head.weight"] = state["model.lm_head.weight"] + 1
     save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"lm_head\.weight differs"):
-        load_pretrained(tmp_path / "m")
+        smalto.load(tmp_path / "m")
 
 
 @torch.no_grad()
@@ -196,12 +197,12 @@ def test_sharded_save_dtype_and_overrides(tmp_path: Path, safe: bool) -> None:
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and all((tmp_path / "m" / f).is_file() for f in files)
     assert set(index["weight_map"]) == set(model.state_dict())
-    loaded = load_pretrained(tmp_path / "m", attn_impl="torch", max_seq_len=64)
+    loaded = smalto.load(tmp_path / "m", attn_impl="torch", max_seq_len=64)
     assert loaded.dtype == torch.bfloat16 and loaded.config.max_seq_len == 64
     assert loaded.config.attn_config.attn_impl == "auto"
     for name, p in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p.to(torch.bfloat16)), name
-    assert load_pretrained(tmp_path / "m", dtype="fp32").dtype == torch.float32
+    assert smalto.load(tmp_path / "m", dtype="fp32").dtype == torch.float32
 
 
 def test_resave_replaces_weights_keeps_other_files(tmp_path: Path) -> None:
@@ -260,7 +261,7 @@ def test_bad_folders_refused(tmp_path: Path, case: str, message: str) -> None:
         save_pretrained(model, folder, shard_size="20KB")
         (folder / f"model-00002-of-{len(list(folder.glob('model-*'))):05d}.safetensors").unlink()
     with pytest.raises((CheckpointError, ConfigError), match=message):
-        load_pretrained(folder)
+        smalto.load(folder)
 
 
 def test_native_incompatibilities_named() -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from smalto import load
 from smalto.generate import generate
-from smalto.hf import load_pretrained, save_pretrained
+from smalto.hf import save_pretrained
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from smalto.tokenizer import load_tokenizer
@@ -43,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, neox_tokenizer_dir: Path
 
 def test_generate_prints_the_greedy_completion(model_dir: Path) -> None:
     tok = load_tokenizer(model_dir)
-    (ref,) = generate(load_pretrained(model_dir), tok, ["Hello world"], max_new_tokens=8, temperature=0)
+    (ref,) = generate(load(model_dir), tok, ["Hello world"], max_new_tokens=8, temperature=0)
     r = smalto(
         "generate",
         str(model_dir),
@@ -89,7 +90,7 @@ def test_convert_casts_and_shards(model_dir: Path, tmp_path: Path) -> None:
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert (tmp_path / "out" / "tokenizer.json").is_file()
-    a, b = load_pretrained(model_dir), load_pretrained(tmp_path / "out")
+    a, b = load(model_dir), load(tmp_path / "out")
     assert b.dtype == torch.bfloat16
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p.to(torch.bfloat16), q), name

@@ -89,3 +89,30 @@ def test_the_import_graph_has_no_circles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+HF_DIR = MODEL_DIR.parent / "hf"
+HF_FORBIDDEN = ("smalto.train", "smalto.load", "smalto.cli", "smalto.eval")
+
+
+def _imported(tree: ast.AST, package: str) -> list[str]:
+    """Every module or name an import statement names, absolute (`from smalto import load` → smalto.load)."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = (
+                ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+            )
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names += [module, *(f"{module}.{a.name}" for a in node.names)]
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(HF_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_hf_imports_no_training_loading_or_cli(path):
+    """smalto.hf reads and writes HF folders; `smalto.load` and the trainer build on it, never the reverse."""
+    for name in _imported(ast.parse(path.read_text()), "smalto.hf"):
+        assert not any(name == f or name.startswith(f + ".") for f in HF_FORBIDDEN), (
+            f"{path.name} imports {name}"
+        )

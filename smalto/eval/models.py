@@ -68,6 +68,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    model: Any
     if model_type in (
         "mpt",
         "smalto_mpt",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from smalto.errors import CheckpointError, ConfigError
-from smalto.model.config import LEGACY_ATTN_IMPLS, MPTConfig
+from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 
 MODEL_TYPES = ("mpt", "smalto_mpt")
@@ -163,32 +163,23 @@ def load_pretrained(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    attn_impl: str | None = None,
-    max_seq_len: int | None = None,
-    **config_overrides: Any,
+    config: MPTConfig | None = None,
 ) -> MPTForCausalLM:
-    """Load an HF MPT folder as an `MPTForCausalLM` in eval mode.
+    """Load an HF MPT folder as an `MPTForCausalLM` in eval mode (`smalto.load` reads HF folders with it).
 
     dtype: None/'auto' keeps the checkpoint's `torch_dtype` (float32 when the config names none).
-    device: where the weights land (default cpu). attn_impl / max_seq_len / config_overrides change the config
-    before the model is built (e.g. a longer max_seq_len for an ALiBi model).
+    device: where the weights land (default cpu).
+    config: the config to build instead of the folder's config.json: `smalto.load` passes it with the caller's
+    overrides applied (e.g. a longer max_seq_len for an ALiBi model); its tensors must have the folder's shapes.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(
             f"{path} is not a folder; pass a Hugging Face model folder (config.json + weights)"
         )
-    config, raw = read_config(folder)
-    changes: dict[str, Any] = dict(config_overrides)
-    if attn_impl is not None:
-        changes["attn_config"] = {
-            **changes.get("attn_config", {}),
-            "attn_impl": LEGACY_ATTN_IMPLS.get(attn_impl, attn_impl),
-        }
-    if max_seq_len is not None:
-        changes["max_seq_len"] = max_seq_len
-    if changes:
-        config = config.replace(**changes)
+    stored, raw = read_config(folder)
+    if config is None:
+        config = stored
     target = parse_dtype(dtype) or parse_dtype(raw.get("torch_dtype") or raw.get("dtype")) or torch.float32
     dev = parse_device(device) if device is not None else torch.device("cpu")
     files = weight_files(folder)

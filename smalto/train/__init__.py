@@ -4,7 +4,7 @@
     optim.py       DecoupledLionW (llm-foundry's LION), AdamW, warmup + cosine/linear/constant/inverse-sqrt
     setup.py       recipe → Trainer (model, optimizer, data streams, checkpoints, logger), autoresume
     loop.py        train(), train_step(), evaluate(), finish()
-    checkpoint.py  DCP checkpoints (atomic, `latest`, keep K, any world size), HF export, loading for inference
+    checkpoint.py  DCP checkpoints (atomic, `latest`, keep K, any world size), HF export (`smalto.load` reads them)
     guard.py       NaN / loss-spike guard
     metrics.py     JSONL / TensorBoard / W&B, progress bar, MFU, summary
 Submodules are imported explicitly so `smalto --help` stays free of torch.

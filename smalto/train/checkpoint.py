@@ -7,6 +7,7 @@ A checkpoint folder `FOLDER/step_00001000/` holds
 It is written under a temporary name and renamed when complete, then `FOLDER/latest` (a one-line text file
 naming the folder) is replaced atomically, and all but the newest `keep_last` are deleted. A crash mid-save leaves
 the previous checkpoint and pointer untouched. The folder must be shared by all ranks (one node, or a shared FS).
+`smalto.load` reads a checkpoint (or a run folder: `find_checkpoint`) back for inference, with overrides.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from smalto.errors import CheckpointError
+from smalto.hf import load_pretrained, save_pretrained
 from smalto.model.mpt import MPTForCausalLM
 from smalto.train.parallel import World, full_state_dict
 
@@ -164,8 +166,6 @@ def load_weights(path: str, model: torch.nn.Module, world: World) -> None:
         raise CheckpointError(f"checkpoint.load_from = {path}: neither a smalto checkpoint nor an HF folder")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from smalto.hf import load_pretrained
-
     hf = load_pretrained(str(p), device="cpu")
     set_model_state_dict(model, hf.state_dict(), options=StateDictOptions(full_state_dict=True))
 
@@ -174,7 +174,6 @@ def export_hf(
     model: torch.nn.Module, path: str | Path, world: World, *, tokenizer: str | None = None
 ) -> MPTForCausalLM | None:
     """Gather the full weights on rank 0 and write an HF folder; returns the plain model there (None elsewhere)."""
-
     sd = full_state_dict(model)  # a collective: every rank takes part
     if not world.is_main:
         return None
@@ -182,10 +181,6 @@ def export_hf(
     plain = MPTForCausalLM(config, device="meta")
     plain.load_state_dict(sd, assign=True)
     plain.eval()
-    try:
-        from smalto.hf import save_pretrained
-    except ImportError:
-        raise CheckpointError("the HF export needs smalto.hf (not installed in this checkout)") from None
     save_pretrained(plain, str(path), tokenizer=tokenizer)
     return plain
 
@@ -199,23 +194,3 @@ def find_checkpoint(path: str | Path) -> Path | None:
         if (folder / LATEST).is_file():
             return folder / (folder / LATEST).read_text().strip()
     return None
-
-
-def load_training_checkpoint(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> MPTForCausalLM:
-    """A training checkpoint's weights as a plain `MPTForCausalLM` in eval mode (one process, any saved world size)."""
-    from smalto.model.config import MPTConfig
-
-    p = find_checkpoint(path)
-    if p is None or not (p / MODEL).is_file():
-        raise CheckpointError(f"{path} is not a smalto training checkpoint (no {MODEL} / {LATEST} found)")
-    model = MPTForCausalLM(MPTConfig.from_dict(json.loads((p / MODEL).read_text())), device="meta")
-    model.to_empty(device=device)
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
-        dcp.load(state, checkpoint_id=str(p))
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()

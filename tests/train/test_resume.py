@@ -31,11 +31,11 @@ def last_logged_step(run: Path) -> int:
 
 
 @torch.no_grad()
-def fixed_batch_loss(path: Path, load=None) -> float:
-    """Next-token cross-entropy of a fixed (seeded) batch under the model loaded from `path`."""
-    from smalto.train.checkpoint import load_training_checkpoint
+def fixed_batch_loss(path: Path) -> float:
+    """Next-token cross-entropy of a fixed (seeded) batch under the model `smalto.load` reads from `path`."""
+    import smalto
 
-    model = (load or load_training_checkpoint)(path)
+    model = smalto.load(path)
     ids = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
     logits = model(ids).logits.float()
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
@@ -74,12 +74,11 @@ def test_two_processes_match_one_and_resume_with_other_world_size(reference, tin
     torch.testing.assert_close(losses(tmp_path / "run"), ref, rtol=1e-4, atol=1e-5)
     assert checkpoint_step(tmp_path / "run") == last_logged_step(tmp_path / "run") == 8
 
-    from smalto.hf import load_pretrained
-    from smalto.train.checkpoint import load_training_checkpoint
+    import smalto
 
     # the final checkpoint holds exactly the weights exported to HF at the same step
-    ckpt = load_training_checkpoint(tmp_path / "run").state_dict()
-    hf = load_pretrained(tmp_path / "hf").state_dict()
+    ckpt = smalto.load(tmp_path / "run").state_dict()
+    hf = smalto.load(tmp_path / "hf").state_dict()
     assert ckpt.keys() == hf.keys()
     for k in ckpt:
         assert torch.equal(ckpt[k], hf[k]), k
@@ -97,7 +96,8 @@ def test_gradients_reduced_once_per_step_give_the_same_losses(reference, tiny_da
 def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     import yaml
 
-    from smalto.train.checkpoint import find_checkpoint, load_training_checkpoint
+    import smalto
+    from smalto.train.checkpoint import find_checkpoint
 
     rec = recipe(tiny_data, tmp_path / "run", train={"max_duration": "100000ba"})
     path = tmp_path / "r.yaml"
@@ -124,14 +124,14 @@ def test_sigterm_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
     # into an HF folder that computes the same loss
     loss = fixed_batch_loss(ckpt)
     assert math.isfinite(loss) and loss == fixed_batch_loss(ckpt)
-    from smalto.hf import convert, load_pretrained
+    from smalto.convert import convert
 
     out = convert(tmp_path / "run", tmp_path / "hf")
     assert (out / "tokenizer.json").read_bytes() == (
         Path(tiny_data["tokenizer"]) / "tokenizer.json"
     ).read_bytes()
-    assert fixed_batch_loss(out, load=load_pretrained) == loss
-    assert load_training_checkpoint(ckpt).config.n_layers == 2
+    assert fixed_batch_loss(out) == loss
+    assert smalto.load(ckpt).config.n_layers == 2
 
 
 def test_plot_draws_the_run(reference, tmp_path):

@@ -1,0 +1,243 @@
+"""`smalto.load`: the one way a command (or a user) gets a model, from every format smalto reads.
+
+    load                      path + overrides → MPTForCausalLM in eval mode
+    find_tokenizer            the tokenizer that goes with a model path (its own files, or a training run's)
+    load_model_and_tokenizer  what `smalto generate` / `chat` need: both, or a message saying what is missing
+Import what you need from here with `from smalto.load import ...`: `smalto.load` itself is the function.
+torch and transformers are imported inside the functions, so `import smalto` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smalto.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from smalto.model.config import MPTConfig
+    from smalto.model.mpt import MPTForCausalLM
+
+FORMATS = (
+    "an HF model folder (config.json + weights), a training run folder, "
+    "its checkpoints/ folder or one step_* folder"
+)
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    max_seq_len: int | None = None,
+    attn_impl: str | None = None,
+    **config_overrides: Any,
+) -> MPTForCausalLM:
+    """Load a model as an `MPTForCausalLM` in eval mode.
+
+    path, one of:
+      - an HF folder: config.json (model_type `mpt` or `smalto_mpt`) with model.safetensors or pytorch_model.bin,
+        single or sharded with its *.index.json (`smalto.hf.load_pretrained` reads it);
+      - a smalto training run folder (its latest checkpoint), its `checkpoints/` folder (the one `latest` names),
+        or one `step_*` checkpoint folder (DCP shards of any world size + model.json).
+    Overrides, honoured for every format:
+      dtype: 'bf16' / 'bfloat16', 'fp16' / 'float16', 'fp32' / 'float32', a torch.dtype, or None / 'auto' to keep
+        the stored one (an HF folder's torch_dtype; float32 for a training checkpoint).
+      device: 'cpu' (None), 'cuda', 'cuda:N', 'mps', or 'auto' (cuda when available).
+      max_seq_len, attn_impl, and any other `MPTConfig` field as a keyword (nested ones as a dict, e.g.
+        attn_config={"clip_qkv": 6.0}): applied to the stored config before the model is built. They may change
+        how the model computes (a longer context for ALiBi / RoPE, the attention kernel), not its tensors' shapes.
+    Raises a ConfigError for a bad dtype, device or override (an unknown key names it) and a CheckpointError for a
+    path that is no model or weights that do not fit, before reading any weights where it can.
+    """
+    import torch
+
+    from smalto.hf.load import parse_device, parse_dtype
+
+    target = parse_dtype(dtype)
+    dev = parse_device(device) if device is not None else torch.device("cpu")
+    kind, folder = _locate(path)
+    stored = _stored_config(kind, folder)
+    config = _override(stored, path, max_seq_len=max_seq_len, attn_impl=attn_impl, overrides=config_overrides)
+    if kind == "hf":
+        from smalto.hf.load import load_pretrained
+
+        return load_pretrained(folder, dtype=target, device=dev, config=config)
+    return _load_checkpoint(folder, config, dev, target)
+
+
+def _locate(path: str | Path) -> tuple[str, Path]:
+    """('hf', the folder) or ('checkpoint', the step folder a run / checkpoints/ / step_* path means)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path} does not exist; pass {FORMATS}")
+    if (p / "config.json").is_file():
+        return "hf", p
+    from smalto.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(p) if p.is_dir() else None
+    if ckpt is not None:
+        return "checkpoint", ckpt
+    if p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
+        raise CheckpointError(
+            f"{path} holds weights but no config.json; add the config.json they were saved with"
+        )
+    raise CheckpointError(f"{path} is not a model folder smalto can read; pass {FORMATS}")
+
+
+def _stored_config(kind: str, folder: Path) -> MPTConfig:
+    if kind == "hf":
+        from smalto.hf.load import read_config
+
+        return read_config(folder)[0]
+    import json
+
+    from smalto.model.config import MPTConfig
+    from smalto.train.checkpoint import MODEL
+
+    file = folder / MODEL
+    if not file.is_file():
+        raise CheckpointError(
+            f"{folder} is not a complete smalto training checkpoint (no {MODEL}); pass another step_* folder"
+        )
+    try:
+        return MPTConfig.from_dict(json.loads(file.read_text()))
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{file} is not a model config smalto can read ({e})") from None
+
+
+def _override(
+    config: MPTConfig,
+    source: str | Path,
+    *,
+    max_seq_len: int | None,
+    attn_impl: str | None,
+    overrides: dict[str, Any],
+) -> MPTConfig:
+    """The stored config with the caller's overrides applied; refuses unknown keys and shape changes."""
+    changes = dict(overrides)
+    if attn_impl is not None:
+        from smalto.model.config import LEGACY_ATTN_IMPLS
+
+        nested = changes.get("attn_config") or {}
+        changes["attn_config"] = {**nested, "attn_impl": LEGACY_ATTN_IMPLS.get(attn_impl, attn_impl)}
+    if max_seq_len is not None:
+        changes["max_seq_len"] = max_seq_len
+    if not changes:
+        return config
+    names = ", ".join(sorted(changes))
+    try:
+        new = config.replace(**changes)
+    except ConfigError as e:
+        raise ConfigError(f"cannot load {source} with the override(s) {names}: {e}") from None
+    except TypeError as e:  # a nested config given as something other than a dict
+        raise ConfigError(f"cannot load {source} with the override(s) {names}: {e}") from None
+    from smalto.model.mpt import MPTForCausalLM
+
+    before = {n: tuple(p.shape) for n, p in MPTForCausalLM(config, device="meta").named_parameters()}
+    after = {n: tuple(p.shape) for n, p in MPTForCausalLM(new, device="meta").named_parameters()}
+    changed = [
+        f"{n} {before.get(n)} → {after.get(n)}" for n in {**before, **after} if before.get(n) != after.get(n)
+    ]
+    if changed:
+        raise ConfigError(
+            f"the override(s) {names} change the shape of {source}'s tensors ({'; '.join(changed[:4])}), so its "
+            "weights do not fit; overrides may change how the model computes (e.g. max_seq_len for ALiBi / RoPE "
+            "models, attn_impl), not its size (learned positions have one row per position)"
+        )
+    return new
+
+
+def _load_checkpoint(
+    folder: Path, config: MPTConfig, device: torch.device, dtype: torch.dtype | None
+) -> MPTForCausalLM:
+    """A DCP training checkpoint (any saved world size) read in one process into a plain model."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from smalto.model.mpt import MPTForCausalLM
+
+    model = MPTForCausalLM(config, device="meta")
+    model.to_empty(device=device)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+        except Exception as e:  # DCP wraps missing or truncated shards in its own exception types
+            raise CheckpointError(f"cannot read the weights of {folder} ({e})") from None
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    from smalto.hf.save import TOKENIZER_FILES
+
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def find_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer that goes with a model path: its own tokenizer files, else, for a training run (the run folder,
+    its checkpoints/ or a step_* folder), the `tokenizer:` recorded in the run's config.yaml or RUN/tokenizer."""
+    p = Path(path)
+    if _has_tokenizer(p):
+        return p
+    from smalto.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(p) if p.is_dir() else None
+    if ckpt is None:
+        return None
+    # step_* → checkpoints/ → the run folder, which holds the resolved recipe
+    run = next((f for f in (ckpt, ckpt.parent, ckpt.parent.parent) if (f / "config.yaml").is_file()), None)
+    candidates: list[Path] = []
+    if run is not None:
+        from smalto.config import read_yaml
+
+        try:
+            recorded = read_yaml((run / "config.yaml").read_text()) or {}
+        except Exception:  # an unreadable config.yaml only costs the fallback
+            recorded = {}
+        tok, run_dir = recorded.get("tokenizer"), recorded.get("run_dir")
+        if isinstance(tok, str) and tok:
+            candidates.append(Path(tok))  # absolute, or relative to where training ran (usually here)
+            parts = (
+                Path(run_dir).parts if isinstance(run_dir, str) and not Path(run_dir).is_absolute() else ()
+            )
+            here = run.resolve()
+            if parts and not Path(tok).is_absolute() and here.parts[-len(parts) :] == parts:
+                candidates.append(here.parents[len(parts) - 1] / tok)  # where training ran, if moved since
+        candidates.append(run / "tokenizer")
+    for c in candidates:
+        if (c.is_file() and c.suffix == ".json") or (c.is_dir() and _has_tokenizer(c)):
+            return c
+    return None
+
+
+def load_model_and_tokenizer(
+    model_path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    max_seq_len: int | None = None,
+) -> tuple[MPTForCausalLM, Any]:
+    """What `smalto generate` / `chat` need: the model (`load`; on `device`, default cuda when available) and its
+    tokenizer (from `tokenizer_path`, else the model folder, else a training run's recorded tokenizer)."""
+    from smalto.hf.load import parse_device, parse_dtype
+    from smalto.tokenizer import load_tokenizer
+
+    parse_dtype(dtype)  # refuse a bad --dtype / --device before reading anything
+    dev = parse_device(device)
+    _locate(model_path)  # says why a path is no model, before asking for a tokenizer
+    tok_src = Path(tokenizer_path) if tokenizer_path else find_tokenizer(model_path)
+    if tok_src is None:
+        raise CheckpointError(
+            f"{model_path} holds no tokenizer files (and records no training tokenizer); "
+            "pass --tokenizer (a folder or tokenizer.json)"
+        )
+    model = load(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
+    return model, load_tokenizer(tok_src)
