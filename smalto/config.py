@@ -190,7 +190,8 @@ class TrainConfig:
     eval_split: str = "val"
     """Split folder of each data source used for evaluation (skipped with a warning when absent)."""
     peak_tflops: float | None = None
-    """Peak bf16 TFLOP/s of one device for MFU; default 989 (H100/H200) on CUDA, none on CPU."""
+    """Peak dense bf16 TFLOP/s of one device for MFU; default: looked up by GPU name
+    (`smalto.train.metrics.PEAK_BF16_TFLOPS`, e.g. 989 for H100/H200), none on CPU or an unknown GPU (warned)."""
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts to continue with the trained model at the end (printed)."""
     sample_tokens: int = 64

@@ -24,7 +24,7 @@ from smalto.errors import ConfigError
 from smalto.model.mpt import MPTForCausalLM
 from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.guard import LossGuard
-from smalto.train.metrics import RunLogger, write_run_info
+from smalto.train.metrics import RunLogger, peak_tflops, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
 from smalto.train.weight_cast import StepWeightCast, step_weight_cast
@@ -162,7 +162,7 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         else nullcontext(),
         flops_per_token=cfg.model.flops_per_token(seq),
         logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
-        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
+        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else peak_tflops(world.device),
         weight_cast=step_weight_cast(model, tc.weight_cast, bf16=bf16, world_size=world.world_size),
     )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
