@@ -7,6 +7,7 @@ A `UserError` raised anywhere below ends the program with its message and exit s
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -21,6 +22,33 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+# Sampling options of `generate` and `chat`, declared once; each command sets its own defaults in its signature.
+MaxNewTokens = Annotated[
+    int,
+    typer.Option(
+        "--max-new-tokens", "-n", help="Tokens to generate per completion (chat: per answer) at most."
+    ),
+]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]
+TopK = Annotated[
+    int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 or unset = off).")
+]
+TopP = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p", help="Keep the smallest set of tokens whose probability reaches p (1 or unset = off)."
+    ),
+]
+MinP = Annotated[
+    float | None, typer.Option("--min-p", help="Drop tokens less likely than min_p × the top token.")
+]
+RepetitionPenalty = Annotated[
+    float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens.")
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
+Stop = Annotated[list[str], typer.Option("--stop", help="End a completion at this string (repeatable).")]
 
 
 def _version(value: bool) -> None:
@@ -267,20 +295,14 @@ def generate_cmd(
         "-t",
         help="Tokenizer folder or tokenizer.json (default: the model folder, or a run's own tokenizer).",
     ),
-    max_new_tokens: int = typer.Option(
-        128, "--max-new-tokens", "-n", help="Tokens to generate per prompt at most."
-    ),
-    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 or unset = off)."),
-    top_p: float = typer.Option(
-        None, "--top-p", help="Keep the smallest set of tokens whose probability reaches p."
-    ),
-    min_p: float = typer.Option(None, "--min-p", help="Drop tokens less likely than min_p × the top token."),
-    repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."
-    ),
-    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
-    stop: list[str] = typer.Option([], "--stop", help="End a completion at this string (repeatable)."),
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = [],  # noqa: B006 (typer passes a new list)
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
     ),
@@ -341,15 +363,13 @@ def chat(
         help="Tokenizer folder or tokenizer.json (default: the model folder, or a run's own tokenizer).",
     ),
     system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per answer at most."),
-    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 or unset = off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
-    min_p: float = typer.Option(None, "--min-p", help="Drop tokens less likely than min_p × the top token."),
-    repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."
-    ),
-    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    max_new_tokens: MaxNewTokens = 512,
+    temperature: Temperature = 0.7,
+    top_k: TopK = None,
+    top_p: TopP = 0.95,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
     ),

@@ -23,16 +23,11 @@ from typing import Any
 
 import yaml
 
-from smalto.errors import ConfigError
+from smalto.errors import ConfigError, check_choice, check_keys
 from smalto.model.config import MPTConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur)\s*$", re.IGNORECASE)
-
-
-def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
 def _build(cls: type, d: Any, where: str) -> Any:
@@ -41,10 +36,7 @@ def _build(cls: type, d: Any, where: str) -> Any:
         d = {}
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {d!r}")
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in allowed:
-            raise ConfigError(f"unknown key {where}.{key}; allowed keys: {', '.join(allowed)}")
+    check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     for key, value in d.items():
         _check_type(f"{where}.{key}", value, types[key])
@@ -131,7 +123,7 @@ class OptimizerConfig:
     """AdamW only."""
 
     def __post_init__(self) -> None:
-        _choice("optimizer.name", self.name, ("lion", "adamw"))
+        check_choice("optimizer.name", self.name, ("lion", "adamw"))
         if not self.lr > 0:
             raise ConfigError(f"optimizer.lr = {self.lr} must be positive")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -151,7 +143,7 @@ class SchedulerConfig:
     """Where the decay reaches alpha_f; the whole run by default."""
 
     def __post_init__(self) -> None:
-        _choice("scheduler.name", self.name, ("cosine", "linear", "constant", "inverse_sqrt"))
+        check_choice("scheduler.name", self.name, ("cosine", "linear", "constant", "inverse_sqrt"))
         parse_duration(self.warmup, "scheduler.warmup")
         parse_duration(self.t_max, "scheduler.t_max")
         if not 0.0 <= self.alpha_f <= 1.0:
@@ -198,7 +190,8 @@ class TrainConfig:
     eval_split: str = "val"
     """Split folder of each data source used for evaluation (skipped with a warning when absent)."""
     peak_tflops: float | None = None
-    """Peak bf16 TFLOP/s of one device for MFU; default 989 (H100/H200) on CUDA, none on CPU."""
+    """Peak dense bf16 TFLOP/s of one device for MFU; default: looked up by GPU name
+    (`smalto.train.metrics.PEAK_BF16_TFLOPS`, e.g. 989 for H100/H200), none on CPU or an unknown GPU (warned)."""
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts to continue with the trained model at the end (printed)."""
     sample_tokens: int = 64
@@ -206,9 +199,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         parse_duration(self.max_duration, "train.max_duration")
         parse_duration(self.eval_interval, "train.eval_interval")
-        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
-        _choice("train.grad_sync", self.grad_sync, ("micro_batch", "step"))
-        _choice("train.weight_cast", self.weight_cast, ("step", "micro_batch"))
+        check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        check_choice("train.grad_sync", self.grad_sync, ("micro_batch", "step"))
+        check_choice("train.weight_cast", self.weight_cast, ("step", "micro_batch"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda"
@@ -282,8 +275,8 @@ class GuardConfig:
     """Spikes are only judged once this many steps are in the window."""
 
     def __post_init__(self) -> None:
-        _choice("guard.nan", self.nan, ("stop", "skip"))
-        _choice("guard.spike", self.spike, ("stop", "skip", "off"))
+        check_choice("guard.nan", self.nan, ("stop", "skip"))
+        check_choice("guard.spike", self.spike, ("stop", "skip", "off"))
         if self.spike_ratio <= 1.0:
             raise ConfigError(f"guard.spike_ratio = {self.spike_ratio} must be greater than 1")
         if self.window < 1 or self.patience < 1 or self.min_history < 1:
@@ -317,10 +310,7 @@ class RunConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
         d = dict(d)
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in allowed:
-                raise ConfigError(f"unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+        check_keys("", d, [f.name for f in dataclasses.fields(cls)])
         name = str(d.get("name", "run"))
         run_dir = str(d.get("run_dir", "runs/{name}")).format(name=name)
         model = MPTConfig.from_dict(d.get("model") or {})
@@ -345,7 +335,7 @@ class RunConfig:
         tok = d.get("tokenizer")
         prepare = d.get("prepare")
         if prepare is not None:
-            _choice("prepare", prepare, ("stdlib",))
+            check_choice("prepare", prepare, ("stdlib",))
         cfg = cls(
             name=name,
             run_dir=run_dir,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from smalto.hf import save_pretrained
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def smalto(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, neox_tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
-    cfg = MPTConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=50432, max_seq_len=32, no_bias=True)
+    cfg = tiny_config(d_model=32, n_heads=2, n_layers=1, vocab_size=50432, no_bias=True)
     return save_pretrained(
         MPTForCausalLM(cfg), tmp_path_factory.mktemp("err") / "tiny", tokenizer=neox_tokenizer_dir
     )

@@ -14,35 +14,24 @@ from smalto.errors import UserError
 from smalto.generate import generate, iter_generate
 from smalto.hf import save_pretrained
 from smalto.model.cache import KVCache
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, filter_logits, sample
 from smalto.tokenizer import load_tokenizer
+from tests.helpers import tiny_config
 
-ALIBI = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    vocab_size=256,
-    max_seq_len=48,
-    no_bias=True,
-    attn_config={"alibi": True},
-)
+# overrides of tests.helpers.tiny_config (64 wide, 4 heads, 2 layers, vocab 256)
+ALIBI = dict(max_seq_len=48, no_bias=True, attn_config={"alibi": True})
 ROPE_GQA = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    vocab_size=256,
     max_seq_len=48,
     attn_config={"rope": True, "kv_n_heads": 2, "qk_ln": True},
     ffn_config={"ffn_type": "mptglu"},
 )
-LEARNED_POS = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=48, learned_pos_emb=True)
+LEARNED_POS = dict(max_seq_len=48, learned_pos_emb=True)
 
 
 def make_model(spec: dict, peaky: bool = True, **overrides) -> MPTForCausalLM:
     torch.manual_seed(0)
-    model = MPTForCausalLM(MPTConfig.from_dict({**spec, **overrides})).eval()
+    model = MPTForCausalLM(tiny_config(**{**spec, **overrides})).eval()
     if peaky:  # larger weights make the logits peaky, so greedy near-ties cannot flip a comparison
         with torch.no_grad():
             model.transformer.wte.weight.mul_(8)

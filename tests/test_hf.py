@@ -16,27 +16,18 @@ import transformers
 import smalto
 from smalto.errors import CheckpointError, ConfigError
 from smalto.hf import native_incompatibilities, save_pretrained
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.helpers import tiny_config
 from tests.model.helpers import MPT_7B_CONFIG_JSON
 
+# overrides of tests.helpers.tiny_config (64 wide, 4 heads, 2 layers, vocab 256, 32 positions)
 NATIVE = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    vocab_size=256,
-    max_seq_len=32,
     no_bias=True,
     norm_type="low_precision_layernorm",
     attn_config={"alibi": True, "clip_qkv": 6.0},
 )
 # everything transformers' native class cannot compute, in one model
 EXOTIC = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    vocab_size=256,
-    max_seq_len=32,
     no_bias=False,
     norm_type="rmsnorm",
     tie_word_embeddings=False,
@@ -55,22 +46,12 @@ EXOTIC = dict(
 VARIANTS = {
     "exotic": EXOTIC,
     "learned_pos_qk_gn": dict(
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        vocab_size=256,
-        max_seq_len=32,
         learned_pos_emb=True,
         attn_config={"qk_gn": True},
         norm_type="layernorm",
         logit_scale="inv_sqrt_d_model",
     ),
     "mqa_alibi_bias4": dict(
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        vocab_size=256,
-        max_seq_len=32,
         no_bias=True,
         attn_config={"alibi": True, "alibi_bias_max": 4, "kv_n_heads": 1},
     ),
@@ -79,7 +60,7 @@ VARIANTS = {
 
 def make_model(spec: dict, seed: int = 0) -> MPTForCausalLM:
     torch.manual_seed(seed)
-    model = MPTForCausalLM(MPTConfig.from_dict(spec)).eval()
+    model = MPTForCausalLM(tiny_config(**spec)).eval()
     with torch.no_grad():  # random norm weights/biases so a swapped or ignored tensor shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name or "_ln" in name or name.endswith("bias"):
@@ -265,7 +246,7 @@ def test_bad_folders_refused(tmp_path: Path, case: str, message: str) -> None:
 
 
 def test_native_incompatibilities_named() -> None:
-    why = native_incompatibilities(MPTConfig.from_dict(EXOTIC))
+    why = native_incompatibilities(tiny_config(**EXOTIC))
     for word in (
         "alibi is off",
         "rope",

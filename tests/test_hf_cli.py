@@ -13,9 +13,9 @@ import torch
 from smalto import load
 from smalto.generate import generate
 from smalto.hf import save_pretrained
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from smalto.tokenizer import load_tokenizer
+from tests.helpers import tiny_config
 
 
 def smalto(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -27,15 +27,7 @@ def smalto(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, neox_tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
-    cfg = MPTConfig(
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        vocab_size=50432,
-        max_seq_len=64,
-        no_bias=True,
-        attn_config={"alibi": True},
-    )
+    cfg = tiny_config(vocab_size=50432, max_seq_len=64, no_bias=True, attn_config={"alibi": True})
     model = MPTForCausalLM(cfg)
     with torch.no_grad():
         model.transformer.wte.weight.mul_(8)

@@ -34,7 +34,14 @@ def test_model_imports_stay_single_device(path):
 
 
 PACKAGE = MODEL_DIR.parent
-REFERENCE_MODEL_FORBIDDEN = ("smalto.kernels", "smalto.hf", "smalto.load", "smalto.generate", "triton", "cudnn")
+REFERENCE_MODEL_FORBIDDEN = (
+    "smalto.kernels",
+    "smalto.hf",
+    "smalto.load",
+    "smalto.generate",
+    "triton",
+    "cudnn",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -89,6 +96,7 @@ def test_the_import_graph_has_no_circles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
 
 HF_DIR = MODEL_DIR.parent / "hf"
 HF_FORBIDDEN = ("smalto.train", "smalto.load", "smalto.cli", "smalto.eval")

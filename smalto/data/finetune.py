@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from smalto.data.sources import ErrorPolicy
-from smalto.errors import ConfigError, DataError
+from smalto.errors import ConfigError, DataError, check_choice, check_keys
 
 ROLES = ("system", "user", "assistant", "tool")
 _MAX_OPEN_ROWS = 64  # first-fit looks at this many partly filled rows; keeps packing linear in time
@@ -48,10 +48,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "data") -> FinetuneConfig:
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in allowed:
-                raise ConfigError(f"unknown key {where}.{key}; allowed keys: {', '.join(allowed)}")
+        check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
         return cls(**d)
 
     def __post_init__(self) -> None:
@@ -61,8 +58,7 @@ class FinetuneConfig:
             ("too_long", ("drop", "error")),
             ("on_error", ("raise", "skip")),
         ):
-            if getattr(self, key) not in options:
-                raise ConfigError(f"{key} must be one of {', '.join(options)}, got {getattr(self, key)!r}")
+            check_choice(key, getattr(self, key), options)
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
 

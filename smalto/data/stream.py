@@ -48,14 +48,7 @@ import torch
 
 from smalto.data.dataset import MDSDataset, join, parse_bytes, read_metadata, read_text
 from smalto.data.plan import epoch_counts, epoch_order
-from smalto.errors import ConfigError, DataError
-
-
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in allowed:
-            raise ConfigError(f"unknown key {where}.{key}; allowed keys: {', '.join(allowed)}")
+from smalto.errors import ConfigError, DataError, check_keys
 
 
 @dataclass(kw_only=True)
@@ -74,7 +67,7 @@ class SourceConfig:
     def from_dict(cls, d: dict[str, Any], where: str = "data.sources[]") -> SourceConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where} must be a mapping with at least a path, got {d!r}")
-        _check_keys(cls, d, where)
+        check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
         if "path" not in d:
             raise ConfigError(f"{where} needs a path")
         return cls(**d)
@@ -101,7 +94,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "data") -> DataConfig:
-        _check_keys(cls, d, where)
+        check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
         d = dict(d)
         sources = d.pop("sources", None)
         if not sources or not isinstance(sources, list):

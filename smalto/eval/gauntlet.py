@@ -20,22 +20,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from smalto.errors import ConfigError
+from smalto.errors import ConfigError, check_choice, check_keys
 
-_KEYS = {"weighting", "subtract_random_baseline", "rescale_accuracy", "averages", "categories"}
+_KEYS = ("averages", "categories", "rescale_accuracy", "subtract_random_baseline", "weighting")
 _WEIGHTINGS = ("EQUAL", "SAMPLE_SZ", "LOG_SAMPLE_SZ")
 
 
 def _check(g: dict[str, Any]) -> None:
-    extra = set(g) - _KEYS
-    if extra:
-        raise ConfigError(
-            f"unknown key {sorted(extra)[0]!r} in eval_gauntlet; allowed keys: {', '.join(sorted(_KEYS))}"
-        )
-    if g.get("weighting", "EQUAL") not in _WEIGHTINGS:
-        raise ConfigError(
-            f"eval_gauntlet.weighting = {g['weighting']!r}; choose one of: {', '.join(_WEIGHTINGS)}"
-        )
+    check_keys("eval_gauntlet", g, _KEYS)
+    check_choice("eval_gauntlet.weighting", g.get("weighting", "EQUAL"), _WEIGHTINGS)
     for c in g.get("categories", []):
         for b in c.get("benchmarks", []):
             for key in ("name", "num_fewshot", "random_baseline"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from smalto.errors import ConfigError, DataError
+from smalto.errors import ConfigError, DataError, check_keys
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "language_modeling": ("context", "continuation"),
@@ -85,15 +85,10 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "task") -> TaskConfig:
-        allowed = [f.name for f in dataclasses.fields(cls)]
         d = dict(d)
         if "prelimiter" in d:  # the dataset classes' name for question_prelimiter
             d.setdefault("question_prelimiter", d.pop("prelimiter"))
-        for key in d:
-            if key not in allowed:
-                raise ConfigError(
-                    f"unknown key {key!r} in {where}; allowed keys: {', '.join(sorted(allowed))}"
-                )
+        check_keys(where, d, sorted(f.name for f in dataclasses.fields(cls)))
         for key in ("label", "dataset_uri", "icl_task_type"):
             if key not in d:
                 raise ConfigError(f"{where} lacks the required key {key!r}")
@@ -151,11 +146,7 @@ def load_yaml(path: str | Path) -> Suite:
 def _suite_from_doc(doc: Any, where: str) -> Suite:
     if not isinstance(doc, dict) or "icl_tasks" not in doc:
         raise ConfigError(f"{where} has no `icl_tasks:` list")
-    extra = set(doc) - {"icl_tasks", "eval_gauntlet"}
-    if extra:
-        raise ConfigError(
-            f"unknown key {sorted(extra)[0]!r} in {where}; allowed keys: eval_gauntlet, icl_tasks"
-        )
+    check_keys("", doc, ("eval_gauntlet", "icl_tasks"))
     known: dict[str, TaskConfig] | None = None
     tasks = []
     for i, t in enumerate(doc["icl_tasks"]):

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from smalto.errors import ConfigError
+from smalto.errors import ConfigError, check_choice, check_keys
 
 NORM_TYPES = ("layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm")
 ATTN_IMPLS = ("auto", "flex", "cudnn", "sdpa", "eager")
@@ -87,17 +87,6 @@ HF_METADATA_KEYS = frozenset(
         "generation_config",
     }
 )
-
-
-def _unknown(where: str, given: dict[str, Any], allowed: tuple[str, ...] | list[str]) -> None:
-    extra = sorted(set(given) - set(allowed))
-    if extra:
-        raise ConfigError(f"unknown key {where}.{extra[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 @dataclass(kw_only=True)
@@ -266,8 +255,7 @@ class MPTConfig:
                     f"config.json has model_type {d['model_type']!r}; smalto loads MPT models (model_type 'mpt')"
                 )
             d = _map_hf_keys(d)
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        _unknown("model", d, allowed)
+        check_keys("model", d, sorted(f.name for f in dataclasses.fields(cls)))
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,16 +287,18 @@ class MPTConfig:
             raise ConfigError(
                 f"attn_config.kv_n_heads ({a.kv_n_heads}) must be a positive divisor of n_heads ({self.n_heads})"
             )
-        _choice("norm_type", self.norm_type, NORM_TYPES)
-        _choice("attn_config.attn_impl", a.attn_impl, ATTN_IMPLS)
-        _choice("ffn_config.ffn_type", self.ffn_config.ffn_type, FFN_TYPES)
-        _choice("init_config.name", self.init_config.name, INIT_NAMES)
-        _choice("init_config.fan_mode", self.init_config.fan_mode, FAN_MODES)
+        check_choice("norm_type", self.norm_type, NORM_TYPES)
+        check_choice("attn_config.attn_impl", a.attn_impl, ATTN_IMPLS)
+        check_choice("ffn_config.ffn_type", self.ffn_config.ffn_type, FFN_TYPES)
+        check_choice("init_config.name", self.init_config.name, INIT_NAMES)
+        check_choice("init_config.fan_mode", self.init_config.fan_mode, FAN_MODES)
         act = self.ffn_config.ffn_act_fn
         if act is not None:
-            _unknown("ffn_config.ffn_act_fn", act, ("name", "approximate"))
-            _choice("ffn_config.ffn_act_fn.name", act.get("name"), FFN_ACTS)
-            _choice("ffn_config.ffn_act_fn.approximate", act.get("approximate", "none"), ("none", "tanh"))
+            check_keys("ffn_config.ffn_act_fn", act, ("approximate", "name"))
+            check_choice("ffn_config.ffn_act_fn.name", act.get("name"), FFN_ACTS)
+            check_choice(
+                "ffn_config.ffn_act_fn.approximate", act.get("approximate", "none"), ("none", "tanh")
+            )
         if a.alibi and a.rope:
             raise ConfigError(
                 "attn_config.alibi and attn_config.rope are both true; pick one position scheme"
@@ -350,8 +340,7 @@ def _nested_from_dict(name: str, cls: type, d: dict[str, Any]) -> Any:
     d = dict(d)
     if cls is AttnConfig:
         d = _map_legacy_attn(d)
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    _unknown(name, d, allowed)
+    check_keys(name, d, sorted(f.name for f in dataclasses.fields(cls)))
     return cls(**d)
 
 
@@ -366,7 +355,7 @@ def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
         d["attn_impl"] = LEGACY_ATTN_IMPLS[d["attn_impl"]]
     attn_type = d.pop("attn_type", None)
     if attn_type is not None:
-        _choice("attn_config.attn_type", attn_type, ATTN_TYPES)
+        check_choice("attn_config.attn_type", attn_type, ATTN_TYPES)
         if attn_type == "multihead_attention":
             d["kv_n_heads"] = None
         elif attn_type == "multiquery_attention":

@@ -8,6 +8,7 @@ flops_per_token = 6·N + 12·n_layers·d_model·seq (`MPTConfig.flops_per_token`
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -172,6 +173,49 @@ def mfu(
     if not peak_tflops:
         return None
     return tokens_per_s * flops_per_token / world_size / (peak_tflops * 1e12)
+
+
+# Dense bf16 tensor-core TFLOP/s (fp32 accumulate, no 2:4 sparsity) by a substring of torch.cuda.get_device_name(),
+# first match wins, so a name that contains another (GH200 ⊃ H200, L40S ⊃ L4, A100 ⊃ A10) comes before it.
+# Datasheets that print only the sparse figure ("1,979*") are halved.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2500.0),  # GB200 NVL72 datasheet: FP16/BF16 360 PFLOPS sparse / 72 GPUs / 2
+    ("B200", 2250.0),  # HGX B200 datasheet: FP16/BF16 36 PFLOPS sparse / 8 GPUs / 2
+    ("GH200", 989.0),  # GH200 Grace Hopper datasheet: BF16 1,979 TFLOPS sparse / 2
+    ("H200 NVL", 835.0),  # H200 datasheet, NVL column: BF16 1,671 TFLOPS sparse / 2
+    ("H200", 989.0),  # H200 datasheet, SXM column: BF16 1,979 TFLOPS sparse / 2
+    ("H100 NVL", 835.0),  # H100 datasheet, NVL column: BF16 1,671 TFLOPS sparse / 2
+    ("H100 PCIe", 756.0),  # H100 datasheet, PCIe column: BF16 1,513 TFLOPS sparse / 2
+    ("H100", 989.0),  # H100 datasheet, SXM column ("NVIDIA H100 80GB HBM3"): BF16 1,979 TFLOPS sparse / 2
+    ("A100", 312.0),  # A100 datasheet: BF16 312 | 624 sparse (SXM and PCIe alike)
+    ("A10G", 70.0),  # AWS's A10G, no NVIDIA datasheet: 80 SMs at 1.71 GHz, half-rate fp32 accumulate (GA102)
+    ("A10", 125.0),  # A10 datasheet: BF16 125 | 250 sparse
+    ("L40S", 362.0),  # L40S datasheet: BF16 362.05 | 733 sparse
+    ("L40", 181.0),  # L40 datasheet: BF16 181.05 | 362.1 sparse
+    ("L4", 121.0),  # L4 datasheet: BF16 242 TFLOPS sparse / 2
+    ("RTX 4090", 165.0),  # Ada whitepaper, appendix: BF16 tensor, FP32 accumulate, 165.2 | 330.4 sparse
+)
+
+
+def peak_tflops(device: torch.device, name: str | None = None) -> float | None:
+    """Peak dense bf16 TFLOP/s of one `device` for MFU, looked up by its name (`name` overrides
+    `torch.cuda.get_device_name`); None on CPU, and None with a warning for a GPU not in `PEAK_BF16_TFLOPS`."""
+    if device.type != "cuda":
+        return None
+    return _peak_by_name(name if name is not None else torch.cuda.get_device_name(device))
+
+
+@functools.cache
+def _peak_by_name(name: str) -> float | None:  # cached: one warning per GPU name
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops
+    warnings.warn(
+        f"no peak bf16 TFLOP/s known for {name!r}, so no MFU is reported; set train.peak_tflops to its "
+        "dense bf16 figure",
+        stacklevel=3,
+    )
+    return None
 
 
 def write_run_info(cfg: RunConfig, world_size: int, device: torch.device) -> None:

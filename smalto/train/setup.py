@@ -27,7 +27,7 @@ from smalto.model.attention import AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
 from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.guard import LossGuard
-from smalto.train.metrics import RunLogger, write_run_info
+from smalto.train.metrics import RunLogger, peak_tflops, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
 from smalto.train.weight_cast import StepWeightCast, uses_step_cast
@@ -193,7 +193,7 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
         else nullcontext(),
         flops_per_token=cfg.model.flops_per_token(seq),
         logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
-        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else (989.0 if on_cuda else None),
+        peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else peak_tflops(world.device),
         weight_cast=StepWeightCast(model, torch.bfloat16) if step_cast else None,
         attention=attention,
     )

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.helpers import tiny_config
 
 VOCAB = 50432
 
@@ -27,7 +27,7 @@ def data_root(shared_dir: Path) -> Path:
 
 def tiny_mpt(max_seq_len: int = 128, seed: int = 0) -> MPTForCausalLM:
     torch.manual_seed(seed)
-    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=max_seq_len, vocab_size=VOCAB)
+    cfg = tiny_config(max_seq_len=max_seq_len, vocab_size=VOCAB)
     return MPTForCausalLM(cfg).eval()
 
 

@@ -96,7 +96,9 @@ def test_task_yaml_rejects_unknown_keys_and_types(tmp_path):
     f.write_text(
         "icl_tasks:\n- {label: x, dataset_uri: a.jsonl, icl_task_type: multiple_choice, num_fewshots: [1]}\n"
     )
-    with pytest.raises(ConfigError, match=r"unknown key 'num_fewshots' .* allowed keys: .*num_fewshot"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key .*icl_tasks\[0\]\.num_fewshots; allowed keys: .*num_fewshot"
+    ):
         load_yaml(f)
     f.write_text("icl_tasks:\n- {label: x, dataset_uri: a.jsonl, icl_task_type: code_evaluation}\n")
     with pytest.raises(ConfigError, match="code_evaluation"):

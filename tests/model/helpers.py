@@ -1,7 +1,7 @@
 import torch
 
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.helpers import tiny_config
 
 VOCAB = 128
 
@@ -60,10 +60,7 @@ MPT_7B_CONFIG_JSON = {
 
 def tiny(seed: int = 0, **overrides) -> MPTForCausalLM:
     """A 2-layer, d_model-64 MPT in float32 with the given config overrides."""
-    base = {
-        "d_model": 64,
-        "n_heads": 4,
-        "n_layers": 2,
+    base: dict = {
         "max_seq_len": 64,
         "vocab_size": VOCAB,
         "no_bias": True,
@@ -71,11 +68,11 @@ def tiny(seed: int = 0, **overrides) -> MPTForCausalLM:
     }
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}  # type: ignore[dict-item]
+            base[k] = {**base[k], **v}
         else:
             base[k] = v
     torch.manual_seed(seed)
-    model = MPTForCausalLM(MPTConfig.from_dict(base))
+    model = MPTForCausalLM(tiny_config(**base))
     # break the symmetry of init (norm weights 1, zero biases) so every parameter matters in comparisons
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -5,18 +5,11 @@ import math
 import pytest
 import torch
 
-from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from tests.helpers import tiny_config
 
-CFG = {
-    "d_model": 128,
-    "n_heads": 4,
-    "n_layers": 4,
-    "max_seq_len": 32,
-    "vocab_size": 512,
-    "no_bias": True,
-    "attn_config": {"alibi": True},
-}
+# wider and deeper than the tiny default, so the weights' standard deviations are measured on enough samples
+CFG = {"d_model": 128, "n_layers": 4, "vocab_size": 512, "no_bias": True, "attn_config": {"alibi": True}}
 
 
 def _stds(model):
@@ -24,7 +17,7 @@ def _stds(model):
 
 
 def test_kaiming_normal_fan_in_with_residual_division():
-    model = MPTForCausalLM(MPTConfig.from_dict(CFG))
+    model = MPTForCausalLM(tiny_config(**CFG))
     blk = model.transformer.blocks[0]
     gain = math.sqrt(2)  # relu, a=0
     assert blk.ffn.up_proj.weight.std().item() == pytest.approx(gain / math.sqrt(128), rel=0.05)
@@ -40,7 +33,7 @@ def test_kaiming_normal_fan_in_with_residual_division():
 
 def test_small_init_and_emb_std():
     cfg = {**CFG, "init_config": {"name": "small_init_", "emb_init_std": 0.5, "init_div_is_residual": False}}
-    model = MPTForCausalLM(MPTConfig.from_dict(cfg))
+    model = MPTForCausalLM(tiny_config(**cfg))
     std = math.sqrt(2 / (5 * 128))
     assert model.transformer.blocks[1].attn.Wqkv.weight.std().item() == pytest.approx(std, rel=0.05)
     assert model.transformer.blocks[1].attn.out_proj.weight.std().item() == pytest.approx(std, rel=0.05)
@@ -48,14 +41,14 @@ def test_small_init_and_emb_std():
 
 
 def test_meta_build_then_materialise_matches_cpu_init():
-    cfg = MPTConfig.from_dict({**CFG, "init_device": "meta"})
+    cfg = tiny_config(**CFG, init_device="meta")
     meta = MPTForCausalLM(cfg)
     assert all(p.is_meta for p in meta.parameters())
     meta.to_empty(device="cpu")
     torch.manual_seed(0)
     meta.init_weights()
     torch.manual_seed(0)
-    cpu = MPTForCausalLM(MPTConfig.from_dict(CFG))
+    cpu = MPTForCausalLM(tiny_config(**CFG))
     a, b = _stds(meta), _stds(cpu)
     assert a.keys() == b.keys()
     for name in a:

@@ -13,20 +13,12 @@ import pytest
 import yaml
 
 from smalto.demo import stdlib_files, train_tokenizer
-from smalto.model.config import MPTConfig
+from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 # a tiny MPT for in-process tests of the trainer's model (3 layers: every-2nd-block checkpointing wraps 2)
-TINY_MODEL = MPTConfig(
-    d_model=64,
-    n_heads=4,
-    n_layers=3,
-    max_seq_len=32,
-    vocab_size=256,
-    no_bias=True,
-    attn_config={"alibi": True, "attn_impl": "eager"},
-)
+TINY_MODEL = tiny_config(n_layers=3, no_bias=True, attn_config={"alibi": True, "attn_impl": "eager"})
 
 
 @pytest.fixture(scope="session")
