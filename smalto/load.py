@@ -35,7 +35,8 @@ def load(
     attn_impl: str | None = None,
     **config_overrides: Any,
 ) -> MPTForCausalLM:
-    """Load a model as an `MPTForCausalLM` in eval mode.
+    """Load a model as an `MPTForCausalLM` in eval mode, with the attention plans for scoring and prefill that its
+    `attn_impl` selects (smalto.kernels; a decoder chooses its decode plan itself).
 
     path, one of:
       - an HF folder: config.json (model_type `mpt` or `smalto_mpt`) with model.safetensors or pytorch_model.bin,
@@ -64,8 +65,12 @@ def load(
     if kind == "hf":
         from smalto.hf.load import load_pretrained
 
-        return load_pretrained(folder, dtype=target, device=dev, config=config)
-    return _load_checkpoint(folder, config, dev, target)
+        model = load_pretrained(folder, dtype=target, device=dev, config=config)
+    else:
+        model = _load_checkpoint(folder, config, dev, target)
+    from smalto.kernels import apply_inference
+
+    return apply_inference(model)  # the scoring and prefill attention plans its config asks for
 
 
 def _locate(path: str | Path) -> tuple[str, Path]:
