@@ -8,8 +8,7 @@ from typing import Any
 
 from smalto.errors import UserError
 from smalto.load import load  # rebinds `smalto.load` (the submodule) to the function
-
-__version__ = "0.1.0"
+from smalto.version import __version__
 
 __all__ = ["UserError", "__version__", "load", "save"]
 

@@ -2,6 +2,7 @@
 
 Heavy imports (torch, transformers) stay inside the commands so `smalto --help` is instant.
 A `UserError` raised anywhere below ends the program with its message and exit status 2, without a traceback.
+Why one file of this size: one thin function per command, whose typer signature is its documented `--help`.
 """
 
 from __future__ import annotations

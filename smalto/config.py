@@ -10,6 +10,9 @@ also "0.1dur" (a fraction of the whole run). Paths may contain `{run_dir}`.
     data: {...}               # smalto.data.stream.DataConfig (sources, shuffle, ...)
     tokenizer: path           # saved next to the HF export; used for samples
     optimizer / scheduler / train / checkpoint / logging / guard: see the classes below
+
+Why one file of this size: every section of a recipe is a small dataclass whose field docstrings are the user's
+reference, and the cross-checks between sections (batch sizes, durations, paths) need all of them in one place.
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ def load_model(
         "mpt",
         "smalto_mpt",
     ):  # smalto_mpt: an MPT with options transformers' MptForCausalLM lacks
-        import smalto
+        from smalto.load import load
 
-        model = smalto.load(str(p), dtype=dt, device=dev)
+        model = load(str(p), dtype=dt, device=dev)
     else:
         import transformers
         from transformers import AutoModelForCausalLM

@@ -108,7 +108,7 @@ def hf_config_dict(
     config: MPTConfig, dtype: torch.dtype, *, token_ids: dict[str, int | None] | None = None
 ) -> dict:
     """The config.json for `config` (see the module docstring for model_type / auto_map)."""
-    from smalto import __version__
+    from smalto.version import __version__
 
     why_not = native_incompatibilities(config)
     native = not why_not

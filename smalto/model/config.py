@@ -5,6 +5,9 @@ field by field. The nested `attn_config`, `ffn_config` and `init_config` are dat
 Validation lives in one place (`MPTConfig.__post_init__`) and raises `ConfigError` naming the key, the value and
 what is allowed. Legacy values found in hub checkpoints (`attn_impl: torch|flash|triton`, `attn_type`, `prefix_lm`,
 `verbose`, ...) are accepted and mapped, never silently ignored when they would change the computation.
+
+Why one file of this size: it is the whole published MPT surface plus the LLaMA-style options, one documented
+field each, with the one validation step that relates them.
 """
 
 from __future__ import annotations

@@ -224,13 +224,13 @@ def write_run_info(cfg: RunConfig, world_size: int, device: torch.device) -> Non
 
     import yaml
 
-    import smalto
+    from smalto.version import __version__
 
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     info = {
-        "smalto": smalto.__version__,
+        "smalto": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "world_size": world_size,
