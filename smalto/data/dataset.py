@@ -4,6 +4,10 @@ Local uncompressed shards are memory-mapped where they lie. Remote shards, and c
 lazily on first use into a cache folder (downloads go to a temporary name and are renamed, so concurrent
 workers never see half a file), verified against the index's hashes, decompressed, and evicted
 least-recently-used when the cache grows past its limit.
+
+Safety. A dataset may come from a stranger: the index's file names are plain names (checked by `parse_index`, and
+every joined path is checked to stay in its folder), and each shard is bounds-checked whenever it is opened and
+hashed against the index the first time this process opens it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from smalto.data.mds import INDEX, Shard, decompress, parse_index, verify_hashes
+from smalto.data.mds import INDEX, Shard, check_basename, decompress, parse_index, verify_hashes
 from smalto.errors import ConfigError, DataError
 
 _OPEN_SHARDS = 64  # memory maps kept open per dataset (file descriptors are finite)
@@ -68,6 +72,16 @@ def _fs(url: str) -> tuple[Any, str]:
     return fs, p
 
 
+def inside(folder: Path, name: str, where: str) -> Path:
+    """`folder / name`, refused unless it is a file directly in `folder` (names are checked by `parse_index`
+    already; this keeps every joined path honest on its own)."""
+    check_basename(name, where)
+    path = folder / name
+    if os.path.normpath(path.parent) != os.path.normpath(folder):
+        raise DataError(f"{where} {name!r} leaves the folder {folder}")
+    return path
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SMALTO_CACHE", Path.home() / ".cache" / "smalto" / "shards"))
 
@@ -99,6 +113,7 @@ class MDSDataset:
         self.cache_limit = cache_limit
         self.verify = verify
         self._open: OrderedDict[int, Shard] = OrderedDict()
+        self._verified: set[int] = set()  # shards whose hashes this process has checked
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -119,22 +134,25 @@ class MDSDataset:
             self._open.move_to_end(s)
             return shard
         entry = self.entries[s]
-        shard = Shard(self._local_raw(entry), entry)
+        path = self._local_raw(s, entry)
+        shard = Shard(path, entry, verify=self.verify and s not in self._verified)
+        self._verified.add(s)
         self._open[s] = shard
         if len(self._open) > _OPEN_SHARDS:
             self._open.popitem(last=False)
         return shard
 
-    def _local_raw(self, entry: dict[str, Any]) -> Path:
-        """A local path to the uncompressed shard, fetching and decompressing into the cache if needed."""
+    def _local_raw(self, s: int, entry: dict[str, Any]) -> Path:
+        """A local path to the uncompressed shard `s`, fetching and decompressing into the cache if needed."""
         raw, zipped = entry["raw_data"], entry.get("zip_data")
+        where = f"{join(self.root, INDEX)}: shard {s} raw_data.basename"
         if not self.remote:
-            local = Path(self.root, raw["basename"])
+            local = inside(Path(self.root), raw["basename"], where)
             if local.is_file() or not zipped:
                 if not local.is_file():
                     raise DataError(f"shard {local} listed in {self.root}/{INDEX} is missing")
                 return local
-        target = self.cache / raw["basename"]
+        target = inside(self.cache, raw["basename"], where)
         if target.is_file():
             os.utime(target)  # mark as recently used for eviction
             return target
@@ -153,6 +171,8 @@ class MDSDataset:
             raise DataError(
                 f"{join(self.root, raw['basename'])}: {len(data)} bytes, index.json says {raw['bytes']}"
             )
+        if self.verify:
+            self._verified.add(s)  # hashed just now
         self._evict(need=len(data))
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{id(data)}")
         tmp.write_bytes(data)
@@ -202,6 +222,12 @@ def read_metadata(root: str) -> dict[str, Any] | None:
     for _ in range(3):
         text = read_text(join(base, "smalto_data.json"))
         if text:
-            return dict(json.loads(text))
+            try:
+                meta = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{join(base, 'smalto_data.json')}: not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise DataError(f"{join(base, 'smalto_data.json')}: expected a JSON object")
+            return meta
         base = parent(base)
     return None

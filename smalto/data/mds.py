@@ -69,7 +69,7 @@ def decompress(compression: str, data: bytes) -> bytes:
     return bytes(_zstd().ZstdDecompressor().decompressobj().decompress(data))
 
 
-def file_hash(algo: str, data: bytes) -> str | None:
+def file_hash(algo: str, data: bytes | memoryview) -> str | None:
     """Hex digest with Streaming's algorithm names; None when the algorithm is unavailable here."""
     if algo.startswith("xxh"):
         try:
@@ -83,7 +83,7 @@ def file_hash(algo: str, data: bytes) -> str | None:
     return None
 
 
-def verify_hashes(data: bytes, expected: dict[str, str], where: str) -> None:
+def verify_hashes(data: bytes | memoryview, expected: dict[str, str], where: str) -> None:
     """Check every digest we can compute; the index may list algorithms we lack (xxh without xxhash)."""
     for algo, want in expected.items():
         got = file_hash(algo, data)
@@ -186,8 +186,37 @@ class MDSWriter:
 # ---- reading ----
 
 
+def check_basename(name: Any, where: str) -> str:
+    """`name` if it is a plain file name. A shard name is joined to the dataset folder (read) and the cache folder
+    (written), so `../x` or `/etc/x` would reach outside them; any folder part is refused, which keeps the rule one
+    line."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
+        raise DataError(f"{where} is {name!r}, not a file name")
+    if "/" in name or "\\" in name or os.path.isabs(name):
+        raise DataError(
+            f"{where} is {name!r}: smalto reads only plain file names next to index.json, never paths "
+            "(an index merged by Streaming's merge_index names sub-folders: list each sub-folder as a source)"
+        )
+    return name
+
+
+def _check_file(info: Any, where: str) -> None:
+    if not isinstance(info, dict):
+        raise DataError(f"{where} must be a mapping with basename, bytes and hashes, got {info!r}")
+    check_basename(info.get("basename"), f"{where}.basename")
+    size = info.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise DataError(f"{where}.bytes is {size!r}, not a byte count")
+    hashes = info.get("hashes")
+    if hashes is not None and not (
+        isinstance(hashes, dict) and all(isinstance(v, str) for v in hashes.values())
+    ):
+        raise DataError(f"{where}.hashes must map algorithm names to hex digests, got {hashes!r}")
+
+
 def parse_index(text: str, where: str) -> list[dict[str, Any]]:
-    """The shard entries of an index.json, checked enough that later errors cannot be cryptic."""
+    """The shard entries of an index.json, checked enough that later errors cannot be cryptic and that no file
+    name in it reaches outside its folder."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -195,14 +224,25 @@ def parse_index(text: str, where: str) -> list[dict[str, Any]]:
     if not isinstance(obj, dict) or obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
         raise DataError(f"{where}: not a Streaming index (expected version 2 with a 'shards' list)")
     for i, shard in enumerate(obj["shards"]):
+        if not isinstance(shard, dict):
+            raise DataError(f"{where}: shard {i} is {shard!r}, not a mapping")
         if shard.get("format") != "mds":
             raise DataError(
                 f"{where}: shard {i} has format {shard.get('format')!r}; only 'mds' shards are supported"
             )
-        if "tokens" not in shard.get("column_names", []):
+        columns: list[Any] = [shard.get(k) for k in ("column_names", "column_encodings", "column_sizes")]
+        if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
             raise DataError(
-                f"{where}: shard {i} has no 'tokens' column (columns: {shard.get('column_names')})"
+                f"{where}: shard {i} needs column_names, column_encodings and column_sizes lists of one length"
             )
+        if "tokens" not in shard["column_names"]:
+            raise DataError(f"{where}: shard {i} has no 'tokens' column (columns: {shard['column_names']})")
+        n = shard.get("samples")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 1 << 32:
+            raise DataError(f"{where}: shard {i} samples is {n!r}, not a sample count")
+        _check_file(shard.get("raw_data"), f"{where}: shard {i} raw_data")
+        if shard.get("zip_data") is not None:
+            _check_file(shard["zip_data"], f"{where}: shard {i} zip_data")
     return list(obj["shards"])
 
 
@@ -248,6 +288,8 @@ class TokenLayout:
         head = np.frombuffer(buf, np.uint32, count=self.n_variable) if self.n_variable else ()
         start = 4 * self.n_variable + self.fixed_before + sum(int(head[i]) for i in self.variable_before)
         size = self.size if self.size is not None else int(head[len(self.variable_before)])
+        if start + size > len(buf):
+            raise ValueError(f"its tokens end at byte {start + size} of {len(buf)}")
         data = buf[start : start + size]
         if self.encoding == "bytes" or self.encoding.count(":") == 2:
             return np.frombuffer(data, self.dtype)  # shape stored in the index (or raw bytes)
@@ -261,27 +303,46 @@ class TokenLayout:
 
 
 class Shard:
-    """Random access to the samples of one uncompressed shard file, through a memory map."""
+    """Random access to the samples of one uncompressed shard file, through a memory map.
 
-    def __init__(self, path: Path, entry: dict[str, Any]) -> None:
+    Opening checks what a damaged or hostile file could otherwise turn into a crash hours later: the size the index
+    gives, the sample count, that the offset table lies inside the file and only grows, and (with `verify`) the
+    index's hashes. The dataset asks for hashing only the first time it opens a shard in a process."""
+
+    def __init__(self, path: Path, entry: dict[str, Any], *, verify: bool = False) -> None:
         self.path = path
         self.layout = TokenLayout.of(entry)
+        raw = entry["raw_data"]
+        size = os.path.getsize(path)
+        if size != raw["bytes"]:
+            raise DataError(f"{path}: {size} bytes but index.json says {raw['bytes']}; the shard is damaged")
         with open(path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         self._view = memoryview(self._mm)
-        n = int(np.frombuffer(self._view, np.uint32, count=1)[0]) if len(self._view) >= 4 else -1
+        n = int(np.frombuffer(self._view, np.uint32, count=1)[0]) if size >= 4 else -1
         if n != entry["samples"]:
             raise DataError(
                 f"{path}: holds {n} samples but index.json says {entry['samples']}; the shard is damaged"
             )
-        self.offsets = np.frombuffer(self._view, np.uint32, count=n + 1, offset=4).astype(np.int64)
-        if self.offsets[-1] != len(self._view):
+        table_end = 4 + 4 * (n + 1)
+        if table_end > size:
             raise DataError(
-                f"{path}: sample offsets end at {self.offsets[-1]} but the file has {len(self._view)} bytes"
+                f"{path}: {size} bytes cannot hold the offsets of {n} samples; the shard is damaged"
             )
+        self.offsets = np.frombuffer(self._view, np.uint32, count=n + 1, offset=4).astype(np.int64)
+        if self.offsets[0] < table_end or (np.diff(self.offsets) < 0).any() or self.offsets[-1] != size:
+            raise DataError(
+                f"{path}: the sample offsets are not increasing positions from {table_end} to the file's end "
+                f"({size} bytes); the shard is damaged"
+            )
+        if verify:
+            verify_hashes(self._view, raw.get("hashes") or {}, str(path))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def tokens(self, i: int) -> np.ndarray:
-        return self.layout.decode(self._view[self.offsets[i] : self.offsets[i + 1]])
+        try:
+            return self.layout.decode(self._view[self.offsets[i] : self.offsets[i + 1]])
+        except (ValueError, IndexError) as e:  # sizes inside the sample point past its end
+            raise DataError(f"{self.path}: sample {i} is damaged ({e})") from None

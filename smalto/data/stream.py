@@ -38,7 +38,7 @@ sequence_id -1; longer ones are cut to seq_len.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,34 @@ class StreamingLoader:
     def source_tokens(self) -> dict[str, int]:
         """Token slots (samples × seq_len) drawn from each source by all ranks together."""
         return {k: v * self.dataset.cfg.seq_len for k, v in self.source_samples().items()}
+
+
+def check_vocab(loaders: Iterable[StreamingLoader | None], vocab_size: int) -> None:
+    """Refuse data the model cannot embed, before the first step rather than as an IndexError (or a device assert)
+    inside it: a source whose smalto_data.json records a larger tokenizer vocabulary than `vocab_size`, then any token
+    id of each loader's first micro-batch outside [0, vocab_size) (the check for data made by other tools)."""
+    fix = "tokenize the data with the model's tokenizer, or set model.vocab_size to cover it"
+    for loader in loaders:
+        if loader is None:
+            continue
+        ds = loader.dataset
+        for name, d in zip(ds.names, ds.datasets, strict=True):
+            tok = (read_metadata(d.root) or {}).get("tokenizer")
+            tok = tok if isinstance(tok, dict) else {}
+            size = tok.get("vocab_size")
+            if isinstance(size, int) and size > vocab_size:
+                raise DataError(
+                    f"data source {name!r} ({d.root}) was tokenized with a vocabulary of {size} tokens "
+                    f"(tokenizer {tok.get('name')}), but model.vocab_size is {vocab_size}; {fix}"
+                )
+        ids = ds.batch(loader.consumed)["input_ids"]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise DataError(
+                f"the data ({', '.join(d.root for d in ds.datasets)}) holds token id {bad}, outside the model's "
+                f"vocabulary of {vocab_size} tokens (model.vocab_size); {fix}"
+            )
 
 
 def build_loader(

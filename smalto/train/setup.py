@@ -100,7 +100,7 @@ class Trainer:
 def setup(cfg: RunConfig, world: World) -> Trainer:
     """A run's `Trainer`: `build_trainer`, then its data streams and checkpoints, resumed from `latest` when
     there is one (or initial weights from `checkpoint.load_from`), and its logger started."""
-    from smalto.data.stream import build_loader
+    from smalto.data.stream import build_loader, check_vocab
 
     if cfg.prepare == "stdlib":
         from smalto.demo import prepare_stdlib
@@ -117,6 +117,7 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         global_batch_size=cfg.train.global_batch_size,
     )
     t.val_loader = _val_loader(cfg, world, t.micro)
+    check_vocab([t.loader, t.val_loader], cfg.model.vocab_size)
     t.ckpt = Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last)
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
     if latest is not None:
