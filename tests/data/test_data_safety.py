@@ -21,9 +21,15 @@ from smalto.errors import DataError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write(split: Path, n: int = 20, compression: str | None = None, first: int = 1) -> Path:
+def write(
+    split: Path,
+    n: int = 20,
+    compression: str | None = None,
+    first: int = 1,
+    hashes: tuple[str, ...] = ("sha1",),
+) -> Path:
     """n samples of 8 tokens, one shard; sample i starts with first + i. Returns the shard file."""
-    w = MDSWriter(split, compression=compression)
+    w = MDSWriter(split, compression=compression, hashes=hashes)
     for i in range(n):
         w.write(np.array([first + i, 5, 0, 7, 7, 0, 9, 9], np.int32))
     (shard,) = w.finish()
@@ -106,6 +112,15 @@ def test_damaged_shard_is_refused_at_first_open(tmp_path, how, index_knows, mess
     ds = MDSDataset(str(tmp_path / "ds"))
     with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: .*{message}"):
         ds.tokens(0)  # the damage is in later samples or the whole file: refused when the shard opens
+
+
+def test_xxhash_digests_are_verified(tmp_path):
+    """Streaming's fast xxh* hashes, checked when xxhash is installed (the `data` and `dev` extras install it)."""
+    pytest.importorskip("xxhash")
+    shard = write(tmp_path / "ds", hashes=("xxh3_64",))
+    damage(shard, "payload")
+    with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: xxh3_64 hash mismatch"):
+        MDSDataset(str(tmp_path / "ds")).tokens(0)
 
 
 def test_damaged_sample_names_the_shard(tmp_path):
