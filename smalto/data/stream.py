@@ -344,9 +344,10 @@ def check_vocab(loaders: Iterable[StreamingLoader | None], vocab_size: int) -> N
             tok = tok if isinstance(tok, dict) else {}
             size = tok.get("vocab_size")
             if isinstance(size, int) and size > vocab_size:
+                by = f" (tokenizer {tok['name']})" if tok.get("name") else ""
                 raise DataError(
-                    f"data source {name!r} ({d.root}) was tokenized with a vocabulary of {size} tokens "
-                    f"(tokenizer {tok.get('name')}), but model.vocab_size is {vocab_size}; {fix}"
+                    f"data source {name!r} ({d.root}) was tokenized with a vocabulary of {size} tokens{by}, "
+                    f"but model.vocab_size is {vocab_size}; {fix}"
                 )
         ids = ds.batch(loader.consumed)["input_ids"]
         lo, hi = int(ids.min()), int(ids.max())
