@@ -73,11 +73,12 @@ def _fs(url: str) -> tuple[Any, str]:
 
 
 def inside(folder: Path, name: str, where: str) -> Path:
-    """`folder / name`, refused unless it is a file directly in `folder` (names are checked by `parse_index`
-    already; this keeps every joined path honest on its own)."""
+    """`folder / name`, refused unless it lies inside `folder` (names are checked by `parse_index` already; this
+    keeps every joined path honest on its own)."""
     check_basename(name, where)
     path = folder / name
-    if os.path.normpath(path.parent) != os.path.normpath(folder):
+    base = os.path.normpath(folder)
+    if os.path.commonpath([base, os.path.normpath(path)]) != base:
         raise DataError(f"{where} {name!r} leaves the folder {folder}")
     return path
 
@@ -175,6 +176,7 @@ class MDSDataset:
             self._verified.add(s)  # hashed just now
         self._evict(need=len(data))
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{id(data)}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # a merged index names sub-folders
         tmp.write_bytes(data)
         os.replace(tmp, target)
         return target

@@ -187,15 +187,17 @@ class MDSWriter:
 
 
 def check_basename(name: Any, where: str) -> str:
-    """`name` if it is a plain file name. A shard name is joined to the dataset folder (read) and the cache folder
-    (written), so `../x` or `/etc/x` would reach outside them; any folder part is refused, which keeps the rule one
-    line."""
+    """`name` if it is a relative file name made of plain parts (`shard.00000.mds`, or `0/shard.00000.mds` as
+    Streaming's merge_index writes for sub-folders). A shard name is joined to the dataset folder (read) and the cache
+    folder (written), so `..` parts, absolute paths, backslashes and empty parts, which could reach outside them, are
+    refused."""
     if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
         raise DataError(f"{where} is {name!r}, not a file name")
-    if "/" in name or "\\" in name or os.path.isabs(name):
+    parts = name.split("/")
+    if "\\" in name or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
         raise DataError(
-            f"{where} is {name!r}: smalto reads only plain file names next to index.json, never paths "
-            "(an index merged by Streaming's merge_index names sub-folders: list each sub-folder as a source)"
+            f"{where} is {name!r}: smalto reads only relative file names inside the dataset folder "
+            "(no '..', no absolute paths, no backslashes)"
         )
     return name
 

@@ -45,7 +45,7 @@ def edit_index(split: Path, edit) -> None:
 # ---- names in the index ----
 
 
-@pytest.mark.parametrize("kind", ["parent", "absolute", "nested"])
+@pytest.mark.parametrize("kind", ["parent", "absolute", "inner-parent"])
 @pytest.mark.parametrize("field", ["raw_data", "zip_data"])
 def test_index_names_outside_the_folder_are_refused_and_nothing_is_written(tmp_path, kind, field):
     split = tmp_path / "ds"
@@ -55,7 +55,7 @@ def test_index_names_outside_the_folder_are_refused_and_nothing_is_written(tmp_p
     target = {
         "parent": ("../../escaped.mds", tmp_path / "escaped.mds"),
         "absolute": (str(tmp_path / "abs" / "escaped.mds"), tmp_path / "abs" / "escaped.mds"),
-        "nested": ("sub/escaped.mds", None),
+        "inner-parent": ("sub/../../../escaped.mds", tmp_path / "escaped.mds"),
     }[kind]
     (tmp_path / "abs").mkdir()
     edit_index(split, lambda s: s[field].update(basename=target[0]))
@@ -207,3 +207,20 @@ def test_vocab_mismatch_stops_smalto_train_with_both_sizes(tmp_path):
     assert p.returncode == 2, p.stderr[-3000:]
     assert "vocabulary of 50277 tokens" in p.stderr and "model.vocab_size is 384" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_merged_index_reads_shards_in_sub_folders(tmp_path):
+    """Streaming's merge_index names shards `0/shard.00000.mds`: relative names of plain parts are read (and
+    decompressed into the same sub-folder of the cache)."""
+    split = tmp_path / "ds"
+    write(split, compression="zstd")
+    ref = MDSDataset(str(split), cache_dir=tmp_path / "cache_ref").tokens(0)
+    (split / "0").mkdir()
+    for f in list(split.glob("*.mds*")):
+        f.rename(split / "0" / f.name)
+    edit_index(
+        split, lambda s: [s[k].update(basename="0/" + s[k]["basename"]) for k in ("raw_data", "zip_data")]
+    )
+    cache = tmp_path / "cache"
+    assert MDSDataset(str(split), cache_dir=cache).tokens(0).tolist() == ref.tolist()
+    assert list(cache.rglob("0/*.mds"))
