@@ -42,7 +42,9 @@ class TrainResult:
     checkpoint: str | None
     hf_folder: str | None
     samples: list[str] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(
+        default_factory=list
+    )  # this launch's, the last 100 at most (all: metrics.jsonl)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -126,6 +128,9 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     t.seconds += seconds
     t.tokens += t.tokens_per_step
     t.losses.append(loss_v)
+    t.last_loss = loss_v
+    if t.first_loss is None:
+        t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
     metrics = {
         "train/loss": loss_v,
@@ -208,7 +213,7 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
     result = TrainResult(
         steps=t.step,
         tokens=t.tokens,
-        loss=t.losses[-1] if t.losses else None,
+        loss=t.last_loss,
         eval_loss=t.last_eval,
         stopped=stopped,
         checkpoint=t.checkpoint,
@@ -242,7 +247,7 @@ def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
         "steps": f"{r.steps} / {t.total_steps}",
         "tokens": f"{r.tokens:,}",
         "final train loss": f"{r.loss:.4f}" if r.loss is not None else "-",
-        "first train loss": f"{t.losses[0]:.4f}" if t.losses else "-",
+        "first train loss": f"{t.first_loss:.4f}" if t.first_loss is not None else "-",
         "validation loss": f"{r.eval_loss:.4f} (ppl {math.exp(min(r.eval_loss, 50)):.2f})"
         if r.eval_loss
         else "-",
