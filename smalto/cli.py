@@ -248,11 +248,12 @@ def train(
     if result.stopped and result.stopped.startswith("guard"):
         # exit status 3: neither done (0) nor a crash (1); a scheduler can tell it needs a person
         console.print(
-            f"[bold red]stopped by the loss guard[/] after {result.steps} steps: {result.stopped[len('guard: ') :]}\n"
+            f"[bold red]stopped by the loss guard[/] after {result.steps} completed steps: {result.stopped[len('guard: ') :]}\n"
             f"resume from: {result.checkpoint or '(no checkpoint from before it)'} (`latest` points there; "
             "relaunch the same command)\nto skip the offending batches instead of stopping, relaunch with "
             "guard.spike=skip (loss spikes) or guard.nan=skip (NaN/inf losses); lowering optimizer.lr also helps",
             highlight=False,
+            soft_wrap=True,  # the path stays whole, to copy
         )
         raise typer.Exit(3)
     if result.stopped:
