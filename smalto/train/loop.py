@@ -72,12 +72,20 @@ def train(cfg: RunConfig) -> TrainResult:
                     metrics.update(evaluate(t))
                 t.logger.log(t.step, metrics)
                 if last or stopped or t.step % t.save_every == 0:
-                    t.checkpoint = str(t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict()))
+                    t.checkpoint = save(t)
                 if stopped or last:
                     break
         return finish(t, stopped)
     finally:
         close_world(world)
+
+
+def save(t: Trainer) -> str:
+    """A checkpoint of the step just taken, timed: on SIGTERM it must fit the launcher's grace (docs/train.md)."""
+    start = time.perf_counter()
+    path = t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict())
+    t.logger.print(f"saved {path.name} in {time.perf_counter() - start:.1f} s")
+    return str(path)
 
 
 def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]:
