@@ -228,7 +228,11 @@ def train(
         help="RECIPE (YAML path or shipped name: tiny, mpt-125m … mpt-30b; default tiny) then KEY=VALUE overrides.",
     ),
 ) -> None:
-    """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo."""
+    """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo.
+
+    Exit status: 0 done (or `train.stop_after` reached), 2 a mistake in the recipe or the command, 3 stopped by the
+    loss guard (the message names the checkpoint to resume from), 143 / 130 stopped by SIGTERM / SIGINT after a
+    checkpoint, 1 a crash."""
     from rich.console import Console
 
     from smalto.config import load_config
@@ -241,14 +245,23 @@ def train(
     for text in result.samples:
         console.rule("sample")
         console.print(text, markup=False, highlight=False)
+    if result.stopped and result.stopped.startswith("guard"):
+        # exit status 3: neither done (0) nor a crash (1); a scheduler can tell it needs a person
+        console.print(
+            f"[bold red]stopped by the loss guard[/] after {result.steps} completed steps: {result.stopped[len('guard: ') :]}\n"
+            f"resume from: {result.checkpoint or '(no checkpoint from before it)'} (`latest` points there; "
+            "relaunch the same command)\nto skip the offending batches instead of stopping, relaunch with "
+            "guard.spike=skip (loss spikes) or guard.nan=skip (NaN/inf losses); lowering optimizer.lr also helps",
+            highlight=False,
+            soft_wrap=True,  # the path stays whole, to copy
+        )
+        raise typer.Exit(3)
     if result.stopped:
         console.print(
             f"[bold yellow]stopped:[/] {result.stopped}; checkpoint: {result.checkpoint}", highlight=False
         )
         if result.stopped != "stop_after":  # a planned time slice ends normally
-            raise typer.Exit(
-                1 if result.stopped.startswith("guard") else 143 if result.stopped == "SIGTERM" else 130
-            )
+            raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
 
 
 @app.command()

@@ -259,15 +259,26 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
 class StreamingLoader:
     """Iterates one rank's micro-batches through a torch DataLoader and knows where it stands."""
 
-    def __init__(self, dataset: StreamingTextDataset, *, num_workers: int, prefetch_factor: int = 2):
+    def __init__(
+        self,
+        dataset: StreamingTextDataset,
+        *,
+        num_workers: int,
+        prefetch_factor: int = 2,
+        generator_seed: int = 0,
+    ):
         self.dataset = dataset
+        self.generator_seed = generator_seed
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.consumed = 0  # rank-local micro-batches handed to the caller, from the first epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.dataset.start = self.consumed
-        kwargs: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers}
+        # the DataLoader draws its workers' base seed from this generator, not from the global one that dropout
+        # uses: a resumed run starts a new iterator after restoring the RNG state, and must not move that stream
+        generator = torch.Generator().manual_seed(self.generator_seed)
+        kwargs: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers, "generator": generator}
         if self.num_workers:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         for batch in torch.utils.data.DataLoader(self.dataset, **kwargs):
@@ -369,7 +380,8 @@ def build_loader(
     seed: int | None = None,
     epochs: int | None = None,
 ) -> StreamingLoader:
-    """The loader for one rank. `seed` overrides cfg.seed; `epochs=None` streams forever (training)."""
+    """The loader for one rank. `seed` overrides cfg.seed; `epochs=None` streams forever (training). Its
+    DataLoader has its own generator, seeded from the seed and the rank, and leaves the global RNG alone."""
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
     ds = StreamingTextDataset(
@@ -380,4 +392,9 @@ def build_loader(
         global_batch_size=global_batch_size,
     )
     ds.max_epochs = epochs
-    return StreamingLoader(ds, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor)
+    return StreamingLoader(
+        ds,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+        generator_seed=(cfg.seed * 1_000_003 + rank) % 2**63,
+    )

@@ -4,7 +4,8 @@ A checkpoint folder `FOLDER/step_00001000/` holds
   - the DCP files of {"model", "optim"} (each rank writes its shards; any world size can read them back),
   - `model.json`: the model config; `trainer.json`: step, tokens, schedule position, data-loader state, guard window, counters (rank 0),
   - `rng/rank{r}.pt`: each rank's Python / numpy / torch (and CUDA) RNG states.
-It is written under a temporary name and renamed when complete, then `FOLDER/latest` (a one-line text file
+It is written under a temporary name and renamed when complete (our own files fsynced before, the folder after:
+DCP fsyncs its shards), then `FOLDER/latest` (a one-line text file
 naming the folder) is replaced atomically, and all but the newest `keep_last` are deleted. A crash mid-save leaves
 the previous checkpoint and pointer untouched. The folder must be shared by all ranks (one node, or a shared FS).
 `smalto.load` reads a checkpoint (or a run folder: `find_checkpoint`) back for inference, with overrides.
@@ -12,8 +13,8 @@ the previous checkpoint and pointer untouched. The folder must be shared by all 
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 import shutil
 import warnings
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from smalto.errors import CheckpointError
 from smalto.hf import load_pretrained, save_pretrained
 from smalto.model.mpt import MPTForCausalLM
+from smalto.train.durable import fsync_dir, replace_durably, write_synced
 from smalto.train.parallel import World, full_state_dict
 
 LATEST = "latest"
@@ -63,9 +65,7 @@ class Checkpointer:
     def point_latest(self, path: Path) -> None:
         """Make `path` the one autoresume continues from (rank 0 only)."""
         if self.world.is_main:
-            tmp = self.folder / f".{LATEST}.tmp"
-            tmp.write_text(path.name + "\n")
-            os.replace(tmp, self.folder / LATEST)
+            replace_durably(self.folder / LATEST, path.name + "\n")
 
     # ---- saving ----
     def save(
@@ -83,16 +83,23 @@ class Checkpointer:
                 "ignore", UserWarning
             )  # one process: "assuming the intent is to save in a single process"
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / "rng" / f"rank{self.world.rank}.pt")
+        rng = io.BytesIO()
+        torch.save(rng_state(), rng)
+        write_synced(tmp / "rng" / f"rank{self.world.rank}.pt", rng.getvalue())
+        fsync_dir(tmp / "rng")
         if self.world.is_main:
             config: Any = model.config
-            (tmp / MODEL).write_text(json.dumps(config.to_dict(), indent=1))
-            (tmp / TRAINER).write_text(json.dumps({**trainer, "world_size": self.world.world_size}, indent=1))
+            write_synced(tmp / MODEL, json.dumps(config.to_dict(), indent=1))
+            write_synced(
+                tmp / TRAINER, json.dumps({**trainer, "world_size": self.world.world_size}, indent=1)
+            )
+            fsync_dir(tmp)
         self.world.barrier()
         if self.world.is_main:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            fsync_dir(self.folder)
             self.point_latest(final)
             for old in self.saved()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

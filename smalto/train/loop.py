@@ -42,7 +42,9 @@ class TrainResult:
     checkpoint: str | None
     hf_folder: str | None
     samples: list[str] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(
+        default_factory=list
+    )  # this launch's, the last 100 at most (all: metrics.jsonl)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -70,12 +72,20 @@ def train(cfg: RunConfig) -> TrainResult:
                     metrics.update(evaluate(t))
                 t.logger.log(t.step, metrics)
                 if last or stopped or t.step % t.save_every == 0:
-                    t.checkpoint = str(t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict()))
+                    t.checkpoint = save(t)
                 if stopped or last:
                     break
         return finish(t, stopped)
     finally:
         close_world(world)
+
+
+def save(t: Trainer) -> str:
+    """A checkpoint of the step just taken, timed: on SIGTERM it must fit the launcher's grace (docs/train.md)."""
+    start = time.perf_counter()
+    path = t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict())
+    t.logger.print(f"saved {path.name} in {time.perf_counter() - start:.1f} s")
+    return str(path)
 
 
 def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]:
@@ -126,6 +136,9 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     t.seconds += seconds
     t.tokens += t.tokens_per_step
     t.losses.append(loss_v)
+    t.last_loss = loss_v
+    if t.first_loss is None:
+        t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
     metrics = {
         "train/loss": loss_v,
@@ -208,7 +221,7 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
     result = TrainResult(
         steps=t.step,
         tokens=t.tokens,
-        loss=t.losses[-1] if t.losses else None,
+        loss=t.last_loss,
         eval_loss=t.last_eval,
         stopped=stopped,
         checkpoint=t.checkpoint,
@@ -242,7 +255,7 @@ def _summary_rows(t: Trainer, r: TrainResult) -> dict[str, str]:
         "steps": f"{r.steps} / {t.total_steps}",
         "tokens": f"{r.tokens:,}",
         "final train loss": f"{r.loss:.4f}" if r.loss is not None else "-",
-        "first train loss": f"{t.losses[0]:.4f}" if t.losses else "-",
+        "first train loss": f"{t.first_loss:.4f}" if t.first_loss is not None else "-",
         "validation loss": f"{r.eval_loss:.4f} (ppl {math.exp(min(r.eval_loss, 50)):.2f})"
         if r.eval_loss
         else "-",

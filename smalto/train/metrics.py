@@ -1,7 +1,8 @@
 """What a run reports: the JSONL metrics file, TensorBoard / W&B when available, the progress bar, the summary.
 
 Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step (and per evaluation); on resume the
-lines past the resumed step are dropped, so the file reads as one uninterrupted run.
+lines past the resumed step are dropped (the file rewritten atomically; a line torn by a crash is skipped with a
+warning), so the file reads as one uninterrupted run, and TensorBoard purges them the same way (`purge_step`).
 MFU follows llm-foundry: tokens/s per device × flops_per_token / peak FLOP/s, with
 flops_per_token = 6·N + 12·n_layers·d_model·seq (`MPTConfig.flops_per_token`).
 """
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from smalto.config import RunConfig
+from smalto.train.durable import replace_durably
 
 METRICS = "metrics.jsonl"
 
@@ -55,7 +57,7 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate(self.path, start_step)
         self.file = self.path.open("a")
-        self._open_backends()
+        self._open_backends(start_step)
         if self.cfg.logging.progress:
             self.progress = Progress(
                 TextColumn("[bold]step {task.completed}/{task.total}"),
@@ -71,13 +73,15 @@ class RunLogger:
             self.task = self.progress.add_task("train", total=self.total_steps, completed=start_step, info="")
             self.progress.start()
 
-    def _open_backends(self) -> None:
+    def _open_backends(self, start_step: int) -> None:
         lc = self.cfg.logging
         if lc.tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(self.cfg.run_dir) / "tb"))
+                # a resumed run re-logs the steps after its checkpoint: purge_step makes readers drop the
+                # first launch's points from there on, as _truncate does in metrics.jsonl
+                self.tb = SummaryWriter(str(Path(self.cfg.run_dir) / "tb"), purge_step=start_step + 1)
             except ImportError:
                 if lc.tensorboard:
                     warnings.warn(
@@ -153,18 +157,35 @@ class RunLogger:
 
 
 def _truncate(path: Path, start_step: int) -> None:
-    """Drop metrics logged past `start_step` by an interrupted run we are resuming."""
+    """Drop metrics logged past `start_step` by an interrupted run we are resuming.
+
+    A line cut short by a full disk or a power loss is skipped with a warning, so that autoresume is never
+    blocked by it. The kept lines go to a temporary file, fsynced, then `os.replace`d over the old one: a crash
+    (or a full disk) during the rewrite leaves the old file whole."""
     if not path.exists():
         return
     if start_step == 0:
         path.unlink()
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= start_step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep, torn = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, TypeError, KeyError):
+            torn.append(n)
+            continue
+        if step <= start_step:
+            keep.append(line)
+    if torn:
+        warnings.warn(
+            f"{path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; cut short by "
+            "a crash or a full disk?)",
+            stacklevel=3,
+        )
+    replace_durably(path, "".join(line + "\n" for line in keep))
 
 
 def mfu(

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import random
 import warnings
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from smalto.train.metrics import RunLogger, peak_tflops, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
 from smalto.train.weight_cast import StepWeightCast, uses_step_cast
+
+RECENT = 100  # losses of this launch kept in memory (TrainResult.losses)
 
 
 @dataclass(kw_only=True)
@@ -61,7 +64,13 @@ class Trainer:
     tokens: int = 0
     seconds: float = 0.0
     checkpoint: str | None = None
-    losses: list[float] = field(default_factory=list)
+    first_loss: float | None = None  # the run's first and latest losses, for the summary and the result (the
+    last_loss: float | None = (
+        None  # history is in metrics.jsonl, so that trainer.json does not grow with steps)
+    )
+    losses: deque[float] = field(
+        default_factory=lambda: deque(maxlen=RECENT)
+    )  # this launch's latest, in memory
     last_eval: float | None = None
     weight_cast: StepWeightCast | None = None  # bf16 weights made once per step (one device, bf16)
 
@@ -85,8 +94,9 @@ class Trainer:
             "tokens": self.tokens,
             "seconds": self.seconds,
             "data": self.loader.state_dict(),
-            "guard": self.guard.state_dict(),
-            "losses": self.losses,
+            "guard": self.guard.state_dict(),  # the window the guard judges by
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
             "last_eval": self.last_eval,
         }
 
@@ -94,7 +104,9 @@ class Trainer:
         self.step, self.tokens, self.seconds = s["step"], s["tokens"], s["seconds"]
         self.loader.load_state_dict(s["data"])
         self.guard.load_state_dict(s["guard"])
-        self.losses, self.last_eval = s["losses"], s["last_eval"]
+        if "losses" in s:  # older checkpoints held the whole loss history
+            s = {**s, "first_loss": (s["losses"] or [None])[0], "last_loss": (s["losses"] or [None])[-1]}
+        self.first_loss, self.last_loss, self.last_eval = s["first_loss"], s["last_loss"], s["last_eval"]
 
 
 def setup(cfg: RunConfig, world: World) -> Trainer:

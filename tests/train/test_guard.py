@@ -10,7 +10,7 @@ from smalto.train.guard import OK, SKIP, STOP
 from smalto.train.loop import finish, train_step
 from smalto.train.parallel import init_world
 from smalto.train.setup import setup
-from tests.train.conftest import recipe
+from tests.train.conftest import recipe, run_cli
 
 
 def _trainer(tiny_data, tmp_path, **guard):
@@ -102,3 +102,22 @@ def test_spike_skip_drops_each_spiking_batch(tiny_data, tmp_path):
         SKIP,
         STOP,
     ]  # patience in a row: skipping isn't helping
+
+
+def test_a_guard_stop_exits_3_naming_the_checkpoint_and_how_to_skip(tiny_data, tmp_path):
+    """Status 3 (not 1, a crash; not 0, done): a scheduler or a script can tell a run the guard stopped."""
+    rec = recipe(
+        tiny_data,
+        tmp_path / "run",
+        optimizer={"lr": 10.0},  # LION moves every weight by ±10 in the first step: the loss explodes
+        scheduler={"name": "constant", "warmup": 0},
+        guard={"spike_ratio": 1.5, "min_history": 1, "patience": 1},
+    )
+    p = run_cli(rec, tmp_path, check=False)
+    err = " ".join(p.stderr.split())  # rich wraps the prose (not the path)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert "stopped by the loss guard after 1 completed steps" in err
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert ckpt is not None and f"resume from: {ckpt}" in err
+    assert "guard.spike=skip" in err and "guard.nan=skip" in err
