@@ -165,7 +165,8 @@ class Checkpointer:
                 else "this model"
             )
             raise CheckpointError(
-                f"cannot load {path} into {what}: {dcp_cause(e)}; was it saved with another optimizer? {fix}"
+                f"cannot load {path} into {what} (was it saved with another optimizer? DCP says: "
+                f"{dcp_cause(e).rstrip('.')}); {fix}"
             ) from None
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -279,12 +280,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_weights(path: str, model: torch.nn.Module, world: World) -> None:
-    """Initialise weights from a smalto checkpoint folder (DCP) or an HF folder (full state dict on each rank)."""
+    """Initialise weights from a smalto checkpoint (a step_* folder, checkpoints/ or a run folder: DCP) or an HF
+    folder (full state dict on each rank)."""
     p = Path(path)
-    if (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
-    if (p / TRAINER).is_file():
-        Checkpointer(p.parent, world, remove_stale=False).load(p, model, None, fix=LOAD_FROM_FIX)
+    ckpt = find_checkpoint(p)  # a step folder, a checkpoints folder or a run folder
+    if ckpt is not None:
+        Checkpointer(ckpt.parent, world, remove_stale=False).load(ckpt, model, None, fix=LOAD_FROM_FIX)
         return
     if not (p / "config.json").is_file():
         raise CheckpointError(f"checkpoint.load_from = {path}: neither a smalto checkpoint nor an HF folder")
