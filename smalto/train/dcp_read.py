@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
@@ -39,13 +39,14 @@ ALLOWED = {
     ("torch.serialization", "_get_layout"),  # a torch.layout by name (a dictionary lookup)
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
 }
-# and torch.float32 and its kind, stored as attributes of `torch` (`_torch_constant`)
+# and dtypes (bf16 checkpoints store torch.bfloat16) and layouts, as attributes of `torch`: `_torch_constant`
 
 
 def _torch_constant(module: str, name: str) -> bool:
-    """A dtype, layout or memory format (`torch.bfloat16`, `torch.strided`), as pickle names them."""
+    """A dtype or layout (`torch.bfloat16`, `torch.strided`), as pickle names them. Memory formats are stored as
+    `_MEM_FORMAT_ENCODING` members (they cannot be pickled)."""
     value = getattr(torch, name, None) if module == "torch" else None
-    return isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+    return isinstance(value, (torch.dtype, torch.layout))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -127,7 +128,7 @@ def load_dcp(state: dict[str, Any], folder: str | Path) -> None:
         )  # one process: "assuming the intent is to load in a single..."
         try:
             dcp.load(state, storage_reader=_Reader(folder, metadata), planner=_Planner())
-        except dcp.api.CheckpointException as e:
+        except CheckpointException as e:
             for exc, _ in e.failures.values():
                 if isinstance(exc, CheckpointError):
                     raise exc from None

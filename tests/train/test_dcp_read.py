@@ -43,10 +43,12 @@ class Marker:
         return (open, (self.path, "w"))
 
 
-def save_run(run: Path, optimizer: str = "lion", stepped: bool = True) -> tuple[MPTForCausalLM, Path]:
+def save_run(
+    run: Path, optimizer: str = "lion", stepped: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[MPTForCausalLM, Path]:
     """A run folder with one checkpoint (step 1) of a tiny model, after one optimizer step."""
     torch.manual_seed(0)
-    model = MPTForCausalLM(tiny_config())
+    model = MPTForCausalLM(tiny_config()).to(dtype)
     opt = build_optimizer(model, OptimizerConfig(name=optimizer))
     if stepped:
         model(torch.randint(0, 256, (1, 8))).logits.sum().backward()
@@ -56,6 +58,7 @@ def save_run(run: Path, optimizer: str = "lion", stepped: bool = True) -> tuple[
 
 @pytest.mark.parametrize("optimizer", ["lion", "adamw"])
 def test_real_metadata_asks_only_for_allowed_classes_and_loads(tmp_path: Path, optimizer: str) -> None:
+    """The allowed set is what real checkpoints need (recorded this way); the optimizer state comes back whole."""
     asked: set[tuple[str, str]] = set()
 
     class Recorder(pickle.Unpickler):
@@ -174,3 +177,11 @@ def test_another_model_shape_names_the_keys(tmp_path: Path) -> None:
     assert "n_layers 2 → 3" in msg and "d_model 64 → 128" in msg and "checkpoint.autoresume=false" in msg
     with pytest.raises(CheckpointError, match=r"checkpoint\.load_from"):
         load_weights(str(step), model, WORLD)
+
+
+def test_bf16_checkpoint_names_its_dtype_and_loads(tmp_path: Path) -> None:
+    model, step = save_run(tmp_path / "run", dtype=torch.bfloat16)
+    assert b"bfloat16" in (step / ".metadata").read_bytes()  # stored as the global torch.bfloat16
+    loaded = smalto.load(tmp_path / "run")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.float(), loaded.state_dict()[k]), k
