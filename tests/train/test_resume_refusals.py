@@ -1,13 +1,16 @@
 """`smalto train` refuses, with exit status 2 and a message (no traceback), to resume or start from a checkpoint
 that does not fit: another model shape (each key named, old → new), another optimizer (the checkpoint named), or
-a crafted checkpoint given as `checkpoint.load_from` (which runs nothing)."""
+a crafted checkpoint given as `checkpoint.load_from` (which runs nothing); and a save on a full disk stops the same
+way, leaving no partial folder."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from tests.train.conftest import recipe, run_cli
+import yaml
+
+from tests.train.conftest import REPO, recipe, run_cli, run_smalto
 from tests.train.test_dcp_read import craft_metadata
 
 
@@ -40,3 +43,26 @@ def test_resume_and_load_from_refuse_what_does_not_fit(tiny_data, tmp_path: Path
     # a run folder, which load_from takes as `smalto.load` does (it was "neither a checkpoint nor an HF folder")
     err = refused(run_cli(new, tmp_path, f"checkpoint.load_from={crafted}", check=False))
     assert "non-checkpointobject" in err and not (tmp_path / "marker").exists()
+
+
+FULL_DISK = """
+import errno
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+def write_data(self, plan, planner):  # part of a shard is written, then the disk is full
+    (self.path / "__0_0.distcp").write_bytes(b"x" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+FileSystemWriter.write_data = write_data
+"""
+
+
+def test_full_disk_exits_2_and_leaves_no_partial_folder(tiny_data, tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FULL_DISK)  # every DCP write in the run fails
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(tiny_data, tmp_path / "run", train={"max_duration": "1ba"})))
+    p = run_smalto(["train", str(path)], env={"PYTHONPATH": f"{tmp_path / 'site'}:{REPO}"}, check=False)
+    err = refused(p)
+    assert "nospaceleft" in err and "GBneeded" in err and "GBfree" in err
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
