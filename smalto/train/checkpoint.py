@@ -158,15 +158,16 @@ class Checkpointer:
             load_dcp(state, path)  # the restricted unpickler: a crafted checkpoint raises, runs nothing
         except CheckpointError:
             raise
-        except (Exception, CheckpointException) as e:  # the model fits (checked), so: another optimizer
-            what = (
-                f"this run's optimizer ({type(optimizer).__name__})"
-                if optimizer is not None
-                else "this model"
-            )
+        except (
+            Exception,
+            CheckpointException,
+        ) as e:  # the model fits (checked): another optimizer, or damage
+            cause = dcp_cause(e).rstrip(".")
+            if optimizer is None:
+                raise CheckpointError(f"cannot read the weights of {path} ({cause}); {fix}") from None
             raise CheckpointError(
-                f"cannot load {path} into {what} (was it saved with another optimizer? DCP says: "
-                f"{dcp_cause(e).rstrip('.')}); {fix}"
+                f"cannot load {path} into this run's optimizer ({type(optimizer).__name__}): was it saved with "
+                f"another optimizer? (DCP says: {cause}); {fix}"
             ) from None
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
