@@ -159,21 +159,22 @@ def _load_checkpoint(
     folder: Path, config: MPTConfig, device: torch.device, dtype: torch.dtype | None
 ) -> MPTForCausalLM:
     """A DCP training checkpoint (any saved world size) read in one process into a plain model."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException
 
     from smalto.model.mpt import MPTForCausalLM
+    from smalto.train.dcp_read import dcp_cause, load_dcp
 
     model = MPTForCausalLM(config, device="meta")
     model.to_empty(device=device)
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
-        try:
-            dcp.load(state, checkpoint_id=str(folder))
-        except Exception as e:  # DCP wraps missing or truncated shards in its own exception types
-            raise CheckpointError(f"cannot read the weights of {folder} ({e})") from None
+    try:
+        load_dcp(
+            state, folder
+        )  # the restricted unpickler: a crafted folder raises a CheckpointError, runs nothing
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP wraps missing or truncated shards in its own types
+        raise CheckpointError(f"cannot read the weights of {folder} ({dcp_cause(e)})") from None
     if dtype is not None:
         model.to(dtype)
     return model.eval()
