@@ -195,6 +195,8 @@ def parse_index(text: str, where: str) -> list[dict[str, Any]]:
     if not isinstance(obj, dict) or obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
         raise DataError(f"{where}: not a Streaming index (expected version 2 with a 'shards' list)")
     for i, shard in enumerate(obj["shards"]):
+        if not isinstance(shard, dict):
+            raise DataError(f"{where}: shard {i} is {shard!r}, not a mapping (a shard's config)")
         if shard.get("format") != "mds":
             raise DataError(
                 f"{where}: shard {i} has format {shard.get('format')!r}; only 'mds' shards are supported"
