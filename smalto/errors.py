@@ -94,9 +94,9 @@ def _match(key: str, value: Any, tp: Any, coerce: bool) -> tuple[bool, Any]:
     if origin is dict:
         return isinstance(value, Mapping), value
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return True, value
-        return isinstance(value, Mapping), build(tp, value, key) if isinstance(value, Mapping) else value
+        if isinstance(value, Mapping):
+            return True, build(tp, value, key)
+        return isinstance(value, tp), value
     if isinstance(value, bool):
         return tp is bool, value
     if tp is float:

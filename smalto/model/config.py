@@ -284,8 +284,8 @@ class MPTConfig:
                 raise ConfigError(
                     f"config.json has model_type {d['model_type']!r}; smalto loads MPT models (model_type 'mpt')"
                 )
-            d = _map_hf_keys(d)
-        if isinstance(d.get("attn_config"), Mapping):
+            d = _map_hf_keys(d)  # maps the legacy attention keys too
+        elif isinstance(d.get("attn_config"), Mapping):
             d["attn_config"] = _map_legacy_attn(dict(d["attn_config"]))
         return build(cls, d, "model")
 
