@@ -97,6 +97,7 @@ CASES = [
     ("plot-bad-line", "plot {run}", "metrics.jsonl line 2 is not valid JSON"),
     ("eval-max-seq-len-0", "eval {model} -t copa --data-root {icl} --max-seq-len 0", "--max-seq-len 0"),
     ("eval-limit-0", "eval {model} -t copa --data-root {icl} --limit 0", "--limit 0"),
+    ("data-corrupt-tokenizer", "data {corpus} -o {tmp}/shards2 -t {badtok}", "badtok/tokenizer.json"),
     ("generate-corrupt-tokenizer", "generate {badtok} -p hi --device cpu", "badtok/tokenizer.json"),
     (
         "eval-corrupt-tokenizer",
