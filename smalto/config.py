@@ -20,51 +20,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from smalto.errors import ConfigError, check_choice, check_keys
+from smalto.errors import ConfigError, build, check_choice, check_keys, check_type
 from smalto.model.config import MPTConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur)\s*$", re.IGNORECASE)
 
 
-def _build(cls: type, d: Any, where: str) -> Any:
-    """Instantiate a section dataclass from a mapping, naming an unknown key and the allowed ones."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a mapping, got {d!r}")
-    check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    for key, value in d.items():
-        _check_type(f"{where}.{key}", value, types[key])
-    return cls(**d)
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (int, float),
-    "str": (str,),
-    "bool": (bool,),
-    "None": (type(None),),
-    "Any": (object,),
-}
-
-
-def _check_type(key: str, value: Any, annotation: str) -> None:
-    """Refuse a value of the wrong YAML type (e.g. `global_batch_size: many`), naming the key and the type."""
-    ok: tuple[type, ...] = ()
-    for part in annotation.replace(" ", "").split("|"):
-        ok += (list,) if part.startswith("list[") else _TYPES.get(part, (object,))
-    if isinstance(value, bool) and bool not in ok:
-        ok = ()
-    if not isinstance(value, ok):
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected {annotation}")
+def fill(key: str, template: str, **values: str) -> str:
+    """`template` with its `{placeholders}` filled in; refuses one not in `values`, naming the key."""
+    try:
+        return template.format(**values)
+    except KeyError as e:
+        problem = f"an unknown placeholder {{{e.args[0]}}}"
+    except (IndexError, ValueError, AttributeError) as e:
+        problem = f"a bad placeholder ({e})"
+    allowed = ", ".join("{" + v + "}" for v in values)
+    raise ConfigError(
+        f"{key} = {template!r} has {problem}; allowed: {allowed} (write {{{{ and }}}} for braces)"
+    )
 
 
 # ---- durations ----
@@ -312,16 +293,21 @@ class RunConfig:
 
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
-        d = dict(d)
         check_keys("", d, [f.name for f in dataclasses.fields(cls)])
-        name = str(d.get("name", "run"))
-        run_dir = str(d.get("run_dir", "runs/{name}")).format(name=name)
+        hints = typing.get_type_hints(cls)
+        top = {
+            k: check_type(k, d[k], hints[k])
+            for k in ("name", "run_dir", "seed", "prepare", "tokenizer")
+            if k in d
+        }
+        name, seed = top.get("name", "run"), top.get("seed", 17)
+        run_dir = fill("run_dir", top.get("run_dir", "runs/{name}"), name=name)
         model = MPTConfig.from_dict(d.get("model") or {})
         if d.get("data") is None:
             raise ConfigError(
                 "the recipe has no data section; set data.sources to a list of {path: ...} datasets"
             )
-        data = _build_data(DataConfig, dict(d["data"]), model.max_seq_len, run_dir, int(d.get("seed", 17)))
+        data = _build_data(DataConfig, d["data"], model.max_seq_len, run_dir, seed)
         sections = {
             "optimizer": OptimizerConfig,
             "scheduler": SchedulerConfig,
@@ -330,21 +316,20 @@ class RunConfig:
             "logging": LoggingConfig,
             "guard": GuardConfig,
         }
-        built = {k: _build(c, d.get(k), k) for k, c in sections.items()}
+        built: dict[str, Any] = {k: build(c, d.get(k), k) for k, c in sections.items()}
         ck = built["checkpoint"]
-        ck.folder = ck.folder.format(run_dir=run_dir)
+        ck.folder = fill("checkpoint.folder", ck.folder, run_dir=run_dir)
         if ck.hf_export:
-            ck.hf_export = ck.hf_export.format(run_dir=run_dir)
-        tok = d.get("tokenizer")
-        prepare = d.get("prepare")
+            ck.hf_export = fill("checkpoint.hf_export", ck.hf_export, run_dir=run_dir)
+        tok, prepare = top.get("tokenizer"), top.get("prepare")
         if prepare is not None:
             check_choice("prepare", prepare, ("stdlib",))
         cfg = cls(
             name=name,
             run_dir=run_dir,
-            seed=int(d.get("seed", 17)),
+            seed=seed,
             prepare=prepare,
-            tokenizer=None if tok is None else str(tok).format(run_dir=run_dir),
+            tokenizer=None if tok is None else fill("tokenizer", tok, run_dir=run_dir),
             model=model,
             data=data,
             **built,
@@ -375,15 +360,16 @@ class RunConfig:
         return d
 
 
-def _build_data(cls: Any, d: dict[str, Any], max_seq_len: int, run_dir: str, seed: int) -> Any:
-    d.setdefault("seq_len", max_seq_len)
-    d.setdefault("seed", seed)
+def _build_data(cls: Any, d: Any, max_seq_len: int, run_dir: str, seed: int) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"data must be a mapping, got {d!r}")
+    d = {"seq_len": max_seq_len, "seed": seed, **d}
     if isinstance(d.get("sources"), list):
         d["sources"] = [
-            {**s, "path": str(s["path"]).format(run_dir=run_dir)}
-            if isinstance(s, dict) and "path" in s
+            {**s, "path": fill(f"data.sources[{i}].path", s["path"], run_dir=run_dir)}
+            if isinstance(s, dict) and isinstance(s.get("path"), str)
             else s
-            for s in d["sources"]
+            for i, s in enumerate(d["sources"])
         ]
     return cls.from_dict(d)
 
@@ -455,4 +441,6 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
         d = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(d).__name__}")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -20,7 +20,7 @@ def load_tokenizer(path: str | Path) -> Any:
 
     Never touches the network: a name that is not a local path is refused.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     p = Path(path)
     if p.is_file():
@@ -28,10 +28,7 @@ def load_tokenizer(path: str | Path) -> Any:
             raise DataError(
                 f"tokenizer file {p} is not a tokenizer.json; pass it or the folder that holds it"
             )
-        try:
-            return PreTrainedTokenizerFast(tokenizer_file=str(p))
-        except Exception as e:
-            raise DataError(f"cannot read tokenizer file {p} ({e})") from None
+        return _read_tokenizer_json(p)
     if not p.is_dir():
         raise DataError(
             f"tokenizer {path} does not exist; pass a folder with tokenizer.json or the file itself"
@@ -40,8 +37,19 @@ def load_tokenizer(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as auto_error:
         if (p / "tokenizer.json").is_file():  # e.g. a tokenizer_class this transformers version lacks
-            return PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
+            return _read_tokenizer_json(p / "tokenizer.json")
         raise DataError(f"cannot load a tokenizer from {p} ({auto_error})") from None
+
+
+def _read_tokenizer_json(path: Path) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
+        raise DataError(
+            f"cannot read tokenizer file {path} ({e}); replace it with a valid tokenizer.json"
+        ) from None
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -50,7 +50,27 @@ def files(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str
     plain.write_text("not a folder\n")
     corpus = tmp / "corpus.txt"
     corpus.write_text("hello world\n")
-    return {"truncated": truncated, "run": run, "plain": plain, "corpus": corpus, "tmp": tmp}
+    badtok = tmp / "badtok"  # the model with a cut tokenizer.json
+    badtok.mkdir()
+    for f in model_dir.iterdir():
+        (badtok / f.name).write_bytes(f.read_bytes())
+    (badtok / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes()[:5000])
+    gpt = tmp / "gpt"  # a transformers model (not MPT) whose weights are missing
+    gpt.mkdir()
+    for f in model_dir.glob("tokenizer*"):
+        (gpt / f.name).write_bytes(f.read_bytes())
+    (gpt / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2})
+    )
+    return {
+        "truncated": truncated,
+        "run": run,
+        "plain": plain,
+        "corpus": corpus,
+        "tmp": tmp,
+        "badtok": badtok,
+        "gpt": gpt,
+    }
 
 
 # (case, argv with {model} {truncated} {run} {plain} {corpus} {tmp} {tok} {icl} placeholders, expected message)
@@ -77,6 +97,18 @@ CASES = [
     ("plot-bad-line", "plot {run}", "metrics.jsonl line 2 is not valid JSON"),
     ("eval-max-seq-len-0", "eval {model} -t copa --data-root {icl} --max-seq-len 0", "--max-seq-len 0"),
     ("eval-limit-0", "eval {model} -t copa --data-root {icl} --limit 0", "--limit 0"),
+    ("data-corrupt-tokenizer", "data {corpus} -o {tmp}/shards2 -t {badtok}", "badtok/tokenizer.json"),
+    ("generate-corrupt-tokenizer", "generate {badtok} -p hi --device cpu", "badtok/tokenizer.json"),
+    (
+        "eval-corrupt-tokenizer",
+        "eval {badtok} -t copa --data-root {icl} --device cpu",
+        "badtok/tokenizer.json is unreadable",
+    ),
+    (
+        "eval-transformers-no-weights",
+        "eval {gpt} -t copa --data-root {icl} --device cpu",
+        "transformers cannot load the model in",
+    ),
     (
         "data-eos-not-in-vocab",
         "data {corpus} -o {tmp}/shards -t {tok} --eos-token <nonexist>",

@@ -211,7 +211,8 @@ def _break(folder: Path, edit) -> Path:
     [
         ("no_config", "no config.json"),
         ("not_mpt", "model_type 'gpt2'"),
-        ("bad_key", "unknown key"),
+        ("bad_key", "config.json: model.attn_config.alibi = 'yes' has the wrong type; expected bool"),
+        ("unsupported_key", "config.json: final_logit_softcapping = 30.0 is not supported"),
         ("no_weights", "holds no weights"),
         ("missing", "missing 1 tensor"),
         ("shape", "wrong shape"),
@@ -229,7 +230,9 @@ def test_bad_folders_refused(tmp_path: Path, case: str, message: str) -> None:
     elif case == "not_mpt":
         cfg_path.write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     elif case == "bad_key":
-        cfg_path.write_text(json.dumps({**cfg, "attn_config": {**cfg["attn_config"], "alibii": True}}))
+        cfg_path.write_text(json.dumps({**cfg, "attn_config": {**cfg["attn_config"], "alibi": "yes"}}))
+    elif case == "unsupported_key":  # an unknown key that changes the model; a harmless one only warns
+        cfg_path.write_text(json.dumps({**cfg, "final_logit_softcapping": 30.0}))
     elif case == "no_weights":
         (folder / "model.safetensors").unlink()
     elif case == "missing":

@@ -48,7 +48,7 @@ import torch
 
 from smalto.data.dataset import MDSDataset, join, parse_bytes, read_metadata, read_text
 from smalto.data.plan import epoch_counts, epoch_order
-from smalto.errors import ConfigError, DataError, check_keys
+from smalto.errors import ConfigError, DataError, build, check_keys
 
 
 @dataclass(kw_only=True)
@@ -65,12 +65,7 @@ class SourceConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "data.sources[]") -> SourceConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where} must be a mapping with at least a path, got {d!r}")
-        check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
-        if "path" not in d:
-            raise ConfigError(f"{where} needs a path")
-        return cls(**d)
+        return build(cls, d, where)
 
 
 @dataclass(kw_only=True)
@@ -94,13 +89,11 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "data") -> DataConfig:
-        check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
-        d = dict(d)
-        sources = d.pop("sources", None)
-        if not sources or not isinstance(sources, list):
+        """Unknown keys, missing sources and values of the wrong type raise ConfigError naming the key."""
+        if isinstance(d, dict) and (not d.get("sources") or not isinstance(d["sources"], list)):
+            check_keys(where, d, [f.name for f in dataclasses.fields(cls)])
             raise ConfigError(f"{where}.sources must be a non-empty list of {{path: ...}} mappings")
-        srcs = [SourceConfig.from_dict(s, f"{where}.sources[{i}]") for i, s in enumerate(sources)]
-        return cls(sources=srcs, **d)
+        return build(cls, d, where)
 
     def __post_init__(self) -> None:
         if not self.sources:

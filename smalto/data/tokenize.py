@@ -105,11 +105,19 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> tuple[Any, Tokeni
     config: dict[str, Any] = {}
     cfg_file = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
     if cfg_file.exists():
-        config = json.loads(cfg_file.read_text())
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{cfg_file} is not valid JSON ({e})") from None
     if tj is not None and tj.exists():
         from tokenizers import Tokenizer
 
-        tok: Any = Tokenizer.from_file(str(tj))
+        try:
+            tok: Any = Tokenizer.from_file(str(tj))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
+            raise DataError(
+                f"cannot read tokenizer file {tj} ({e}); replace it with a valid tokenizer.json"
+            ) from None
         token_id = tok.token_to_id
         vocab = tok.get_vocab_size(with_added_tokens=True)
         sha = hashlib.sha256(tj.read_bytes()).hexdigest()

@@ -26,9 +26,22 @@ def load_tokenizer(path: str | Path, where: str = "") -> Any:
             "e.g. ../shared/tokenizers/gpt-neox-20b for MPT models"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(p))
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises many types for unreadable tokenizer files
-        raise CheckpointError(f"cannot load the tokenizer in {p}: {e}") from None
+        broken = next(
+            (p / f for f in ("tokenizer.json", "tokenizer_config.json") if _unreadable_json(p / f)), p
+        )
+        raise CheckpointError(f"cannot load the tokenizer in {p}: {broken} is unreadable ({e})") from None
+
+
+def _unreadable_json(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return False
 
 
 def resolve_device(device: str) -> str:
@@ -67,7 +80,10 @@ def load_model(
     tok = load_tokenizer(tokenizer or p, "" if tokenizer else " (the model folder)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    if _unreadable_json(p / "config.json"):
+        raise CheckpointError(f"{p / 'config.json'} is not valid JSON; re-export or re-download the model")
+    raw = json.loads((p / "config.json").read_text())
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
     model: Any
     if model_type in (
         "mpt",
@@ -82,7 +98,13 @@ def load_model(
 
         new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
         key = "dtype" if new else "torch_dtype"  # renamed in transformers 4.56
-        model = AutoModelForCausalLM.from_pretrained(str(p), **{key: dt})
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **{key: dt})
+        except Exception as e:  # transformers raises many types for files it cannot use
+            raise CheckpointError(
+                f"transformers cannot load the model in {p} ({p / 'config.json'}: model_type {model_type!r}): "
+                f"{type(e).__name__}: {e}"
+            ) from None
         model = model.to(dev)  # type: ignore[arg-type]
     model.eval()
     return model, tok

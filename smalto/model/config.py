@@ -13,12 +13,14 @@ field each, with the one validation step that relates them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from smalto.errors import ConfigError, check_choice, check_keys
+from smalto.errors import ConfigError, build, check_choice, check_keys
 
 NORM_TYPES = ("layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm")
 ATTN_IMPLS = ("auto", "flex", "cudnn", "sdpa", "eager")
@@ -86,10 +88,31 @@ HF_METADATA_KEYS = frozenset(
         "smalto",
         "attn_impl_note",
         "_attn_implementation_autoset",
-        "block_overrides",
         "generation_config",
     }
 )
+
+# Keys of llm-foundry / hub MPT configs that change the computation in a way smalto does not implement: refused
+# unless they hold the value that leaves it unchanged (key → (such values, why)). Any other key smalto does not know
+# is dropped from a config.json with one warning, as transformers ignores it; a recipe refuses it.
+UNSUPPORTED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "attn_config.prefix_lm": ((False, None), "prefix-LM MPT variants were never released"),
+    "attn_config.fused_qkv": ((True,), "smalto always uses a fused Wqkv"),
+    "attn_config.attn_logit_softcapping": ((None,), "attention logit soft-capping is not implemented"),
+    "attn_config.reuse_kv_layer_idx": (
+        (None,),
+        "sharing one layer's keys/values with another is not implemented",
+    ),
+    "final_logit_softcapping": ((None,), "logit soft-capping is not implemented"),
+    "block_overrides": ((None, {}), "per-layer overrides of the block config are not implemented"),
+    "ffn_config.ffn_type": (FFN_TYPES, "TransformerEngine's te_ln_mlp and the MoE FFNs are not implemented"),
+}
+
+
+def _check_supported(key: str, value: Any) -> None:
+    neutral, why = UNSUPPORTED_KEYS[key]
+    if value not in neutral:
+        raise ConfigError(f"{key} = {json.dumps(value, default=str)} is not supported: {why}")
 
 
 @dataclass(kw_only=True)
@@ -249,17 +272,22 @@ class MPTConfig:
 
     # ---- (de)serialisation ----
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, strict: bool = True) -> MPTConfig:
-        """Build from a dict. `strict=False` drops the metadata keys an HF config.json carries and maps legacy keys."""
+    def from_dict(cls, d: Mapping[str, Any], *, strict: bool = True) -> MPTConfig:
+        """Build from a dict (a recipe's `model` section: unknown keys and values of the wrong type are refused,
+        named `model.<key>`). `strict=False` reads an HF config.json: metadata keys are dropped, legacy keys mapped,
+        and keys smalto does not know are dropped with one warning unless `UNSUPPORTED_KEYS` refuses them."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"model must be a mapping, got {d!r}")
         d = dict(d)
         if not strict:
             if d.get("model_type", "mpt") != "mpt":
                 raise ConfigError(
                     f"config.json has model_type {d['model_type']!r}; smalto loads MPT models (model_type 'mpt')"
                 )
-            d = _map_hf_keys(d)
-        check_keys("model", d, sorted(f.name for f in dataclasses.fields(cls)))
-        return cls(**d)
+            d = _map_hf_keys(d)  # maps the legacy attention keys too
+        elif isinstance(d.get("attn_config"), Mapping):
+            d["attn_config"] = _map_legacy_attn(dict(d["attn_config"]))
+        return build(cls, d, "model")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -340,11 +368,7 @@ class MPTConfig:
 
 
 def _nested_from_dict(name: str, cls: type, d: dict[str, Any]) -> Any:
-    d = dict(d)
-    if cls is AttnConfig:
-        d = _map_legacy_attn(d)
-    check_keys(name, d, sorted(f.name for f in dataclasses.fields(cls)))
-    return cls(**d)
+    return build(cls, _map_legacy_attn(dict(d)) if cls is AttnConfig else d, name)
 
 
 # llm-foundry attention keys that only choose an implementation of the same computation: dropped
@@ -363,14 +387,9 @@ def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
             d["kv_n_heads"] = None
         elif attn_type == "multiquery_attention":
             d["kv_n_heads"] = 1
-    if d.pop("prefix_lm", False):
-        raise ConfigError(
-            "attn_config.prefix_lm = true is not supported (prefix-LM MPT variants were never released)"
-        )
-    if d.pop("fused_qkv", True) is not True:
-        raise ConfigError("attn_config.fused_qkv = false is not supported; smalto always uses a fused Wqkv")
-    if d.pop("attn_logit_softcapping", None) is not None:
-        raise ConfigError("attn_config.attn_logit_softcapping is not supported")
+    for key in ("prefix_lm", "fused_qkv", "attn_logit_softcapping"):
+        if key in d:
+            _check_supported(f"attn_config.{key}", d.pop(key))
     rope_impl = d.get("rope_impl")
     dail = d.pop("rope_dail_config", None) or {}
     hf = d.pop("rope_hf_config", None) or {}
@@ -391,36 +410,45 @@ def _map_legacy_attn(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _map_hf_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A config.json's keys mapped onto ours; see `HF_METADATA_KEYS` and `UNSUPPORTED_KEYS`."""
     if "layer_norm_epsilon" in d:  # transformers' native MptConfig calls norm_eps this
         eps = d.pop("layer_norm_epsilon")
         d.setdefault("norm_eps", eps)
-    dropped = [k for k in d if k in HF_METADATA_KEYS]
-    for k in dropped:
-        d.pop(k)
+    d = {k: v for k, v in d.items() if k not in HF_METADATA_KEYS}
     if d.get("norm_type") == "triton_rmsnorm":
         d["norm_type"] = "rmsnorm"
-    for nested in (
-        "attn_config",
-        "init_config",
-        "ffn_config",
-    ):  # transformers 5 nests PretrainedConfig keys here
-        if isinstance(d.get(nested), dict):
-            d[nested] = {
-                k: v for k, v in d[nested].items() if k not in HF_METADATA_KEYS and not k.startswith("_")
-            }
-    if "ffn_config" in d and isinstance(d["ffn_config"], dict):
-        ffn = dict(d["ffn_config"])
-        if ffn.get("ffn_type") == "te_ln_mlp":
-            raise ConfigError(
-                "ffn_config.ffn_type te_ln_mlp (TransformerEngine) is not supported; use mptmlp"
-            )
-        ffn.pop("fc_type", None)
-        d["ffn_config"] = ffn
     if "attn_config" not in d:
         # transformers' native MptConfig without an attn_config is multi-head attention with ALiBi
         d["attn_config"] = {"alibi": True}
-    for k in list(d):
-        if k.startswith("_"):
-            warnings.warn(f"ignoring private config key {k!r}", stacklevel=3)
-            d.pop(k)
+    if isinstance(d.get("attn_config"), Mapping):
+        d["attn_config"] = _map_legacy_attn(dict(d["attn_config"]))
+    if isinstance(d.get("ffn_config"), Mapping) and "ffn_type" in d["ffn_config"]:
+        _check_supported("ffn_config.ffn_type", d["ffn_config"]["ffn_type"])
+    ignored: list[str] = []
+
+    def known(where: str, section: dict[str, Any], cls: type) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = {}
+        for k, v in section.items():
+            key = f"{where}{k}"
+            if k in names:
+                out[k] = v
+            elif key in UNSUPPORTED_KEYS:
+                _check_supported(key, v)
+            elif where and (k in HF_METADATA_KEYS or k.startswith("_")):
+                pass  # transformers 5 nests PretrainedConfig keys in the nested configs
+            else:
+                ignored.append(key)
+        return out
+
+    d = known("", d, MPTConfig)
+    for name, cls in (("attn_config", AttnConfig), ("ffn_config", FFNConfig), ("init_config", InitConfig)):
+        if isinstance(d.get(name), Mapping):
+            d[name] = known(f"{name}.", dict(d[name]), cls)
+    if ignored:
+        warnings.warn(
+            f"config.json: ignoring keys smalto does not know (none of them is known to change the model): "
+            f"{', '.join(ignored)}",
+            stacklevel=3,
+        )
     return d

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from smalto.errors import ConfigError, UserError
@@ -39,7 +41,7 @@ def test_defaults_follow_llm_foundry():
         ),
         ({"attn_config": {"attn_impl": "flash2"}}, "choose one of: auto, flex, cudnn, sdpa, eager"),
         ({"ffn_config": {"ffn_type": "moe"}}, "choose one of: mptmlp, mptglu"),
-        ({"attn_config": {"alibbi": True}}, "unknown key attn_config.alibbi"),
+        ({"attn_config": {"alibbi": True}}, "unknown key model.attn_config.alibbi"),
         ({"logit_scale": "sqrt"}, "inv_sqrt_d_model"),
         ({"expansion_ratio": 1.3, "d_model": 64, "n_heads": 4}, "set ffn_config.ffn_hidden_size"),
         ({"init_config": {"name": "baseline_"}}, "needs init_config.init_std"),
@@ -85,3 +87,49 @@ def test_round_trip_through_dict():
 def test_flops_per_token_is_llm_foundry_formula():
     c = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=100)
     assert c.flops_per_token(32) == 6 * c.num_params() + 12 * 2 * 64 * 32
+
+
+def test_hf_config_with_harmless_unknown_keys_loads_with_one_warning():
+    """transformers loads a config.json with keys it does not know; so does smalto, naming them once."""
+    raw = {
+        **MPT_7B_CONFIG_JSON,
+        "quantization_note": "none",
+        "attn_config": {**MPT_7B_CONFIG_JSON["attn_config"], "kernel_hint": "fast"},
+        "_private": 1,
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = MPTConfig.from_dict(raw, strict=False)
+    assert c == MPTConfig.from_dict(MPT_7B_CONFIG_JSON, strict=False)
+    assert [str(w.message) for w in caught] == [
+        "config.json: ignoring keys smalto does not know (none of them is known to change the model): "
+        "quantization_note, _private, attn_config.kernel_hint"
+    ]
+    with pytest.raises(ConfigError, match=r"unknown key model\.quantization_note"):
+        MPTConfig.from_dict({k: v for k, v in raw.items() if k in ("d_model", "quantization_note")})
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0 is not supported"),
+        ({"block_overrides": {"order": ["x"]}}, "block_overrides = {"),
+        ({"attn_config": {"reuse_kv_layer_idx": -1}}, "attn_config.reuse_kv_layer_idx = -1 is not supported"),
+        ({"ffn_config": {"ffn_type": "te_ln_mlp"}}, 'ffn_config.ffn_type = "te_ln_mlp" is not supported'),
+        (
+            {"attn_config": {"alibi": "yes"}},
+            "model.attn_config.alibi = 'yes' has the wrong type; expected bool",
+        ),
+    ],
+)
+def test_hf_config_with_unsupported_or_mistyped_values_is_refused(extra, needle):
+    raw = {**MPT_7B_CONFIG_JSON, **extra}
+    if "attn_config" in extra:
+        raw["attn_config"] = {**MPT_7B_CONFIG_JSON["attn_config"], **extra["attn_config"]}
+    with pytest.raises(ConfigError) as e:
+        MPTConfig.from_dict(raw, strict=False)
+    assert needle in str(e.value)
+    # the neutral value of each key smalto does not implement is accepted
+    MPTConfig.from_dict(
+        {**MPT_7B_CONFIG_JSON, "final_logit_softcapping": None, "block_overrides": None}, strict=False
+    )

@@ -75,7 +75,7 @@ def test_overrides_are_yaml_typed():
             "train.global_batch_size = 'many' has the wrong type; expected int",
         ),
         (["train.grad_clip=true"], "train.grad_clip = True has the wrong type"),
-        (["model.attn_config.alibi_max=3"], "unknown key attn_config.alibi_max"),
+        (["model.attn_config.alibi_max=3"], "unknown key model.attn_config.alibi_max"),
         (["data.seq_len=512"], "data.seq_len (512) is longer than model.max_seq_len (256)"),
         (["train.max_duration=10 epochs"], "not a duration"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "multiple of train.micro_batch_size"),
@@ -91,12 +91,66 @@ def test_overrides_are_yaml_typed():
         (["guard.spike=ignore"], "guard.spike = 'ignore'"),
         (["data.shufle=false"], "unknown key data.shufle"),
         (["train.activation_checkpointing=0"], "use true, false or a positive integer"),
+        # every section and the top level: one type check against the field's annotation, the key named
+        (["data.seq_len=abc"], "data.seq_len = 'abc' has the wrong type; expected int"),
+        (["data.num_workers=two"], "data.num_workers = 'two' has the wrong type; expected int"),
+        (
+            ["data.sources=[{path: x, proportion: abc}]"],
+            "data.sources[0].proportion = 'abc' has the wrong type; expected float or null",
+        ),
+        (["data.sources=[{split: train}]"], "data.sources[0] needs path"),
+        (["seed=abc"], "seed = 'abc' has the wrong type; expected int"),
+        (["seed=1.7"], "seed = 1.7 has the wrong type; expected int"),
+        (["data.seed=1.7"], "data.seed = 1.7 has the wrong type; expected int"),
+        (["name=[a]"], "name = ['a'] has the wrong type; expected str"),
+        (["data=5"], "data must be a mapping, got 5"),
+        (["model=5"], "model must be a mapping, got 5"),
+        (["model.attn_config=3"], "model.attn_config = 3 has the wrong type; expected a mapping"),
+        (["model.d_model=abc"], "model.d_model = 'abc' has the wrong type; expected int"),
+        (
+            ["model.attn_config.alibi=maybe"],
+            "model.attn_config.alibi = 'maybe' has the wrong type; expected bool",
+        ),
+        (["train.sample_prompts=[1]"], "train.sample_prompts[0] = 1 has the wrong type; expected str"),
+        (
+            ["run_dir=runs/{nope}"],
+            "run_dir = 'runs/{nope}' has an unknown placeholder {nope}; allowed: {name}",
+        ),
+        (["checkpoint.folder='{rundir}/ck'"], "checkpoint.folder = '{rundir}/ck' has an unknown placeholder"),
+        (
+            ["data.sources=[{path: '{name}/d'}]"],
+            "data.sources[0].path = '{name}/d' has an unknown placeholder",
+        ),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", override)
     assert message in str(e.value)
+
+
+def test_integral_floats_are_ints_and_the_rest_keep_their_type():
+    c = load_config("tiny", ["data.epoch_size=1e3", "seed=5", "optimizer.lr=1", "train.max_duration=1e2"])
+    assert c.data.epoch_size == 1000 and isinstance(c.data.epoch_size, int) and c.seed == c.data.seed == 5
+    assert c.optimizer.lr == 1 and c.train.max_duration == 100
+
+
+def test_a_recipe_that_is_not_a_mapping_is_refused(tmp_path):
+    recipe = tmp_path / "list.yaml"
+    recipe.write_text("- name: x\n- data: {}\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: a recipe must be a mapping of sections, got a list"):
+        load_config(str(recipe))
+
+
+def test_an_index_shard_that_is_not_a_mapping_is_refused():
+    from smalto.data.mds import parse_index
+    from smalto.errors import DataError
+
+    with pytest.raises(DataError, match=r"index.json: shard 1 is 'shard.00001.mds', not a mapping"):
+        parse_index(
+            '{"version": 2, "shards": [{"format": "mds", "column_names": ["tokens"]}, "shard.00001.mds"]}',
+            "index.json",
+        )
 
 
 def test_unknown_recipe_lists_the_shipped_ones():
@@ -109,6 +163,9 @@ def test_unknown_recipe_lists_the_shipped_ones():
     [
         (["tiny", "train.lr=3"], "unknown key train.lr"),
         (["tiny", "optimizer.lr=-1"], "optimizer.lr = -1 must be positive"),
+        (["tiny", "seed=1.7"], "seed = 1.7 has the wrong type; expected int"),
+        (["tiny", "data.num_workers=two"], "data.num_workers = 'two' has the wrong type; expected int"),
+        (["tiny", "run_dir=runs/{nope}"], "run_dir = 'runs/{nope}' has an unknown placeholder {nope}"),
         (["no-such-recipe"], "no recipe 'no-such-recipe'"),
     ],
 )
