@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import warnings
 from collections import deque
@@ -120,6 +121,8 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         if world.is_main:
             prepare_stdlib(cfg)
         world.barrier()
+    if world.is_main:
+        check_paths(cfg)
     t = build_trainer(cfg, world)
     t.loader = build_loader(
         cfg.data,
@@ -210,6 +213,33 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
         weight_cast=StepWeightCast(model, torch.bfloat16) if step_cast else None,
         attention=attention,
     )
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Every place the run writes to is writable and every file it reads at the end exists, before the first step:
+    an unwritable checkpoint folder or a missing tokenizer found at the first save or after the last step would
+    cost the steps before it."""
+    from pathlib import Path
+
+    outputs = [("run_dir", cfg.run_dir), ("checkpoint.folder", cfg.checkpoint.folder)]
+    if cfg.checkpoint.hf_export:
+        outputs.append(("checkpoint.hf_export", cfg.checkpoint.hf_export))
+    for key, folder in outputs:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".smalto-write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"{key} = {folder} cannot be written ({e.strerror or e}); point it at a writable folder"
+            ) from None
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise ConfigError(
+            f"tokenizer = {cfg.tokenizer} does not exist (the HF export and the samples need it); "
+            "fix the path or remove the key"
+        )
 
 
 def seed_everything(seed: int) -> None:
