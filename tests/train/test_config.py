@@ -146,9 +146,9 @@ def test_an_index_shard_that_is_not_a_mapping_is_refused():
     from smalto.data.mds import parse_index
     from smalto.errors import DataError
 
-    with pytest.raises(DataError, match=r"index.json: shard 1 is 'shard.00001.mds', not a mapping"):
+    with pytest.raises(DataError, match=r"index.json: shard 0 is 'shard.00000.mds', not a mapping"):
         parse_index(
-            '{"version": 2, "shards": [{"format": "mds", "column_names": ["tokens"]}, "shard.00001.mds"]}',
+            '{"version": 2, "shards": ["shard.00000.mds"]}',
             "index.json",
         )
 
