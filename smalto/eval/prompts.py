@@ -1,7 +1,8 @@
 """Few-shot prompts and their tokens, built exactly as llm-foundry's ICL datasets build them.
 
 For item i with k shots:
-    preamble  = prompt_string + shot_1 + shot_2 + ...      shots drawn with one seeded RNG, file order, never i
+    preamble  = prompt_string + shot_1 + shot_2 + ...      shots drawn with one seeded RNG, file order, never i;
+                with has_categories only from i's category, each category with its own RNG
     shot      = [example_delimiter] + question_prelimiter + context + continuation_delimiter + answer
                 (the delimiter only when something precedes it; schema puts the prelimiter first)
     context   = [example_delimiter] + question_prelimiter + context + continuation_delimiter, right-stripped
@@ -113,21 +114,43 @@ def context_texts(task: TaskConfig, item: dict[str, Any], preamble: str) -> list
     return [ctx.rstrip() if task.strip_dataset else ctx]
 
 
+def shot_pools(task: TaskConfig, items: list[dict[str, Any]]) -> list[list[int]]:
+    """The file's items grouped as llm-foundry builds its datasets: one group, or with `has_categories` one per
+    `category` (llm-foundry writes each category to its own file and builds it as a separate dataset)."""
+    if not task.has_categories:
+        return [list(range(len(items)))]
+    pools: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        cat = it.get("category")
+        if not isinstance(cat, str):
+            raise DataError(
+                f"{task.path(None).name}:{i + 1} (task {task.label}): has_categories is set but the item has no "
+                "string field 'category'"
+            )
+        pools.setdefault(cat, []).append(i)
+    return [pools[c] for c in sorted(pools)]
+
+
 def build_prompts(
     task: TaskConfig, items: list[dict[str, Any]], k: int, limit: int | None = None
 ) -> list[tuple[str, list[str]]]:
-    """(preamble, contexts) for the first `limit` items; the shots are drawn from all items of the file."""
-    rng = random.Random(task.fewshot_random_seed)
+    """(preamble, contexts) for the first `limit` items, in file order. Shots come from the item's pool (the
+    file, or its category), each pool with its own RNG seeded with fewshot_random_seed and drawn in file order,
+    so a prefix of the file gets the prompts the whole file gives it."""
     cot = has_cot(items)
     n = len(items) if limit is None else min(limit, len(items))
-    out = []
-    for i in range(n):
-        preamble = task.prompt_string
-        if k > 0:
-            for j in fewshot_indices(len(items), k, i, rng):
-                preamble += shot_text(task, items[j], preamble, cot)
-        out.append((preamble, context_texts(task, items[i], preamble)))
-    return out
+    prompts: dict[int, tuple[str, list[str]]] = {}
+    for pool in shot_pools(task, items):
+        rng = random.Random(task.fewshot_random_seed)
+        for pos, i in enumerate(pool):
+            if i >= n:
+                break
+            preamble = task.prompt_string
+            if k > 0:
+                for j in fewshot_indices(len(pool), k, pos, rng):
+                    preamble += shot_text(task, items[pool[j]], preamble, cot)
+            prompts[i] = (preamble, context_texts(task, items[i], preamble))
+    return [prompts[i] for i in range(n)]
 
 
 def _with_space(text: str, prefix_space: bool) -> str:
@@ -146,7 +169,8 @@ def _trim(context: list[int], n_cont: int, max_seq_len: int, where: str) -> list
 
 
 def max_answer_tokens(task: TaskConfig, items: list[dict[str, Any]], tokenizer: Any) -> int:
-    """Generation budget: the longest (chain of thought +) answer or alias in the file, in tokens."""
+    """Generation budget: the longest (chain of thought +) answer or alias in the file, in tokens (special
+    tokens included). Pass the items as read, unstripped: llm-foundry measures them before strip_dataset."""
     cot = has_cot(items)
     texts = []
     for it in items:
@@ -163,18 +187,18 @@ def build_items(
     tokenizer: Any,
     max_seq_len: int,
     limit: int | None = None,
+    answer_budget: int | None = None,
 ) -> list[Item]:
-    """Prompts → token requests for the first `limit` items."""
+    """Prompts → token requests for the first `limit` items. Generation contexts keep room for `answer_budget`
+    new tokens (default: max_answer_tokens of `items`; pass it from the unstripped items to match llm-foundry)."""
     prompts = build_prompts(task, items, k, limit)
     prefix_space = needs_prefix_space(tokenizer)
     eos = tokenizer.eos_token_id
     pre_ids = tokenizer([p for p, _ in prompts])["input_ids"] if prompts else []
     fmt = task.icl_task_type
-    gen_room = (
-        max_seq_len - max_answer_tokens(task, items, tokenizer)
-        if fmt == "generation_task_with_answers"
-        else 0
-    )
+    if fmt == "generation_task_with_answers" and answer_budget is None:
+        answer_budget = max_answer_tokens(task, items, tokenizer)
+    gen_room = max_seq_len - answer_budget if answer_budget is not None else 0
     out = []
     for i, ((preamble, contexts), pre) in enumerate(zip(prompts, pre_ids, strict=True)):
         if (

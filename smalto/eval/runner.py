@@ -24,7 +24,14 @@ from smalto.eval import scorer
 from smalto.eval.gauntlet import score_gauntlet
 from smalto.eval.prompts import Item, build_items, max_answer_tokens
 from smalto.eval.scoring import judge
-from smalto.eval.tasks import Suite, TaskConfig, read_items, resolve_data_root, resolve_tasks
+from smalto.eval.tasks import (
+    Suite,
+    TaskConfig,
+    read_items,
+    resolve_data_root,
+    resolve_tasks,
+    strip_item,
+)
 
 
 @dataclass
@@ -80,13 +87,15 @@ def prepare(
     """Items with their tokens, and the generation budget; memoized per tokenizer/task/shots/length/limit."""
     key = json.dumps([id(tokenizer), asdict(task), k, max_seq_len, str(data_root), limit], sort_keys=True)
     if key not in _PREPARED:
-        raw = read_items(task, data_root)
-        items = build_items(task, raw, k, tokenizer, max_seq_len, limit)
+        as_read = read_items(task, data_root, strip=False)
+        raw = [strip_item(it) for it in as_read] if task.strip_dataset else as_read
+        # llm-foundry measures the generation budget on the answers as read, before stripping
         budget = (
-            max_answer_tokens(task, raw, tokenizer)
+            max_answer_tokens(task, as_read, tokenizer)
             if task.icl_task_type == "generation_task_with_answers"
             else 0
         )
+        items = build_items(task, raw, k, tokenizer, max_seq_len, limit, answer_budget=budget or None)
         _PREPARED[key] = (items, budget)
     return _PREPARED[key]
 
@@ -221,7 +230,10 @@ def evaluate(
                     label=task.label,
                     num_fewshot=k,
                     icl_task_type=task.icl_task_type,
-                    accuracy=_accuracy(records),
+                    # with categories llm-foundry's task average is the mean of the category accuracies
+                    accuracy=(
+                        sum(_accuracy(rs) for rs in cats.values()) / len(cats) if cats else _accuracy(records)
+                    ),
                     n=len(records),
                     seconds=time.perf_counter() - t1,
                     categories={c: _accuracy(rs) for c, rs in sorted(cats.items())},

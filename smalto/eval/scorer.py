@@ -178,7 +178,7 @@ def generate_greedy(
         completions = generate(
             model, tokenizer, contexts, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or None
         )
-        return [c.text or "" for c in completions]
+        return [decode_generation(tokenizer, c.token_ids) for c in completions]
     device = _device(model)
     ids, mask = _pad(contexts, pad_id, left=True, device=device)
     B, L = ids.shape
@@ -219,7 +219,12 @@ def generate_greedy(
             kw = {"position_ids": pos} if _takes_position_ids(model) else {}
             res = model(input_ids=tok, attention_mask=attn, past_key_values=cache, use_cache=True, **kw)
             cache, logits = res.past_key_values, res.logits[:, -1]
-    return [tokenizer.decode(o) for o in out]
+    return [decode_generation(tokenizer, o) for o in out]
+
+
+def decode_generation(tokenizer: Any, ids: list[int]) -> str:
+    """Generated tokens as text without special tokens, as llm-foundry decodes (`skip_special_tokens=True`)."""
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _takes_position_ids(model: Any) -> bool:

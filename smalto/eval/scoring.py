@@ -3,7 +3,8 @@
 language_modeling             correct when greedy decoding reproduces every continuation token
 multiple_choice / schema      the option with the lowest mean per-token cross-entropy wins (ties: the first)
 generation_task_with_answers  cut at the first stop string, keep what follows the last CoT delimiter,
-                              normalize, correct when it starts with any normalized alias
+                              normalize (or with do_normalization: false only strip whitespace, both sides),
+                              correct when it starts with any alias treated the same way
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def generation_correct(output: str, aliases: list[str], task: TaskConfig) -> tup
     if task.do_normalization:
         answer = normalize_answer(answer)
         aliases = [normalize_answer(a) for a in aliases]
+    else:  # llm-foundry still strips both: " 18" answers "18"
+        answer = answer.strip()
+        aliases = [a.strip() for a in aliases]
     return any(answer.startswith(a) for a in aliases), answer
 
 

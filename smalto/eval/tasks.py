@@ -213,8 +213,12 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
 # ---------------------------------------------------------------- jsonl
 
 
-def read_items(task: TaskConfig, data_root: str | Path | None) -> list[dict[str, Any]]:
-    """The task's items, checked for the fields its format needs; errors name the file, line and field."""
+def read_items(
+    task: TaskConfig, data_root: str | Path | None, *, strip: bool | None = None
+) -> list[dict[str, Any]]:
+    """The task's items, checked for the fields its format needs; errors name the file, line and field.
+    String fields are stripped when `strip` (default: the task's strip_dataset)."""
+    strip = task.strip_dataset if strip is None else strip
     path = task.path(data_root)
     if not path.is_file():
         raise DataError(
@@ -233,12 +237,17 @@ def read_items(task: TaskConfig, data_root: str | Path | None) -> list[dict[str,
             if not isinstance(item, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
             _check_item(item, task.icl_task_type, where)
-            if task.strip_dataset:
-                item = {k: v.strip() if isinstance(v, str) else v for k, v in item.items()}
+            if strip:
+                item = strip_item(item)
             items.append(item)
     if not items:
         raise DataError(f"{path} holds no items")
     return items
+
+
+def strip_item(item: dict[str, Any]) -> dict[str, Any]:
+    """llm-foundry's strip_data: whitespace stripped around every top-level string field."""
+    return {k: v.strip() if isinstance(v, str) else v for k, v in item.items()}
 
 
 def _check_item(item: dict[str, Any], fmt: str, where: str) -> None:
