@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from smalto.generate import Delta, generate
+from smalto.generate import Delta, fit_new_tokens, generate
 from smalto.model.mpt import MPTForCausalLM
 
 
@@ -14,15 +14,25 @@ class ChatSession:
 
     `send(text)` appends the user turn, generates the assistant turn (streamed through `callback`) and returns it.
     When the history no longer fits `max_seq_len` with room for the answer, the oldest turns are dropped
-    (a system message is kept).
+    (a system message is kept). An answer budget larger than the context left is clipped to it, and `note` is
+    told so once.
     """
 
     def __init__(
-        self, model: MPTForCausalLM, tokenizer: Any, *, system: str | None = None, **gen_kwargs: Any
+        self,
+        model: MPTForCausalLM,
+        tokenizer: Any,
+        *,
+        system: str | None = None,
+        note: Callable[[str], None] | None = None,
+        **gen_kwargs: Any,
     ):
         from smalto.tokenizer import chat_stop_strings
 
         self.model, self.tokenizer, self.system, self.gen_kwargs = model, tokenizer, system, gen_kwargs
+        self.note, self.noted = note, False
+        # history is dropped to leave room for an answer, but never for more than half the context
+        self.room = min(gen_kwargs.get("max_new_tokens", 128), model.config.max_seq_len // 2)
         self.stop = [*chat_stop_strings(tokenizer), *(gen_kwargs.pop("stop", None) or [])]
         self.messages: list[dict[str, str]] = []
         self.reset()
@@ -33,7 +43,7 @@ class ChatSession:
     def _prompt(self) -> str:
         from smalto.tokenizer import apply_chat_template
 
-        room = self.model.config.max_seq_len - self.gen_kwargs.get("max_new_tokens", 128)
+        room = self.model.config.max_seq_len - self.room
         first = 1 if self.system else 0
         while True:
             text = apply_chat_template(self.tokenizer, self.messages, add_generation_prompt=True)
@@ -43,9 +53,15 @@ class ChatSession:
 
     def send(self, text: str, callback: Callable[[Delta], None] | None = None) -> str:
         self.messages.append({"role": "user", "content": text})
-        (out,) = generate(
-            self.model, self.tokenizer, [self._prompt()], stop=self.stop, callback=callback, **self.gen_kwargs
+        prompt = self._prompt()
+        budget, clipped = fit_new_tokens(
+            self.model, len(self.tokenizer.encode(prompt)), self.gen_kwargs.get("max_new_tokens", 128)
         )
+        if clipped and not self.noted and self.note is not None:
+            self.note(clipped)
+            self.noted = True
+        kwargs = {**self.gen_kwargs, "max_new_tokens": budget}
+        (out,) = generate(self.model, self.tokenizer, [prompt], stop=self.stop, callback=callback, **kwargs)
         answer = (out.text or "").strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer

@@ -21,7 +21,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # plain help: a flag shows no type tag (in the boxed rich help every option shows one, `<bool>` too, so flags
+    # look as if they took a value), and brackets in help texts stay text
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 
 
@@ -49,6 +52,10 @@ RepetitionPenalty = Annotated[
     float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens.")
 ]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
+# One vocabulary across commands: -t is always the tokenizer, --shard-size always reads 5GB / 500MB / 2GiB / bytes,
+# and a model's --dtype is always spelled as below (what `auto` means is said per command).
+DTYPES = "bf16 (bfloat16) | fp16 (float16) | fp32 (float32)"
+SHARD_SIZE_HELP = "Largest file, e.g. 5GB, 500MB, 2GiB or a number of bytes."
 Stop = Annotated[list[str], typer.Option("--stop", help="End a completion at this string (repeatable).")]
 
 
@@ -98,7 +105,7 @@ def data(
         "--format",
         help="auto (by file suffix; stdin reads lines) | text | lines | jsonl | json | parquet | csv.",
     ),
-    shard_size: int = typer.Option(1 << 26, "--shard-size", help="Maximum bytes per shard."),
+    shard_size: str = typer.Option("64MiB", "--shard-size", help=SHARD_SIZE_HELP),
     compression: str = typer.Option(
         None, "--compression", help="zstd or zstd:LEVEL (needs the zstandard package)."
     ),
@@ -117,8 +124,10 @@ def data(
 ) -> None:
     """Tokenize raw text into MDS token shards that `smalto train` (and llm-foundry) can stream."""
     from rich.console import Console
+    from rich.markup import escape
 
     from smalto.data.tokenize import TokenizeConfig, tokenize_to_shards
+    from smalto.sizes import parse_size
 
     cfg = TokenizeConfig(
         sources=[*(inputs or []), *source],
@@ -130,7 +139,7 @@ def data(
         eos_token=eos_token,
         text_field=text_field,
         format=fmt,
-        shard_size=shard_size,
+        shard_size=parse_size(shard_size),
         compression=compression,
         dtype=dtype,
         val_fraction=val_fraction,
@@ -144,14 +153,16 @@ def data(
     for s in meta["sources"]:
         for split, st in s["splits"].items():
             console.print(
-                f"{s['name']}/{split}: {st['documents']:,} documents → {st['samples']:,} samples, "
+                f"{escape(s['name'])}/{split}: {st['documents']:,} documents → {st['samples']:,} samples, "
                 f"{st['tokens']:,} tokens in {st['shards']} shards"
             )
+    for note in meta["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if meta["skipped_records"]:
         console.print(
-            f"[yellow]skipped {meta['skipped_records']} bad records[/], e.g. {meta['skipped_examples'][0]}"
+            f"[yellow]skipped {meta['skipped_records']} bad records[/], e.g. {escape(str(meta['skipped_examples'][0]))}"
         )
-    console.print(f"wrote {out} in {meta['seconds']:.1f}s")
+    console.print(f"wrote {escape(out)} in {meta['seconds']:.1f}s")
 
 
 @app.command("eval")
@@ -162,7 +173,6 @@ def eval_(
     tasks: list[str] = typer.Option(
         [],
         "--tasks",
-        "-t",
         help="Task YAML, suite (gauntlet, all) or task label; repeatable or comma-separated.",
     ),
     fewshot: str = typer.Option(
@@ -191,13 +201,13 @@ def eval_(
         None, "--perplexity", help="Token shards (a `smalto data` folder or an MDS split) to score."
     ),
     tokenizer: str = typer.Option(
-        None, "--tokenizer", help="Tokenizer folder when the model folder has none."
+        None, "--tokenizer", "-t", help="Tokenizer folder when the model folder has none."
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option(
         "auto",
         "--dtype",
-        help="auto (bfloat16 on GPU, float32 on CPU) | float32 (fp32) | bfloat16 (bf16) | float16 (fp16).",
+        help=f"auto (bf16 on GPU, fp32 on CPU) | {DTYPES}.",
     ),
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
@@ -225,22 +235,38 @@ def eval_(
 def train(
     args: list[str] = typer.Argument(
         None,
-        help="RECIPE (YAML path or shipped name: tiny, mpt-125m … mpt-30b; default tiny) then KEY=VALUE overrides.",
+        metavar="[RECIPE] [KEY=VALUE]...",
+        help="RECIPE (a YAML path or a shipped name; default tiny) then KEY=VALUE overrides, e.g. "
+        "train.max_duration=200ba 'data.sources=[{path: /data/c4}]'.",
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the resolved recipe (every key, overrides applied) and exit."
     ),
 ) -> None:
     """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo.
+
+    Shipped recipes: tiny (the demo), mpt-125m, mpt-350m, mpt-760m, mpt-1b, mpt-3b, mpt-7b, mpt-30b. Every recipe
+    key, with its meaning, is in docs/train.md; `smalto train RECIPE --print-config` shows them all with their
+    values. Relaunching the same command resumes from the run's latest checkpoint.
 
     Exit status: 0 done (or `train.stop_after` reached), 2 a mistake in the recipe or the command, 3 stopped by the
     loss guard (the message names the checkpoint to resume from), 143 / 130 stopped by SIGTERM / SIGINT after a
     checkpoint, 1 a crash."""
     from rich.console import Console
+    from rich.markup import escape
 
     from smalto.config import load_config
     from smalto.train.loop import train as run_training
 
     args = list(args or [])
     recipe = args.pop(0) if args and "=" not in args[0] else None
-    result = run_training(load_config(recipe, args))
+    cfg = load_config(recipe, args)
+    if print_config:
+        import yaml
+
+        typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), nl=False)
+        return
+    result = run_training(cfg)
     console = Console(stderr=True)
     for text in result.samples:
         console.rule("sample")
@@ -248,8 +274,8 @@ def train(
     if result.stopped and result.stopped.startswith("guard"):
         # exit status 3: neither done (0) nor a crash (1); a scheduler can tell it needs a person
         console.print(
-            f"[bold red]stopped by the loss guard[/] after {result.steps} completed steps: {result.stopped[len('guard: ') :]}\n"
-            f"resume from: {result.checkpoint or '(no checkpoint from before it)'} (`latest` points there; "
+            f"[bold red]stopped by the loss guard[/] after {result.steps} completed steps: {escape(result.stopped[len('guard: ') :])}\n"
+            f"resume from: {escape(result.checkpoint or '(no checkpoint from before it)')} (`latest` points there; "
             "relaunch the same command)\nto skip the offending batches instead of stopping, relaunch with "
             "guard.spike=skip (loss spikes) or guard.nan=skip (NaN/inf losses); lowering optimizer.lr also helps",
             highlight=False,
@@ -258,7 +284,8 @@ def train(
         raise typer.Exit(3)
     if result.stopped:
         console.print(
-            f"[bold yellow]stopped:[/] {result.stopped}; checkpoint: {result.checkpoint}", highlight=False
+            f"[bold yellow]stopped:[/] {escape(result.stopped)}; checkpoint: {escape(str(result.checkpoint))}",
+            highlight=False,
         )
         if result.stopped != "stop_after":  # a planned time slice ends normally
             raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
@@ -317,29 +344,44 @@ def generate_cmd(
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
     stop: Stop = [],  # noqa: B006 (typer passes a new list)
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
-    ),
+    dtype: str = typer.Option("auto", "--dtype", help=f"auto (the checkpoint's) | {DTYPES}."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     max_seq_len: int = typer.Option(
         None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."
     ),
+    echo: bool = typer.Option(False, "--echo", help="Print each prompt before its completion."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="One JSON line per prompt instead of text: prompt, text, token ids and counts, finish reason, timings.",
+    ),
 ) -> None:
-    """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several)."""
+    """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several).
+
+    A --max-new-tokens that does not fit the model's context after the longest prompt is clipped to it (with a note)."""
     prompts = _read_prompts(prompt, prompts_file)
+    import json
     import time
 
-    from smalto.generate import generate
+    from smalto.generate import encode_prompts, fit_new_tokens, generate
     from smalto.load import load_model_and_tokenizer
 
     lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
-    one = len(prompts) == 1
+    longest = max(len(ids) for ids in encode_prompts(tok, prompts))
+    max_new_tokens, clipped = fit_new_tokens(lm, longest, max_new_tokens)
+    if clipped:
+        typer.echo(f"note: {clipped}", err=True)
+    one = len(prompts) == 1 and not as_json
+    first_token: dict[int, float] = {}
 
     def show(d) -> None:
+        first_token.setdefault(d.row, time.perf_counter() - t0)
         if one:
             sys.stdout.write(d.text)
             sys.stdout.flush()
 
+    if one and echo:
+        sys.stdout.write(prompts[0])
     t0 = time.perf_counter()
     outs = generate(
         lm,
@@ -356,11 +398,24 @@ def generate_cmd(
         callback=show,
     )
     dt = time.perf_counter() - t0
-    if one:
+    if as_json:
+        for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+            row = {
+                "prompt": p,
+                "text": o.text,
+                "token_ids": o.token_ids,
+                "prompt_tokens": o.prompt_tokens,
+                "completion_tokens": len(o.token_ids),
+                "finish_reason": o.finish_reason,
+                "seconds": round(dt, 4),  # the batch's, all prompts together
+                "first_token_seconds": round(first_token.get(i, dt), 4),
+            }
+            typer.echo(json.dumps(row, ensure_ascii=False))
+    elif one:
         sys.stdout.write("\n")
     else:
         for i, o in enumerate(outs):
-            typer.echo(f"--- {i + 1} ({o.finish_reason}) ---\n{o.text}")
+            typer.echo(f"--- {i + 1} ({o.finish_reason}) ---\n{prompts[i] if echo else ''}{o.text}")
     n = sum(len(o.token_ids) for o in outs)
     typer.echo(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s]", err=True)
 
@@ -384,9 +439,7 @@ def chat(
     min_p: MinP = None,
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
-    ),
+    dtype: str = typer.Option("auto", "--dtype", help=f"auto (the checkpoint's) | {DTYPES}."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
 ) -> None:
@@ -406,6 +459,7 @@ def chat(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        note=lambda text: typer.echo(f"note: {text}", err=True),
     )
     tty = sys.stdin.isatty()
     if tty:
@@ -438,10 +492,8 @@ def convert(
         help="A checkpoint smalto reads: an HF MPT folder, or a training run folder, its checkpoints/ or a step_* folder.",
     ),
     dst: str = typer.Argument(..., help="The HF folder to write."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (keep) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
+    dtype: str = typer.Option("auto", "--dtype", help=f"auto (the checkpoint's) | {DTYPES}."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help=SHARD_SIZE_HELP),
     bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
 ) -> None:
     """Convert a checkpoint into a Hugging Face folder (loads natively or with trust_remote_code; see docs/hf.md)."""
@@ -471,8 +523,10 @@ def main() -> None:
         app()
     except UserError as e:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        # escaped: a message's brackets are text ('smalto[plot]', a list of keys), not markup
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -164,8 +164,8 @@ class TrainConfig:
     parameter held for the step), or let autocast cast them in every micro-batch's forward (`micro_batch`: least
     memory). Ignored under FSDP2, which casts at each all-gather."""
     time_limit: str | None = None
-    """End the run normally (evaluate, save, export) once training has taken this long: "90s", "2m", "1.5h".
-    The schedule stays laid out for max_duration; a safety net for demos and fixed-time budgets."""
+    """End the run normally (evaluate, save, export) once this launch has trained this long: "90s", "2m", "1.5h".
+    Counted per launch (a relaunch resumes and gets the time again); the schedule stays laid out for max_duration."""
     stop_after: int | None = None
     """End this launch (with a checkpoint) after this many steps; autoresume continues later (job time slices)."""
     eval_interval: int | str = "100ba"
@@ -233,6 +233,10 @@ class LoggingConfig:
     interval: int = 1
     """Write metrics every this many steps."""
     progress: bool = True
+    """A live progress bar on a terminal; otherwise (a log file, nohup, slurm, CI, or false here) plain lines."""
+    print_interval: int | None = None
+    """Steps between plain progress lines (step, loss, tokens/s, ETA); None: about 20 per run, and one at least
+    every minute."""
     tensorboard: bool | None = None
     """None: when the tensorboard package is installed."""
     wandb: bool = False
@@ -241,6 +245,8 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ConfigError(f"logging.interval = {self.interval} must be at least 1")
+        if self.print_interval is not None and self.print_interval < 1:
+            raise ConfigError(f"logging.print_interval = {self.print_interval} must be at least 1 or null")
 
 
 @dataclass(kw_only=True)

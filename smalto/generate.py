@@ -206,6 +206,20 @@ def check_length(model: MPTForCausalLM, prompt_len: int, max_new_tokens: int) ->
     )
 
 
+def fit_new_tokens(model: MPTForCausalLM, prompt_len: int, max_new_tokens: int) -> tuple[int, str | None]:
+    """`max_new_tokens` clipped so that the prompt and the completion fit the context, and a note saying so (None
+    when nothing was clipped). A prompt that fills the context alone is left to `check_length` to refuse."""
+    c = model.config
+    room = c.max_seq_len - prompt_len
+    if max_new_tokens <= room or room < 1:
+        return max_new_tokens, None
+    return room, (
+        f"max new tokens {max_new_tokens} clipped to {room}: the model's context is {c.max_seq_len} tokens and "
+        f"the prompt takes {prompt_len}"
+        + ("" if c.uses_wpe else " (--max-seq-len raises the context of ALiBi/RoPE models)")
+    )
+
+
 @torch.inference_mode()
 def iter_generate(
     model: MPTForCausalLM,

@@ -7,6 +7,8 @@ else ChatML, the format of MPT-7B-Chat / MPT-30B-Chat:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,11 @@ def load_tokenizer(path: str | Path) -> Any:
             f"tokenizer {path} does not exist; pass a folder with tokenizer.json or the file itself"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        # trust_remote_code=False: a folder whose config.json names remote code (smalto_mpt) would otherwise ask
+        # "run the custom code? [y/N]" on stdin, eating a piped chat's first line; its tokenizer.json is read below
+        with _transformers_errors_only():  # not "a model of type smalto_mpt": only the tokenizer is read here
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+        return quiet_length_warning(tok)
     except Exception as auto_error:
         if (p / "tokenizer.json").is_file():  # e.g. a tokenizer_class this transformers version lacks
             return _read_tokenizer_json(p / "tokenizer.json")
@@ -45,11 +51,34 @@ def _read_tokenizer_json(path: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     try:
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        return quiet_length_warning(PreTrainedTokenizerFast(tokenizer_file=str(path)))
     except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
         raise DataError(
             f"cannot read tokenizer file {path} ({e}); replace it with a valid tokenizer.json"
         ) from None
+
+
+@contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def quiet_length_warning(tokenizer: Any) -> Any:
+    """`tokenizer` without transformers' "Token indices sequence length is longer than the specified maximum"
+    warning: smalto windows, truncates or refuses long inputs itself (data, generate, chat, eval), so encoding a
+    long text is not a mistake. The warning is keyed in `deprecation_warnings`, the flag transformers sets
+    after warning once."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def has_chat_template(tokenizer: Any) -> bool:

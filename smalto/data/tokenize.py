@@ -127,7 +127,9 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> tuple[Any, Tokeni
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(spec)
+            from smalto.tokenizer import quiet_length_warning
+
+            tok = quiet_length_warning(AutoTokenizer.from_pretrained(spec))
         except Exception as e:
             raise DataError(
                 f"cannot load tokenizer {spec!r} ({e}); pass a folder with tokenizer.json"
@@ -263,17 +265,37 @@ def _chunks(
 
 def _progress(enabled: bool) -> Any:
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),  # of the input bytes (nothing shown for stdin)
         TextColumn("{task.fields[docs]:,} docs ({task.fields[dps]:,.0f}/s)"),
         TextColumn("{task.fields[toks]:,} tokens ({task.fields[tps]:,.0f}/s)"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not enabled,
     )
+
+
+def _input_bytes(sources: list[Source]) -> int | None:
+    """The inputs' size on disk, the progress bar's 100%; None when one is stdin (no size known)."""
+    files = [f for s in sources for f in s.files]
+    if "-" in files:
+        return None
+    return sum(Path(f).stat().st_size for f in files if Path(f).is_file()) or None
 
 
 def tokenize_to_shards(cfg: TokenizeConfig) -> dict[str, Any]:
@@ -344,11 +366,13 @@ def _convert(
         )
     try:
         with _progress(cfg.progress) as bar:
-            task = bar.add_task("tokenizing", total=None, docs=0, toks=0, dps=0.0, tps=0.0)
+            total = _input_bytes(sources)
+            task = bar.add_task("tokenizing", total=total, docs=0, toks=0, dps=0.0, tps=0.0)
+            read = 0  # UTF-8 bytes of text tokenized: about the bytes of input read (less any JSON markup)
             pending: deque[tuple[int, list[str], Any]] = deque()
 
             def drain(limit: int) -> None:
-                nonlocal docs, toks
+                nonlocal docs, toks, read
                 while len(pending) > limit:
                     si, texts, result = pending.popleft()
                     encoded = result.get() if pool else result
@@ -356,25 +380,37 @@ def _convert(
                         split = "val" if is_val(text, cfg.val_fraction) else "train"
                         writers[si][split].add(np.concatenate([prefix, ids, suffix]))
                         toks += len(ids) + len(prefix) + 1
+                        read += len(text.encode("utf-8", "surrogatepass"))
                     docs += len(texts)
                     dt = max(time.perf_counter() - start, 1e-9)
-                    bar.update(task, docs=docs, toks=toks, dps=docs / dt, tps=toks / dt)
+                    done = min(read, int(0.99 * total)) if total else read  # 100% only when finished
+                    bar.update(task, completed=done, docs=docs, toks=toks, dps=docs / dt, tps=toks / dt)
 
             for si, texts in _chunks(sources, cfg, policy):
                 pending.append(
                     (si, texts, pool.apply_async(_encode, (texts,)) if pool else _encode(texts, tok))
                 )
-                drain(2 * cfg.workers)  # keep every worker busy while bounding memory
+                drain(2 * cfg.workers if pool else 0)  # keep every worker busy while bounding memory
             drain(0)
+            bar.update(task, completed=total or read)
     finally:
         if pool:
             pool.terminate()
     if docs == 0:
         skipped = f" ({policy.skipped} bad records skipped)" if policy.skipped else ""
         raise DataError(f"no documents found in {', '.join(cfg.sources)}{skipped}: the input is empty")
-    per_source = []
+    per_source, notes = [], []
     for src, ws in zip(sources, writers, strict=True):
         stats = {sp: w.finish() for sp, w in ws.items()}
+        if "val" in stats and stats["val"]["samples"] == 0:  # an empty split is one no reader accepts
+            shutil.rmtree(tmp / (src.name if multi else "") / "val")
+            notes.append(
+                f"{src.name}: no val/ split written: --val-fraction {cfg.val_fraction} of "
+                f"{stats['val']['documents'] + stats['train']['documents']} documents gave "
+                f"{stats['val']['documents']} documents and no full sample of --seq-len {cfg.seq_len}; "
+                "raise --val-fraction for a validation split"
+            )
+            del stats["val"]
         if stats["train"]["samples"] == 0:
             raise DataError(
                 f"source {src.name!r}: {stats['train']['tokens'] + stats['train']['dropped_tokens']} tokens do not fill "
@@ -396,6 +432,7 @@ def _convert(
         "tokens": toks,
         "skipped_records": policy.skipped,
         "skipped_examples": policy.first,
+        "notes": notes,
         "seconds": round(seconds, 3),
         "sources": per_source,
     }

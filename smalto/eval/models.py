@@ -26,7 +26,9 @@ def load_tokenizer(path: str | Path, where: str = "") -> Any:
             "e.g. ../shared/tokenizers/gpt-neox-20b for MPT models"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        from smalto.tokenizer import quiet_length_warning
+
+        return quiet_length_warning(AutoTokenizer.from_pretrained(str(p), local_files_only=True))
     except Exception as e:  # transformers raises many types for unreadable tokenizer files
         broken = next(
             (p / f for f in ("tokenizer.json", "tokenizer_config.json") if _unreadable_json(p / f)), p

@@ -32,6 +32,7 @@ from smalto.errors import ConfigError
 from smalto.hf.load import parse_dtype
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
+from smalto.sizes import SIZE_UNITS, parse_size  # noqa: F401 (re-exported)
 
 REMOTE_DIR = Path(__file__).resolve().parent.parent / "hf_remote"
 REMOTE_FILES = ("configuration_mpt.py", "modeling_mpt.py")
@@ -47,33 +48,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' → 5e9 bytes (decimal, as transformers), '2GiB' → 2·2^30, 1000 → 1000."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(size))
-    if not m or m.group(2).upper() not in SIZE_UNITS:
-        raise ConfigError(
-            f"shard size {size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes"
-        )
-    n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ConfigError(f"shard size {size!r} must be positive")
-    return n
 
 
 def native_incompatibilities(config: MPTConfig) -> list[str]:
@@ -205,6 +179,7 @@ def _write_weights(model: MPTForCausalLM, folder: Path, dtype: torch.dtype, limi
             from safetensors.torch import save_file
 
             save_file(part, str(folder / file), metadata={"format": "pt"})
+            _usual_mode(folder / file)
         else:
             torch.save(part, folder / file)
         total += sum(t.numel() * t.element_size() for t in part.values())
@@ -213,6 +188,16 @@ def _write_weights(model: MPTForCausalLM, folder: Path, dtype: torch.dtype, limi
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _usual_mode(path: Path) -> None:
+    """safetensors creates its files private (0600); give them the mode of every other file written (0644
+    under the usual umask), so that a folder shared with a group or a server is readable as a whole."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

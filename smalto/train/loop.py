@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 from torch.distributed.fsdp import FSDPModule
 
 from smalto.config import RunConfig, parse_seconds
@@ -134,6 +135,7 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     t.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     t.seconds += seconds
+    t.launch_seconds += seconds
     t.tokens += t.tokens_per_step
     t.losses.append(loss_v)
     t.last_loss = loss_v
@@ -152,7 +154,7 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     }
     if verdict != OK:
         metrics["guard"] = verdict
-        t.logger.print(f"[yellow]loss guard: {verdict} at step {t.step}: {t.guard.reason}")
+        t.logger.print(f"[yellow]loss guard: {verdict} at step {t.step}: {escape(t.guard.reason or '')}")
     return metrics, verdict
 
 

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from smalto.config import RunConfig
 from smalto.train.durable import replace_durably
@@ -49,6 +50,7 @@ class RunLogger:
         self.file: Any = None
         self.progress: Progress | None = None
         self.last: dict[str, Any] = {}
+        self.start_step, self.start_time, self.printed_at = 0, 0.0, 0.0
 
     def start(self, start_step: int) -> None:
         """Open the outputs once the step we start from (0, or a resumed one) is known."""
@@ -58,7 +60,11 @@ class RunLogger:
         _truncate(self.path, start_step)
         self.file = self.path.open("a")
         self._open_backends(start_step)
-        if self.cfg.logging.progress:
+        self.start_step, self.start_time = start_step, time.monotonic()
+        self.printed_at = self.start_time
+        if (
+            self.cfg.logging.progress and self.console.is_terminal
+        ):  # a bar in a log file is one line at the end
             self.progress = Progress(
                 TextColumn("[bold]step {task.completed}/{task.total}"),
                 BarColumn(),
@@ -124,11 +130,31 @@ class RunLogger:
             if "eval/loss" in m:
                 info += f"  val {m['eval/loss']:.3f}"
             self.progress.update(self.task, completed=step, info=info)
-        elif "eval/loss" in metrics or step % max(1, self.total_steps // 20) == 0:
-            self.console.print(
-                f"step {step}/{self.total_steps} "
-                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-            )
+        elif self._print_due(step, metrics):
+            self.console.print(self._line(step), highlight=False, markup=False, soft_wrap=True)
+
+    def _print_due(self, step: int, metrics: dict[str, Any]) -> bool:
+        every = self.cfg.logging.print_interval
+        if every is not None:
+            return step % every == 0 or step == self.total_steps
+        return (
+            "eval/loss" in metrics
+            or step % max(1, self.total_steps // 20) == 0
+            or step == self.total_steps
+            or time.monotonic() - self.printed_at >= 60
+        )
+
+    def _line(self, step: int) -> str:
+        """A plain progress line: step, loss, tokens/s, validation loss when there is one, time left."""
+        m, now = self.last, time.monotonic()
+        self.printed_at = now
+        done = step - self.start_step
+        eta = (now - self.start_time) / done * (self.total_steps - step) if done > 0 else None
+        line = f"step {step}/{self.total_steps}  loss {m.get('train/loss', float('nan')):.4f}"
+        line += f"  {m.get('throughput/tokens_per_s', 0):,.0f} tok/s"
+        if "eval/loss" in m:
+            line += f"  val {m['eval/loss']:.3f}"
+        return line + f"  ETA {_clock(eta)}"
 
     def print(self, *args: Any) -> None:
         if self.enabled:
@@ -152,7 +178,7 @@ class RunLogger:
             return
         table = Table(title=f"run {self.cfg.name}", show_header=False)
         for k, v in rows.items():
-            table.add_row(k, v)
+            table.add_row(k, Text(v))  # text, not markup: 'pip install "smalto[cudnn]"' keeps its brackets
         self.console.print(table)
 
 
@@ -268,3 +294,10 @@ def write_run_info(cfg: RunConfig, world_size: int, device: torch.device) -> Non
         pass
     with (run / "runs.jsonl").open("a") as f:  # one line per launch (a resumed run has several)
         f.write(json.dumps(info) + "\n")
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -64,6 +64,7 @@ class Trainer:
     step: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    launch_seconds: float = 0.0  # training time of this launch only: train.time_limit applies per launch
     checkpoint: str | None = None
     first_loss: float | None = None  # the run's first and latest losses, for the summary and the result (the
     last_loss: float | None = (
@@ -79,12 +80,12 @@ class Trainer:
         """Ranks agree (the slowest rank's clock decides), or they would part ways at the next collective."""
         if limit == math.inf:
             return False
-        spent = torch.tensor([self.seconds], dtype=torch.float64, device=self.world.device)
+        spent = torch.tensor([self.launch_seconds], dtype=torch.float64, device=self.world.device)
         if self.world.world_size > 1:
             dist.all_reduce(spent, op=dist.ReduceOp.MAX)
         if float(spent) >= limit and self.step < self.total_steps:
             self.logger.print(
-                f"time limit {self.cfg.train.time_limit} reached at step {self.step}/{self.total_steps}"
+                f"time limit {self.cfg.train.time_limit} (this launch) reached at step {self.step}/{self.total_steps}"
             )
             return True
         return False
@@ -113,14 +114,21 @@ class Trainer:
 def setup(cfg: RunConfig, world: World) -> Trainer:
     """A run's `Trainer`: `build_trainer`, then its data streams and checkpoints, resumed from `latest` when
     there is one (or initial weights from `checkpoint.load_from`), and its logger started."""
-    from smalto.data.stream import build_loader, check_vocab
+    from rich.markup import escape
 
+    from smalto.data.stream import build_loader, check_vocab
+    from smalto.train.relaunch import check_relaunch
+
+    check_relaunch(
+        cfg
+    )  # before anything is built or written: a relaunch the checkpoint cannot take is refused
     if cfg.prepare == "stdlib":
         from smalto.demo import prepare_stdlib
 
         if world.is_main:
             prepare_stdlib(cfg)
         world.barrier()
+    check_data(cfg)  # every rank: a missing dataset is named in seconds, not after the model is built
     if world.is_main:
         check_paths(cfg)
     t = build_trainer(cfg, world)
@@ -144,7 +152,7 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         write_run_info(cfg, world.world_size, world.device)
     t.logger.start(t.step)
     if latest is not None:
-        t.logger.print(f"resumed from {latest} at step {t.step} (world size {world.world_size})")
+        t.logger.print(f"resumed from {escape(str(latest))} at step {t.step} (world size {world.world_size})")
     return t
 
 
@@ -240,6 +248,26 @@ def check_paths(cfg: RunConfig) -> None:
             f"tokenizer = {cfg.tokenizer} does not exist (the HF export and the samples need it); "
             "fix the path or remove the key"
         )
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Each data source's split has its index.json (read the way the stream reads it), checked before anything
+    heavy is built."""
+    from smalto.data.dataset import join, read_text
+    from smalto.data.stream import _split_root
+    from smalto.errors import DataError
+
+    for i, src in enumerate(cfg.data.sources):
+        index = join(_split_root(src), "index.json")
+        try:
+            found = read_text(index) is not None
+        except OSError as e:
+            raise DataError(f"data.sources[{i}].path = {src.path}: cannot read {index} ({e})") from None
+        if not found:
+            raise DataError(
+                f"data.sources[{i}].path = {src.path} has no {index}: point it at a `smalto data` output folder "
+                "(or an MDS split); `smalto data INPUT -o OUT -t TOKENIZER` makes one (docs/data.md)"
+            )
 
 
 def seed_everything(seed: int) -> None:
