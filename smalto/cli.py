@@ -518,7 +518,15 @@ def _print_delta(delta) -> None:
     sys.stdout.flush()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line a user reads ("warning: ..."), without the source file and line of the code."""
+    (file or sys.stderr).write(f"warning: {message}\n")
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         app()
     except UserError as e:
@@ -526,7 +534,8 @@ def main() -> None:
         from rich.markup import escape
 
         # escaped: a message's brackets are text ('smalto[plot]', a list of keys), not markup
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        # soft_wrap: the terminal wraps the line, rich does not break it (a path in it stays whole, to copy)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

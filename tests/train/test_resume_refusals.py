@@ -31,7 +31,7 @@ def test_resume_and_load_from_refuse_what_does_not_fit(tiny_data, tmp_path: Path
     assert "checkpoint.autoresume=false" in err and "run_dir" in err
 
     err = refused(run_cli(rec, tmp_path, "optimizer.name=adamw", check=False))
-    assert f"cannotload{step}" in err and "anotheroptimizer" in err
+    assert "optimizer.name'lion'→'adamw'" in err and str(step) in err
 
     new = recipe(tiny_data, tmp_path / "new", train={"max_duration": "2ba", "eval_batches": 0})
     err = refused(run_cli(new, tmp_path, f"checkpoint.load_from={step}", "model.n_layers=3", check=False))
