@@ -148,7 +148,7 @@ def test_plot_output_folder_is_created_or_refused(tmp_path: Path, files: dict[st
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_exits_2(model_dir: Path) -> None:
-    for cmd in (["generate", str(model_dir), "-p", "hi"], ["eval", str(model_dir), "-t", "copa"]):
+    for cmd in (["generate", str(model_dir), "-p", "hi"], ["eval", str(model_dir), "--tasks", "copa"]):
         r = smalto(*cmd, "--device", "cuda")
         assert r.returncode == 2 and "has no CUDA" in " ".join(r.stderr.split()), r.stderr[-3000:]
 

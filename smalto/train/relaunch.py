@@ -30,8 +30,9 @@ DATA_STREAM = ("train.global_batch_size", "data.seed")  # the data stream resume
 SAME_MATH = ("model.attn_config.attn_impl", "model.init_device")  # another kernel or device, the same model
 
 
-def check_relaunch(cfg: RunConfig) -> None:
-    """Refuse or warn about what changed since the run's first launch; nothing when it does not resume."""
+def check_relaunch(cfg: RunConfig, *, warn: bool = True) -> None:
+    """Refuse or warn (when `warn`: rank 0) about what changed since the run's first launch; nothing when it does
+    not resume."""
     from smalto.train.checkpoint import LATEST, RESUME_FIX, _changes_shapes, _flat
 
     pointer = Path(cfg.checkpoint.folder) / LATEST
@@ -67,7 +68,7 @@ def check_relaunch(cfg: RunConfig) -> None:
             f"{'it' if len(breaking) == 1 else 'them'} as before; {RESUME_FIX}"
         )
     schedule = [k for k in changed if k in SCHEDULE or k.startswith(SCHEDULE_SECTIONS)]
-    if schedule:
+    if schedule and warn:
         warnings.warn(
             f"resuming {cfg.run_dir} with a changed schedule ({_changes(schedule, old, new)}): the learning rate "
             "and the run's length follow the new values from the resumed step on",
@@ -78,7 +79,7 @@ def check_relaunch(cfg: RunConfig) -> None:
         for k in changed
         if k.startswith("model.") and k not in breaking and k not in SAME_MATH and ".init_config." not in k
     ]
-    if computes:
+    if computes and warn:
         warnings.warn(
             f"resuming {cfg.run_dir} with other model settings ({_changes(computes, old, new)}): the weights "
             "load, but the model they were trained in computed something else",

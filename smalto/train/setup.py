@@ -119,9 +119,8 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
     from smalto.data.stream import build_loader, check_vocab
     from smalto.train.relaunch import check_relaunch
 
-    check_relaunch(
-        cfg
-    )  # before anything is built or written: a relaunch the checkpoint cannot take is refused
+    # before anything is built or written: a relaunch the checkpoint cannot take is refused
+    check_relaunch(cfg, warn=world.is_main)
     if cfg.prepare == "stdlib":
         from smalto.demo import prepare_stdlib
 
