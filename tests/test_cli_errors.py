@@ -77,7 +77,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str
 CASES = [
     (
         "eval-dtype-int8",
-        "eval {model} -t copa --data-root {icl} --dtype int8",
+        "eval {model} --tasks copa --data-root {icl} --dtype int8",
         "dtype 'int8' is not supported",
     ),
     (
@@ -89,24 +89,24 @@ CASES = [
     ("chat-device", "chat {model} --device banana", "device 'banana' is not a device"),
     (
         "eval-device",
-        "eval {model} -t copa --data-root {icl} --device banana",
+        "eval {model} --tasks copa --data-root {icl} --device banana",
         "device 'banana' is not a device",
     ),
     ("truncated-safetensors", "generate {truncated} -p hi --device cpu", "model.safetensors"),
-    ("eval-out-is-a-file", "eval {model} -t copa --data-root {icl} --out {plain}", "is a file"),
+    ("eval-out-is-a-file", "eval {model} --tasks copa --data-root {icl} --out {plain}", "is a file"),
     ("plot-bad-line", "plot {run}", "metrics.jsonl line 2 is not valid JSON"),
-    ("eval-max-seq-len-0", "eval {model} -t copa --data-root {icl} --max-seq-len 0", "--max-seq-len 0"),
-    ("eval-limit-0", "eval {model} -t copa --data-root {icl} --limit 0", "--limit 0"),
+    ("eval-max-seq-len-0", "eval {model} --tasks copa --data-root {icl} --max-seq-len 0", "--max-seq-len 0"),
+    ("eval-limit-0", "eval {model} --tasks copa --data-root {icl} --limit 0", "--limit 0"),
     ("data-corrupt-tokenizer", "data {corpus} -o {tmp}/shards2 -t {badtok}", "badtok/tokenizer.json"),
     ("generate-corrupt-tokenizer", "generate {badtok} -p hi --device cpu", "badtok/tokenizer.json"),
     (
         "eval-corrupt-tokenizer",
-        "eval {badtok} -t copa --data-root {icl} --device cpu",
+        "eval {badtok} --tasks copa --data-root {icl} --device cpu",
         "badtok/tokenizer.json is unreadable",
     ),
     (
         "eval-transformers-no-weights",
-        "eval {gpt} -t copa --data-root {icl} --device cpu",
+        "eval {gpt} --tasks copa --data-root {icl} --device cpu",
         "transformers cannot load the model in",
     ),
     (
