@@ -17,6 +17,8 @@ to measure FSDP2.
                                    # --no-reshard-after-forward keeps gathered parameters for the backward (ZeRO-2)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 32 --weight-cast step,micro_batch
                                    # bf16 weights made once per step (shipped) or autocast's casts per forward
+    python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --loss chunked,full
+                                   # the loss a chunk of tokens at a time (shipped) or from the full logits
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / the device's bf16 dense peak FLOP/s (as training
 looks it up; --peak-tflops overrides).
@@ -95,6 +97,7 @@ def bench_one(
     gelu: str,
     grad_sync: str,
     weight_cast: str,
+    loss: str,
     args: argparse.Namespace,
     world,
 ) -> dict:
@@ -106,6 +109,7 @@ def bench_one(
         f"model.attn_config.attn_impl={attn}",
         f"train.grad_sync={grad_sync}",
         f"train.weight_cast={weight_cast}",
+        f"train.loss={loss}",
         f"train.reshard_after_forward={str(args.reshard_after_forward).lower()}",
         "logging.progress=false",
         "logging.tensorboard=false",
@@ -180,6 +184,7 @@ def bench_one(
         "gelu": gelu,
         "grad_sync": grad_sync,
         "weight_cast": weight_cast,
+        "loss": loss,
     }
     del t
     gc.collect()
@@ -220,6 +225,12 @@ def main() -> None:
         "step), micro_batch (autocast's casts in every forward)",
     )
     p.add_argument(
+        "--loss",
+        default="chunked",
+        help="train.loss values, comma-separated: chunked (default: the head and cross-entropy a chunk of tokens at a "
+        "time), full (the full logits, then a fused cross-entropy)",
+    )
+    p.add_argument(
         "--reshard-after-forward",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -241,6 +252,8 @@ def main() -> None:
         p.error(f"--grad-sync {sorted(bad)}: choose from micro_batch, step")
     if bad := set(args.weight_cast.split(",")) - {"micro_batch", "step"}:
         p.error(f"--weight-cast {sorted(bad)}: choose from step, micro_batch")
+    if bad := set(args.loss.split(",")) - {"chunked", "full"}:
+        p.error(f"--loss {sorted(bad)}: choose from chunked, full")
     if args.smoke:
         args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
         args.steps, args.warmup, args.attn, args.compile = 2, 1, "sdpa", False
@@ -250,15 +263,16 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro, attn, gelu, sync, cast in itertools.product(
+            for micro, attn, gelu, sync, cast, loss in itertools.product(
                 (int(m) for m in args.micro_batches.split(",")),
                 args.attn.split(","),
                 args.gelu.split(","),
                 args.grad_sync.split(","),
                 args.weight_cast.split(","),
+                args.loss.split(","),
             ):
                 try:
-                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, args, world))
+                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, loss, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
                     rows.append(
                         {
@@ -268,6 +282,7 @@ def main() -> None:
                             "gelu": gelu,
                             "grad_sync": sync,
                             "weight_cast": cast,
+                            "loss": loss,
                             "error": str(e)[:80],
                         }
                     )
@@ -292,6 +307,7 @@ def main() -> None:
         "gelu",
         "grad_sync",
         "weight_cast",
+        "loss",
         "tokens_per_s_per_device",
         "mfu",
         "peak_mem_gib",
@@ -311,6 +327,7 @@ def main() -> None:
                 r["gelu"],
                 r["grad_sync"],
                 r["weight_cast"],
+                r["loss"],
                 r["error"],
                 "",
                 "",

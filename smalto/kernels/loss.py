@@ -1,4 +1,4 @@
-"""The training loss with the float32 upcast fused into the loss kernel.
+"""The training loss from full logits, with the float32 upcast fused into the loss kernel (`train.loss: full`).
 
 `causal_lm_loss` upcasts the (tokens, vocab) logits to float32 before the cross-entropy: in bf16 training that
 materialises the largest tensor of the step a second time, twice as wide. Compiled, the upcast happens inside
@@ -9,6 +9,7 @@ generates the kernel.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from smalto.model.mpt import causal_lm_loss
@@ -24,3 +25,9 @@ def fused_causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     if _compiled is None:
         _compiled = torch.compile(causal_lm_loss, dynamic=False)
     return _compiled(logits, labels)
+
+
+def full_head_loss(h: Tensor, weight: Tensor, labels: Tensor, scale: float | None = None) -> Tensor:
+    """`smalto.model.mpt.head_loss` with the fused loss: the full logits, then `fused_causal_lm_loss`."""
+    logits = F.linear(h, weight)
+    return fused_causal_lm_loss(logits * scale if scale is not None else logits, labels)

@@ -24,7 +24,6 @@ from torch.distributed.fsdp import FSDPModule
 from smalto.config import RunConfig, parse_seconds
 from smalto.errors import UserError
 from smalto.kernels import cudnn_attention
-from smalto.kernels.loss import fused_causal_lm_loss
 from smalto.train.checkpoint import export_hf
 from smalto.train.guard import OK, STOP
 from smalto.train.metrics import memory_gib, mfu
@@ -88,6 +87,26 @@ def save(t: Trainer) -> str:
     return str(path)
 
 
+def out_of_memory_advice(cfg: RunConfig, micro: int) -> str:
+    """What to change after running out of memory: the micro-batch while it can shrink, else the other levers."""
+    tc = cfg.train
+    if micro > 1:
+        return (
+            f"out of memory with train.micro_batch_size = {micro}; lower it (e.g. train.micro_batch_size="
+            f"{max(1, micro // 2)}): gradient accumulation keeps the global batch"
+            + ("" if tc.activation_checkpointing else ", or turn on train.activation_checkpointing")
+        )
+    levers = [f"a shorter sequence (data.seq_len = {cfg.data.seq_len})"]
+    if tc.activation_checkpointing is not True:
+        levers.append("train.activation_checkpointing=true (every block)")
+    if tc.loss != "chunked":
+        levers.append("train.loss=chunked (no full logits)")
+    if tc.weight_cast == "step":
+        levers.append("train.weight_cast=micro_batch (no bf16 copy of the weights held for the step)")
+    levers.append("more GPUs under torchrun (FSDP2 shards parameters, gradients and optimizer state)")
+    return "out of memory with train.micro_batch_size already 1; try " + "; ".join(levers)
+
+
 def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]:
     """One optimizer step over this rank's micro-batches; returns its metrics and the guard's verdict."""
     start = time.perf_counter()
@@ -106,17 +125,13 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
                 if sync_at_last is not None:
                     sync_at_last.set_requires_gradient_sync(i == len(staged) - 1)
                 with t.autocast:
-                    mean = fused_causal_lm_loss(t.model(ids, sequence_id=seq_id).logits, labels)
+                    mean = t.model(ids, sequence_id=seq_id, labels=labels, return_logits=False).loss
                 n = (labels[:, 1:] != -100).sum()
                 loss = torch.where(n > 0, mean * n, 0.0) / n_global_t  # this micro-batch's share
                 (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
                 loss_sum += loss.detach()
     except torch.OutOfMemoryError:
-        raise UserError(
-            f"out of memory with train.micro_batch_size = {t.micro}; lower it (e.g. train.micro_batch_size="
-            f"{max(1, t.micro // 2)}): gradient accumulation keeps the global batch, or turn on "
-            "train.activation_checkpointing"
-        ) from None
+        raise UserError(out_of_memory_advice(t.cfg, t.micro)) from None
     if ws > 1:
         dist.all_reduce(loss_sum)
     params = [p for p in t.model.parameters() if p.grad is not None]
@@ -182,8 +197,8 @@ def evaluate(t: Trainer) -> dict[str, float]:
             break
         labels = mb["labels"].to(dev)
         with t.autocast:
-            logits = t.model(mb["input_ids"].to(dev), sequence_id=mb["sequence_id"].to(dev)).logits
-            mean = fused_causal_lm_loss(logits, labels)
+            ids, seq_id = mb["input_ids"].to(dev), mb["sequence_id"].to(dev)
+            mean = t.model(ids, sequence_id=seq_id, labels=labels, return_logits=False).loss
         n = (labels[:, 1:] != -100).sum()
         total += torch.stack([torch.where(n > 0, mean.double() * n, 0.0), n.double()])
     if t.world.world_size > 1:
