@@ -322,7 +322,10 @@ class MPTAttention(nn.Module):
         self.softmax_scale = config.softmax_scale
         self.clip_qkv = a.clip_qkv
         self.attn_pdrop = a.attn_pdrop
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.kv_n_heads * self.head_dim  # q_dim: d_model by default
+        q_dim, kv_dim = (
+            self.n_heads * self.head_dim,
+            self.kv_n_heads * self.head_dim,
+        )  # q_dim: d_model by default
         bias = config.attn_bias
         self.Wqkv = nn.Linear(self.d_model, q_dim + 2 * kv_dim, bias=bias, device=device)
         self.Wqkv._fused = (0, [q_dim, q_dim + kv_dim])  # type: ignore[assignment]  # split points for init
