@@ -332,12 +332,18 @@ def test_generate_matches_transformers_greedy(tmp_path):
     assert prompt + out.text == full
 
 
-def test_cli_generate_non_ascii(tmp_path):
+def test_cli_convert_then_generate_non_ascii(tmp_path):
+    """`smalto convert` writes a native Llama folder with the tokenizer; `smalto generate` on it prints
+    transformers' greedy completion of a non-ASCII prompt."""
     ref = hf_model()
     folder = _saved(ref, tmp_path / "m")
     byte_fallback_tokenizer(folder)
+    c = _smalto("convert", str(folder), str(tmp_path / "out"))
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.decode().endswith("transformers loads it natively (LlamaForCausalLM)\n")
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
     r = _smalto(
-        "generate", str(folder), "--prompt", "日本 hello", "--max-new-tokens", "6", "--temperature", "0",
+        "generate", str(tmp_path / "out"), "--prompt", "日本 hello", "--max-new-tokens", "6", "--temperature", "0",
         "--device", "cpu",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
