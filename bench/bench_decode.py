@@ -35,7 +35,7 @@ SHAPES = {
 }
 # LLaMA-family shapes (meta-llama/Llama-2-7b-hf's config.json; a tiny one for --smoke): RoPE, RMSNorm, SwiGLU,
 # untied head; compared with transformers' LlamaForCausalLM
-LLAMA_SHAPES = {
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                        intermediate_size=344, vocab_size=512),
     "llama2-7b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32,
