@@ -121,6 +121,19 @@ def test_bin_shards_and_stale_rotary_buffers(tmp_path):
     torch.testing.assert_close(logits(smalto.load(tmp_path), ids), logits(ref, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_transformers4_config_json(tmp_path):
+    """The config.json layout of the hub's Llama 3.1 / Llama 2 folders (transformers 4: `rope_theta` and
+    `rope_scaling` at the top, the legacy `type` key) reads as transformers 5 reads it."""
+    ref = hf_model(rope_theta=500000.0, rope_scaling=dict(LLAMA3))
+    ref.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("rope_parameters")
+    raw.update(rope_theta=500000.0, rope_scaling={**LLAMA3, "type": "llama3"}, pretraining_tp=1)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ids = torch.randint(0, V, (1, 12))
+    torch.testing.assert_close(logits(smalto.load(tmp_path), ids), logits(ref, ids), atol=1e-5, rtol=1e-5)
+
+
 def test_config_mapping(tmp_path):
     ref = hf_model(rope_scaling=dict(LLAMA3), attention_bias=True, head_dim=24)
     ref.save_pretrained(tmp_path)

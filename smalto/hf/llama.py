@@ -100,7 +100,8 @@ def _rope_scaling(raw: dict[str, Any], where: str) -> tuple[float, dict[str, Any
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
     theta = float(params.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0)
-    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    legacy = params.pop("type", None)  # transformers < 4.45 wrote `type`; some versions wrote both
+    kind = params.pop("rope_type", None) or legacy or "default"
     partial = params.pop("partial_rotary_factor", None) or raw.get("partial_rotary_factor") or 1.0
     if partial != 1.0:
         raise ConfigError(
