@@ -205,6 +205,19 @@ def test_smalto_built_llama_exports_natively(tmp_path):
     assert json.loads((mpt / "config.json").read_text())["model_type"] in ("mpt", "smalto_mpt")
 
 
+def test_kernel_plans_for_llama_configs(monkeypatch):
+    """RoPE without ALiBi: training takes cuDNN's causal kernel (FlexAttention for a window narrower than the
+    sequence), decode the Triton decode kernel; a window as wide as the sequence hides nothing."""
+    from tests.kernels.test_backends import _select
+
+    llama = {"attn_config": {"alibi": False, "rope": True, "kv_n_heads": 2}, "norm_type": "rmsnorm"}
+    assert _select(monkeypatch, "auto", "train", **llama).kernel.name == "cudnn"
+    assert _select(monkeypatch, "auto", "decode", **llama).kernel.name == "decode"
+    for window, kernel in ((8, "flex"), (64, "cudnn")):  # _select trains at seq 64
+        attn = {**llama["attn_config"], "sliding_window_size": window}
+        assert _select(monkeypatch, "auto", "train", **{**llama, "attn_config": attn}).kernel.name == kernel
+
+
 # ---------------------------------------------------------------- refusals
 
 
