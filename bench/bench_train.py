@@ -8,6 +8,8 @@ to measure FSDP2.
     python bench/bench_train.py --device cuda                                  # MPT-125M and MPT-1B, seq 2048
     python bench/bench_train.py --device cuda --models mpt-7b --micro-batches 1,2 --ac   # 7B on one GPU
     python bench/bench_train.py --smoke                                        # CPU, tiny shapes: does it run?
+    python bench/bench_train.py --device cuda --models mpt-1b,llama-1b --micro-batches 8,16
+                                   # a 1B Llama shape (TinyLlama-1.1B: RoPE, GQA, SwiGLU) beside MPT-1B
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --profile
                                    # and where one step's GPU time goes (kernel categories, top kernels)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
@@ -90,6 +92,28 @@ def print_profile(step, title: str, trace: str, top: int = 30) -> None:
         prof.export_chrome_trace(os.path.join(out, f"trace_{trace}.json"))
 
 
+# Llama-shape models: a shipped recipe's training setup (optimizer, precision, sequence) with the model replaced by
+# a LLaMA architecture. llama-1b is TinyLlama-1.1B's config.json (d 2048, 32 heads / 4 key-value heads, 22 layers,
+# SwiGLU 5632, vocab 32000, untied head, RoPE θ 10000, RMSNorm).
+LLAMA_MODELS = {
+    "llama-1b": (
+        "mpt-1b",
+        [
+            "model.d_model=2048",
+            "model.n_heads=32",
+            "model.n_layers=22",
+            "model.vocab_size=32000",
+            "model.no_bias=true",
+            "model.norm_type=rmsnorm",
+            "model.norm_eps=1e-5",
+            "model.tie_word_embeddings=false",
+            "model.attn_config={alibi: false, rope: true, rope_theta: 10000.0, kv_n_heads: 4}",
+            "model.ffn_config={ffn_type: mptglu, ffn_hidden_size: 5632, ffn_act_fn: {name: silu}}",
+        ],
+    ),
+}
+
+
 def bench_one(
     recipe: str,
     micro: int,
@@ -101,7 +125,9 @@ def bench_one(
     args: argparse.Namespace,
     world,
 ) -> dict:
+    recipe_file, model_overrides = LLAMA_MODELS.get(recipe, (recipe, []))
     overrides = [
+        *model_overrides,
         f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * args.accum * world.world_size}",
         f"train.compile={str(args.compile).lower()}",
@@ -128,7 +154,7 @@ def bench_one(
         ]
     if args.peak_tflops is not None:
         overrides.append(f"train.peak_tflops={args.peak_tflops}")
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe_file, overrides)
     seq = cfg.data.seq_len
     t = build_trainer(cfg, world)
     t.logger.enabled = False  # no run folder: the table is the output
@@ -255,7 +281,7 @@ def main() -> None:
     if bad := set(args.loss.split(",")) - {"chunked", "full"}:
         p.error(f"--loss {sorted(bad)}: choose from chunked, full")
     if args.smoke:
-        args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
+        args.device, args.models, args.micro_batches = "cpu", "mpt-125m,llama-1b", "2"
         args.steps, args.warmup, args.attn, args.compile = 2, 1, "sdpa", False
     torch.backends.cuda.matmul.allow_tf32 = True
     world = init_world(args.device)

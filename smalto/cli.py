@@ -444,7 +444,8 @@ def convert(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
     bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
 ) -> None:
-    """Convert a checkpoint into a Hugging Face folder (loads natively or with trust_remote_code; see docs/hf.md)."""
+    """Convert a checkpoint into a Hugging Face folder: LLaMA-architecture models as native Llama folders, MPT natively
+    or with trust_remote_code (see docs/hf.md)."""
     import json
     from pathlib import Path
 
@@ -453,11 +454,12 @@ def convert(
     out = convert_checkpoint(src, dst, dtype=dtype, shard_size=shard_size, safe_serialization=not bin)
     cfg = json.loads((Path(out) / "config.json").read_text())
     files = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".safetensors", ".bin"))
-    how = (
-        "natively and with trust_remote_code"
-        if cfg["model_type"] == "mpt"
-        else ("with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")")
-    )
+    if cfg["model_type"] in ("llama", "mistral"):
+        how = f"natively ({cfg['architectures'][0]})"
+    elif cfg["model_type"] == "mpt":
+        how = "natively and with trust_remote_code"
+    else:
+        how = "with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")"
     typer.echo(f"wrote {out}: {len(files)} weight file(s), {cfg['torch_dtype']}; transformers loads it {how}")
 
 

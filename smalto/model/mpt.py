@@ -176,6 +176,7 @@ class MPTModel(nn.Module):
                 key_valid = attention_mask
         if cache is not None:
             key_valid = cache.valid  # static shape: unwritten slots are hidden by the causal mask
+        window = c.attn_config.sliding_window_size
         use_seq = c.attn_config.attn_uses_sequence_id and sequence_id is not None
         if use_seq and cache is not None:
             raise UserError(
@@ -185,7 +186,7 @@ class MPTModel(nn.Module):
             q_pos=q_pos,
             n_keys=n_keys,
             key_valid=key_valid,
-            window=c.attn_config.sliding_window_size,
+            window=window if 0 < window < n_keys else -1,  # a window as wide as the keys hides nothing
             from_zero=cache is None and cache_position is None,
             seq_q=sequence_id if use_seq else None,
             seq_k=sequence_id if use_seq else None,
