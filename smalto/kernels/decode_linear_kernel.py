@@ -5,6 +5,11 @@ imports Triton at the top, so it is imported when that module builds its op, nev
 
 The first BLOCK_K tile of a program is peeled off the loop, so that its weights are loaded before anything else
 (rotating the loop, each next tile loaded a step ahead, is slower on an H200: docs/benchmarks.md).
+
+Quantized weights (QUANT, smalto/quant/formats.py) are read as stored and dequantized in registers: int8 (QUANT 1)
+is multiplied as it is and its per-row scale applied to the sums at the end (the scale factors out of every sum
+the kernel keeps); packed int4 (QUANT 2) is unpacked, and each value becomes (q − 8)·s + z with its group's scale
+and zero point before the product.
 """
 
 import triton
@@ -12,10 +17,29 @@ import triton.language as tl
 
 
 @triton.jit
-def weight_tile(W, n, in_n, swn, k, in_k):
-    """The BLOCK_N × BLOCK_K weights of output columns n and inputs k, read once: not kept in L2."""
-    return tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                   eviction_policy="evict_first")  # fmt: skip
+def weight_tile(
+    W, S, Z, n, in_n, swn, ssn, k, in_k, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr
+):
+    """The BLOCK_N × BLOCK_K weights of output columns n and inputs k, read once: not kept in L2. 16-bit and int8
+    weights as stored; int4 dequantized to float32 (each byte is read for the two inputs it holds)."""
+    ok = in_n[:, None] & in_k[None, :]
+    if QUANT == 2:
+        b = tl.load(W + n[:, None] * swn + (k // 2)[None, :], mask=ok, other=0, eviction_policy="evict_first")
+        q = (b.to(tl.int32) >> ((k % 2) * 4)[None, :]) & 0xF
+        g = n[:, None] * ssn + (k // GROUP)[None, :]
+        w = (q.to(tl.float32) - 8.0) * tl.load(S + g, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            w += tl.load(Z + g, mask=ok, other=0.0).to(tl.float32)
+        return w
+    return tl.load(W + n[:, None] * swn + k[None, :], mask=ok, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def row_scale(S, n, in_n, QUANT: tl.constexpr):
+    """int8's per-row scale of output columns n (1 for other weights), applied to the sums after the loop."""
+    if QUANT == 1:
+        return tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
+    return tl.full(n.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -44,6 +68,7 @@ def few_rows_tile(
     """One BLOCK_K step for 2–16 rows, on tensor cores; a norm as for one row, with g⊙x split into a high and a
     low 16-bit part so that the products keep 16 bits."""
     x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+    w = w.to(x.dtype)  # a no-op for 16-bit weights
     if NORM != 0:
         g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
         xf = x.to(tl.float32)
@@ -66,9 +91,10 @@ def few_rows_tile(
 
 @triton.jit
 def skinny_matmul_kernel(
-    X, W, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, sym, srm, eps,
+    X, W, S, Z, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, ssn, sym, srm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
@@ -76,7 +102,7 @@ def skinny_matmul_kernel(
     in_m = m < M
     k = tl.arange(0, BLOCK_K)
     in_k = k < K
-    w = weight_tile(W, n, in_n, swn, k, in_k)  # the first tile
+    w = weight_tile(W, S, Z, n, in_n, swn, ssn, k, in_k, GROUP, QUANT, HAS_ZERO)  # the first tile
     if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
         # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
         acc = tl.zeros([BLOCK_N], tl.float32)
@@ -90,10 +116,13 @@ def skinny_matmul_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            w = weight_tile(W, n, in_n, swn, k, in_k)
+            w = weight_tile(W, S, Z, n, in_n, swn, ssn, k, in_k, GROUP, QUANT, HAS_ZERO)
             acc, acc_g, acc_b, s1, s2 = one_row_tile(
                 acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
             )
+        if QUANT == 1:
+            sc = row_scale(S, n, in_n, QUANT)
+            acc, acc_g, acc_b = acc * sc, acc_g * sc, acc_b * sc
         if NORM == 1:  # LayerNorm
             mean = s1 / K
             acc = (acc - mean * acc_g) / tl.sqrt(s2 / K - mean * mean + eps) + acc_b
@@ -111,10 +140,13 @@ def skinny_matmul_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            w = weight_tile(W, n, in_n, swn, k, in_k)
+            w = weight_tile(W, S, Z, n, in_n, swn, ssn, k, in_k, GROUP, QUANT, HAS_ZERO)
             acc, acc_g, acc_b, t1, t2 = few_rows_tile(
                 acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
             )
+        if QUANT == 1:
+            sc = row_scale(S, n, in_n, QUANT)
+            acc, acc_g, acc_b = acc * sc[None, :], acc_g * sc, acc_b * sc
         if NORM == 1:
             mu = t1 / K
             r = 1.0 / tl.sqrt(t2 / K - mu * mu + eps)
