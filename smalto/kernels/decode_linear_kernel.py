@@ -23,6 +23,7 @@ def weight_tile(
     """The BLOCK_N × BLOCK_K weights of output columns n and inputs k, read once: not kept in L2. 16-bit and int8
     weights as stored; int4 dequantized to float32 (each byte is read for the two inputs it holds)."""
     ok = in_n[:, None] & in_k[None, :]
+    # one return: Triton would emit both returns of a constexpr `if` that returned early
     if QUANT == 2:
         b = tl.load(W + n[:, None] * swn + (k // 2)[None, :], mask=ok, other=0, eviction_policy="evict_first")
         q = (b.to(tl.int32) >> ((k % 2) * 4)[None, :]) & 0xF
@@ -30,16 +31,9 @@ def weight_tile(
         w = (q.to(tl.float32) - 8.0) * tl.load(S + g, mask=ok, other=0.0).to(tl.float32)
         if HAS_ZERO:
             w += tl.load(Z + g, mask=ok, other=0.0).to(tl.float32)
-        return w
-    return tl.load(W + n[:, None] * swn + k[None, :], mask=ok, other=0, eviction_policy="evict_first")
-
-
-@triton.jit
-def row_scale(S, n, in_n, QUANT: tl.constexpr):
-    """int8's per-row scale of output columns n (1 for other weights), applied to the sums after the loop."""
-    if QUANT == 1:
-        return tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
-    return tl.full(n.shape, 1.0, tl.float32)
+    else:
+        w = tl.load(W + n[:, None] * swn + k[None, :], mask=ok, other=0, eviction_policy="evict_first")
+    return w
 
 
 @triton.jit
@@ -120,8 +114,8 @@ def skinny_matmul_kernel(
             acc, acc_g, acc_b, s1, s2 = one_row_tile(
                 acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
             )
-        if QUANT == 1:
-            sc = row_scale(S, n, in_n, QUANT)
+        if QUANT == 1:  # int8's per-row scale factors out of every sum
+            sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
             acc, acc_g, acc_b = acc * sc, acc_g * sc, acc_b * sc
         if NORM == 1:  # LayerNorm
             mean = s1 / K
@@ -145,7 +139,7 @@ def skinny_matmul_kernel(
                 acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
             )
         if QUANT == 1:
-            sc = row_scale(S, n, in_n, QUANT)
+            sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
             acc, acc_g, acc_b = acc * sc[None, :], acc_g * sc, acc_b * sc
         if NORM == 1:
             mu = t1 / K
