@@ -54,10 +54,14 @@ _OP = None  # the built custom op (a build cache: `prepare()` fills it once per 
 _QOP = None  # its twin for quantized weights
 
 QUANTS = {"int8": 1, "int4": 2}  # the kernel's QUANT
-# (BLOCK_N, BLOCK_K, warps, stages) the autotuner tries for quantized weights, one row / 2–16 rows
+GROUP_SIZES_MAX = (
+    256  # int4 groups are 32–256 inputs (smalto/quant/formats.py): BLOCK_K is a multiple of each
+)
+# (BLOCK_N, BLOCK_K, warps, stages) the autotuner tries for quantized weights, one row / 2–16 rows; BLOCK_K is a
+# multiple of every int4 group size
 QUANT_TILES = {
     1: [(8, 512, 8, 2), (8, 1024, 8, 2), (16, 1024, 8, 2), (16, 512, 4, 4)],
-    TILE_ROWS: [(16, 256, 4, 2), (16, 512, 8, 2), (32, 256, 4, 2), (32, 128, 4, 4)],
+    TILE_ROWS: [(16, 256, 4, 2), (16, 512, 8, 2), (32, 256, 4, 2), (32, 256, 8, 3)],
 }
 
 
@@ -210,7 +214,8 @@ def _build(autotune: bool):
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
             kernels[block_m, quant > 0][grid](*args, **flags)
         else:  # one fixed configuration (Triton's CPU interpreter, tests)
-            kernels[block_m, quant > 0][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
+            block_k = 64 if quant != QUANTS["int4"] else max(GROUP_SIZES_MAX, 64)  # int4 reads whole groups
+            kernels[block_m, quant > 0][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=block_k, **flags)
         return y
 
     @torch.library.custom_op("smalto::decode_linear", mutates_args=())
