@@ -59,7 +59,10 @@ Quantize = Annotated[
 ]
 GroupSize = Annotated[
     int,
-    typer.Option("--group-size", help="int4: inputs per scale, 32 | 64 | 128 | 256 (must divide d_model)."),
+    typer.Option(
+        "--group-size",
+        help="int4: inputs per scale, 32 | 64 | 128 | 256 (dividing every layer's input size).",
+    ),
 ]
 
 
@@ -484,7 +487,9 @@ def convert(
     ),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
     bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
-    quantize: Quantize = None,
+    quantize: str = typer.Option(
+        None, "--quantize", help="int8 | int4: write a quantized folder smalto loads (docs/quantize.md)."
+    ),
     group_size: GroupSize = 128,
     symmetric: bool = typer.Option(
         False, "--symmetric", help="int4: symmetric groups (no zero points) instead of scale + zero point."
