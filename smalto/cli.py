@@ -50,6 +50,29 @@ RepetitionPenalty = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
 Stop = Annotated[list[str], typer.Option("--stop", help="End a completion at this string (repeatable).")]
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="int8 | int4: quantize the linear layers' weights as the model loads (docs/quantize.md).",
+    ),
+]
+GroupSize = Annotated[
+    int,
+    typer.Option(
+        "--group-size",
+        help="int4: inputs per scale, 32 | 64 | 128 | 256 (dividing every layer's input size).",
+    ),
+]
+
+
+def _quant_spec(quantize: str | None, group_size: int):
+    """The QuantSpec of --quantize / --group-size (None: 16-bit)."""
+    if quantize is None:
+        return None
+    from smalto.quant import QuantSpec
+
+    return QuantSpec(format=quantize, group_size=group_size)
 
 
 def _version(value: bool) -> None:
@@ -199,6 +222,8 @@ def eval_(
         "--dtype",
         help="auto (bfloat16 on GPU, float32 on CPU) | float32 (fp32) | bfloat16 (bf16) | float16 (fp16).",
     ),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
     from smalto.eval.run import EvalConfig, parse_fewshot, run
@@ -217,6 +242,7 @@ def eval_(
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
+        quantize=_quant_spec(quantize, group_size),
     )
     run(cfg)
 
@@ -324,6 +350,8 @@ def generate_cmd(
     max_seq_len: int = typer.Option(
         None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."
     ),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
 ) -> None:
     """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several)."""
     prompts = _read_prompts(prompt, prompts_file)
@@ -332,7 +360,14 @@ def generate_cmd(
     from smalto.generate import generate
     from smalto.load import load_model_and_tokenizer
 
-    lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    lm, tok = load_model_and_tokenizer(
+        model,
+        tokenizer,
+        dtype=dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        quantize=_quant_spec(quantize, group_size),
+    )
     one = len(prompts) == 1
 
     def show(d) -> None:
@@ -389,12 +424,21 @@ def chat(
     ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
 ) -> None:
     """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
     from smalto.chat import ChatSession
     from smalto.load import load_model_and_tokenizer
 
-    lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    lm, tok = load_model_and_tokenizer(
+        model,
+        tokenizer,
+        dtype=dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        quantize=_quant_spec(quantize, group_size),
+    )
     session = ChatSession(
         lm,
         tok,
@@ -443,6 +487,13 @@ def convert(
     ),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest weight file, e.g. 5GB, 500MB, 2GiB."),
     bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
+    quantize: str = typer.Option(
+        None, "--quantize", help="int8 | int4: write a quantized folder smalto loads (docs/quantize.md)."
+    ),
+    group_size: GroupSize = 128,
+    symmetric: bool = typer.Option(
+        False, "--symmetric", help="int4: symmetric groups (no zero points) instead of scale + zero point."
+    ),
 ) -> None:
     """Convert a checkpoint into a Hugging Face folder: LLaMA-architecture models as native Llama folders, MPT natively
     or with trust_remote_code (see docs/hf.md)."""
@@ -451,9 +502,26 @@ def convert(
 
     from smalto.convert import convert as convert_checkpoint
 
-    out = convert_checkpoint(src, dst, dtype=dtype, shard_size=shard_size, safe_serialization=not bin)
+    out = convert_checkpoint(
+        src,
+        dst,
+        dtype=dtype,
+        shard_size=shard_size,
+        safe_serialization=not bin,
+        quantize=quantize,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
     cfg = json.loads((Path(out) / "config.json").read_text())
     files = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if "quantization_config" in cfg:
+        from smalto.quant import QuantSpec
+
+        spec = QuantSpec.from_config(cfg["quantization_config"], str(out))
+        typer.echo(
+            f"wrote {out}: {len(files)} weight file(s), {spec.describe()}; smalto loads it (not transformers)"
+        )
+        return
     if cfg["model_type"] in ("llama", "mistral"):
         how = f"natively ({cfg['architectures'][0]})"
     elif cfg["model_type"] == "mpt":

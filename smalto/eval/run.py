@@ -24,6 +24,7 @@ class EvalConfig:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantize: Any = None  # a smalto.quant.QuantSpec: --quantize (smalto MPT folders)
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -87,7 +88,9 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
     from smalto.eval.models import load_model
     from smalto.eval.report import print_results, write_results
 
-    model, tokenizer = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.dtype)
+    model, tokenizer = load_model(
+        cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.dtype, quantize=cfg.quantize
+    )
     results: dict[str, Any] = {"model": cfg.model, "tasks": [], "gauntlet": None, "perplexity": None}
     samples: dict[str, list[dict[str, Any]]] = {}
     rank0 = not dist or _rank() == 0

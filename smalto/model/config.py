@@ -51,6 +51,7 @@ HF_METADATA_KEYS = frozenset(
         "model_type",
         "torch_dtype",
         "dtype",
+        "quantization_config",  # how the weights are stored (smalto/quant/folder.py reads it)
         "transformers_version",
         "_name_or_path",
         "use_cache",
