@@ -160,7 +160,8 @@ def save_quantized(
     tmp.mkdir()
     try:
         token_ids = _write_tokenizer(tokenizer, tmp) if tokenizer is not None else {}
-        _write_weights(model, tmp, model.dtype, limit, True)  # floating tensors stay in the model's dtype
+        state = dict(model.state_dict(keep_vars=True))
+        _write_weights(state, tmp, model.dtype, limit, True)  # floating tensors stay in the model's dtype
         config = hf_config_dict(model.config, model.dtype, token_ids=token_ids)
         config.pop("auto_map", None)  # the remote code computes 16-bit weights only
         why = ["quantized weights (smalto int8 / int4)", *config["smalto"]["why_not_native"]]
