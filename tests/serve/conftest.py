@@ -19,6 +19,15 @@ from tests.helpers import tiny_config
 pytest.importorskip("fastapi", reason="the serve extra (in dev)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (the server's engine thread and the client share the CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_chat_model() -> MPTForCausalLM:
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=50432, max_seq_len=96, no_bias=True, attn_config={"alibi": True})
@@ -75,6 +84,6 @@ def start(model_dir: Path, api_key: str | None = None, **engine_kw) -> tuple[Thr
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[ThreadServer]:
-    srv, _ = start(model_dir, api_key="sekrit", max_batch=4, max_queue=512, prefill_chunk=16)
+    srv, _ = start(model_dir, api_key="sekrit", max_batch=8, max_queue=512, prefill_chunk=16)
     yield srv
     srv.stop()
