@@ -469,7 +469,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: str = typer.Option(
-        None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/* (env SMALTO_API_KEY).", envvar="SMALTO_API_KEY"
+        None,
+        "--api-key",
+        help="Require 'Authorization: Bearer KEY' on /v1/* (env SMALTO_API_KEY).",
+        envvar="SMALTO_API_KEY",
     ),
     max_batch: int = typer.Option(8, "--max-batch", help="Sequences decoded together (KV cache slots)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting for a slot before 429."),
@@ -485,7 +488,9 @@ def serve(
     served_model_name: str = typer.Option(
         None, "--served-model-name", help="The model id of the API (default: MODEL as given)."
     ),
-    grace: float = typer.Option(30.0, "--grace", help="Seconds running requests get to finish after SIGTERM."),
+    grace: float = typer.Option(
+        30.0, "--grace", help="Seconds running requests get to finish after SIGTERM."
+    ),
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
     ),

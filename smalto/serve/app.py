@@ -37,6 +37,7 @@ from smalto.serve.protocol import (
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.warmup()
         engine.start()
         yield
         engine.shutdown()
@@ -83,12 +84,20 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
-        card = {"id": model_name, "object": "model", "created": now(), "owned_by": "smalto", "max_model_len": L}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "smalto",
+            "max_model_len": L,
+        }
         return {"object": "list", "data": [card]}
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model")
+            raise APIError(
+                404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model"
+            )
 
     def check_prompt(ids: list[int], max_tokens: int, field: str) -> None:
         V = engine.model.config.vocab_size
@@ -96,7 +105,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         if bad:
             raise APIError(400, f"{field}: token id {bad[0]} is outside the vocabulary [0, {V})", field)
         if len(ids) >= L:
-            raise APIError(400, f"{field}: {len(ids)} tokens leave no room to generate in {L} (--max-seq-len)", field)
+            raise APIError(
+                400, f"{field}: {len(ids)} tokens leave no room to generate in {L} (--max-seq-len)", field
+            )
         if len(ids) + max_tokens > L:
             raise APIError(
                 400,
@@ -106,7 +117,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             )
 
     async def run(
-        request: Request, body: Any, prompts: list[list[int]], max_tokens: int, stops: list[str], top: int | None
+        request: Request,
+        body: Any,
+        prompts: list[list[int]],
+        max_tokens: int,
+        stops: list[str],
+        top: int | None,
     ) -> tuple[asyncio.Queue, list[EngineRequest]]:
         """Submit n requests per prompt; their outputs arrive on the queue as (choice index, Output)."""
         loop = asyncio.get_running_loop()
@@ -156,7 +172,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         raw = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not raw:
             raise APIError(400, "prompt: give at least one prompt", "prompt")
-        prompts = [encode(tok, x) for x in raw]
+        prompts = [encode(tok, x) for x in raw]  # type: ignore[arg-type]
         for ids in prompts:
             check_prompt(ids, body.max_tokens, "prompt")
         sampling_check(body)
@@ -191,7 +207,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                     choice = {"index": i, "text": text, "logprobs": logprobs(out, offsets[i], i)}
                     choice["finish_reason"] = out.finish_reason
                     offsets[i] += len(text)
-                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": [choice]})
+                    yield sse(
+                        {
+                            "id": cid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model_name,
+                            "choices": [choice],
+                        }
+                    )
                 if body.stream_options and body.stream_options.include_usage:
                     u = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
                     yield sse({**u, "choices": [], "usage": usage(n_prompt, n_out)})
@@ -204,11 +228,23 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         for i, out in enumerate(outs):
             text = echo[i // body.n] + out.text
             choices.append(
-                {"index": i, "text": text, "logprobs": logprobs(out, 0, i), "finish_reason": out.finish_reason}
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": logprobs(out, 0, i),
+                    "finish_reason": out.finish_reason,
+                }
             )
         engine.metrics.requests.labels("/v1/completions", "200").inc()
         n_out = sum(len(o.token_ids) for o in outs)
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": choices, "usage": usage(n_prompt, n_out)}
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(n_prompt, n_out),
+        }
 
     # ------------------------------------------------------------ /v1/chat/completions
 
@@ -225,7 +261,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         check_prompt(ids, max_tokens, "messages")
         sampling_check(body)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        queue, reqs = await run(request, body, [ids], max_tokens, [*chat_stop_strings(tok), *body.stops()], top)
+        queue, reqs = await run(
+            request, body, [ids], max_tokens, [*chat_stop_strings(tok), *body.stops()], top
+        )
         cid, created = new_id("chatcmpl"), now()
 
         def logprobs(out: Output) -> dict[str, Any] | None:
@@ -244,12 +282,24 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             async def events() -> AsyncIterator[str]:
                 for i in range(body.n):
                     delta = {"role": "assistant", "content": ""}
-                    yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                    yield sse(
+                        {
+                            **head,
+                            "choices": [
+                                {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                            ],
+                        }
+                    )
                 n_out = 0
                 async for i, out in relay(queue, reqs):
                     n_out += len(out.token_ids)
                     delta = {"content": out.text} if out.text else {}
-                    choice = {"index": i, "delta": delta, "logprobs": logprobs(out), "finish_reason": out.finish_reason}
+                    choice = {
+                        "index": i,
+                        "delta": delta,
+                        "logprobs": logprobs(out),
+                        "finish_reason": out.finish_reason,
+                    }
                     yield sse({**head, "choices": [choice]})
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**head, "choices": [], "usage": usage(len(ids), n_out)})
@@ -278,7 +328,7 @@ def encode(tokenizer: Any, prompt: str | list[int]) -> list[int]:
     from smalto.generate import encode_prompts
 
     try:
-        return encode_prompts(tokenizer, [prompt])[0]  # type: ignore[list-item]
+        return encode_prompts(tokenizer, [prompt])[0]  # type: ignore[arg-type]
     except UserError as e:
         raise APIError(400, f"prompt: {e}", "prompt") from None
 
@@ -335,7 +385,9 @@ async def collect(queue: asyncio.Queue, reqs: list[EngineRequest], request: Requ
             r.cancel()  # no-op for finished ones; frees the slots of the others
 
 
-def stream(events: AsyncIterator[str], reqs: list[EngineRequest], engine: Engine, path: str) -> StreamingResponse:
+def stream(
+    events: AsyncIterator[str], reqs: list[EngineRequest], engine: Engine, path: str
+) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
         try:
             async for e in events:

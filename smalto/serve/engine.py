@@ -126,7 +126,9 @@ class Engine:
         self.device = model.device
         self.gen = torch.Generator(device=self.device)
         self.gen.seed()
-        self.seen: torch.Tensor | None = None  # (B, V) tokens a repetition penalty applies to, made when needed
+        self.seen: torch.Tensor | None = (
+            None  # (B, V) tokens a repetition penalty applies to, made when needed
+        )
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[_Seq | None] = [None] * max_batch
         self.accepting = True
@@ -146,6 +148,14 @@ class Engine:
             self.waiting.append(req)
             self.metrics.queue.set(len(self.waiting))
             self._cv.notify()
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One decode step with every row idle (on CUDA: compiles and captures the step before the first request)."""
+        B, d = self.max_batch, self.device
+        self.dec.step(
+            torch.zeros(B, dtype=torch.long, device=d), torch.full((B,), self.dec.scratch, device=d)
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="smalto-engine", daemon=True)
@@ -253,7 +263,7 @@ class Engine:
         tokens = [0] * B
         pos = [self.dec.scratch] * B
         for s in rows:
-            tokens[s.slot] = s.next_token  # type: ignore[call-overload]
+            tokens[s.slot] = s.next_token or 0
             pos[s.slot] = len(s.req.prompt) + s.n_out - 1
         logits = self.dec.step(
             torch.tensor(tokens, dtype=torch.long, device=d), torch.tensor(pos, dtype=torch.long, device=d)
@@ -266,7 +276,9 @@ class Engine:
                 out[idx] = sample(logits[idx], s.req.params, self._seen(s), s.gen)
             else:
                 p = s.req.params
-                groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty), []).append(s)
+                groups.setdefault(
+                    (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty), []
+                ).append(s)
         for group in groups.values():
             idx = torch.tensor([s.slot for s in group], device=d)
             seen = self.seen.index_select(0, idx) if group[0].req.params.repetition_penalty != 1.0 else None  # type: ignore[union-attr]
@@ -297,7 +309,9 @@ class Engine:
         top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
         return [
             TokenLogprob(int(t), c, list(zip(ti, tv, strict=True)))
-            for t, c, ti, tv in zip(tokens.view(-1).tolist(), chosen, top_i.tolist(), top_v.tolist(), strict=True)
+            for t, c, ti, tv in zip(
+                tokens.view(-1).tolist(), chosen, top_i.tolist(), top_v.tolist(), strict=True
+            )
         ]
 
     def _prompt_logprobs(self, seq: _Seq, logits: torch.Tensor) -> list[TokenLogprob | None] | None:
@@ -337,7 +351,9 @@ class Engine:
                 out.text = seq.text.add(token)
                 ended = seq.text.stopped
         reason = "stop" if ended else None
-        if reason is None and (seq.n_out >= req.max_tokens or len(req.prompt) + seq.n_out >= self.max_seq_len):
+        if reason is None and (
+            seq.n_out >= req.max_tokens or len(req.prompt) + seq.n_out >= self.max_seq_len
+        ):
             reason = "length"
         if reason is not None:
             if seq.text is not None and reason == "length":

@@ -6,7 +6,27 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # latency buckets (seconds): from a fast GPU decode step to a slow CPU prefill
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30)
+_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 
 
 class Metrics:
@@ -24,7 +44,10 @@ class Metrics:
             "smalto_time_to_first_token_seconds", "Arrival to first token", buckets=_BUCKETS, registry=r
         )
         self.itl = Histogram(
-            "smalto_inter_token_latency_seconds", "Between two tokens of a sequence", buckets=_BUCKETS, registry=r
+            "smalto_inter_token_latency_seconds",
+            "Between two tokens of a sequence",
+            buckets=_BUCKETS,
+            registry=r,
         )
         self.latency = Histogram(
             "smalto_request_latency_seconds", "Arrival to last token", buckets=_BUCKETS, registry=r

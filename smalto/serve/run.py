@@ -43,7 +43,9 @@ def check_host(host: str, api_key: str | None) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         import warnings
 
-        warnings.warn(f"serving on {host} without --api-key: anyone who reaches it can use the model", stacklevel=2)
+        warnings.warn(
+            f"serving on {host} without --api-key: anyone who reaches it can use the model", stacklevel=2
+        )
 
 
 def serve(
@@ -72,7 +74,9 @@ def serve(
     from smalto.serve.engine import Engine
 
     check_host(host, api_key)
-    model, tok = load_model_and_tokenizer(model_path, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    model, tok = load_model_and_tokenizer(
+        model_path, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len
+    )
     model.eval()
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     app = create_app(engine, served_model_name or model_path, api_key)

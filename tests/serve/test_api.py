@@ -37,11 +37,16 @@ def reference(model_dir: Path):
 
 def test_completion_matches_generate_with_usage_and_logprobs(client, reference) -> None:
     greedy, tok = reference
-    r = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=7, temperature=0, logprobs=2)
+    r = client.completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=7, temperature=0, logprobs=2
+    )
     want = greedy("The capital of France is", 7)
     (c,) = r.choices
     assert (c.text, c.finish_reason) == (want.text, "length")
-    assert r.usage.prompt_tokens == len(tok.encode("The capital of France is")) and r.usage.completion_tokens == 7
+    assert (
+        r.usage.prompt_tokens == len(tok.encode("The capital of France is"))
+        and r.usage.completion_tokens == 7
+    )
     assert c.logprobs.tokens == [tok.decode([t]) for t in want.token_ids]
     for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs, strict=True):
         assert lp <= 0 and len(top) == 2 and max(top.values()) == pytest.approx(lp)  # greedy took the best
@@ -50,7 +55,9 @@ def test_completion_matches_generate_with_usage_and_logprobs(client, reference) 
 def test_echo_prompt_token_ids_and_list_of_prompts(client, reference) -> None:
     greedy, tok = reference
     ids = tok.encode("Once upon a time")
-    r = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=0)
+    r = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=0
+    )
     (c,) = r.choices
     assert c.text == "Once upon a time" + greedy("Once upon a time", 3).text
     assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.tokens) == len(ids) + 3
@@ -61,15 +68,21 @@ def test_echo_prompt_token_ids_and_list_of_prompts(client, reference) -> None:
 
 
 def test_stop_strings_and_token_ids(client, reference) -> None:
-    greedy, tok = reference
+    greedy, _ = reference
     full = greedy("Hello world", 12).text
     stop = full[4:7]
     assert stop.strip()
-    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0, stop=[stop])
+    r = client.completions.create(
+        model="tiny", prompt="Hello world", max_tokens=12, temperature=0, stop=[stop]
+    )
     assert (r.choices[0].text, r.choices[0].finish_reason) == (full[: full.find(stop)], "stop")
     first = greedy("Hello world", 1).token_ids[0]
     r = client.completions.create(
-        model="tiny", prompt="Hello world", max_tokens=12, temperature=0, extra_body={"stop_token_ids": [first]}
+        model="tiny",
+        prompt="Hello world",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"stop_token_ids": [first]},
     )
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("", "stop")
 
@@ -77,7 +90,9 @@ def test_stop_strings_and_token_ids(client, reference) -> None:
 def test_streaming_completion_ends_with_done(server, reference) -> None:
     greedy, _ = reference
     body = {"prompt": "Streams of", "max_tokens": 6, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [x for x in r.iter_lines() if x]
     assert lines[-1] == "data: [DONE]"
@@ -92,12 +107,19 @@ def test_chat_and_streaming_chat(client, reference) -> None:
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     want = greedy(apply_chat_template(tok, msgs), 8, stop=["<|im_end|>"])
-    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1)
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1
+    )
     assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
     assert len(r.choices[0].logprobs.content) == len(want.token_ids)
     parts, reasons = [], []
     for chunk in client.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+        model="tiny",
+        messages=msgs,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     ):
         for ch in chunk.choices:
             parts.append(ch.delta.content or "")
@@ -132,7 +154,11 @@ def test_models_health_metrics_and_page(client, server) -> None:
     ],
 )
 def test_completion_errors_name_the_field(server, body: str, param: str | None, words: str) -> None:
-    r = httpx.post(server.url + "/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and words in err["message"]
@@ -170,7 +196,9 @@ def test_disconnect_mid_stream_frees_the_slot(server) -> None:
     import time
 
     body = {"prompt": "Long story:", "max_tokens": 80, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         next(r.iter_lines())
     deadline = time.time() + 20
     while "smalto_running 0.0" not in httpx.get(server.url + "/metrics").text:
@@ -181,16 +209,32 @@ def test_disconnect_mid_stream_frees_the_slot(server) -> None:
 def test_concurrent_mix_of_valid_and_invalid_requests(server, reference) -> None:
     greedy, _ = reference
     rng = random.Random(0)
-    words = "the a cat dog sat ran on in under over blue red".split()
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "in", "under", "over", "blue", "red"]
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(12)]
     want = {p: greedy(p, 5).text for p in prompts}
-    bad = ['{"prompt": 3}', '{"prompt": "x", "n": 0}', '{"max_tokens": 3}', "[1, 2", '{"prompt": "x", "top_p": 2}']
-    jobs = [("ok", rng.choice(prompts)) if rng.random() < 0.6 else ("bad", rng.choice(bad)) for _ in range(200)]
+    bad = [
+        '{"prompt": 3}',
+        '{"prompt": "x", "n": 0}',
+        '{"max_tokens": 3}',
+        "[1, 2",
+        '{"prompt": "x", "top_p": 2}',
+    ]
+    jobs = [
+        ("ok", rng.choice(prompts)) if rng.random() < 0.6 else ("bad", rng.choice(bad)) for _ in range(200)
+    ]
 
     def send(job):
         kind, x = job
-        body = json.dumps({"prompt": x, "max_tokens": 5, "temperature": 0, "stream": rng.random() < 0.5}) if kind == "ok" else x
-        r = http.post(server.url + "/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        body = (
+            json.dumps({"prompt": x, "max_tokens": 5, "temperature": 0, "stream": rng.random() < 0.5})
+            if kind == "ok"
+            else x
+        )
+        r = http.post(
+            server.url + "/v1/completions",
+            content=body,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
         if kind == "bad":
             return r.status_code == 400 and "error" in r.json()
         if r.status_code != 200:

@@ -15,11 +15,19 @@ from tests.helpers import tiny_config
 
 SPECS = {
     "alibi": dict(no_bias=True, attn_config={"alibi": True}),
-    "rope_gqa": dict(attn_config={"rope": True, "kv_n_heads": 2, "qk_ln": True}, ffn_config={"ffn_type": "mptglu"}),
+    "rope_gqa": dict(
+        attn_config={"rope": True, "kv_n_heads": 2, "qk_ln": True}, ffn_config={"ffn_type": "mptglu"}
+    ),
     "learned_pos": dict(learned_pos_emb=True),
 }
 # token-id prompts of mixed lengths (vocab 256, no tokenizer: ids in, ids out)
-PROMPTS = [[5, 17, 99, 3, 42, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 1], [9, 9, 9, 30], [77] * 9, [3, 1, 4, 1, 5]]
+PROMPTS = [
+    [5, 17, 99, 3, 42, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    [200, 1],
+    [9, 9, 9, 30],
+    [77] * 9,
+    [3, 1, 4, 1, 5],
+]
 MAX_NEW = [12, 20, 5, 16, 9]
 
 
@@ -65,7 +73,7 @@ def test_greedy_equals_generate_whatever_the_batch(spec: str, max_batch: int, ch
     assert len({tuple(w) for w in want}) == len(want)  # the outputs differ: a mix-up between rows would show
     engine = Engine(model, None, max_batch=max_batch, prefill_chunk=chunk)
     outs = run(engine, arrivals)
-    got = [sum((o.token_ids for o in out), []) for out in outs]
+    got = [[t for o in out for t in o.token_ids] for out in outs]
     assert got == want
     assert [out[-1].finish_reason for out in outs] == ["length"] * len(PROMPTS)
     assert engine.busy() == 0
@@ -77,12 +85,16 @@ def test_seeded_sampling_equals_generate() -> None:
     want = generate(model, None, [PROMPTS[0]], max_new_tokens=15, seed=7, eos_token_id=[], **params)[0]
     engine = Engine(model, None, max_batch=3)
     outs: list[Output] = []
-    engine.submit(Request(prompt=PROMPTS[1], emit=lambda o: None, params=SamplingParams(temperature=1.0), max_tokens=30))
+    engine.submit(
+        Request(prompt=PROMPTS[1], emit=lambda o: None, params=SamplingParams(temperature=1.0), max_tokens=30)
+    )
     engine.step()
-    engine.submit(Request(prompt=PROMPTS[0], emit=outs.append, params=SamplingParams(**params), max_tokens=15, seed=7))
+    engine.submit(
+        Request(prompt=PROMPTS[0], emit=outs.append, params=SamplingParams(**params), max_tokens=15, seed=7)
+    )
     while not (outs and outs[-1].finish_reason):
         engine.step()
-    assert sum((o.token_ids for o in outs), []) == want.token_ids
+    assert [t for o in outs for t in o.token_ids] == want.token_ids
 
 
 def test_cancel_frees_the_slot_at_the_next_step_and_the_queue_is_bounded() -> None:
