@@ -19,6 +19,7 @@ decode step. Results go to each request's `emit` callback (called on the engine 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -192,6 +193,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a failed step fails its requests, not the server
+                logging.getLogger("smalto.serve").exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     @torch.inference_mode()
@@ -360,6 +362,7 @@ class Engine:
                 out.text += seq.text.finish()
             out.finish_reason = reason
             self.slots[seq.slot] = None
+            m.latency.observe(now - req.arrival)
         else:
             seq.next_token = token
         if req.cancelled:

@@ -80,7 +80,8 @@ def slot_bias(pos: Tensor, n_keys: int, slopes: Tensor | None, window: int, dtyp
 
 
 class SlotDecoder:
-    """`max_batch` slots of `max_seq_len` positions (+1 scratch); `prefill` one chunk of one slot, `step` all slots."""
+    """`max_batch` slots of `max_seq_len` positions (and a scratch one, rounded up to a multiple of 16); `prefill`
+    one chunk of one slot, `step` all slots."""
 
     def __init__(
         self, model: MPTForCausalLM, max_batch: int, compile: bool, options: DecodeOptions | None = None
@@ -88,12 +89,13 @@ class SlotDecoder:
         c = model.config
         self.model, self.max_batch = model, max_batch
         self.max_len = c.max_seq_len  # positions a sequence may use; slot `max_len` is the idle rows' scratch
-        self.cache = SlotCache.for_model(c, max_batch, self.max_len + 1, model.dtype, model.device)
+        n_slots = -(-(self.max_len + 1) // 16) * 16  # a multiple of 16: SDPA's fused kernels want aligned biases
+        self.cache = SlotCache.for_model(c, max_batch, n_slots, model.dtype, model.device)
         kernels = compile and model.device.type == "cuda"
         self.options = (options or DecodeOptions()) if kernels else None
         if kernels:
             decode_linear.prepare()
-        shape = dict(device=model.device, dtype=model.dtype, batch=1, seq=self.max_len + 1, options=None)
+        shape = dict(device=model.device, dtype=model.dtype, batch=1, seq=n_slots, options=None)
         self.prefill_plan = select(c, "prefill", **shape)  # type: ignore[arg-type]
         self.blocks = decode_blocks(model, self.options)
         self.max_rows = self.options.linear_rows if self.options is not None else 0

@@ -74,18 +74,26 @@ class ThreadServer:
         self.thread.join(timeout=30)
 
 
-def start(model_dir: Path, api_key: str | None = None, **engine_kw) -> tuple[ThreadServer, object]:
+@pytest.fixture(scope="session")
+def loaded(model_dir: Path):
+    """The folder's model and tokenizer, as `smalto serve` loads them (shared by the servers and the references:
+    the model is only read)."""
     from smalto.load import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir, device="cpu")
+    return model.eval(), tok
+
+
+def start(loaded, api_key: str | None = None, **engine_kw) -> tuple[ThreadServer, object]:
     from smalto.serve.app import create_app
     from smalto.serve.engine import Engine
 
-    model, tok = load_model_and_tokenizer(model_dir, device="cpu")
-    engine = Engine(model.eval(), tok, **engine_kw)
+    engine = Engine(*loaded, **engine_kw)
     return ThreadServer(create_app(engine, "tiny", api_key)), engine
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path) -> Iterator[ThreadServer]:
-    srv, _ = start(model_dir, api_key="sekrit", max_batch=8, max_queue=512, prefill_chunk=16)
+def server(loaded) -> Iterator[ThreadServer]:
+    srv, _ = start(loaded, api_key="sekrit", max_batch=8, max_queue=512, prefill_chunk=16)
     yield srv
     srv.stop()
