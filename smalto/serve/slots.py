@@ -6,7 +6,9 @@ step writes one token per slot at that slot's own position. So every sequence se
 batch-1 `smalto generate` gives it (ALiBi distances, RoPE angles, learned positions), whatever else is running.
 
 The decode step runs the model's own blocks with attention inputs built here: the query positions are one per
-row (B,), the cache writes each row at its position, and attention takes a per-row mask and ALiBi bias. The step's
+row (B,), the cache writes each row at its position, and attention sees keys 0..pos[b] of row b: on CUDA the
+Triton decode kernel (smalto/kernels/decode_attention.py, which reads each row's own length only) when rows × heads
+fill the GPU, else SDPA with a per-row mask and ALiBi bias. The step's
 shapes never change (all `max_batch` rows run; an idle row writes to a scratch slot past `max_seq_len` that no
 sequence reads), so on CUDA it is compiled once with `mode="reduce-overhead"` (a CUDA graph), like the decoder of
 `smalto generate`, whose fused decode blocks and decode-linear unembedding it reuses.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smalto.kernels import DecodeOptions, decode_linear, select
+from smalto.kernels import DecodeOptions, decode_attention, decode_linear, select
 from smalto.kernels.decode_block import decode_blocks
 from smalto.model.attention import (
     AttentionInputs,
@@ -89,12 +91,21 @@ class SlotDecoder:
         c = model.config
         self.model, self.max_batch = model, max_batch
         self.max_len = c.max_seq_len  # positions a sequence may use; slot `max_len` is the idle rows' scratch
-        n_slots = -(-(self.max_len + 1) // 16) * 16  # a multiple of 16: SDPA's fused kernels want aligned biases
+        # a multiple of 16 positions: SDPA's fused kernels want aligned biases
+        n_slots = -(-(self.max_len + 1) // 16) * 16
         self.cache = SlotCache.for_model(c, max_batch, n_slots, model.dtype, model.device)
         kernels = compile and model.device.type == "cuda"
-        self.options = (options or DecodeOptions()) if kernels else None
-        if kernels:
+        self.options = o = (options or DecodeOptions()) if kernels else None
+        self.attention = SLOT_ATTENTION
+        if o is not None:
             decode_linear.prepare()
+            # the Triton decode kernel takes a position per row, so each row reads its own tokens only
+            programs = max_batch * c.n_heads
+            if decode_attention.prepare() and (
+                decode_attention.why_not(c.head_dim, n_slots, programs, model.device, o.programs_per_sm)
+                is None
+            ):
+                self.attention = decode_attention.decode_kernel(o.attention_launch)
         shape = dict(device=model.device, dtype=model.dtype, batch=1, seq=n_slots, options=None)
         self.prefill_plan = select(c, "prefill", **shape)  # type: ignore[arg-type]
         self.blocks = decode_blocks(model, self.options)
@@ -144,8 +155,12 @@ class SlotDecoder:
             rope = (cos[:, None, None, :], sin[:, None, None, :])  # broadcast over (B, H, 1, D)
         n_keys = self.cache.max_len
         mask = AttentionMask(q_pos=pos, n_keys=n_keys, window=c.attn_config.sliding_window_size)
-        bias = slot_bias(pos, n_keys, self.slopes, mask.window, x.dtype)
-        inputs = AttentionInputs(mask=mask, kernel=SLOT_ATTENTION, slopes=self.slopes, rope=rope, state=bias)
+        bias = (
+            slot_bias(pos, n_keys, self.slopes, mask.window, x.dtype)
+            if self.attention is SLOT_ATTENTION
+            else None
+        )
+        inputs = AttentionInputs(mask=mask, kernel=self.attention, slopes=self.slopes, rope=rope, state=bias)
         for block in self.blocks:
             x = block(x, inputs, self.cache)
         return self._logits(tr.norm_f(x)[:, -1])
