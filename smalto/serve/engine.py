@@ -174,7 +174,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         for req in list(self.waiting) + [s.req for s in self.slots if s is not None]:
-            req.emit(Output(finish_reason="abort"))
+            try:
+                req.emit(Output(finish_reason="abort"))
+            except RuntimeError:  # its event loop is closed already: nobody waits for it
+                pass
         self.waiting.clear()
         self.slots = [None] * self.max_batch
 
