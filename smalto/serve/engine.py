@@ -19,6 +19,7 @@ decode step. Results go to each request's `emit` callback (called on the engine 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -174,10 +175,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         for req in list(self.waiting) + [s.req for s in self.slots if s is not None]:
-            try:
+            with contextlib.suppress(RuntimeError):  # its event loop is closed already: nobody waits
                 req.emit(Output(finish_reason="abort"))
-            except RuntimeError:  # its event loop is closed already: nobody waits for it
-                pass
         self.waiting.clear()
         self.slots = [None] * self.max_batch
 
