@@ -142,11 +142,22 @@ def build_folder(shape: str, tokenizer: str, out: Path, device: str, dtype: str,
 
     if (out / "config.json").is_file():
         return out
+    if Path(tokenizer).exists():
+        tok = load_tokenizer(tokenizer)
+    else:  # the load sends token ids: any tokenizer of the vocabulary's size will do (an id decodes as its number)
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {str(i): i for i in range(SHAPES[shape]["vocab_size"])}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="0"))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="0")
+        print(f"no tokenizer at {tokenizer}: a numbers-only one")
     cfg = MPTConfig.from_dict(
         {**SHAPES[shape], "max_seq_len": max_seq_len, "no_bias": True, "attn_config": {"alibi": True}}
     )
     model = MPTForCausalLM(cfg, device=device).to(getattr(torch, dtype)).eval()
-    save_pretrained(model, out, tokenizer=load_tokenizer(tokenizer))
+    save_pretrained(model, out, tokenizer=tok)
     del model
     return out
 

@@ -101,6 +101,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     def check_prompt(ids: list[int], max_tokens: int, field: str) -> None:
         V = engine.model.config.vocab_size
+        if not ids:
+            raise APIError(400, f"{field}: the prompt has no tokens", field)
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
             raise APIError(400, f"{field}: token id {bad[0]} is outside the vocabulary [0, {V})", field)
@@ -250,13 +252,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: ChatRequest, request: Request) -> Any:
-        from smalto.tokenizer import apply_chat_template, chat_stop_strings
+        from smalto.tokenizer import apply_chat_template, chat_stop_strings, has_chat_template
 
         check_model(body.model)
         if tok is None:
             raise APIError(400, "chat needs a tokenizer; start the server with --tokenizer", "messages")
         text = apply_chat_template(tok, [{"role": m.role, "content": m.text()} for m in body.messages])
-        ids = encode(tok, text)
+        # a template writes its own BOS where it wants one: encoding must not add another
+        ids = list(tok.encode(text, add_special_tokens=not has_chat_template(tok)))
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, L - len(ids))
         check_prompt(ids, max_tokens, "messages")
         sampling_check(body)
