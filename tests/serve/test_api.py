@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from smalto.generate import generate
 from tests.serve.conftest import start
@@ -202,11 +204,25 @@ def test_disconnect_mid_stream_frees_the_slot(server) -> None:
         time.sleep(0.05)
 
 
-def test_concurrent_mix_of_valid_and_invalid_requests(server, reference) -> None:
+def greedy_margin(loaded, prompt: str, out: list[int]) -> float:
+    """The smallest gap between the best and the second-best logit over the greedy tokens `out`."""
+    model, tok = loaded
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + out])).logits[0, len(ids) - 1 : -1]
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
+def test_concurrent_mix_of_valid_and_invalid_requests(server, reference, loaded) -> None:
     greedy, _ = reference
     rng = random.Random(0)
     words = ["the", "a", "cat", "dog", "sat", "ran", "on", "in", "under", "over", "blue", "red"]
-    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(12)]
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(16)]
+    # only prompts whose greedy tokens win clearly: the batch a request lands in changes its logits in the last
+    # bits, which may flip a near-tie (the engine tests check exact equality with fixed batches)
+    prompts = [p for p in prompts if greedy_margin(loaded, p, greedy(p, 4).token_ids) > 1e-2]
+    assert len(prompts) >= 8
     want = {p: greedy(p, 4).text for p in prompts}
     bad = [
         '{"prompt": 3}',
@@ -216,19 +232,26 @@ def test_concurrent_mix_of_valid_and_invalid_requests(server, reference) -> None
         '{"prompt": "x", "top_p": 2}',
     ]
     jobs = [
-        ("ok", rng.choice(prompts)) if rng.random() < 0.6 else ("bad", rng.choice(bad)) for _ in range(200)
+        ("ok", rng.choice(prompts), rng.random() < 0.5)
+        if rng.random() < 0.6
+        else ("bad", rng.choice(bad), False)
+        for _ in range(200)
     ]
+
+    local, clients = threading.local(), []
 
     def send(job) -> str | None:
         """None when the answer is right, else what went wrong."""
-        kind, x = job
-        stream = rng.random() < 0.5
+        kind, x, stream = job
         body = (
             json.dumps({"prompt": x, "max_tokens": 4, "temperature": 0, "stream": stream})
             if kind == "ok"
             else x
         )
-        r = http.post(
+        if not hasattr(local, "http"):  # a client per thread: one is not meant to be shared across threads
+            local.http = httpx.Client(timeout=120)
+            clients.append(local.http)
+        r = local.http.post(
             server.url + "/v1/completions",
             content=body,
             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
@@ -246,9 +269,10 @@ def test_concurrent_mix_of_valid_and_invalid_requests(server, reference) -> None
             ok = text == want[x]
         return None if ok else f"{x!r} → {text!r}, want {want[x]!r} (stream {stream})"
 
-    http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=32))
-    with http, ThreadPoolExecutor(32) as pool:
+    with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(send, jobs))
+    for c in clients:
+        c.close()
     wrong = [r for r in results if r is not None]
     assert not wrong, f"{len(wrong)} of {len(jobs)} requests went wrong, e.g. {wrong[:3]}"
     metrics = httpx.get(server.url + "/metrics").text
