@@ -94,3 +94,11 @@ def test_sigterm_drains_and_exits_zero(proc_server) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the running request finished in full
     with pytest.raises(httpx.TransportError):  # and nothing is admitted any more
         httpx.post(url + "/v1/completions", json={"prompt": "x"})
+
+
+def test_a_missing_model_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "smalto", "serve", str(tmp_path / "nope"), "--port", str(free_port())]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
+    assert str(tmp_path / "nope") in p.stderr
