@@ -97,6 +97,8 @@ class _Seq:
     n_out: int = 0
     gen: torch.Generator | None = None
     last_time: float = 0.0
+    # the prompt's logprobs (echo with logprobs), gathered over its chunks; the first token has none
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
 
 
 class Engine:
@@ -319,14 +321,13 @@ class Engine:
         ]
 
     def _prompt_logprobs(self, seq: _Seq, logits: torch.Tensor) -> list[TokenLogprob | None] | None:
-        """Logprobs of the prompt's tokens after the first, from a chunk's logits (T, V); cached on the seq until
-        the prompt is written."""
+        """Logprobs of the prompt's tokens after the first, from a chunk's logits (T, V); all of them once the
+        prompt is written, else None."""
         prompt, start = seq.req.prompt, seq.written
         nxt = prompt[start + 1 : start + 1 + logits.shape[0]]
         got = self._logprobs(logits[: len(nxt)], torch.tensor(nxt, device=self.device), seq.req.logprobs or 0)
-        acc: list[TokenLogprob | None] = seq.__dict__.setdefault("_plp", [None] if start == 0 else [])
-        acc.extend(got)
-        return acc if start + logits.shape[0] >= len(prompt) else None
+        seq.prompt_logprobs.extend(got)
+        return seq.prompt_logprobs if start + logits.shape[0] >= len(prompt) else None
 
     def _accept(
         self,
