@@ -9,9 +9,10 @@ Requests are streamed completions with token-id prompts, EOS ignored, so each ha
 ShareGPT-like lognormal lengths (prompt median 200 tokens, output median 150, heavy tails, cut to the context).
 Arrivals are Poisson at each `--rates` value (requests/s; `inf`: all at once), at most `--concurrency` in flight.
 Per rate: requests/s, output tokens/s, TTFT, TPOT (per request: (latency − TTFT) / (tokens − 1)) and inter-token
-latency p50/p90/p99. `--baseline` runs the same load against a naive server (transformers' `generate` behind a
-lock: one request at a time, streamed); `--offline` times `smalto.generate` on batches of `--max-batch` prompts
-with the same lengths (the throughput a server can hope for). Writes serve_load.json and serve_load.png (latency
+latency p50/p90/p99. `--baseline` runs the first `--baseline-prompts` requests at `--baseline-rates` against a
+naive server (transformers' `generate` behind a lock: one request at a time, streamed); `--offline` times
+`smalto.generate` on batches of `--max-batch` prompts with the same lengths (the throughput a server can hope
+for). Writes serve_load.json and serve_load.png (latency
 vs load) under --out.
 """
 
@@ -242,6 +243,16 @@ def main() -> None:
     ap.add_argument(
         "--baseline", action="store_true", help="also load the naive one-request-at-a-time server"
     )
+    ap.add_argument(
+        "--baseline-prompts",
+        type=int,
+        default=32,
+        help="the naive server's share of the requests (it is slow)",
+    )
+    ap.add_argument("--baseline-rates", default="inf", help="the naive server's rates")
+    ap.add_argument(
+        "--no-smalto", action="store_true", help="skip smalto serve (e.g. to run the baseline alone)"
+    )
     ap.add_argument("--offline", action="store_true", help="also time smalto.generate at --max-batch")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="tiny random model on CPU, a few requests")
@@ -268,12 +279,15 @@ def main() -> None:
     if a.baseline:
         servers["naive (transformers generate, one at a time)"] = [sys.executable, str(Path(__file__).with_name("serve_naive.py")), str(folder), "--device", a.device, "--dtype", a.dtype]  # fmt: skip
     for name, cmd in servers.items():
+        naive = name.startswith("naive")
+        if not naive and a.no_smalto:
+            continue
+        load = work[: a.baseline_prompts] if naive else work
+        load_rates = [float(r) for r in a.baseline_rates.split(",")] if naive else rates
         proc, url = start(cmd)
         try:
-            asyncio.run(
-                run_load(url, work[: a.concurrency], math.inf, a.concurrency, a.seed)
-            )  # warm up (compile)
-            results[name] = [asyncio.run(run_load(url, work, r, a.concurrency, a.seed)) for r in rates]
+            asyncio.run(run_load(url, load[: a.concurrency], math.inf, a.concurrency, a.seed))  # warm up
+            results[name] = [asyncio.run(run_load(url, load, r, a.concurrency, a.seed)) for r in load_rates]
         finally:
             proc.terminate()
             proc.wait()
