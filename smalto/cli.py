@@ -531,6 +531,62 @@ def convert(
     typer.echo(f"wrote {out}: {len(files)} weight file(s), {cfg['torch_dtype']}; transformers loads it {how}")
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(
+        ..., help="HF model folder (config.json + weights), or a training run / checkpoint folder."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        help="Require 'Authorization: Bearer KEY' on /v1/* (env SMALTO_API_KEY).",
+        envvar="SMALTO_API_KEY",
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", help="Sequences decoded together (KV cache slots)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting for a slot before 429."),
+    max_seq_len: int = typer.Option(
+        None, "--max-seq-len", help="Context per sequence (default the model's; ALiBi/RoPE run past it)."
+    ),
+    prefill_chunk: int = typer.Option(
+        512, "--prefill-chunk", help="Prompt tokens prefilled per engine step, over all new requests."
+    ),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model's)."
+    ),
+    served_model_name: str = typer.Option(
+        None, "--served-model-name", help="The model id of the API (default: MODEL as given)."
+    ),
+    grace: float = typer.Option(
+        30.0, "--grace", help="Seconds running requests get to finish after SIGTERM."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
+    ),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at / (docs/serve.md)."""
+    from smalto.serve.run import serve as run_server
+
+    run_server(
+        model,
+        tokenizer=tokenizer,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_seq_len=max_seq_len,
+        prefill_chunk=prefill_chunk,
+        dtype=dtype,
+        device=device,
+        served_model_name=served_model_name,
+        grace=grace,
+        on_ready=lambda url: typer.echo(f"serving {model} at {url} (chat page: {url}/)", err=True),
+    )
+
+
 def _print_delta(delta) -> None:
     sys.stdout.write(delta.text)
     sys.stdout.flush()
