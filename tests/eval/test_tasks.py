@@ -102,7 +102,7 @@ def test_task_yaml_rejects_unknown_keys_and_types(tmp_path):
         load_yaml(f)
     f.write_text("icl_tasks:\n- {label: x, dataset_uri: a.jsonl, icl_task_type: rag}\n")
     with pytest.raises(
-        ConfigError, match="icl_task_type 'rag' is not supported; choose one of: .*code_evaluation"
+        ConfigError, match=r"icl_task_type 'rag' is not supported; choose one of: .*code_evaluation"
     ):
         load_yaml(f)
 
