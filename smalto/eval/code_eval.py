@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from smalto.eval.tasks import TaskConfig
 _ANSWER_BUFFER = 10  # llm-foundry's _MAX_ANSWER_BUFFER_LENGTH
 _FUNCTION_END = re.compile(r"\n[A-Za-z0-9#`]")
 SAMPLING_DEFAULTS: dict[str, Any] = {"do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 1.0}
+_STOPS = ["\n" + c for c in string.ascii_letters + string.digits + "#`"]  # the cut of completion_code
 
 
 @dataclass
@@ -109,8 +111,12 @@ def build_problems(
     return problems, int(task.generation_kwargs.get("max_new_tokens", budget)), longest
 
 
-def sample(model: Any, tokenizer: Any, task: TaskConfig, p: Problem, budget: int, seed: int) -> list[str]:
-    """generations_per_sample completions of one problem."""
+def sample(
+    model: Any, tokenizer: Any, task: TaskConfig, problems: list[Problem], budget: int, seed: int
+) -> list[list[str]]:
+    """generations_per_sample completions for each problem, the problems sampled as one batch (smalto models;
+    transformers models one problem at a time). Generation stops at EOS, the budget, or a line starting at column
+    0: what completion_code keeps is decided by then, so stopping there changes nothing."""
     from smalto.eval.scorer import decode_generation, is_smalto
 
     kw = {**SAMPLING_DEFAULTS, **task.generation_kwargs}
@@ -122,26 +128,37 @@ def sample(model: Any, tokenizer: Any, task: TaskConfig, p: Problem, budget: int
         out = generate(
             model,
             tokenizer,
-            [p.context] * n,
+            [p.context for p in problems for _ in range(n)],
             max_new_tokens=budget,
             temperature=0.0 if greedy else float(kw["temperature"]),
             top_k=kw["top_k"] or None,
             top_p=kw["top_p"] if kw["top_p"] is not None and kw["top_p"] < 1.0 else None,
             seed=seed,
+            stop=_STOPS,
         )
-        return [decode_generation(tokenizer, c.token_ids) for c in out]
-    torch.manual_seed(seed)
-    ids = torch.tensor([p.context], device=next(model.parameters()).device)
-    gen = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=budget,
-        do_sample=not greedy,
-        num_return_sequences=n,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        **({} if greedy else {"temperature": kw["temperature"], "top_k": kw["top_k"], "top_p": kw["top_p"]}),
-    )
-    return [decode_generation(tokenizer, row[ids.shape[1] :].tolist()) for row in gen]
+        texts = [decode_generation(tokenizer, c.token_ids) for c in out]
+        return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
+    result = []
+    for p in problems:
+        torch.manual_seed(seed + p.index)
+        ids = torch.tensor([p.context], device=next(model.parameters()).device)
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=budget,
+            do_sample=not greedy,
+            num_return_sequences=n,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+            **(
+                {}
+                if greedy
+                else {"temperature": kw["temperature"], "top_k": kw["top_k"], "top_p": kw["top_p"]}
+            ),
+        )
+        result.append([decode_generation(tokenizer, row[ids.shape[1] :].tolist()) for row in gen])
+    return result
 
 
 def judge_problems(
@@ -184,6 +201,7 @@ def run_code_task(
     *,
     limits: Limits,
     workers: int,
+    batch_size: int = 16,
     rank: int = 0,
     world: int = 1,
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -205,7 +223,10 @@ def run_code_task(
             "longest prompt))"
         )
     mine = problems[rank::world]
-    gens = [sample(model, tokenizer, task, p, budget, seed=task.fewshot_random_seed + p.index) for p in mine]
+    gens: list[list[str]] = []
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        gens += sample(model, tokenizer, task, chunk, budget, seed=task.fewshot_random_seed + chunk[0].index)
     records = judge_problems(task, mine, gens, limits, workers)
     for r, p in zip(records, mine, strict=True):
         r["prompt"] = p.prompt

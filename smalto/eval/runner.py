@@ -269,6 +269,7 @@ def evaluate(
                         limit,
                         limits=code_limits or Limits(),
                         workers=code_workers or os.cpu_count() or 1,
+                        batch_size=max(1, (task.batch_size or batch_size) // task.generations_per_sample),
                         rank=rank,
                         world=world,
                     )
