@@ -208,8 +208,10 @@ def run_code_task(
     """(records in problem order, None), or ([], why the task cannot run here). Rank r of `world` takes problems
     r, r+W, ... like the other formats; every rank returns all records."""
     from smalto.eval.code_exec import missing_tool
+    from smalto.eval.sandbox import warn_about_gaps
     from smalto.eval.tasks import read_items
 
+    warn_about_gaps()
     items = read_items(task, data_root)
     for lang in sorted({it["language"] for it in items}):
         why = missing_tool(lang)

@@ -118,6 +118,17 @@ def containment() -> Containment:
     return Containment(None, False, False, (), tuple(notes))
 
 
+@lru_cache(maxsize=1)
+def warn_about_gaps() -> tuple[str, ...]:
+    """Warn once per process about each part of the containment this machine lacks; returns them."""
+    import warnings
+
+    notes = containment().notes
+    for n in notes:
+        warnings.warn(f"code sandbox: {n}", stacklevel=2)
+    return notes
+
+
 class _Slots:
     """Uids for concurrent runs: each run holds one, so RLIMIT_NPROC counts only its own processes."""
 
