@@ -154,6 +154,8 @@ class TrainConfig:
     """true: every block; an integer k: every k-th block; false: none."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
+    eval_first: bool = False
+    """Evaluate once before the first step (as llm-foundry's eval_first), so the held-out loss has a baseline."""
     grad_sync: str = "micro_batch"
     """FSDP2 with gradient accumulation: reduce-scatter the gradients after every micro-batch's backward
     (`micro_batch`: sharded gradients only) or once per step, after the last (`step`: one reduce-scatter instead of
@@ -286,14 +288,21 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    base_model: str | None = None
+    """`smalto finetune` only: the model to start from (anything `smalto.load` reads)."""
+    finetune: Any = None
+    """`smalto finetune` only: smalto.train.finetune.FinetuneSection (template, samples)."""
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, d: dict[str, Any], data_cls: Any = None, extra: Any = None) -> RunConfig:
+        """`data_cls` (default: the pretraining stream's DataConfig) builds the data section; `extra` is what
+        `smalto finetune` adds (base_model and the finetune section: smalto.train.finetune builds them)."""
         from smalto.data.stream import DataConfig
 
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
-        check_keys("", d, [f.name for f in dataclasses.fields(cls)])
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_model", "finetune")]
+        check_keys("", d, own + (["base_model", "finetune"] if extra is not None else []))
         hints = typing.get_type_hints(cls)
         top = {
             k: check_type(k, d[k], hints[k])
@@ -307,7 +316,7 @@ class RunConfig:
             raise ConfigError(
                 "the recipe has no data section; set data.sources to a list of {path: ...} datasets"
             )
-        data = _build_data(DataConfig, d["data"], model.max_seq_len, run_dir, seed)
+        data = _build_data(data_cls or DataConfig, d["data"], model.max_seq_len, run_dir, seed)
         sections = {
             "optimizer": OptimizerConfig,
             "scheduler": SchedulerConfig,
@@ -323,7 +332,7 @@ class RunConfig:
             ck.hf_export = fill("checkpoint.hf_export", ck.hf_export, run_dir=run_dir)
         tok, prepare = top.get("tokenizer"), top.get("prepare")
         if prepare is not None:
-            check_choice("prepare", prepare, ("stdlib",))
+            check_choice("prepare", prepare, ("stdlib",) if extra is None else ("stdlib-instruct",))
         cfg = cls(
             name=name,
             run_dir=run_dir,
@@ -333,6 +342,7 @@ class RunConfig:
             model=model,
             data=data,
             **built,
+            **(extra or {}),
         )
         cfg.check()
         return cfg
@@ -353,6 +363,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir, "seed": self.seed}
         d["prepare"], d["tokenizer"] = self.prepare, self.tokenizer
+        if self.base_model is not None:
+            d["base_model"], d["finetune"] = self.base_model, dataclasses.asdict(self.finetune)
         d["model"] = self.model.to_dict()
         d["data"] = dataclasses.asdict(self.data)
         for k in ("optimizer", "scheduler", "train", "checkpoint", "logging", "guard"):
@@ -364,13 +376,14 @@ def _build_data(cls: Any, d: Any, max_seq_len: int, run_dir: str, seed: int) -> 
     if not isinstance(d, dict):
         raise ConfigError(f"data must be a mapping, got {d!r}")
     d = {"seq_len": max_seq_len, "seed": seed, **d}
-    if isinstance(d.get("sources"), list):
-        d["sources"] = [
-            {**s, "path": fill(f"data.sources[{i}].path", s["path"], run_dir=run_dir)}
-            if isinstance(s, dict) and isinstance(s.get("path"), str)
-            else s
-            for i, s in enumerate(d["sources"])
-        ]
+    for key in ("sources", "eval_sources"):
+        if isinstance(d.get(key), list):
+            d[key] = [
+                {**s, "path": fill(f"data.{key}[{i}].path", s["path"], run_dir=run_dir)}
+                if isinstance(s, dict) and isinstance(s.get("path"), str)
+                else s
+                for i, s in enumerate(d[key])
+            ]
     return cls.from_dict(d)
 
 
