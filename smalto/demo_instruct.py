@@ -28,7 +28,6 @@ MAX_EXAMPLES = 1600
 
 def ensure_base_model(path: str) -> None:
     from smalto.config import load_config
-
     from smalto.train.checkpoint import find_checkpoint
 
     p = Path(path)
@@ -36,13 +35,19 @@ def ensure_base_model(path: str) -> None:
         return  # a model (smalto.load says what is wrong with a broken one)
     tiny = load_config("tiny")
     if tiny.checkpoint.hf_export is None or Path(path).resolve() != Path(tiny.checkpoint.hf_export).resolve():
-        raise ConfigError(f"base_model {path} does not exist (only the tiny recipe's export is made on demand)")
+        raise ConfigError(
+            f"base_model {path} does not exist (only the tiny recipe's export is made on demand)"
+        )
     from smalto.train.loop import train
 
-    Console(stderr=True).print(f"[bold]base model {path} is missing: running `smalto train` (recipe tiny) first")
+    Console(stderr=True).print(
+        f"[bold]base model {path} is missing: running `smalto train` (recipe tiny) first"
+    )
     result = train(tiny)
     if result.stopped is not None or not (p / "config.json").is_file():
-        raise ConfigError(f"the tiny pretraining run stopped ({result.stopped}); run `smalto train` to finish it")
+        raise ConfigError(
+            f"the tiny pretraining run stopped ({result.stopped}); run `smalto train` to finish it"
+        )
 
 
 def instruction_examples(files: list[Path]) -> list[dict[str, str]]:

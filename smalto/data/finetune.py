@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,7 +278,9 @@ class FinetuneDataset(torch.utils.data.Dataset):
     def _subset(self, keep: list[int]) -> FinetuneDataset:
         part = copy.copy(self)
         part.examples = [self.examples[i] for i in keep]
-        part.rows = pack(part.examples, self.cfg.seq_len) if self.cfg.packing else [[i] for i in range(len(keep))]
+        part.rows = (
+            pack(part.examples, self.cfg.seq_len) if self.cfg.packing else [[i] for i in range(len(keep))]
+        )
         part.stats = {**self.stats, "examples": len(keep)}
         return part
 

@@ -58,7 +58,9 @@ class FinetuneDataConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "data") -> FinetuneDataConfig:
         if isinstance(d, dict) and (not d.get("sources") or not isinstance(d["sources"], list)):
-            raise ConfigError(f"{where}.sources must be a non-empty list of {{path: ..., preprocessing: ...}}")
+            raise ConfigError(
+                f"{where}.sources must be a non-empty list of {{path: ..., preprocessing: ...}}"
+            )
         return build(cls, d, where)
 
     def __post_init__(self) -> None:
@@ -72,7 +74,9 @@ class FinetuneDataConfig:
                 raise ConfigError(f"data.sources[{i}].{given[0]} must not be negative")
         props = [s.proportion is not None for s in self.sources]
         if any(props) and not all(props):
-            raise ConfigError("either every data source sets `proportion` or none does (then use repeat/choose)")
+            raise ConfigError(
+                "either every data source sets `proportion` or none does (then use repeat/choose)"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction = {self.eval_fraction} must be in [0, 1)")
         check_choice("data.on_error", self.on_error, ("raise", "skip"))
@@ -168,7 +172,9 @@ def read_sources(
             held.append((name, out, s))
         train.append((name, data, s))
     for i, s in enumerate(cfg.eval_sources):
-        held.append((s.name or f"eval{i}", FinetuneDataset(cfg.example_config(s.path, s.preprocessing), tokenizer), s))
+        held.append(
+            (s.name or f"eval{i}", FinetuneDataset(cfg.example_config(s.path, s.preprocessing), tokenizer), s)
+        )
     return train, held
 
 
@@ -188,7 +194,9 @@ def build_finetune_loaders(
         cfg, train, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size,
     )  # fmt: skip
-    loader = StreamingLoader(stream, num_workers=cfg.num_workers, generator_seed=(cfg.seed * 1_000_003 + rank) % 2**63)
+    loader = StreamingLoader(
+        stream, num_workers=cfg.num_workers, generator_seed=(cfg.seed * 1_000_003 + rank) % 2**63
+    )
     if not held:
         return loader, None, []
     rows = sum(len(d) for _, d, _ in held)
@@ -201,7 +209,12 @@ def build_finetune_loaders(
     plain = [(n, d, FinetuneSourceConfig(path=n)) for n, d, _ in held]
     vcfg = dataclasses.replace(cfg, shuffle=False, epoch_size=None)
     vstream = FinetuneStream(
-        vcfg, plain, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, global_batch_size=per_step
+        vcfg,
+        plain,
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=per_step,
     )
     vstream.max_epochs = 1
     return loader, StreamingLoader(vstream, num_workers=0), [d for _, d, _ in held]

@@ -133,10 +133,14 @@ def _hf_rows(path: str) -> Iterator[tuple[Any, str]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path} is a Hugging Face datasets folder; reading it needs `pip install datasets`") from None
+        raise DataError(
+            f"{path} is a Hugging Face datasets folder; reading it needs `pip install datasets`"
+        ) from None
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"{path} holds splits {list(ds)}; pass one split folder, e.g. {path}/{next(iter(ds))}")
+        raise DataError(
+            f"{path} holds splits {list(ds)}; pass one split folder, e.g. {path}/{next(iter(ds))}"
+        )
     for i, row in enumerate(ds):
         yield dict(row), f"{path}:row {i}"
 
@@ -170,7 +174,10 @@ def dolly(row: dict[str, Any]) -> Example:
     context = _text(row, "context", "input", required=False)
     if context:
         instruction = instruction + "\n" + context
-    return {"prompt": DOLLY_PROMPT.format(instruction=instruction), "response": _text(row, "response", "output")}
+    return {
+        "prompt": DOLLY_PROMPT.format(instruction=instruction),
+        "response": _text(row, "response", "output"),
+    }
 
 
 def alpaca(row: dict[str, Any]) -> Example:

@@ -1,16 +1,16 @@
 """Prompt templates of the instruction and chat formats MPT models were finetuned with, as text and as jinja.
 
-    DOLLY_PROMPT        the prompt MPT-7B-Instruct was trained with (llm-foundry's dolly preprocessing): double
-                        newlines, ending with "### Response:\\n"
-    MODEL_CARD_PROMPT   the snippet on the MPT-7B-Instruct model card, single newlines; `instruct_prompt` accepts it
-                        at inference too
-    ALPACA_PROMPT_INPUT / ALPACA_PROMPT_NO_INPUT   Stanford Alpaca's published prompts (train.py's PROMPT_DICT)
-    CHATML_TEMPLATE     ChatML as a tokenizer chat template (MPT-7B-Chat's turn format)
-    INSTRUCT_TEMPLATE   DOLLY_PROMPT as a tokenizer chat template: each user turn is an instruction, each assistant
-                        turn its response followed by EOS
-    MPT_7B_CHAT_HUB_TEMPLATE   the chat template the hub's mosaicml/mpt-7b-chat tokenizer_config.json carries
-                        (commit ed874721): the system turn has no <|im_end|>, an assistant turn ends with EOS, and
-                        add_generation_prompt opens an assistant turn after every message, not only the last
+DOLLY_PROMPT        the prompt MPT-7B-Instruct was trained with (llm-foundry's dolly preprocessing): double
+                    newlines, ending with "### Response:\\n"
+MODEL_CARD_PROMPT   the snippet on the MPT-7B-Instruct model card, single newlines; `instruct_prompt` accepts it
+                    at inference too
+ALPACA_PROMPT_INPUT / ALPACA_PROMPT_NO_INPUT   Stanford Alpaca's published prompts (train.py's PROMPT_DICT)
+CHATML_TEMPLATE     ChatML as a tokenizer chat template (MPT-7B-Chat's turn format)
+INSTRUCT_TEMPLATE   DOLLY_PROMPT as a tokenizer chat template: each user turn is an instruction, each assistant
+                    turn its response followed by EOS
+MPT_7B_CHAT_HUB_TEMPLATE   the chat template the hub's mosaicml/mpt-7b-chat tokenizer_config.json carries
+                    (commit ed874721): the system turn has no <|im_end|>, an assistant turn ends with EOS, and
+                    add_generation_prompt opens an assistant turn after every message, not only the last
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ class FinetuneResult:
     train: Any  # smalto.train.loop.TrainResult
     eval_before: float | None
     eval_after: float | None
-    samples: list[tuple[str, str]] = field(default_factory=list)  # (held-out prompt, the exported model's answer)
+    samples: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (held-out prompt, the exported model's answer)
 
 
 def load_finetune_config(spec: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -68,7 +70,9 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
     d = apply_overrides(raw, overrides or [])
     base = d.get("base_model")
     if not isinstance(base, str) or not base:
-        raise ConfigError("the recipe has no base_model: set it to an HF folder, a run folder or a checkpoint")
+        raise ConfigError(
+            "the recipe has no base_model: set it to an HF folder, a run folder or a checkpoint"
+        )
     if d.get("prepare") == "stdlib-instruct":
         from smalto.demo_instruct import ensure_base_model
 
@@ -78,7 +82,7 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
     if not isinstance(given, dict):
         raise ConfigError(f"model must be a mapping, got {given!r}")
     attn = {**stored.get("attn_config", {}), **(given.get("attn_config") or {})}
-    data = d.get("data") if isinstance(d.get("data"), dict) else {}
+    data: dict[str, Any] = d["data"] if isinstance(d.get("data"), dict) else {}
     if data.get("packing", True):  # packed examples must not attend to each other
         if (given.get("attn_config") or {}).get("attn_uses_sequence_id") is False:
             raise ConfigError(
@@ -97,7 +101,9 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
     d["checkpoint"] = ck
     section = build(FinetuneSection, d.get("finetune"), "finetune")
     d = {k: v for k, v in d.items() if k not in ("base_model", "finetune")}
-    return RunConfig.from_dict(d, data_cls=FinetuneDataConfig, extra={"base_model": base, "finetune": section})
+    return RunConfig.from_dict(
+        d, data_cls=FinetuneDataConfig, extra={"base_model": base, "finetune": section}
+    )
 
 
 def finetune_loaders(cfg: RunConfig, world: Any, micro: int) -> tuple[Any, Any]:
@@ -149,7 +155,10 @@ def _sampler(cfg: RunConfig) -> Any:
         held = [rows.data for rows in t.val_loader.dataset.datasets]
         prompts = held_out_prompts(held, cfg.finetune.samples, tok)
         t.model.eval()
-        with torch.random.fork_rng(devices=[]), t.autocast:  # sampling must not move the training RNG (resume)
+        with (
+            torch.random.fork_rng(devices=[]),
+            t.autocast,
+        ):  # sampling must not move the training RNG (resume)
             outs = generate(t.model, tok, prompts, max_new_tokens=cfg.finetune.sample_tokens, temperature=0.0)
         t.model.train()
         for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
@@ -173,7 +182,9 @@ def finetune(spec: str | None = None, overrides: list[str] | None = None) -> Fin
     if result.hf_folder and result.stopped is None:
         write_chat_files(cfg, Path(result.hf_folder))
         samples = _final_samples(cfg, result.hf_folder)
-    return FinetuneResult(train=result, eval_before=result.eval_before, eval_after=result.eval_loss, samples=samples)
+    return FinetuneResult(
+        train=result, eval_before=result.eval_before, eval_after=result.eval_loss, samples=samples
+    )
 
 
 def template_name(cfg: RunConfig) -> str:
@@ -194,7 +205,9 @@ def write_chat_files(cfg: RunConfig, folder: Path) -> None:
     tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
     if name in TEMPLATES:
         tc["chat_template"] = TEMPLATES[name]
-        (folder / "chat_template.jinja").unlink(missing_ok=True)  # transformers prefers this file when present
+        (folder / "chat_template.jinja").unlink(
+            missing_ok=True
+        )  # transformers prefers this file when present
     elif name == "none":
         tc.pop("chat_template", None)
     replace_durably(tc_file, json.dumps(tc, indent=2, ensure_ascii=False) + "\n")

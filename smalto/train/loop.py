@@ -13,8 +13,8 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +104,9 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     """One optimizer step over this rank's micro-batches; returns its metrics and the guard's verdict."""
     start = time.perf_counter()
     dev, ws = t.world.device, t.world.world_size
-    n_global = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)  # predicted (target) tokens
+    n_global = sum(
+        int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches
+    )  # predicted (target) tokens
     n_global_t = torch.tensor(float(n_global), device=dev)
     if ws > 1:
         dist.all_reduce(n_global_t)
@@ -152,7 +154,9 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     if t.first_loss is None:
         t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
-    real = sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws  # not padding (rank 0's count)
+    real = (
+        sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
+    )  # not padding (rank 0's count)
     metrics = {
         "throughput/real_tokens_per_s": real / seconds,
         "train/loss": loss_v,

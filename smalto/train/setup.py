@@ -133,7 +133,9 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
     if world.is_main:
         check_paths(cfg)
     t = build_trainer(cfg, world)
-    if cfg.base_model is not None:  # smalto finetune: examples from JSONL/Parquet/... (smalto/train/finetune.py)
+    if (
+        cfg.base_model is not None
+    ):  # smalto finetune: examples from JSONL/Parquet/... (smalto/train/finetune.py)
         from smalto.train.finetune import finetune_loaders
 
         t.loader, t.val_loader = finetune_loaders(cfg, world, t.micro)

@@ -2,12 +2,18 @@
 templates (ChatML and the hub MPT-7B-Chat template's quirks)."""
 
 import json
+import re
 
 import pytest
 
 from smalto.data.finetune import FinetuneConfig, FinetuneDataset
 from smalto.data.preprocess import alpaca, dolly, preprocessor
-from smalto.data.templates import CHATML_TEMPLATE, INSTRUCT_TEMPLATE, MPT_7B_CHAT_HUB_TEMPLATE, instruct_prompt
+from smalto.data.templates import (
+    CHATML_TEMPLATE,
+    INSTRUCT_TEMPLATE,
+    MPT_7B_CHAT_HUB_TEMPLATE,
+    instruct_prompt,
+)
 from smalto.errors import ConfigError, DataError
 
 DOLLY_TRAINED = (
@@ -77,7 +83,9 @@ def test_every_file_format_gives_the_same_examples(tmp_path, hf_tok):
     rows = [{"prompt": f"Q{i}: ", "response": f"A{i}"} for i in range(3)]
     write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "b.json").write_text(json.dumps(rows))
-    (tmp_path / "c.csv").write_text("prompt,response\n" + "".join(f"{r['prompt']},{r['response']}\n" for r in rows))
+    (tmp_path / "c.csv").write_text(
+        "prompt,response\n" + "".join(f"{r['prompt']},{r['response']}\n" for r in rows)
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -113,7 +121,9 @@ def test_bad_rows_name_file_line_and_field(tmp_path, hf_tok, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, row, good])
     with pytest.raises(DataError, match=f"bad.jsonl:{message}"):
         FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="dolly"), hf_tok)
-    ds = FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="dolly", on_error="skip"), hf_tok)
+    ds = FinetuneDataset(
+        FinetuneConfig(path=path, seq_len=64, preprocessing="dolly", on_error="skip"), hf_tok
+    )
     assert ds.stats["skipped_bad"] == 1 and ds.stats["examples"] == 2
 
 
@@ -121,7 +131,7 @@ def test_chat_last_message_must_be_the_assistants(tmp_path, hf_tok):
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     bad = {"messages": [{"role": "user", "content": "hi"}]}
     path = write_jsonl(tmp_path / "c.jsonl", [chat, bad])
-    with pytest.raises(DataError, match="c.jsonl:2: the last message must be the assistant's"):
+    with pytest.raises(DataError, match=re.escape("c.jsonl:2: the last message must be the assistant's")):
         FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="chat"), hf_tok)
 
 
@@ -130,7 +140,10 @@ def test_sharegpt_conversations_become_chatml(tmp_path, hf_tok):
     path = write_jsonl(tmp_path / "s.jsonl", [row])
     ds = FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="chat"), hf_tok)
     ids, labels = ds.examples[0]
-    assert hf_tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|endoftext|>"
+    assert (
+        hf_tok.decode(ids)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|endoftext|>"
+    )
     assert hf_tok.decode(ids[labels != -100]) == "hello<|im_end|>\n<|endoftext|>"
 
 
@@ -144,7 +157,9 @@ def test_a_users_function(tmp_path, hf_tok, monkeypatch):
     ids, labels = ds.examples[0]
     assert hf_tok.decode(ids) == "Q: 2+2?\nA: 4<|endoftext|>"
     assert hf_tok.decode(ids[labels != -100]) == " 4<|endoftext|>"
-    with pytest.raises(ConfigError, match="choose one of: prompt_response, dolly, alpaca, chat, or module:function"):
+    with pytest.raises(
+        ConfigError, match="choose one of: prompt_response, dolly, alpaca, chat, or module:function"
+    ):
         preprocessor("dolli")
     with pytest.raises(ConfigError, match="my_prep has no nothing"):
         preprocessor("my_prep:nothing")

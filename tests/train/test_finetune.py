@@ -25,7 +25,9 @@ def base(tiny_data, tmp_path_factory) -> Path:
     from smalto.model.mpt import MPTForCausalLM
 
     torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=384, max_seq_len=128, no_bias=True, attn_config={"alibi": True, "attn_impl": "sdpa"})
+    cfg = tiny_config(
+        vocab_size=384, max_seq_len=128, no_bias=True, attn_config={"alibi": True, "attn_impl": "sdpa"}
+    )
     folder = tmp_path_factory.mktemp("ft") / "base"
     save_pretrained(MPTForCausalLM(cfg).eval(), str(folder), tokenizer=tiny_data["tokenizer"])
     return folder
@@ -33,7 +35,11 @@ def base(tiny_data, tmp_path_factory) -> Path:
 
 def dolly_rows(path: Path) -> str:
     rows = [
-        {"instruction": f"Name colour {i}.", "context": "", "response": f"The colour is {WORDS[i % len(WORDS)]}."}
+        {
+            "instruction": f"Name colour {i}.",
+            "context": "",
+            "response": f"The colour is {WORDS[i % len(WORDS)]}.",
+        }
         for i in range(40)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -128,9 +134,13 @@ def test_transformers_chat_template_and_generate_match_smalto(finetuned, base, t
     question = "Name colour 3."
     expected = _hf_greedy(folder, [{"role": "user", "content": question}], 8)
     assert expected.strip()
-    p = run_smalto(["generate", str(folder), "-p", question, "--template", "chat", "--temperature", "0", "-n", "8"])
+    p = run_smalto(
+        ["generate", str(folder), "-p", question, "--template", "chat", "--temperature", "0", "-n", "8"]
+    )
     assert p.stdout.rstrip("\n") == expected
-    p = run_smalto(["generate", str(folder), "-p", question, "--template", "instruct", "--temperature", "0", "-n", "8"])
+    p = run_smalto(
+        ["generate", str(folder), "-p", question, "--template", "instruct", "--temperature", "0", "-n", "8"]
+    )
     assert p.stdout.rstrip("\n") == expected  # the instruct template is the export's chat template
     # a chat recipe writes ChatML; `smalto chat` answers as transformers does
     chat_rec = recipe(base, tmp_path, "chat")
@@ -150,6 +160,8 @@ def test_recipe_mistakes_exit_2(base, tmp_path):
     rec["finetune"]["templat"] = "chatml"
     p = run_smalto(["finetune", write(rec, tmp_path, "bad")], check=False)
     assert p.returncode == 2 and "unknown key finetune.templat; allowed keys: template, samples" in p.stderr
-    p = run_smalto(["finetune", write(recipe(tmp_path, tmp_path, "nomodel"), tmp_path, "nomodel")], check=False)
+    p = run_smalto(
+        ["finetune", write(recipe(tmp_path, tmp_path, "nomodel"), tmp_path, "nomodel")], check=False
+    )
     assert p.returncode == 2 and "is not a model folder smalto can read" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "nomodel").exists()
