@@ -3,7 +3,7 @@
 A recipe is a YAML mapping with the sections below; every key is checked (an unknown one is named with the keys
 allowed there) and every value is validated before anything starts. Durations are integers (optimizer steps) or
 strings with a unit, as llm-foundry writes them: "100ba" (steps), "1e9tok" (tokens), and for scheduler lengths
-also "0.1dur" (a fraction of the whole run). Paths may contain `{run_dir}`.
+also "0.1dur" (a fraction of the whole run); `smalto finetune`'s max_duration may be in epochs ("2ep"). Paths may contain `{run_dir}`.
 
     name: my-run              # run folder defaults to runs/<name>
     model: {...}              # MPTConfig (smalto.model.config), HF mpt names
@@ -31,7 +31,7 @@ from smalto.errors import ConfigError, build, check_choice, check_keys, check_ty
 from smalto.model.config import MPTConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur|ep)\s*$", re.IGNORECASE)
 
 
 def fill(key: str, template: str, **values: str) -> str:
@@ -80,6 +80,8 @@ def duration_steps(
         return math.ceil(amount)
     if unit == "tok":
         return math.ceil(amount / tokens_per_step)
+    if unit == "ep":  # smalto finetune turns epochs into steps once its data is read (train/finetune.py)
+        raise ConfigError(f"{key} = {value!r}: epochs ('ep') are for train.max_duration of `smalto finetune`")
     if total_steps is None:
         raise ConfigError(f"{key} = {value!r}: 'dur' (a fraction of the run) is only for scheduler lengths")
     return round(amount * total_steps)
@@ -456,4 +458,6 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(d).__name__}")
+    if "base_model" in d:
+        raise ConfigError(f"{path} is a finetuning recipe (it has base_model): run `smalto finetune {spec}`")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -106,12 +106,21 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
     )
 
 
-def finetune_loaders(cfg: RunConfig, world: Any, micro: int) -> tuple[Any, Any]:
-    """The training and held-out loaders of a finetuning recipe (called by `setup`)."""
+def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
+    """The training and held-out loaders of a finetuning recipe (called by `setup` before the trainer is built);
+    a max_duration in epochs ("2ep") becomes steps here, once the packed rows are counted."""
+    from smalto.config import parse_duration
     from smalto.data.finetune_stream import build_finetune_loaders
     from smalto.tokenizer import load_tokenizer
 
     assert cfg.tokenizer is not None  # load_finetune_config sets it
+    tc = cfg.train
+    micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
+    if micro < 1 or tc.global_batch_size % (world.world_size * micro):
+        raise ConfigError(
+            f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
+            f"({world.world_size} × {micro})"
+        )
     tok = load_tokenizer(cfg.tokenizer)
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(
@@ -124,8 +133,11 @@ def finetune_loaders(cfg: RunConfig, world: Any, micro: int) -> tuple[Any, Any]:
         rank=world.rank,
         world_size=world.world_size,
         micro_batch_size=micro,
-        global_batch_size=cfg.train.global_batch_size,
+        global_batch_size=tc.global_batch_size,
     )
+    amount, unit = parse_duration(tc.max_duration, "train.max_duration")
+    if unit == "ep":
+        tc.max_duration = f"{max(1, round(amount * loader.dataset.steps_per_epoch))}ba"
     return loader, held
 
 

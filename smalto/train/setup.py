@@ -132,13 +132,14 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         world.barrier()
     if world.is_main:
         check_paths(cfg)
-    t = build_trainer(cfg, world)
-    if (
-        cfg.base_model is not None
-    ):  # smalto finetune: examples from JSONL/Parquet/... (smalto/train/finetune.py)
+    finetuning = cfg.base_model is not None  # examples from JSONL/Parquet/... (smalto/train/finetune.py)
+    if finetuning:
         from smalto.train.finetune import finetune_loaders
 
-        t.loader, t.val_loader = finetune_loaders(cfg, world, t.micro)
+        loaders = finetune_loaders(cfg, world)  # first: a max_duration in epochs needs the data's size
+    t = build_trainer(cfg, world)
+    if finetuning:
+        t.loader, t.val_loader = loaders
     else:
         t.loader = build_loader(
             cfg.data,

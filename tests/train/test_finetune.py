@@ -138,10 +138,11 @@ def test_transformers_chat_template_and_generate_match_smalto(finetuned, base, t
         ["generate", str(folder), "-p", question, "--template", "chat", "--temperature", "0", "-n", "8"]
     )
     assert p.stdout.rstrip("\n") == expected
-    p = run_smalto(
-        ["generate", str(folder), "-p", question, "--template", "instruct", "--temperature", "0", "-n", "8"]
-    )
-    assert p.stdout.rstrip("\n") == expected  # the instruct template is the export's chat template
+    from smalto.chat import template_prompt
+    from smalto.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder)  # the instruct template is the export's chat template
+    assert template_prompt(tok, question, "instruct") == template_prompt(tok, question, "chat")
     # a chat recipe writes ChatML; `smalto chat` answers as transformers does
     chat_rec = recipe(base, tmp_path, "chat")
     chat_rec["data"]["sources"][0]["preprocessing"] = "chat"
@@ -159,9 +160,10 @@ def test_recipe_mistakes_exit_2(base, tmp_path):
     rec = recipe(base, tmp_path, "bad")
     rec["finetune"]["templat"] = "chatml"
     p = run_smalto(["finetune", write(rec, tmp_path, "bad")], check=False)
-    assert p.returncode == 2 and "unknown key finetune.templat; allowed keys: template, samples" in p.stderr
+    assert p.returncode == 2
+    assert "unknown key finetune.templat; allowed keys: template, samples" in " ".join(p.stderr.split())
     p = run_smalto(
         ["finetune", write(recipe(tmp_path, tmp_path, "nomodel"), tmp_path, "nomodel")], check=False
     )
-    assert p.returncode == 2 and "is not a model folder smalto can read" in p.stderr
+    assert p.returncode == 2 and "is not a model folder smalto can read" in " ".join(p.stderr.split())
     assert "Traceback" not in p.stderr and not (tmp_path / "nomodel").exists()
