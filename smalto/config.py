@@ -107,9 +107,17 @@ class OptimizerConfig:
     """LION: multiplied by lr/peak_lr each step (llm-foundry's convention); AdamW: torch's (times lr)."""
     eps: float = 1e-8
     """AdamW only."""
+    state_dtype: str = "fp32"
+    """AdamW only: `bf16` stores both moments in bfloat16 (4 bytes a parameter instead of 8; the update is computed
+    in float32): what lets full finetuning of a 7B model fit one GPU."""
 
     def __post_init__(self) -> None:
         check_choice("optimizer.name", self.name, ("lion", "adamw"))
+        check_choice("optimizer.state_dtype", self.state_dtype, ("fp32", "bf16"))
+        if self.state_dtype == "bf16" and self.name != "adamw":
+            raise ConfigError(
+                "optimizer.state_dtype = bf16 is for adamw; LION keeps one moment (set it to fp32)"
+            )
         if not self.lr > 0:
             raise ConfigError(f"optimizer.lr = {self.lr} must be positive")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -167,3 +167,38 @@ def test_recipe_mistakes_exit_2(base, tmp_path):
     )
     assert p.returncode == 2 and "is not a model folder smalto can read" in " ".join(p.stderr.split())
     assert "Traceback" not in p.stderr and not (tmp_path / "nomodel").exists()
+
+
+def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_dir):
+    from smalto.config import load_config
+    from smalto.errors import ConfigError
+    from smalto.train.finetune import load_finetune_config
+    from tests.model.helpers import MPT_7B_CONFIG_JSON
+
+    def base(seq: int) -> str:
+        folder = tmp_path / f"base{seq}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**MPT_7B_CONFIG_JSON, "max_seq_len": seq}))
+        return str(folder)
+
+    args = [f"tokenizer={neox_tokenizer_dir}"]
+    c = load_finetune_config("mpt-7b-instruct", [f"base_model={base(2048)}", *args])
+    o, s, t = c.optimizer, c.scheduler, c.train
+    assert (o.name, o.lr, o.betas, o.weight_decay) == ("adamw", 5e-6, [0.9, 0.999], 0.0)
+    assert (s.name, s.warmup, s.alpha_f) == ("linear", "50ba", 0.0)
+    assert (t.max_duration, t.global_batch_size, t.grad_clip, c.data.seq_len) == ("2ep", 48, 1.0, 2048)
+    assert (
+        c.model.d_model == 4096 and c.model.attn_config.attn_uses_sequence_id
+    )  # packing keeps examples apart
+    assert c.checkpoint.load_from == c.base_model
+    chat = load_finetune_config("mpt-7b-chat", [f"base_model={base(2049)}", *args])
+    assert chat.finetune.template == "chatml" and chat.data.sources[0].preprocessing == "chat"
+    c30 = load_finetune_config("mpt-30b-instruct", [f"base_model={base(8192)}", *args])
+    assert (c30.data.seq_len, c30.optimizer.betas, c30.optimizer.lr, c30.train.global_batch_size) == (
+        8192,
+        [0.9, 0.95],
+        9.65e-6,
+        72,
+    )
+    with pytest.raises(ConfigError, match="is a finetuning recipe"):
+        load_config("mpt-7b-instruct")
