@@ -278,8 +278,8 @@ def finetune(
     No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
     from rich.console import Console
 
-    from smalto.demo_instruct import show
-    from smalto.train.finetune import finetune as run_finetune
+    from smalto.finetune import finetune as run_finetune
+    from smalto.finetune import show
 
     args = list(args or [])
     recipe = args.pop(0) if args and "=" not in args[0] else None

@@ -1,7 +1,6 @@
 """The embedded finetuning default (`smalto finetune` with no arguments, recipe tiny-instruct): the tiny model that
 `smalto train` makes, taught to answer instructions built from the Python standard library.
 
-    ensure_base_model(path)  runs the `tiny` pretraining recipe first when `path` is its export and does not exist
     prepare_instruct(cfg)    writes the instruction set the recipe's first source points at, once: for every
                              function of the stdlib corpus with a docstring and a short body, the instruction is
                              its signature and docstring, the response its source (the `dolly` preprocessing
@@ -15,39 +14,13 @@ import ast
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from smalto.config import RunConfig
-from smalto.errors import ConfigError
 
 MAX_CHARS = 560  # instruction + response: fits the tiny model's 256 tokens with the template
 MAX_EXAMPLES = 1600
-
-
-def ensure_base_model(path: str) -> None:
-    from smalto.config import load_config
-    from smalto.train.checkpoint import find_checkpoint
-
-    p = Path(path)
-    if (p / "config.json").is_file() or (p.is_dir() and find_checkpoint(p) is not None) or p.is_file():
-        return  # a model (smalto.load says what is wrong with a broken one)
-    tiny = load_config("tiny")
-    if tiny.checkpoint.hf_export is None or Path(path).resolve() != Path(tiny.checkpoint.hf_export).resolve():
-        raise ConfigError(
-            f"base_model {path} does not exist (only the tiny recipe's export is made on demand)"
-        )
-    from smalto.train.loop import train
-
-    Console(stderr=True).print(
-        f"[bold]base model {path} is missing: running `smalto train` (recipe tiny) first"
-    )
-    result = train(tiny)
-    if result.stopped is not None or not (p / "config.json").is_file():
-        raise ConfigError(
-            f"the tiny pretraining run stopped ({result.stopped}); run `smalto train` to finish it"
-        )
 
 
 def instruction_examples(files: list[Path]) -> list[dict[str, str]]:
@@ -89,14 +62,3 @@ def prepare_instruct(cfg: RunConfig, console: Console | None = None) -> None:
     tmp.write_text("".join(json.dumps(e) + "\n" for e in examples))
     tmp.replace(out)
     console.print(f"instructions: {len(examples)} documented stdlib functions → {out}")
-
-
-def show(result: Any, console: Console) -> None:
-    """The demo's closing lines: the held-out loss before and after, and answers to held-out instructions."""
-    from smalto.train.finetune import summary_lines
-
-    for line in summary_lines(result):
-        console.print(line, highlight=False)
-    for prompt, answer in result.samples:
-        console.rule("held-out instruction")
-        console.print(prompt + answer, markup=False, highlight=False)

@@ -13,8 +13,12 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from smalto.train.optim import _local
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's shard on this rank (the same storage), else t."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class AdamWBf16State(torch.optim.Optimizer):

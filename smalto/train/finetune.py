@@ -1,11 +1,5 @@
-"""The finetuning objective on the training loop: `finetune(spec, overrides)` runs `smalto finetune`.
+"""The finetuning objective beside the training loop (recipes are read and run by smalto/finetune.py).
 
-A finetuning recipe is a training recipe (same sections, same trainer: FSDP2, exact resume, guards, metrics) with:
-    base_model: PATH       anything `smalto.load` reads; the model section defaults to its config, the tokenizer to
-                           its own (or its run's), and checkpoint.load_from to it
-    data:                  FinetuneDataConfig (smalto.data.finetune_stream): sources with a preprocessing step,
-                           eval_fraction / eval_sources, packing, target rules
-    finetune:              FinetuneSection below: the chat template written into the export, sample generations
 The loss is the pretraining loss over target tokens only (labels are -100 elsewhere), so `train_step` is shared
 as it is. What finetuning adds is here: the data streams, a held-out loss before the first step, greedy samples
 from held-out prompts at every evaluation, and an export that chats (chat_template, generation_config.json).
@@ -14,15 +8,12 @@ from held-out prompts at every evaluation, and an export that chats (chat_templa
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from smalto.config import RunConfig, apply_overrides, find_recipe, read_yaml
-from smalto.errors import ConfigError, build, check_choice
+from smalto.config import RunConfig
+from smalto.errors import ConfigError, check_choice
 from smalto.train.durable import replace_durably
 
 DEFAULT_RECIPE = "tiny-instruct"
@@ -42,68 +33,6 @@ class FinetuneSection:
         check_choice("finetune.template", self.template, ("auto", "instruct", "chatml", "tokenizer", "none"))
         if self.samples < 0 or self.sample_tokens < 1:
             raise ConfigError("finetune.samples must be ≥ 0 and finetune.sample_tokens ≥ 1")
-
-
-@dataclass
-class FinetuneResult:
-    train: Any  # smalto.train.loop.TrainResult
-    eval_before: float | None
-    eval_after: float | None
-    samples: list[tuple[str, str]] = field(
-        default_factory=list
-    )  # (held-out prompt, the exported model's answer)
-
-
-def load_finetune_config(spec: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """A finetuning recipe (path or shipped name; default tiny-instruct) with overrides, validated; the model
-    section starts from the base model's config."""
-    from smalto.data.finetune_stream import FinetuneDataConfig
-    from smalto.load import find_tokenizer, model_config
-
-    path = find_recipe(spec or DEFAULT_RECIPE)
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}")
-    d = apply_overrides(raw, overrides or [])
-    base = d.get("base_model")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(
-            "the recipe has no base_model: set it to an HF folder, a run folder or a checkpoint"
-        )
-    if d.get("prepare") == "stdlib-instruct":
-        from smalto.demo_instruct import ensure_base_model
-
-        ensure_base_model(base)
-    stored = model_config(base).to_dict()
-    given = d.get("model") or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"model must be a mapping, got {given!r}")
-    attn = {**stored.get("attn_config", {}), **(given.get("attn_config") or {})}
-    data: dict[str, Any] = d["data"] if isinstance(d.get("data"), dict) else {}
-    if data.get("packing", True):  # packed examples must not attend to each other
-        if (given.get("attn_config") or {}).get("attn_uses_sequence_id") is False:
-            raise ConfigError(
-                "data.packing needs model.attn_config.attn_uses_sequence_id (attention kept inside each example); "
-                "remove the override or set data.packing=false"
-            )
-        attn["attn_uses_sequence_id"] = True
-    d["model"] = {**stored, **given, "attn_config": attn}
-    if not d.get("tokenizer"):
-        tok = find_tokenizer(base)
-        if tok is None:
-            raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
-        d["tokenizer"] = str(tok)
-    ck = dict(d.get("checkpoint") or {})
-    ck.setdefault("load_from", base)
-    d["checkpoint"] = ck
-    section = build(FinetuneSection, d.get("finetune"), "finetune")
-    d = {k: v for k, v in d.items() if k not in ("base_model", "finetune")}
-    return RunConfig.from_dict(
-        d, data_cls=FinetuneDataConfig, extra={"base_model": base, "finetune": section}
-    )
 
 
 def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
@@ -152,7 +81,7 @@ def held_out_prompts(datasets: list[Any], n: int, tokenizer: Any) -> list[str]:
     return prompts
 
 
-def _sampler(cfg: RunConfig) -> Any:
+def sampler(cfg: RunConfig) -> Any:
     """The `on_eval` hook: greedy answers to held-out prompts, printed and logged to TensorBoard (one process)."""
     import torch
 
@@ -183,20 +112,6 @@ def _sampler(cfg: RunConfig) -> Any:
 
 def _tail(text: str, n: int = 60) -> str:
     return text if len(text) <= n else "…" + text[-n:]
-
-
-def finetune(spec: str | None = None, overrides: list[str] | None = None) -> FinetuneResult:
-    from smalto.train.loop import train
-
-    cfg = load_finetune_config(spec, overrides)
-    result = train(cfg, on_eval=_sampler(cfg))
-    samples: list[tuple[str, str]] = []
-    if result.hf_folder and result.stopped is None:
-        write_chat_files(cfg, Path(result.hf_folder))
-        samples = _final_samples(cfg, result.hf_folder)
-    return FinetuneResult(
-        train=result, eval_before=result.eval_before, eval_after=result.eval_loss, samples=samples
-    )
 
 
 def template_name(cfg: RunConfig) -> str:
@@ -232,27 +147,3 @@ def write_chat_files(cfg: RunConfig, folder: Path) -> None:
     gc = json.loads(gc_file.read_text()) if gc_file.is_file() else {}
     gc["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     replace_durably(gc_file, json.dumps(gc, indent=2) + "\n")
-
-
-def _final_samples(cfg: RunConfig, hf_folder: str) -> list[tuple[str, str]]:
-    """Greedy answers of the exported model (with its chat template) to the first held-out instructions."""
-    from smalto.data.finetune_stream import read_sources
-    from smalto.generate import generate
-    from smalto.load import load_model_and_tokenizer
-
-    if cfg.finetune.samples == 0:
-        return []
-    model, tok = load_model_and_tokenizer(hf_folder, device="cpu" if cfg.train.device == "cpu" else None)
-    _, held = read_sources(cfg.data, tok)
-    prompts = held_out_prompts([d for _, d, _ in held], cfg.finetune.samples, tok)
-    if not prompts:
-        return []
-    outs = generate(model, tok, prompts, max_new_tokens=cfg.finetune.sample_tokens, temperature=0.0)
-    return [(p, o.text or "") for p, o in zip(prompts, outs, strict=True)]
-
-
-def summary_lines(r: FinetuneResult) -> list[str]:
-    def fmt(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f} (ppl {math.exp(min(x, 50)):.2f})"
-
-    return [f"held-out loss before: {fmt(r.eval_before)}", f"held-out loss after:  {fmt(r.eval_after)}"]

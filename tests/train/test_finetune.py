@@ -85,7 +85,7 @@ def write(rec: dict, tmp: Path, name: str) -> str:
 @pytest.fixture(scope="module")
 def finetuned(base, tmp_path_factory):
     """A straight 6-step run (in this process) and the same run stopped after 3 steps and resumed."""
-    from smalto.train.finetune import finetune
+    from smalto.finetune import finetune
 
     tmp = tmp_path_factory.mktemp("runs")
     straight = finetune(write(recipe(base, tmp, "straight"), tmp, "straight"))
@@ -128,7 +128,8 @@ def _hf_greedy(folder: Path, messages: list[dict], n: int) -> str:
 
 
 def test_transformers_chat_template_and_generate_match_smalto(finetuned, base, tmp_path):
-    from smalto.train.finetune import load_finetune_config, write_chat_files
+    from smalto.finetune import load_finetune_config
+    from smalto.train.finetune import write_chat_files
 
     folder = Path(finetuned["straight"].train.hf_folder)
     question = "Name colour 3."
@@ -172,7 +173,7 @@ def test_recipe_mistakes_exit_2(base, tmp_path):
 def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_dir):
     from smalto.config import load_config
     from smalto.errors import ConfigError
-    from smalto.train.finetune import load_finetune_config
+    from smalto.finetune import load_finetune_config
     from tests.model.helpers import MPT_7B_CONFIG_JSON
 
     def base(seq: int) -> str:
