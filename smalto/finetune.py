@@ -13,6 +13,7 @@ smalto/train/finetune.py; this module reads the recipe, runs the loop and report
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,8 @@ def finetune(spec: str | None = None, overrides: list[str] | None = None) -> Fin
     cfg = load_finetune_config(spec, overrides)
     result = train(cfg, on_eval=sampler(cfg))
     samples: list[tuple[str, str]] = []
-    if result.hf_folder and result.stopped is None:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 holds the export
+    if result.hf_folder and result.stopped is None and main:
         write_chat_files(cfg, Path(result.hf_folder))
         samples = _final_samples(cfg, result.hf_folder)
     return FinetuneResult(

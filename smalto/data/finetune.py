@@ -95,6 +95,15 @@ def _validate(record: Any) -> str | None:
     return f"expected keys prompt/response or messages, got {', '.join(map(str, record)) or 'none'}"
 
 
+class RecipePolicy(ErrorPolicy):
+    """ErrorPolicy whose message names the recipe key that skips bad rows."""
+
+    def __call__(self, where: str, problem: str) -> None:
+        if self.mode == "raise":
+            raise DataError(f"{where}: {problem} (set data.on_error: skip to count and skip bad rows)")
+        super().__call__(where, problem)
+
+
 def read_records(
     path: str | Path, policy: ErrorPolicy, preprocessing: str = "prompt_response"
 ) -> list[tuple[dict[str, Any], str]]:
@@ -228,7 +237,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
             raise DataError("the tokenizer has no EOS token; finetuning examples need one to end")
         self.cfg = cfg
         self.pad_id = int(tokenizer.eos_token_id)
-        policy = ErrorPolicy(cfg.on_error)
+        policy = RecipePolicy(cfg.on_error)
         examples: list[tuple[np.ndarray, np.ndarray]] = []
         dropped = truncated = 0
         for record, where in read_records(cfg.path, policy, cfg.preprocessing):

@@ -162,9 +162,12 @@ def _text(row: dict[str, Any], *keys: str, required: bool = True) -> str:
 
 
 def prompt_response(row: dict[str, Any]) -> Example:
+    """The row's own example (checked after this step: prompt and response strings, or messages)."""
     if "messages" in row:
         return {"messages": row["messages"]}
-    return {"prompt": _text(row, "prompt"), "response": _text(row, "response")}
+    if "prompt" in row or "response" in row:
+        return {"prompt": row.get("prompt"), "response": row.get("response")}
+    raise RowError(f"expected keys prompt/response or messages, got {', '.join(map(str, row)) or 'none'}")
 
 
 def dolly(row: dict[str, Any]) -> Example:

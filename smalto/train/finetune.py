@@ -16,8 +16,6 @@ from smalto.config import RunConfig
 from smalto.errors import ConfigError, check_choice
 from smalto.train.durable import replace_durably
 
-DEFAULT_RECIPE = "tiny-instruct"
-
 
 @dataclass(kw_only=True)
 class FinetuneSection:

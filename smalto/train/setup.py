@@ -130,13 +130,15 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         if world.is_main:
             prepare_instruct(cfg)
         world.barrier()
+    finetuning = cfg.base_model is not None  # examples from JSONL/Parquet/... (smalto/train/finetune.py)
+    if finetuning:  # read before anything is written (a bad row leaves no run folder) and before the trainer
+        from smalto.train.finetune import (
+            finetune_loaders,
+        )  # is built (a max_duration in epochs needs the data)
+
+        loaders = finetune_loaders(cfg, world)
     if world.is_main:
         check_paths(cfg)
-    finetuning = cfg.base_model is not None  # examples from JSONL/Parquet/... (smalto/train/finetune.py)
-    if finetuning:
-        from smalto.train.finetune import finetune_loaders
-
-        loaders = finetune_loaders(cfg, world)  # first: a max_duration in epochs needs the data's size
     t = build_trainer(cfg, world)
     if finetuning:
         t.loader, t.val_loader = loaders

@@ -168,6 +168,13 @@ def test_recipe_mistakes_exit_2(base, tmp_path):
     )
     assert p.returncode == 2 and "is not a model folder smalto can read" in " ".join(p.stderr.split())
     assert "Traceback" not in p.stderr and not (tmp_path / "nomodel").exists()
+    rec = recipe(base, tmp_path, "badrow")
+    with open(rec["data"]["sources"][0]["path"], "a") as f:
+        f.write(json.dumps({"instruction": "no response"}) + "\n")
+    p = run_smalto(["finetune", write(rec, tmp_path, "badrow")], check=False)
+    msg = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "dolly.jsonl:41: field 'response' or 'output' is missing" in msg
+    assert "data.on_error: skip" in msg and not (tmp_path / "badrow").exists()
 
 
 def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_dir):
