@@ -274,8 +274,8 @@ def finetune(
 ) -> None:
     """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
 
-    The recipe's base_model is any model `smalto load` reads; the result is an HF folder with a chat template.
-    No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
+    folder with a chat template. No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
     from rich.console import Console
 
     from smalto.finetune import finetune as run_finetune
