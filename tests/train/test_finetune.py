@@ -4,6 +4,7 @@ as transformers renders and generates it, and recipe mistakes exit 2."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -157,24 +158,26 @@ def test_transformers_chat_template_and_generate_match_smalto(finetuned, base, t
     assert p.stdout.strip() == expected.split("<|im_end|>")[0].strip()
 
 
-def test_recipe_mistakes_exit_2(base, tmp_path):
+def test_recipe_mistakes_are_named(base, tmp_path):
+    from smalto.errors import CheckpointError, ConfigError
+    from smalto.finetune import load_finetune_config
+
     rec = recipe(base, tmp_path, "bad")
     rec["finetune"]["templat"] = "chatml"
-    p = run_smalto(["finetune", write(rec, tmp_path, "bad")], check=False)
-    assert p.returncode == 2
-    assert "unknown key finetune.templat; allowed keys: template, samples" in " ".join(p.stderr.split())
-    p = run_smalto(
-        ["finetune", write(recipe(tmp_path, tmp_path, "nomodel"), tmp_path, "nomodel")], check=False
-    )
-    assert p.returncode == 2 and "is not a model folder smalto can read" in " ".join(p.stderr.split())
-    assert "Traceback" not in p.stderr and not (tmp_path / "nomodel").exists()
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown key finetune.templat; allowed keys: template, samples")
+    ):
+        load_finetune_config(write(rec, tmp_path, "bad"))
+    with pytest.raises(CheckpointError, match="is not a model folder smalto can read"):
+        load_finetune_config(write(recipe(tmp_path, tmp_path, "nomodel"), tmp_path, "nomodel"))
+    # through the CLI: exit 2, the file, line and field, and no run folder written
     rec = recipe(base, tmp_path, "badrow")
     with open(rec["data"]["sources"][0]["path"], "a") as f:
         f.write(json.dumps({"instruction": "no response"}) + "\n")
     p = run_smalto(["finetune", write(rec, tmp_path, "badrow")], check=False)
     msg = " ".join(p.stderr.split())
     assert p.returncode == 2 and "dolly.jsonl:41: field 'response' or 'output' is missing" in msg
-    assert "data.on_error: skip" in msg and not (tmp_path / "badrow").exists()
+    assert "data.on_error: skip" in msg and "Traceback" not in msg and not (tmp_path / "badrow").exists()
 
 
 def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_dir):
