@@ -104,9 +104,7 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     """One optimizer step over this rank's micro-batches; returns its metrics and the guard's verdict."""
     start = time.perf_counter()
     dev, ws = t.world.device, t.world.world_size
-    n_global = sum(
-        int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches
-    )  # predicted (target) tokens
+    n_global = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
     n_global_t = torch.tensor(float(n_global), device=dev)
     if ws > 1:
         dist.all_reduce(n_global_t)
@@ -154,9 +152,8 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     if t.first_loss is None:
         t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
-    real = (
-        sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
-    )  # not padding (rank 0's count)
+    # tokens that are not padding (sequence_id -1), rank 0's count times the world size
+    real = sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
     metrics = {
         "throughput/real_tokens_per_s": real / seconds,
         "train/loss": loss_v,

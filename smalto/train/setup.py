@@ -130,11 +130,11 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         if world.is_main:
             prepare_instruct(cfg)
         world.barrier()
-    finetuning = cfg.base_model is not None  # examples from JSONL/Parquet/... (smalto/train/finetune.py)
-    if finetuning:  # read before anything is written (a bad row leaves no run folder) and before the trainer
-        from smalto.train.finetune import (
-            finetune_loaders,
-        )  # is built (a max_duration in epochs needs the data)
+    # smalto finetune's examples (smalto/train/finetune.py) are read before anything is written (a bad row leaves
+    # no run folder) and before the trainer is built (a max_duration in epochs needs the data's size)
+    finetuning = cfg.base_model is not None
+    if finetuning:
+        from smalto.train.finetune import finetune_loaders
 
         loaders = finetune_loaders(cfg, world)
     if world.is_main:
