@@ -134,7 +134,7 @@ def _hf_rows(path: str) -> Iterator[tuple[Any, str]]:
         import datasets
     except ImportError:
         raise DataError(
-            f"{path} is a Hugging Face datasets folder; reading it needs `pip install \"smalto[finetune]\"`"
+            f'{path} is a Hugging Face datasets folder; reading it needs `pip install "smalto[finetune]"`'
         ) from None
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
