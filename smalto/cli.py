@@ -290,6 +290,39 @@ def train(
             raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def finetune(
+    args: list[str] = typer.Argument(
+        None,
+        help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct; "
+        "default tiny-instruct) then KEY=VALUE overrides.",
+    ),
+) -> None:
+    """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
+
+    The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
+    folder with a chat template. No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    from rich.console import Console
+
+    from smalto.finetune import finetune as run_finetune
+    from smalto.finetune import show
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    result = run_finetune(recipe, args)
+    console = Console(stderr=True)
+    show(result, console)
+    stopped = result.train.stopped
+    if stopped and stopped.startswith("guard"):
+        console.print(
+            f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}"
+        )
+        raise typer.Exit(3)
+    if stopped and stopped != "stop_after":
+        console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {result.train.checkpoint}")
+        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
+
+
 @app.command()
 def plot(
     run: str = typer.Argument(..., help="Run folder (holding metrics.jsonl)."),
@@ -352,14 +385,23 @@ def generate_cmd(
     ),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    template: str = typer.Option(
+        "none",
+        "--template",
+        help="none (raw text) | instruct (the MPT-7B-Instruct prompt) | chat (one user turn in the tokenizer's "
+        "chat template, else ChatML).",
+    ),
 ) -> None:
     """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several)."""
     prompts = _read_prompts(prompt, prompts_file)
     import time
 
+    from smalto.chat import template_prompt
+    from smalto.errors import check_choice
     from smalto.generate import generate
     from smalto.load import load_model_and_tokenizer
 
+    check_choice("--template", template, ("none", "instruct", "chat"))
     lm, tok = load_model_and_tokenizer(
         model,
         tokenizer,
@@ -368,6 +410,11 @@ def generate_cmd(
         max_seq_len=max_seq_len,
         quantize=_quant_spec(quantize, group_size),
     )
+    if template != "none":
+        from smalto.tokenizer import chat_stop_strings
+
+        prompts = [template_prompt(tok, p, template) for p in prompts]
+        stop = [*stop, *(chat_stop_strings(tok) if template == "chat" else [])]
     one = len(prompts) == 1
 
     def show(d) -> None:

@@ -88,6 +88,11 @@ def load(
     return apply_inference(model)  # the scoring and prefill attention plans its config asks for
 
 
+def model_config(path: str | Path) -> MPTConfig:
+    """The config a model path holds (any format `load` reads), without reading its weights."""
+    return _stored_config(*_locate(path))
+
+
 def _locate(path: str | Path) -> tuple[str, Path]:
     """('hf', the folder) or ('checkpoint', the step folder a run / checkpoints/ / step_* path means)."""
     p = Path(path)

@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,15 +42,24 @@ class TrainResult:
     checkpoint: str | None
     hf_folder: str | None
     samples: list[str] = field(default_factory=list)
+    eval_before: float | None = None  # the held-out loss before the first step (train.eval_first)
     losses: list[float] = field(
         default_factory=list
     )  # this launch's, the last 100 at most (all: metrics.jsonl)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, on_eval: Callable[[Trainer, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run the recipe. `on_eval(t, metrics)` runs after each evaluation, before the metrics are logged (the
+    finetuning objective adds sample generations there)."""
     world = init_world(cfg.train.device)
     try:
         t = setup(cfg, world)
+        if cfg.train.eval_first and t.step == 0 and t.val_loader is not None:
+            first = evaluate(t)
+            t.first_eval = first["eval/loss"]
+            if on_eval is not None:
+                on_eval(t, first)
+            t.logger.log(0, first)
         batches = iter(t.loader)
         stopped: str | None = None
         end = (
@@ -69,6 +79,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 stopped = signals.requested(world) or ("stop_after" if t.step == end and not last else None)
                 if t.val_loader is not None and (last or t.step % t.eval_every == 0):
                     metrics.update(evaluate(t))
+                    if on_eval is not None:
+                        on_eval(t, metrics)
                 t.logger.log(t.step, metrics)
                 if last or stopped or t.step % t.save_every == 0:
                     t.checkpoint = save(t)
@@ -155,7 +167,10 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     if t.first_loss is None:
         t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
+    # tokens that are not padding (sequence_id -1), rank 0's count times the world size
+    real = sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
     metrics = {
+        "throughput/real_tokens_per_s": real / seconds,
         "train/loss": loss_v,
         "train/grad_norm": norm_v,
         "train/lr": lr,
@@ -238,6 +253,7 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
         tokens=t.tokens,
         loss=t.last_loss,
         eval_loss=t.last_eval,
+        eval_before=t.first_eval,
         stopped=stopped,
         checkpoint=t.checkpoint,
         hf_folder=hf_folder,
