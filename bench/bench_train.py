@@ -20,7 +20,7 @@ to measure FSDP2.
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 32 --weight-cast step,micro_batch
                                    # bf16 weights made once per step (shipped) or autocast's casts per forward
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --loss chunked,full
-                                   # the loss a chunk of tokens at a time (shipped) or from the full logits
+                                   # the loss a chunk of tokens at a time or from the full logits
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / the device's bf16 dense peak FLOP/s (as training
 looks it up; --peak-tflops overrides).
@@ -252,9 +252,9 @@ def main() -> None:
     )
     p.add_argument(
         "--loss",
-        default="chunked",
-        help="train.loss values, comma-separated: chunked (default: the head and cross-entropy a chunk of tokens at a "
-        "time), full (the full logits, then a fused cross-entropy)",
+        default="auto",
+        help="train.loss values, comma-separated: auto (default: full up to 8 GiB of logits a micro-batch), chunked "
+        "(the head and cross-entropy a chunk of tokens at a time), full (the full logits, then a fused cross-entropy)",
     )
     p.add_argument(
         "--reshard-after-forward",
@@ -278,8 +278,8 @@ def main() -> None:
         p.error(f"--grad-sync {sorted(bad)}: choose from micro_batch, step")
     if bad := set(args.weight_cast.split(",")) - {"micro_batch", "step"}:
         p.error(f"--weight-cast {sorted(bad)}: choose from step, micro_batch")
-    if bad := set(args.loss.split(",")) - {"chunked", "full"}:
-        p.error(f"--loss {sorted(bad)}: choose from chunked, full")
+    if bad := set(args.loss.split(",")) - {"auto", "chunked", "full"}:
+        p.error(f"--loss {sorted(bad)}: choose from auto, chunked, full")
     if args.smoke:
         args.device, args.models, args.micro_batches = "cpu", "mpt-125m,llama-1b", "2"
         args.steps, args.warmup, args.attn, args.compile = 2, 1, "sdpa", False

@@ -175,10 +175,11 @@ class TrainConfig:
     gradients straight into the float32 `.grad` (`step`: fewer memory passes, the same numbers, 2 bytes per
     parameter held for the step), or let autocast cast them in every micro-batch's forward (`micro_batch`: least
     memory). Ignored under FSDP2, which casts at each all-gather."""
-    loss: str = "chunked"
+    loss: str = "auto"
     """How the loss is computed from the final hidden states: `chunked` (the head's matmul and the cross-entropy a
-    chunk of tokens at a time, never holding the (tokens, vocab) float32 logits: smalto/kernels/chunked_loss.py) or
-    `full` (the full logits, then a fused cross-entropy). The same value and gradients."""
+    chunk of tokens at a time, never holding the (tokens, vocab) float32 logits: smalto/kernels/chunked_loss.py),
+    `full` (the full logits, then a fused cross-entropy), or `auto` (full while a micro-batch's float32 logits take
+    at most 8 GiB, where it is faster; chunked above). The same value and gradients."""
     time_limit: str | None = None
     """End the run normally (evaluate, save, export) once training has taken this long: "90s", "2m", "1.5h".
     The schedule stays laid out for max_duration; a safety net for demos and fixed-time budgets."""
@@ -202,7 +203,7 @@ class TrainConfig:
         check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice("train.grad_sync", self.grad_sync, ("micro_batch", "step"))
         check_choice("train.weight_cast", self.weight_cast, ("step", "micro_batch"))
-        check_choice("train.loss", self.loss, ("chunked", "full"))
+        check_choice("train.loss", self.loss, ("auto", "chunked", "full"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda"

@@ -25,8 +25,7 @@ import torch.distributed as dist
 from smalto.config import RunConfig, duration_steps
 from smalto.errors import ConfigError
 from smalto.kernels import select
-from smalto.kernels.chunked_loss import chunked_head_loss
-from smalto.kernels.loss import full_head_loss
+from smalto.kernels.loss import head_loss_for
 from smalto.model.attention import AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
 from smalto.train.checkpoint import Checkpointer, load_weights
@@ -193,7 +192,7 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
         world,
         seed=cfg.seed,
         plans={"train": attention, "score": scoring},
-        head_loss=chunked_head_loss if tc.loss == "chunked" else full_head_loss,
+        head_loss=head_loss_for(tc.loss, micro * seq, cfg.model.vocab_size),
         step_cast=step_cast,
         activation_checkpointing=tc.activation_checkpointing,
         compile=tc.compile,

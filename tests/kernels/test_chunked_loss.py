@@ -118,3 +118,12 @@ def test_a_model_trained_through_the_chunked_loss_gets_the_full_losses_gradients
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(l0, model(ids, labels=labels).loss.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_auto_keeps_the_full_logits_while_they_are_small() -> None:
+    from smalto.kernels.loss import full_head_loss, head_loss_for
+
+    assert head_loss_for("auto", 16 * 2048, 50432) is full_head_loss  # 6.6 GB
+    assert head_loss_for("auto", 65536, 50432) is chunked_head_loss  # 13.2 GB
+    assert head_loss_for("chunked", 8, 50432) is chunked_head_loss
+    assert head_loss_for("full", 65536, 50432) is full_head_loss
