@@ -1,10 +1,12 @@
 """Decode speed: smalto's static-cache decode (compiled into a CUDA graph) vs transformers' MptForCausalLM.generate.
 
     python bench/bench_decode.py --device cuda --shapes 1b,7b --batch 1,16
+    python bench/bench_decode.py --device cuda --shapes 7b,llama2-7b --batch 1,16   # Llama-2-7B beside MPT-7B
     python bench/bench_decode.py --smoke            # tiny shapes on CPU, to check the script runs
 
 Random-weight models of the MPT-1B / MPT-7B shapes (ALiBi, no biases: a config transformers' native class computes
-exactly), in bf16. Both implementations share the same weight tensors. Each run: a `--prompt`-token prompt, then
+exactly) and of Llama-2-7B (`llama2-7b`: RoPE, RMSNorm, SwiGLU, untied head; against LlamaForCausalLM), in bf16.
+Both implementations share the same weight tensors. Each run: a `--prompt`-token prompt, then
 `--new` tokens greedily with EOS ignored. Decode time per step = (time(new tokens) - time(1 token)) / (new - 1), so the
 prefill is not counted. The floor is reading every weight once per step: weight bytes / `--bw`, by default the
 device's peak memory bandwidth when it is known (H100 SXM 3.35e12 B/s, H200 4.8e12).
@@ -31,12 +33,46 @@ SHAPES = {
     "1b": dict(d_model=2048, n_heads=16, n_layers=24, vocab_size=50432),
     "7b": dict(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432),
 }
+# LLaMA-family shapes (meta-llama/Llama-2-7b-hf's config.json; a tiny one for --smoke): RoPE, RMSNorm, SwiGLU,
+# untied head; compared with transformers' LlamaForCausalLM
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-tiny": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                       intermediate_size=344, vocab_size=512),
+    "llama2-7b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32,
+                      intermediate_size=11008, vocab_size=32000),
+}  # fmt: skip
+
+
+def build_llama(shape: str, device: str, dtype: torch.dtype) -> tuple[MPTForCausalLM, torch.nn.Module]:
+    """smalto's model read from a LlamaConfig (smalto.hf.llama) and transformers' LlamaForCausalLM over the same
+    weight tensors (q/k/v_proj are views of smalto's Wqkv rows)."""
+    import transformers
+
+    from smalto.hf.llama import config_from_llama, tensors_to_llama
+
+    hf_cfg = transformers.LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
+    cfg = config_from_llama(hf_cfg.to_dict(), shape)
+    model = MPTForCausalLM(cfg, device="meta")
+    model.to_empty(device=device)
+    model.init_weights()
+    model.to(dtype).eval()
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    state = tensors_to_llama(model.state_dict(), cfg)
+    missing, unexpected = hf.load_state_dict(state, strict=True, assign=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    with torch.device(device):  # its rotary frequencies are a buffer, not state: built where the model runs
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
+    return model, hf.eval()
 
 
 def build(shape: str, device: str, dtype: torch.dtype) -> tuple[MPTForCausalLM, torch.nn.Module]:
-    """smalto's model and transformers' MptForCausalLM over the same weight tensors (one copy in memory)."""
+    """smalto's model and transformers' MptForCausalLM (LlamaForCausalLM for `LLAMA_SHAPES`) over the same weight
+    tensors (one copy in memory)."""
     import transformers
 
+    if shape in LLAMA_SHAPES:
+        return build_llama(shape, device, dtype)
     cfg = MPTConfig.from_dict(
         {**SHAPES[shape], "max_seq_len": 2048, "no_bias": True, "attn_config": {"alibi": True}}
     )
@@ -120,7 +156,7 @@ def main() -> None:
     if args.smoke:
         args.device, args.shapes, args.batch, args.prompt, args.new, args.repeats = (
             "cpu",
-            "tiny",
+            "tiny,llama-tiny",
             "1,2",
             16,
             8,

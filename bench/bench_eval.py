@@ -1,10 +1,13 @@
-"""ICL evaluation throughput: the gauntlet's available tasks on the MPT-1B shape (random weights).
+"""ICL evaluation throughput: the gauntlet's tasks (with programming) on an MPT shape (random weights).
 
-    python bench/bench_eval.py --device cuda                      # every gauntlet task, full sets, bf16
-    python bench/bench_eval.py --device cuda --limit 500          # at most 500 items per task
+    python bench/bench_eval.py --device cuda                      # every gauntlet task, full sets, bf16, MPT-1B
+    python bench/bench_eval.py --device cuda --shape mpt-7b --limit 200   # MPT-7B, at most 200 items a task
     python bench/bench_eval.py --smoke                            # tiny model on CPU, 8 items a task
 
-Per task: items, seconds, items/s; plus the total. Accuracy of random weights is meaningless and not shown.
+--shape names a recipe in configs/ (mpt-1b, mpt-7b, ...): its model section is the shape. Code tasks sample up to
+their llm-foundry budget (random weights rarely stop early, so this is their worst case) and run every completion's
+tests in the sandbox. Per task: items, seconds, items/s; plus the total and any skipped task with its reason.
+Accuracy of random weights is meaningless and not shown.
 Writes bench_eval.json into $OUT when that is set. Needs ../shared/icl_data and ../shared/tokenizers/gpt-neox-20b
 (run from the repo root) or --data-root / --tokenizer.
 """
@@ -35,22 +38,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-root", default="../shared/icl_data")
     p.add_argument("--tokenizer", default="../shared/tokenizers/gpt-neox-20b")
+    p.add_argument("--shape", default="mpt-1b", help="recipe in configs/ whose model section is the shape")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 8 items a task")
     args = p.parse_args()
     if args.smoke:
         args.device, args.dtype, args.limit, args.batch_size = "cpu", "float32", 8, 8
-        cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=2048, vocab_size=50432)
+        cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=1024, vocab_size=50432)
     else:
-        cfg = MPTConfig(
-            d_model=2048,
-            n_heads=16,
-            n_layers=24,
-            expansion_ratio=4,
-            max_seq_len=2048,
-            vocab_size=50432,
-            no_bias=True,
-            norm_type="low_precision_layernorm",
-        )
+        from smalto.config import load_config
+
+        cfg = load_config(args.shape, []).model
 
     from transformers import AutoTokenizer
 
@@ -63,6 +60,9 @@ def main() -> None:
     def progress(t) -> None:
         console.print(f"  {t.key}: {t.n} items in {t.seconds:.1f}s ({t.n / t.seconds:.1f} items/s)")
 
+    def skipped(key: str, why: str) -> None:
+        console.print(f"  {key}: skipped ({why})", markup=False)
+
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -74,10 +74,12 @@ def main() -> None:
         limit=args.limit,
         batch_size=args.batch_size,
         on_task=progress,
+        on_skip=skipped,
     )
     total = time.perf_counter() - t0
 
-    table = Table(title=f"ICL eval, MPT-1B shape, {args.device}, batch {args.batch_size}")
+    shape = "tiny" if args.smoke else args.shape
+    table = Table(title=f"ICL eval, {shape} shape, {args.device}, batch {args.batch_size}")
     for col in ("task", "format", "items", "seconds", "items/s"):
         table.add_column(col, justify="left" if col in ("task", "format") else "right")
     rows = []
@@ -99,7 +101,9 @@ def main() -> None:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "limit": args.limit,
+        "shape": shape,
         "params": model.num_params(),
+        "skipped": res.skipped,
         "total_items": res.items,
         "total_seconds": total,
         "items_per_s": res.items / total,

@@ -8,6 +8,8 @@ to measure FSDP2.
     python bench/bench_train.py --device cuda                                  # MPT-125M and MPT-1B, seq 2048
     python bench/bench_train.py --device cuda --models mpt-7b --micro-batches 1,2 --ac   # 7B on one GPU
     python bench/bench_train.py --smoke                                        # CPU, tiny shapes: does it run?
+    python bench/bench_train.py --device cuda --models mpt-1b,llama-1b --micro-batches 8,16
+                                   # a 1B Llama shape (TinyLlama-1.1B: RoPE, GQA, SwiGLU) beside MPT-1B
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --profile
                                    # and where one step's GPU time goes (kernel categories, top kernels)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --gelu exact,poly
@@ -17,6 +19,8 @@ to measure FSDP2.
                                    # --no-reshard-after-forward keeps gathered parameters for the backward (ZeRO-2)
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 32 --weight-cast step,micro_batch
                                    # bf16 weights made once per step (shipped) or autocast's casts per forward
+    python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --loss chunked,full
+                                   # the loss a chunk of tokens at a time or from the full logits
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / the device's bf16 dense peak FLOP/s (as training
 looks it up; --peak-tflops overrides).
@@ -88,6 +92,28 @@ def print_profile(step, title: str, trace: str, top: int = 30) -> None:
         prof.export_chrome_trace(os.path.join(out, f"trace_{trace}.json"))
 
 
+# Llama-shape models: a shipped recipe's training setup (optimizer, precision, sequence) with the model replaced by
+# a LLaMA architecture. llama-1b is TinyLlama-1.1B's config.json (d 2048, 32 heads / 4 key-value heads, 22 layers,
+# SwiGLU 5632, vocab 32000, untied head, RoPE θ 10000, RMSNorm).
+LLAMA_MODELS = {
+    "llama-1b": (
+        "mpt-1b",
+        [
+            "model.d_model=2048",
+            "model.n_heads=32",
+            "model.n_layers=22",
+            "model.vocab_size=32000",
+            "model.no_bias=true",
+            "model.norm_type=rmsnorm",
+            "model.norm_eps=1e-5",
+            "model.tie_word_embeddings=false",
+            "model.attn_config={alibi: false, rope: true, rope_theta: 10000.0, kv_n_heads: 4}",
+            "model.ffn_config={ffn_type: mptglu, ffn_hidden_size: 5632, ffn_act_fn: {name: silu}}",
+        ],
+    ),
+}
+
+
 def bench_one(
     recipe: str,
     micro: int,
@@ -95,10 +121,13 @@ def bench_one(
     gelu: str,
     grad_sync: str,
     weight_cast: str,
+    loss: str,
     args: argparse.Namespace,
     world,
 ) -> dict:
+    recipe_file, model_overrides = LLAMA_MODELS.get(recipe, (recipe, []))
     overrides = [
+        *model_overrides,
         f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro * args.accum * world.world_size}",
         f"train.compile={str(args.compile).lower()}",
@@ -106,6 +135,7 @@ def bench_one(
         f"model.attn_config.attn_impl={attn}",
         f"train.grad_sync={grad_sync}",
         f"train.weight_cast={weight_cast}",
+        f"train.loss={loss}",
         f"train.reshard_after_forward={str(args.reshard_after_forward).lower()}",
         "logging.progress=false",
         "logging.tensorboard=false",
@@ -124,7 +154,7 @@ def bench_one(
         ]
     if args.peak_tflops is not None:
         overrides.append(f"train.peak_tflops={args.peak_tflops}")
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe_file, overrides)
     seq = cfg.data.seq_len
     t = build_trainer(cfg, world)
     t.logger.enabled = False  # no run folder: the table is the output
@@ -180,6 +210,7 @@ def bench_one(
         "gelu": gelu,
         "grad_sync": grad_sync,
         "weight_cast": weight_cast,
+        "loss": loss,
     }
     del t
     gc.collect()
@@ -220,6 +251,12 @@ def main() -> None:
         "step), micro_batch (autocast's casts in every forward)",
     )
     p.add_argument(
+        "--loss",
+        default="auto",
+        help="train.loss values, comma-separated: auto (default: full up to 8 GiB of logits a micro-batch), chunked "
+        "(the head and cross-entropy a chunk of tokens at a time), full (the full logits, then a fused cross-entropy)",
+    )
+    p.add_argument(
         "--reshard-after-forward",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -241,8 +278,10 @@ def main() -> None:
         p.error(f"--grad-sync {sorted(bad)}: choose from micro_batch, step")
     if bad := set(args.weight_cast.split(",")) - {"micro_batch", "step"}:
         p.error(f"--weight-cast {sorted(bad)}: choose from step, micro_batch")
+    if bad := set(args.loss.split(",")) - {"auto", "chunked", "full"}:
+        p.error(f"--loss {sorted(bad)}: choose from auto, chunked, full")
     if args.smoke:
-        args.device, args.models, args.micro_batches = "cpu", "mpt-125m", "2,4"
+        args.device, args.models, args.micro_batches = "cpu", "mpt-125m,llama-1b", "2"
         args.steps, args.warmup, args.attn, args.compile = 2, 1, "sdpa", False
     torch.backends.cuda.matmul.allow_tf32 = True
     world = init_world(args.device)
@@ -250,15 +289,16 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro, attn, gelu, sync, cast in itertools.product(
+            for micro, attn, gelu, sync, cast, loss in itertools.product(
                 (int(m) for m in args.micro_batches.split(",")),
                 args.attn.split(","),
                 args.gelu.split(","),
                 args.grad_sync.split(","),
                 args.weight_cast.split(","),
+                args.loss.split(","),
             ):
                 try:
-                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, args, world))
+                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, loss, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
                     rows.append(
                         {
@@ -268,6 +308,7 @@ def main() -> None:
                             "gelu": gelu,
                             "grad_sync": sync,
                             "weight_cast": cast,
+                            "loss": loss,
                             "error": str(e)[:80],
                         }
                     )
@@ -292,6 +333,7 @@ def main() -> None:
         "gelu",
         "grad_sync",
         "weight_cast",
+        "loss",
         "tokens_per_s_per_device",
         "mfu",
         "peak_mem_gib",
@@ -311,6 +353,7 @@ def main() -> None:
                 r["gelu"],
                 r["grad_sync"],
                 r["weight_cast"],
+                r["loss"],
                 r["error"],
                 "",
                 "",

@@ -65,3 +65,14 @@ class ChatSession:
         answer = (out.text or "").strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+
+def template_prompt(tokenizer: Any, text: str, template: str) -> str:
+    """`text` as the prompt of an instruct model (`instruct`: MPT-7B-Instruct's template, a prompt already in it kept)
+    or of a chat model (`chat`: one user turn in the tokenizer's chat template, else ChatML, opening the answer)."""
+    from smalto.data.templates import instruct_prompt
+    from smalto.tokenizer import apply_chat_template
+
+    if template == "instruct":
+        return instruct_prompt(text)
+    return apply_chat_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)

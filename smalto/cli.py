@@ -57,6 +57,29 @@ Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
 DTYPES = "bf16 (bfloat16) | fp16 (float16) | fp32 (float32)"
 SHARD_SIZE_HELP = "Largest file, e.g. 5GB, 500MB, 2GiB or a number of bytes."
 Stop = Annotated[list[str], typer.Option("--stop", help="End a completion at this string (repeatable).")]
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="int8 | int4: quantize the linear layers' weights as the model loads (docs/quantize.md).",
+    ),
+]
+GroupSize = Annotated[
+    int,
+    typer.Option(
+        "--group-size",
+        help="int4: inputs per scale, 32 | 64 | 128 | 256 (dividing every layer's input size).",
+    ),
+]
+
+
+def _quant_spec(quantize: str | None, group_size: int):
+    """The QuantSpec of --quantize / --group-size (None: 16-bit)."""
+    if quantize is None:
+        return None
+    from smalto.quant import QuantSpec
+
+    return QuantSpec(format=quantize, group_size=group_size)
 
 
 def _version(value: bool) -> None:
@@ -209,6 +232,8 @@ def eval_(
         "--dtype",
         help=f"auto (bf16 on GPU, fp32 on CPU) | {DTYPES}.",
     ),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
     from smalto.eval.run import EvalConfig, parse_fewshot, run
@@ -227,6 +252,7 @@ def eval_(
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
+        quantize=_quant_spec(quantize, group_size),
     )
     run(cfg)
 
@@ -289,6 +315,39 @@ def train(
         )
         if result.stopped != "stop_after":  # a planned time slice ends normally
             raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def finetune(
+    args: list[str] = typer.Argument(
+        None,
+        help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct; "
+        "default tiny-instruct) then KEY=VALUE overrides.",
+    ),
+) -> None:
+    """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
+
+    The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
+    folder with a chat template. No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    from rich.console import Console
+
+    from smalto.finetune import finetune as run_finetune
+    from smalto.finetune import show
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    result = run_finetune(recipe, args)
+    console = Console(stderr=True)
+    show(result, console)
+    stopped = result.train.stopped
+    if stopped and stopped.startswith("guard"):
+        console.print(
+            f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}"
+        )
+        raise typer.Exit(3)
+    if stopped and stopped != "stop_after":
+        console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {result.train.checkpoint}")
+        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
 
 
 @app.command()
@@ -355,6 +414,14 @@ def generate_cmd(
         "--json",
         help="One JSON line per prompt instead of text: prompt, text, token ids and counts, finish reason, timings.",
     ),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
+    template: str = typer.Option(
+        "none",
+        "--template",
+        help="none (raw text) | instruct (the MPT-7B-Instruct prompt) | chat (one user turn in the tokenizer's "
+        "chat template, else ChatML).",
+    ),
 ) -> None:
     """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several).
 
@@ -363,10 +430,25 @@ def generate_cmd(
     import json
     import time
 
+    from smalto.chat import template_prompt
+    from smalto.errors import check_choice
     from smalto.generate import encode_prompts, fit_new_tokens, generate
     from smalto.load import load_model_and_tokenizer
 
-    lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    check_choice("--template", template, ("none", "instruct", "chat"))
+    lm, tok = load_model_and_tokenizer(
+        model,
+        tokenizer,
+        dtype=dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        quantize=_quant_spec(quantize, group_size),
+    )
+    if template != "none":
+        from smalto.tokenizer import chat_stop_strings
+
+        prompts = [template_prompt(tok, p, template) for p in prompts]
+        stop = [*stop, *(chat_stop_strings(tok) if template == "chat" else [])]
     longest = max(len(ids) for ids in encode_prompts(tok, prompts))
     max_new_tokens, clipped = fit_new_tokens(lm, longest, max_new_tokens)
     if clipped:
@@ -442,12 +524,21 @@ def chat(
     dtype: str = typer.Option("auto", "--dtype", help=f"auto (the checkpoint's) | {DTYPES}."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
 ) -> None:
     """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
     from smalto.chat import ChatSession
     from smalto.load import load_model_and_tokenizer
 
-    lm, tok = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    lm, tok = load_model_and_tokenizer(
+        model,
+        tokenizer,
+        dtype=dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        quantize=_quant_spec(quantize, group_size),
+    )
     session = ChatSession(
         lm,
         tok,
@@ -495,22 +586,104 @@ def convert(
     dtype: str = typer.Option("auto", "--dtype", help=f"auto (the checkpoint's) | {DTYPES}."),
     shard_size: str = typer.Option("5GB", "--shard-size", help=SHARD_SIZE_HELP),
     bin: bool = typer.Option(False, "--bin", help="Write pytorch_model*.bin instead of safetensors."),
+    quantize: str = typer.Option(
+        None, "--quantize", help="int8 | int4: write a quantized folder smalto loads (docs/quantize.md)."
+    ),
+    group_size: GroupSize = 128,
+    symmetric: bool = typer.Option(
+        False, "--symmetric", help="int4: symmetric groups (no zero points) instead of scale + zero point."
+    ),
 ) -> None:
-    """Convert a checkpoint into a Hugging Face folder (loads natively or with trust_remote_code; see docs/hf.md)."""
+    """Convert a checkpoint into a Hugging Face folder: LLaMA-architecture models as native Llama folders, MPT natively
+    or with trust_remote_code (see docs/hf.md)."""
     import json
     from pathlib import Path
 
     from smalto.convert import convert as convert_checkpoint
 
-    out = convert_checkpoint(src, dst, dtype=dtype, shard_size=shard_size, safe_serialization=not bin)
+    out = convert_checkpoint(
+        src,
+        dst,
+        dtype=dtype,
+        shard_size=shard_size,
+        safe_serialization=not bin,
+        quantize=quantize,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
     cfg = json.loads((Path(out) / "config.json").read_text())
     files = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".safetensors", ".bin"))
-    how = (
-        "natively and with trust_remote_code"
-        if cfg["model_type"] == "mpt"
-        else ("with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")")
-    )
+    if "quantization_config" in cfg:
+        from smalto.quant import QuantSpec
+
+        spec = QuantSpec.from_config(cfg["quantization_config"], str(out))
+        typer.echo(
+            f"wrote {out}: {len(files)} weight file(s), {spec.describe()}; smalto loads it (not transformers)"
+        )
+        return
+    if cfg["model_type"] in ("llama", "mistral"):
+        how = f"natively ({cfg['architectures'][0]})"
+    elif cfg["model_type"] == "mpt":
+        how = "natively and with trust_remote_code"
+    else:
+        how = "with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")"
     typer.echo(f"wrote {out}: {len(files)} weight file(s), {cfg['torch_dtype']}; transformers loads it {how}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(
+        ..., help="HF model folder (config.json + weights), or a training run / checkpoint folder."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        help="Require 'Authorization: Bearer KEY' on /v1/* (env SMALTO_API_KEY).",
+        envvar="SMALTO_API_KEY",
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", help="Sequences decoded together (KV cache slots)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting for a slot before 429."),
+    max_seq_len: int = typer.Option(
+        None, "--max-seq-len", help="Context per sequence (default the model's; ALiBi/RoPE run past it)."
+    ),
+    prefill_chunk: int = typer.Option(
+        512, "--prefill-chunk", help="Prompt tokens prefilled per engine step, over all new requests."
+    ),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model's)."
+    ),
+    served_model_name: str = typer.Option(
+        None, "--served-model-name", help="The model id of the API (default: MODEL as given)."
+    ),
+    grace: float = typer.Option(
+        30.0, "--grace", help="Seconds running requests get to finish after SIGTERM."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
+    ),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at / (docs/serve.md)."""
+    from smalto.serve.run import serve as run_server
+
+    run_server(
+        model,
+        tokenizer=tokenizer,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_seq_len=max_seq_len,
+        prefill_chunk=prefill_chunk,
+        dtype=dtype,
+        device=device,
+        served_model_name=served_model_name,
+        grace=grace,
+        on_ready=lambda url: typer.echo(f"serving {model} at {url} (chat page: {url}/)", err=True),
+    )
 
 
 def _print_delta(delta) -> None:

@@ -3,7 +3,7 @@
 A recipe is a YAML mapping with the sections below; every key is checked (an unknown one is named with the keys
 allowed there) and every value is validated before anything starts. Durations are integers (optimizer steps) or
 strings with a unit, as llm-foundry writes them: "100ba" (steps), "1e9tok" (tokens), and for scheduler lengths
-also "0.1dur" (a fraction of the whole run). Paths may contain `{run_dir}`.
+also "0.1dur" (a fraction of the whole run); `smalto finetune`'s max_duration may be in epochs ("2ep"). Paths may contain `{run_dir}`.
 
     name: my-run              # run folder defaults to runs/<name>
     model: {...}              # MPTConfig (smalto.model.config), HF mpt names
@@ -31,7 +31,7 @@ from smalto.errors import ConfigError, build, check_choice, check_keys, check_ty
 from smalto.model.config import MPTConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ba|tok|dur|ep)\s*$", re.IGNORECASE)
 
 
 def fill(key: str, template: str, **values: str) -> str:
@@ -80,6 +80,8 @@ def duration_steps(
         return math.ceil(amount)
     if unit == "tok":
         return math.ceil(amount / tokens_per_step)
+    if unit == "ep":  # smalto finetune turns epochs into steps once its data is read (train/finetune.py)
+        raise ConfigError(f"{key} = {value!r}: epochs ('ep') are for train.max_duration of `smalto finetune`")
     if total_steps is None:
         raise ConfigError(f"{key} = {value!r}: 'dur' (a fraction of the run) is only for scheduler lengths")
     return round(amount * total_steps)
@@ -105,9 +107,17 @@ class OptimizerConfig:
     """LION: multiplied by lr/peak_lr each step (llm-foundry's convention); AdamW: torch's (times lr)."""
     eps: float = 1e-8
     """AdamW only."""
+    state_dtype: str = "fp32"
+    """AdamW only: `bf16` stores both moments in bfloat16 (4 bytes a parameter instead of 8; the update is computed
+    in float32): what lets full finetuning of a 7B model fit one GPU."""
 
     def __post_init__(self) -> None:
         check_choice("optimizer.name", self.name, ("lion", "adamw"))
+        check_choice("optimizer.state_dtype", self.state_dtype, ("fp32", "bf16"))
+        if self.state_dtype == "bf16" and self.name != "adamw":
+            raise ConfigError(
+                "optimizer.state_dtype = bf16 is for adamw; LION keeps one moment (set it to fp32)"
+            )
         if not self.lr > 0:
             raise ConfigError(f"optimizer.lr = {self.lr} must be positive")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -154,6 +164,8 @@ class TrainConfig:
     """true: every block; an integer k: every k-th block; false: none."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
+    eval_first: bool = False
+    """Evaluate once before the first step (as llm-foundry's eval_first), so the held-out loss has a baseline."""
     grad_sync: str = "micro_batch"
     """FSDP2 with gradient accumulation: reduce-scatter the gradients after every micro-batch's backward
     (`micro_batch`: sharded gradients only) or once per step, after the last (`step`: one reduce-scatter instead of
@@ -163,6 +175,11 @@ class TrainConfig:
     gradients straight into the float32 `.grad` (`step`: fewer memory passes, the same numbers, 2 bytes per
     parameter held for the step), or let autocast cast them in every micro-batch's forward (`micro_batch`: least
     memory). Ignored under FSDP2, which casts at each all-gather."""
+    loss: str = "auto"
+    """How the loss is computed from the final hidden states: `chunked` (the head's matmul and the cross-entropy a
+    chunk of tokens at a time, never holding the (tokens, vocab) float32 logits: smalto/kernels/chunked_loss.py),
+    `full` (the full logits, then a fused cross-entropy), or `auto` (full while a micro-batch's float32 logits take
+    at most 8 GiB, where it is faster; chunked above). The same value and gradients."""
     time_limit: str | None = None
     """End the run normally (evaluate, save, export) once this launch has trained this long: "90s", "2m", "1.5h".
     Counted per launch (a relaunch resumes and gets the time again); the schedule stays laid out for max_duration."""
@@ -186,6 +203,7 @@ class TrainConfig:
         check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice("train.grad_sync", self.grad_sync, ("micro_batch", "step"))
         check_choice("train.weight_cast", self.weight_cast, ("step", "micro_batch"))
+        check_choice("train.loss", self.loss, ("auto", "chunked", "full"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"train.device = {self.device!r} is not allowed; choose one of: auto, cpu, cuda"
@@ -292,14 +310,21 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    base_model: str | None = None
+    """`smalto finetune` only: the model to start from (anything `smalto.load` reads)."""
+    finetune: Any = None
+    """`smalto finetune` only: smalto.train.finetune.FinetuneSection (template, samples)."""
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, d: dict[str, Any], data_cls: Any = None, extra: Any = None) -> RunConfig:
+        """`data_cls` (default: the pretraining stream's DataConfig) builds the data section; `extra` is what
+        `smalto finetune` adds (base_model and the finetune section: smalto.train.finetune builds them)."""
         from smalto.data.stream import DataConfig
 
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
-        check_keys("", d, [f.name for f in dataclasses.fields(cls)])
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_model", "finetune")]
+        check_keys("", d, own + (["base_model", "finetune"] if extra is not None else []))
         hints = typing.get_type_hints(cls)
         top = {
             k: check_type(k, d[k], hints[k])
@@ -313,7 +338,7 @@ class RunConfig:
             raise ConfigError(
                 "the recipe has no data section; set data.sources to a list of {path: ...} datasets"
             )
-        data = _build_data(DataConfig, d["data"], model.max_seq_len, run_dir, seed)
+        data = _build_data(data_cls or DataConfig, d["data"], model.max_seq_len, run_dir, seed)
         sections = {
             "optimizer": OptimizerConfig,
             "scheduler": SchedulerConfig,
@@ -329,7 +354,7 @@ class RunConfig:
             ck.hf_export = fill("checkpoint.hf_export", ck.hf_export, run_dir=run_dir)
         tok, prepare = top.get("tokenizer"), top.get("prepare")
         if prepare is not None:
-            check_choice("prepare", prepare, ("stdlib",))
+            check_choice("prepare", prepare, ("stdlib",) if extra is None else ("stdlib-instruct",))
         cfg = cls(
             name=name,
             run_dir=run_dir,
@@ -339,6 +364,7 @@ class RunConfig:
             model=model,
             data=data,
             **built,
+            **(extra or {}),
         )
         cfg.check()
         return cfg
@@ -359,6 +385,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir, "seed": self.seed}
         d["prepare"], d["tokenizer"] = self.prepare, self.tokenizer
+        if self.base_model is not None:
+            d["base_model"], d["finetune"] = self.base_model, dataclasses.asdict(self.finetune)
         d["model"] = self.model.to_dict()
         d["data"] = dataclasses.asdict(self.data)
         for k in ("optimizer", "scheduler", "train", "checkpoint", "logging", "guard"):
@@ -370,13 +398,14 @@ def _build_data(cls: Any, d: Any, max_seq_len: int, run_dir: str, seed: int) -> 
     if not isinstance(d, dict):
         raise ConfigError(f"data must be a mapping, got {d!r}")
     d = {"seq_len": max_seq_len, "seed": seed, **d}
-    if isinstance(d.get("sources"), list):
-        d["sources"] = [
-            {**s, "path": fill(f"data.sources[{i}].path", s["path"], run_dir=run_dir)}
-            if isinstance(s, dict) and isinstance(s.get("path"), str)
-            else s
-            for i, s in enumerate(d["sources"])
-        ]
+    for key in ("sources", "eval_sources"):
+        if isinstance(d.get(key), list):
+            d[key] = [
+                {**s, "path": fill(f"data.{key}[{i}].path", s["path"], run_dir=run_dir)}
+                if isinstance(s, dict) and isinstance(s.get("path"), str)
+                else s
+                for i, s in enumerate(d[key])
+            ]
     return cls.from_dict(d)
 
 
@@ -449,4 +478,6 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(d).__name__}")
+    if "base_model" in d:
+        raise ConfigError(f"{path} is a finetuning recipe (it has base_model): run `smalto finetune {spec}`")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -152,10 +152,24 @@ def get_decoder(
 @dataclass
 class _Row:
     prompt_len: int
+    anchor: list[int] = field(default_factory=list)  # the prompt's last token: see `_completion_text`
     ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
     finish: str | None = None
+
+
+def _completion_text(tokenizer: Any, anchor: list[int], ids: list[int]) -> str:
+    """The text of `ids` as it continues the prompt. SentencePiece-style tokenizers (LLaMA's) drop the leading
+    space of a decoded sequence, so the completion is decoded after the prompt's last token and that token's own
+    text is cut off: " Paris", not "Paris". Where that is not a prefix (a prompt ending inside a UTF-8 character),
+    the completion is decoded alone."""
+    if anchor:
+        head = tokenizer.decode(anchor, skip_special_tokens=False)
+        both = tokenizer.decode(anchor + ids, skip_special_tokens=False)
+        if both.startswith(head):
+            return both[len(head) :]
+    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -290,7 +304,7 @@ def iter_generate(
     out = torch.empty(max_new_tokens, B, dtype=torch.long, device=device)  # step-major: a check's tokens are
     cuda = device.type == "cuda"  # contiguous, so that the copy to pinned host memory is a plain async memcpy
     host = torch.empty(max_new_tokens, B, dtype=torch.long, pin_memory=cuda)
-    rows = [_Row(prompt_len=len(r)) for r in rows_ids]
+    rows = [_Row(prompt_len=len(r), anchor=r[-1:]) for r in rows_ids]
     logits = dec.prefill(ids, full_mask[:, :L])
     synced = 0
     for i in range(max_new_tokens):
@@ -335,7 +349,7 @@ def _advance(
             row.ids.append(t)
             added.append(t)
             if tokenizer is not None:
-                row.text = tokenizer.decode(row.ids, skip_special_tokens=False)
+                row.text = _completion_text(tokenizer, row.anchor, row.ids)
                 hits = [row.text.find(s, max(0, row.emitted - len(s))) for s in stops]
                 hits = [h for h in hits if h >= 0]
                 if hits:

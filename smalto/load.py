@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from smalto.model.config import MPTConfig
     from smalto.model.mpt import MPTForCausalLM
+    from smalto.quant import QuantSpec
 
 FORMATS = (
     "an HF model folder (config.json + weights), a training run folder, "
@@ -33,6 +34,7 @@ def load(
     device: str | torch.device | None = None,
     max_seq_len: int | None = None,
     attn_impl: str | None = None,
+    quantize: str | QuantSpec | None = None,
     **config_overrides: Any,
 ) -> MPTForCausalLM:
     """Load a model as an `MPTForCausalLM` in eval mode, with the attention plans for scoring and prefill that its
@@ -50,6 +52,9 @@ def load(
       max_seq_len, attn_impl, and any other `MPTConfig` field as a keyword (nested ones as a dict, e.g.
         attn_config={"clip_qkv": 6.0}): applied to the stored config before the model is built. They may change
         how the model computes (a longer context for ALiBi / RoPE, the attention kernel), not its tensors' shapes.
+      quantize: 'int8', 'int4' or a `smalto.quant.QuantSpec`: the blocks' linear layers quantized as they are
+        loaded (on the CPU, then layer by layer onto `device`). A folder written by `smalto convert --quantize`
+        loads quantized without it (docs/quantize.md).
     Raises a ConfigError for a bad dtype, device or override (an unknown key names it) and a CheckpointError for a
     path that is no model or weights that do not fit, before reading any weights where it can.
     """
@@ -62,15 +67,30 @@ def load(
     kind, folder = _locate(path)
     stored = _stored_config(kind, folder)
     config = _override(stored, path, max_seq_len=max_seq_len, attn_impl=attn_impl, overrides=config_overrides)
-    if kind == "hf":
+    from smalto.quant.folder import load_quantized, resolve
+
+    stored_quant, quant = resolve(folder if kind == "hf" else None, quantize, dev, path)
+    where = torch.device("cpu") if quant is not None else dev  # quantized layer by layer onto dev below
+    if stored_quant is not None:
+        model = load_quantized(folder, config, stored_quant, target, dev)
+    elif kind == "hf":
         from smalto.hf.load import load_pretrained
 
-        model = load_pretrained(folder, dtype=target, device=dev, config=config)
+        model = load_pretrained(folder, dtype=target, device=where, config=config)
     else:
-        model = _load_checkpoint(folder, config, dev, target)
+        model = _load_checkpoint(folder, config, where, target)
+    if quant is not None:
+        from smalto.quant import quantize as quantize_model
+
+        quantize_model(model, quant, device=dev)
     from smalto.kernels import apply_inference
 
     return apply_inference(model)  # the scoring and prefill attention plans its config asks for
+
+
+def model_config(path: str | Path) -> MPTConfig:
+    """The config a model path holds (any format `load` reads), without reading its weights."""
+    return _stored_config(*_locate(path))
 
 
 def _locate(path: str | Path) -> tuple[str, Path]:
@@ -230,6 +250,7 @@ def load_model_and_tokenizer(
     dtype: str | None = None,
     device: str | None = None,
     max_seq_len: int | None = None,
+    quantize: str | QuantSpec | None = None,
 ) -> tuple[MPTForCausalLM, Any]:
     """What `smalto generate` / `chat` need: the model (`load`; on `device`, default cuda when available) and its
     tokenizer (from `tokenizer_path`, else the model folder, else a training run's recorded tokenizer)."""
@@ -245,5 +266,5 @@ def load_model_and_tokenizer(
             f"{model_path} holds no tokenizer files (and records no training tokenizer); "
             "pass --tokenizer (a folder or tokenizer.json)"
         )
-    model = load(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
+    model = load(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len, quantize=quantize)
     return model, load_tokenizer(tok_src)

@@ -1,6 +1,8 @@
-"""Finetuning data: JSONL of prompt/response pairs or chats → token rows with loss masks, optionally packed.
+"""Finetuning data: prompt/response pairs or chats → token rows with loss masks, optionally packed.
 
-Formats (one JSON object per line):
+Rows are read from JSONL / JSON / Parquet / CSV files, folders of them or saved HF datasets, and turned into
+examples by the source's `preprocessing` step (smalto.data.preprocess: prompt_response, dolly, alpaca, chat,
+module:function). Examples:
     {"prompt": "...", "response": "..."}            rendered as prompt + response + EOS (llm-foundry's way)
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
                                                     rendered with the tokenizer's chat template, or ChatML
@@ -20,8 +22,8 @@ sequence_id -1. Without packing, one example per row.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ class FinetuneConfig:
     too_long: str = "drop"
     packing: bool = True
     on_error: str = "raise"
+    preprocessing: str = "prompt_response"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "data") -> FinetuneConfig:
@@ -73,7 +76,7 @@ def _validate(record: Any) -> str | None:
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
-            return "'messages' must be a non-empty list"
+            return "field 'messages' must be a non-empty list"
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 return f"messages[{i}] must be an object with a string 'content'"
@@ -85,39 +88,49 @@ def _validate(record: Any) -> str | None:
     if "prompt" in record or "response" in record:
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
-                return f"{key!r} must be a string"
+                return f"field {key!r} must be a string"
+        if not record["response"].strip():
+            return "field 'response' is empty"
         return None
     return f"expected keys prompt/response or messages, got {', '.join(map(str, record)) or 'none'}"
 
 
-def read_records(path: str | Path, policy: ErrorPolicy) -> list[tuple[dict[str, Any], str]]:
-    """Well-formed records with their "file:line"."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"finetuning data {path} does not exist")
+class RecipePolicy(ErrorPolicy):
+    """ErrorPolicy whose message names the recipe key that skips bad rows."""
+
+    def __call__(self, where: str, problem: str) -> None:
+        if self.mode == "raise":
+            raise DataError(f"{where}: {problem} (set data.on_error: skip to count and skip bad rows)")
+        super().__call__(where, problem)
+
+
+def read_records(
+    path: str | Path, policy: ErrorPolicy, preprocessing: str = "prompt_response"
+) -> list[tuple[dict[str, Any], str]]:
+    """Well-formed examples with their "file:line", after the named preprocessing step."""
+    from smalto.data.preprocess import RowError, preprocessor, read_rows
+
+    step = preprocessor(preprocessing)
     out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                policy(where, f"not valid UTF-8 (byte {e.start} of the line)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                policy(where, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            problem = _validate(record)
-            if problem:
-                policy(where, problem)
-                continue
-            out.append((record, where))
+    for row, where in read_rows(str(path), policy):
+        if not isinstance(row, dict):
+            policy(where, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        try:
+            record = step(row)
+        except RowError as e:
+            policy(where, str(e))
+            continue
+        except Exception as e:  # a user's module:function failing on a row names the row
+            policy(where, f"preprocessing {preprocessing} failed: {type(e).__name__}: {e}")
+            continue
+        problem = _validate(record)
+        if problem:
+            policy(where, problem)
+            continue
+        out.append((record, where))
     if not out:
-        raise DataError(f"{path}: no finetuning examples found (the file is empty or every line was bad)")
+        raise DataError(f"{path}: no finetuning examples found (the file is empty or every row was bad)")
     return out
 
 
@@ -145,7 +158,10 @@ def _pieces(record: dict[str, Any], tokenizer: Any, cfg: FinetuneConfig) -> list
     def render(upto: int, gen: bool) -> str:
         if upto == 0:
             return ""  # templates refuse an empty conversation; a leading assistant turn has no header
-        return str(tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen))
+        try:
+            return str(tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen))
+        except Exception as e:  # jinja errors, raise_exception in the template
+            raise DataError(f"the tokenizer's chat template does not render this chat ({e})") from None
 
     # Cut the full rendering at the boundaries given by rendering each prefix of the conversation.
     full, pieces, done = render(len(msgs), False), [], ""
@@ -221,11 +237,15 @@ class FinetuneDataset(torch.utils.data.Dataset):
             raise DataError("the tokenizer has no EOS token; finetuning examples need one to end")
         self.cfg = cfg
         self.pad_id = int(tokenizer.eos_token_id)
-        policy = ErrorPolicy(cfg.on_error)
+        policy = RecipePolicy(cfg.on_error)
         examples: list[tuple[np.ndarray, np.ndarray]] = []
         dropped = truncated = 0
-        for record, where in read_records(cfg.path, policy):
-            ids, labels, last_len = render(record, tokenizer, cfg)
+        for record, where in read_records(cfg.path, policy, cfg.preprocessing):
+            try:
+                ids, labels, last_len = render(record, tokenizer, cfg)
+            except DataError as e:
+                policy(where, str(e))
+                continue
             if last_len > cfg.seq_len:
                 if cfg.too_long == "error":
                     raise DataError(
@@ -251,6 +271,27 @@ class FinetuneDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def split(self, fraction: float, seed: int) -> tuple[FinetuneDataset, FinetuneDataset]:
+        """(kept, held out): `fraction` of the examples (at least one when positive), chosen by `seed`, held out;
+        each part packed again."""
+        n = len(self.examples)
+        held = max(1, round(n * fraction)) if fraction > 0 else 0
+        if held >= n:
+            raise DataError(
+                f"{self.cfg.path}: eval_fraction {fraction} of {n} examples leaves none to train on; lower it"
+            )
+        order = np.random.default_rng([seed, n]).permutation(n)
+        return self._subset(sorted(order[held:])), self._subset(sorted(order[:held]))
+
+    def _subset(self, keep: list[int]) -> FinetuneDataset:
+        part = copy.copy(self)
+        part.examples = [self.examples[i] for i in keep]
+        part.rows = (
+            pack(part.examples, self.cfg.seq_len) if self.cfg.packing else [[i] for i in range(len(keep))]
+        )
+        part.stats = {**self.stats, "examples": len(keep)}
+        return part
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         T = self.cfg.seq_len

@@ -1,10 +1,16 @@
 """EleutherAI lm-evaluation-harness adapter: `SmaltoLM`, registered as the model name `smalto`.
 
-lm-eval is an optional extra (`pip install lm-eval`); only this module imports it. lm-eval finds models by
-name only once their module is imported, so run its CLI through this module:
+lm-eval is an optional extra (`pip install lm-eval`); only this module imports it. lm-eval 0.4 finds a model
+name only in its own table (lm_eval/models/__init__.py) or in a module that registered it before the CLI looks it
+up: it reads no entry points, `--include_path` loads task YAMLs only, and `--model` takes a registered name, not a
+class path. So `lm_eval --model smalto` cannot work; run lm-eval's CLI through this module, which registers
+`smalto` first and then hands over to lm-eval unchanged:
 
     python -m smalto.eval.lm_eval_adapter --model smalto --model_args pretrained=PATH --tasks lambada_openai
     python -m smalto.eval.lm_eval_adapter run --model smalto ...          # lm-eval ≥ 0.4.10 subcommand form
+
+`--model_args` may hold batch_size / device (they take precedence over lm-eval's --batch_size / --device);
+lm-eval's own default device (cuda:0) becomes cpu, with a warning, on a machine without CUDA.
 
 or the Python API: `lm_eval.simple_evaluate(model=SmaltoLM(pretrained=PATH), tasks=[...])`, also with an
 in-memory model: `SmaltoLM(model=model, tokenizer=tokenizer)`.
@@ -16,6 +22,7 @@ scorer (shared-prefix KV cache for MPT), so its log-likelihoods equal smalto's.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from lm_eval.api.model import LM
@@ -57,6 +64,32 @@ class SmaltoLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> SmaltoLM:
+        """lm-eval's CLI path: `--model_args` merged over its own `--batch_size` / `--device` (lm-eval passes
+        both, so `batch_size` in --model_args would otherwise arrive twice); an unset device means auto."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> SmaltoLM:
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if str(extra.get("device", "")).startswith("cuda") and "device" not in arg_dict:
+            import torch
+
+            if not torch.cuda.is_available():  # lm-eval's CLI passes device cuda:0 unless told otherwise
+                warnings.warn(
+                    f"lm-eval asked for device {extra['device']}; this machine has no CUDA: using cpu",
+                    stacklevel=2,
+                )
+                extra["device"] = "cpu"
+        return cls(**{**extra, **arg_dict})
 
     # ---- tokens
     def _encode(self, text: str) -> list[int]:

@@ -72,7 +72,12 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def load_model(
-    path: str | Path, *, tokenizer: str | Path | None = None, device: str = "auto", dtype: str = "auto"
+    path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: Any = None,
 ) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer). MPT folders (model_type mpt / smalto_mpt) load as smalto models, anything
     else through transformers' AutoModelForCausalLM (local code only: no trust_remote_code)."""
@@ -93,8 +98,12 @@ def load_model(
     ):  # smalto_mpt: an MPT with options transformers' MptForCausalLM lacks
         from smalto.load import load
 
-        model = load(str(p), dtype=dt, device=dev)
+        model = load(str(p), dtype=dt, device=dev, quantize=quantize)
     else:
+        if quantize is not None:
+            raise ConfigError(
+                f"--quantize applies to smalto MPT folders; {p} has model_type {model_type!r} (transformers)"
+            )
         import transformers
         from transformers import AutoModelForCausalLM
 

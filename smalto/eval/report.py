@@ -1,7 +1,9 @@
 """What `smalto eval` shows and writes: a rich table, results.json, samples/*.jsonl, a bar chart PNG.
 
-OUT/results.json    {"model", "tasks": [{label, num_fewshot, icl_task_type, accuracy, n, seconds, categories}],
-                     "gauntlet": {categories, averages, benchmarks, missing} | null, "perplexity": {...} | null}
+OUT/results.json    {"model", "tasks": [{label, num_fewshot, icl_task_type, accuracy, n, seconds, categories, metrics}],
+                     "gauntlet": {categories, averages, benchmarks, missing} | null, "perplexity": {...} | null,
+                     "skipped": [{task, reason}], "complete": true}
+                    rewritten after every task (with "complete": false) while a run is in progress
 OUT/samples/LABEL_Kshot.jsonl   with --log-samples: per item prompt, options, scores, prediction, correct
 OUT/results.png     accuracy per task (and gauntlet category scores), when matplotlib is installed
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -51,11 +54,23 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         console.print(t)
         if g["missing"]:
             console.print(f"[yellow]not evaluated, left out of the gauntlet:[/] {', '.join(g['missing'])}")
+    for s in results.get("skipped") or []:
+        console.print(f"[yellow]skipped[/] {escape(s['task'])}: {escape(s['reason'])}", highlight=False)
     ppl = results.get("perplexity")
     if ppl:
         console.print(
             f"perplexity {ppl['perplexity']:.4f} (loss {ppl['loss']:.4f}) over {ppl['tokens']:,} tokens of {ppl['data']}"
         )
+
+
+def write_partial_results(out: str | Path, results: dict[str, Any]) -> Path:
+    """OUT/results.json with the tasks finished so far (`"complete": false`), replaced atomically."""
+    from smalto.train.durable import replace_durably
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    replace_durably(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return out / "results.json"
 
 
 def write_results(
@@ -64,8 +79,7 @@ def write_results(
     """results.json, samples/*.jsonl and results.png in `out`; returns the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "results.json"]
-    written[0].write_text(json.dumps(results, indent=2) + "\n")
+    written = [write_partial_results(out, {**results, "complete": True})]
     if samples:
         (out / "samples").mkdir(exist_ok=True)
         for key, records in samples.items():

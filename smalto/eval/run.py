@@ -24,6 +24,7 @@ class EvalConfig:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantize: Any = None  # a smalto.quant.QuantSpec: --quantize (smalto MPT folders)
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -85,22 +86,46 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
 def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -> dict[str, Any]:
     from smalto.eval.models import load_model
-    from smalto.eval.report import print_results, write_results
+    from smalto.eval.report import print_results, write_partial_results, write_results
 
-    model, tokenizer = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.dtype)
+    model, tokenizer = load_model(
+        cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.dtype, quantize=cfg.quantize
+    )
     results: dict[str, Any] = {"model": cfg.model, "tasks": [], "gauntlet": None, "perplexity": None}
     samples: dict[str, list[dict[str, Any]]] = {}
     rank0 = not dist or _rank() == 0
     if suite is not None:
         from rich.console import Console
+        from rich.markup import escape
 
         from smalto.eval.runner import evaluate
 
         console = Console(stderr=True)
+        done: list[dict[str, Any]] = []
+        skipped: list[dict[str, str]] = []
+
+        def write_partial() -> None:  # results so far, so a long run that stops leaves what it finished
+            if rank0 and cfg.out:
+                write_partial_results(
+                    cfg.out, {**results, "tasks": done, "skipped": skipped, "complete": False}
+                )
 
         def progress(t: Any) -> None:
             if rank0:
-                console.print(f"{t.key}: accuracy {t.accuracy:.4f} over {t.n} items in {t.seconds:.1f}s")
+                extra = "".join(f", {k} {v:.4f}" for k, v in t.metrics.items())
+                console.print(
+                    f"{t.key}: accuracy {t.accuracy:.4f}{extra} over {t.n} items in {t.seconds:.1f}s"
+                )
+            d = dict(vars(t))
+            d.pop("samples")
+            done.append(d)
+            write_partial()
+
+        def skip(key: str, why: str) -> None:
+            if rank0:
+                console.print(f"[yellow]{escape(key)} skipped:[/] {escape(why)}", highlight=False)
+            skipped.append({"task": key, "reason": why})
+            write_partial()
 
         res = evaluate(
             model,
@@ -113,9 +138,16 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
             max_seq_len=cfg.max_seq_len,
             log_samples=cfg.log_samples,
             on_task=progress,
+            on_skip=skip,
         )
         d = res.to_dict(samples=False)
-        results.update(tasks=d["tasks"], gauntlet=d["gauntlet"], seconds=d["seconds"], items=d["items"])
+        results.update(
+            tasks=d["tasks"],
+            gauntlet=d["gauntlet"],
+            seconds=d["seconds"],
+            items=d["items"],
+            skipped=d["skipped"],
+        )
         samples = {t.key: t.samples for t in res.tasks} if cfg.log_samples else {}
     if cfg.perplexity:
         from smalto.eval.perplexity import perplexity

@@ -11,7 +11,9 @@ per-item records are gathered to every rank, so every rank returns the whole, id
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +23,10 @@ import torch
 
 from smalto.errors import ConfigError
 from smalto.eval import scorer
+from smalto.eval.code_eval import run_code_task
 from smalto.eval.gauntlet import score_gauntlet
 from smalto.eval.prompts import Item, build_items, max_answer_tokens
+from smalto.eval.sandbox import Limits
 from smalto.eval.scoring import judge
 from smalto.eval.tasks import (
     Suite,
@@ -44,6 +48,7 @@ class TaskResult:
     seconds: float
     categories: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # code evaluation: pass@k for every k
 
     @property
     def key(self) -> str:
@@ -56,6 +61,9 @@ class EvalResults:
     gauntlet: dict[str, Any] | None
     seconds: float
     items: int
+    skipped: list[dict[str, str]] = field(
+        default_factory=list
+    )  # {"task", "reason"}: could not run on this model
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         tasks = []
@@ -64,7 +72,13 @@ class EvalResults:
             if not samples:
                 d.pop("samples")
             tasks.append(d)
-        return {"tasks": tasks, "gauntlet": self.gauntlet, "seconds": self.seconds, "items": self.items}
+        return {
+            "tasks": tasks,
+            "gauntlet": self.gauntlet,
+            "seconds": self.seconds,
+            "items": self.items,
+            "skipped": self.skipped,
+        }
 
     def metrics(self, prefix: str = "icl/") -> dict[str, float]:
         out = {f"{prefix}{t.key}": t.accuracy for t in self.tasks}
@@ -182,7 +196,22 @@ def run_task(
 
 
 def _accuracy(records: list[dict[str, Any]]) -> float:
-    return sum(bool(r["correct"]) for r in records) / max(len(records), 1)
+    """Mean of the verdicts (code evaluation: of the per-problem pass@k)."""
+    return sum(float(r["correct"]) for r in records) / max(len(records), 1)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+def too_long(task: TaskConfig, budget: int, seq_len: int) -> str | None:
+    """Why a generation task cannot run within the model's context (llm-foundry refuses such a task)."""
+    if task.icl_task_type == "generation_task_with_answers" and budget >= seq_len:
+        return (
+            f"it generates up to {budget} tokens (its longest answer{' + chain of thought' if task.cot_delimiter else ''}) "
+            f"and the model's context is {seq_len} tokens, leaving no room for the prompt"
+        )
+    return None
 
 
 def evaluate(
@@ -197,9 +226,17 @@ def evaluate(
     max_seq_len: int | None = None,
     log_samples: bool = False,
     on_task: Callable[[TaskResult], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    code_limits: Limits | None = None,
+    code_workers: int | None = None,
 ) -> EvalResults:
     """Every task × few-shot setting of `tasks` (a Suite, or `--tasks` specs). `fewshot` replaces each task's
-    num_fewshot list. The model is put in eval mode and given back in the mode it came in."""
+    num_fewshot list. The model is put in eval mode and given back in the mode it came in.
+
+    A task that cannot run here (its generation budget leaves no room in the model's context; code in a language
+    without its compiler) is skipped: listed in `skipped`, reported through `on_skip(key, reason)` (default: a
+    warning). Code runs in the sandbox under `code_limits` (default: llm-foundry's 5 s per test case),
+    `code_workers` runs at a time (default: the CPU count)."""
     suite = tasks if isinstance(tasks, Suite) else resolve_tasks(tasks)
     root = resolve_data_root(data_root)
     if batch_size < 1:
@@ -208,21 +245,59 @@ def evaluate(
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    results = []
+    results: list[TaskResult] = []
+    skipped: list[dict[str, str]] = []
     try:
         for task in suite.tasks:
             seq_len = min(max_seq_len or task.max_seq_len or model_len, model_len)
             for k in fewshot if fewshot is not None else task.num_fewshot:
                 t1 = time.perf_counter()
-                items, budget = prepare(task, k, tokenizer, seq_len, root, limit)
-                records = run_task(
-                    model, tokenizer, task, items, budget=budget, batch_size=batch_size, max_seq_len=seq_len
-                )
+                key = f"{task.label}/{k}-shot"
+                records: list[dict[str, Any]] = []
+                why: str | None = None
+                rank, world = _rank_world()
+                if task.icl_task_type == "code_evaluation" and world > 1 and _is_sharded(model):
+                    why = "code evaluation samples on every rank alone: not with sharded (FSDP) models"
+                elif task.icl_task_type == "code_evaluation":
+                    records, why = run_code_task(
+                        model,
+                        tokenizer,
+                        task,
+                        k,
+                        seq_len,
+                        root,
+                        limit,
+                        limits=code_limits or Limits(),
+                        workers=code_workers or os.cpu_count() or 1,
+                        batch_size=max(1, (task.batch_size or batch_size) // task.generations_per_sample),
+                        rank=rank,
+                        world=world,
+                    )
+                else:
+                    items, budget = prepare(task, k, tokenizer, seq_len, root, limit)
+                    why = too_long(task, budget, seq_len)
+                    if why is None:
+                        records = run_task(
+                            model,
+                            tokenizer,
+                            task,
+                            items,
+                            budget=budget,
+                            batch_size=batch_size,
+                            max_seq_len=seq_len,
+                        )
+                if why is not None:
+                    skipped.append({"task": key, "reason": why})
+                    if on_skip is not None:
+                        on_skip(key, why)
+                    else:
+                        warnings.warn(f"{key} skipped: {why}", stacklevel=2)
+                    continue
                 cats: dict[str, list[dict[str, Any]]] = {}
                 for r in records:
                     if "category" in r:
                         cats.setdefault(r["category"], []).append(r)
-                if log_samples:
+                if log_samples and task.icl_task_type != "code_evaluation":  # code records carry their prompt
                     for r in records:
                         r["prompt"] = items[r["index"]].prompt
                         r["options"] = items[r["index"]].options
@@ -238,6 +313,11 @@ def evaluate(
                     seconds=time.perf_counter() - t1,
                     categories={c: _accuracy(rs) for c, rs in sorted(cats.items())},
                     samples=records if log_samples else [],
+                    metrics={
+                        f"pass@{n}": _mean([r[f"pass@{n}"] for r in records]) for n in task.pass_at_k_list
+                    }
+                    if task.icl_task_type == "code_evaluation"
+                    else {},
                 )
                 results.append(res)
                 if on_task is not None:
@@ -246,7 +326,11 @@ def evaluate(
         model.train(was_training)
     gauntlet = score_gauntlet(suite.gauntlet, results) if suite.gauntlet else None
     return EvalResults(
-        tasks=results, gauntlet=gauntlet, seconds=time.perf_counter() - t0, items=sum(r.n for r in results)
+        tasks=results,
+        gauntlet=gauntlet,
+        seconds=time.perf_counter() - t0,
+        items=sum(r.n for r in results),
+        skipped=skipped,
     )
 
 

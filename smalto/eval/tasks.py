@@ -9,6 +9,8 @@ Formats (llm-foundry's), with the fields every line must have:
     multiple_choice               query, choices, gold
     schema                        context_options, continuation, gold
     generation_task_with_answers  context, answer (+ optional aliases, chain_of_thought)
+    code_evaluation               prompt, canonical_solution, entry_point, test_inputs, test_outputs, language
+                                  (+ task_id); run in a sandbox, scored pass@k (code_eval.py)
 """
 
 from __future__ import annotations
@@ -29,7 +31,25 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
     "generation_task_with_answers": ("context", "answer"),
+    "code_evaluation": (
+        "prompt",
+        "canonical_solution",
+        "entry_point",
+        "test_inputs",
+        "test_outputs",
+        "language",
+    ),
 }
+# generation_kwargs a code task may set (llm-foundry passes them to transformers' generate)
+_GENERATION_KWARGS = (
+    "do_sample",
+    "max_new_tokens",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "use_cache",
+)
 _LEGACY_PREFIX = "eval/local_data/"
 DEFAULT_DATA_ROOT = "../shared/icl_data"
 
@@ -56,18 +76,18 @@ class TaskConfig:
     batch_size: int | None = None  # llm-foundry key; when set, overrides --batch-size for this task
     # llm-foundry spells some metrics' options as post-processing functions; qa_normalization is our default
     post_processing_funcs: list[Any] = field(default_factory=list)
+    # code_evaluation: samples per problem, the k of pass@k (one or several), sampling settings
+    generations_per_sample: int = 1
+    pass_at_k: int | list[int] = 1
+    generation_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"task {self.label!r}"
         if self.icl_task_type not in FORMATS:
-            hint = (
-                " (code evaluation runs untrusted code and is not supported)"
-                if "code" in self.icl_task_type
-                else ""
-            )
             raise ConfigError(
-                f"{where}: icl_task_type {self.icl_task_type!r} is not supported{hint}; choose one of: {', '.join(FORMATS)}"
+                f"{where}: icl_task_type {self.icl_task_type!r} is not supported; choose one of: {', '.join(FORMATS)}"
             )
+        self._check_code(where)
         if isinstance(self.num_fewshot, int):
             self.num_fewshot = [self.num_fewshot]
         if not self.num_fewshot or any(not isinstance(n, int) or n < 0 for n in self.num_fewshot):
@@ -83,9 +103,35 @@ class TaskConfig:
                     f"{where}: post_processing_funcs {name!r} is not supported (only qa_normalization)"
                 )
 
+    @property
+    def pass_at_k_list(self) -> list[int]:
+        return [self.pass_at_k] if isinstance(self.pass_at_k, int) else list(self.pass_at_k)
+
+    def _check_code(self, where: str) -> None:
+        ks = self.pass_at_k_list
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            raise ConfigError(
+                f"{where}: pass_at_k must be a whole number >= 1 or a list of them, got {self.pass_at_k!r}"
+            )
+        if not isinstance(self.generations_per_sample, int) or self.generations_per_sample < 1:
+            raise ConfigError(f"{where}: generations_per_sample must be a whole number >= 1")
+        if self.generations_per_sample < max(ks):  # llm-foundry's check and wording
+            raise ConfigError(
+                f"{where}: generations_per_sample ({self.generations_per_sample}) must be greater than or equal to "
+                f"pass_at_k ({self.pass_at_k}) for code evaluation."
+            )
+        check_keys(f"{where} generation_kwargs", self.generation_kwargs, _GENERATION_KWARGS)
+        if self.generation_kwargs.get("num_beams", 1) != 1:
+            raise ConfigError(f"{where}: generation_kwargs.num_beams: only 1 (sampling) is supported")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "task") -> TaskConfig:
         d = dict(d)
+        if "num_beams" in d:  # llm-foundry refuses it too
+            raise ConfigError(
+                f"{where}: num_beams is no longer supported as a top level icl_task parameter; "
+                "use generation_kwargs (sampling: generations_per_sample, temperature, top_k, top_p)"
+            )
         if "prelimiter" in d:  # the dataset classes' name for question_prelimiter
             d.setdefault("question_prelimiter", d.pop("prelimiter"))
         check_keys(where, d, sorted(f.name for f in dataclasses.fields(cls)))
@@ -217,8 +263,9 @@ def read_items(
     task: TaskConfig, data_root: str | Path | None, *, strip: bool | None = None
 ) -> list[dict[str, Any]]:
     """The task's items, checked for the fields its format needs; errors name the file, line and field.
-    String fields are stripped when `strip` (default: the task's strip_dataset)."""
+    String fields are stripped when `strip` (default: the task's strip_dataset; never for code, as llm-foundry)."""
     strip = task.strip_dataset if strip is None else strip
+    strip = strip and task.icl_task_type != "code_evaluation"
     path = task.path(data_root)
     if not path.is_file():
         raise DataError(
@@ -264,7 +311,14 @@ def _check_item(item: dict[str, Any], fmt: str, where: str) -> None:
             raise DataError(
                 f"{where}: field 'gold' = {gold!r} is not an index into {options!r} ({len(opts)} entries)"
             )
-    text_fields = [k for k in FORMATS[fmt] if k not in ("choices", "context_options", "gold")]
+    if fmt == "code_evaluation":
+        for key in ("test_inputs", "test_outputs"):
+            if not isinstance(item[key], list) or not all(isinstance(x, str) for x in item[key]):
+                raise DataError(f"{where}: field {key!r} must be a list of strings")
+        if len(item["test_inputs"]) != len(item["test_outputs"]):
+            raise DataError(f"{where}: test_inputs and test_outputs differ in length")
+    lists = ("choices", "context_options", "gold", "test_inputs", "test_outputs")
+    text_fields = [k for k in FORMATS[fmt] if k not in lists]
     for key in text_fields:
         if not isinstance(item[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(item[key]).__name__}")

@@ -1,7 +1,8 @@
-"""Load a Hugging Face MPT folder into smalto's `MPTForCausalLM`.
+"""Load a Hugging Face MPT or LLaMA-family folder into smalto's `MPTForCausalLM`.
 
 Accepted layouts (what the hub and transformers write):
-    config.json                      model_type `mpt` (or `smalto_mpt`), nested attn_config / init_config, legacy keys
+    config.json                      model_type `mpt` (or `smalto_mpt`), nested attn_config / init_config, legacy
+                                     keys; or `llama` / `mistral` (mapped by smalto/hf/llama.py)
     model.safetensors                one file, or
     model-0000N-of-0000M.safetensors + model.safetensors.index.json, or
     pytorch_model.bin                one file, or
@@ -25,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from smalto.errors import CheckpointError, ConfigError
+from smalto.hf.llama import MODEL_TYPES as LLAMA_MODEL_TYPES
+from smalto.hf.llama import config_from_llama, tensors_from_llama
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 
@@ -93,9 +96,12 @@ def read_config(folder: str | Path) -> tuple[MPTConfig, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     model_type = raw.get("model_type")
+    if model_type in LLAMA_MODEL_TYPES:
+        return config_from_llama(raw, str(path)), raw
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
-            f"{path} has model_type {model_type!r}; smalto loads MPT models (model_type 'mpt')"
+            f"{path} has model_type {model_type!r}; smalto loads MPT (mpt, smalto_mpt) and LLaMA-family "
+            f"({', '.join(LLAMA_MODEL_TYPES)}) models"
         )
     try:
         config = MPTConfig.from_dict({**raw, "model_type": "mpt"}, strict=False)
@@ -165,7 +171,7 @@ def load_pretrained(
     device: str | torch.device | None = None,
     config: MPTConfig | None = None,
 ) -> MPTForCausalLM:
-    """Load an HF MPT folder as an `MPTForCausalLM` in eval mode (`smalto.load` reads HF folders with it).
+    """Load an HF MPT / LLaMA / Mistral folder as an `MPTForCausalLM` in eval mode (`smalto.load` reads HF folders with it).
 
     dtype: None/'auto' keeps the checkpoint's `torch_dtype` (float32 when the config names none).
     device: where the weights land (default cpu).
@@ -192,25 +198,27 @@ def load_pretrained(
     unexpected: list[str] = []
     extra_head: Tensor | None = None
     prefix: str | None = None
-    for file in files:
-        for name, tensor in iter_tensors(file):
-            if prefix is None:  # Composer checkpoints: every key starts with "model."
-                prefix = "model." if name.startswith("model.") and name not in params else ""
-            name = name.removeprefix(prefix)
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                extra_head = tensor.to(target)
-                continue
-            if name not in params:
-                unexpected.append(name)
-                continue
-            expected = tuple(params[name].shape)
-            if tuple(tensor.shape) != expected:
-                problems.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {expected}")
-                continue
-            module_name, _, attr = name.rpartition(".")
-            value = tensor.to(device=dev, dtype=target) if tensor.is_floating_point() else tensor.to(dev)
-            setattr(modules[module_name], attr, nn.Parameter(value, requires_grad=params[name].requires_grad))
-            loaded.add(name)
+    tensors: Iterator[tuple[str, Tensor]] = (pair for file in files for pair in iter_tensors(file))
+    if raw.get("model_type") in LLAMA_MODEL_TYPES:  # HF LLaMA names → ours, q/k/v stacked into Wqkv
+        tensors, prefix = tensors_from_llama(tensors, config), ""
+    for name, tensor in tensors:
+        if prefix is None:  # Composer checkpoints: every key starts with "model."
+            prefix = "model." if name.startswith("model.") and name not in params else ""
+        name = name.removeprefix(prefix)
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            extra_head = tensor.to(target)
+            continue
+        if name not in params:
+            unexpected.append(name)
+            continue
+        expected = tuple(params[name].shape)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {expected}")
+            continue
+        module_name, _, attr = name.rpartition(".")
+        value = tensor.to(device=dev, dtype=target) if tensor.is_floating_point() else tensor.to(dev)
+        setattr(modules[module_name], attr, nn.Parameter(value, requires_grad=params[name].requires_grad))
+        loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if problems:
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Save an `MPTForCausalLM` as a Hugging Face folder.
+"""Save an `MPTForCausalLM` as a Hugging Face folder: a native LLaMA one for a model with the LLaMA options, else MPT.
 
 What the folder holds:
     config.json             our config + model_type, architectures, auto_map, torch_dtype, layer_norm_epsilon
@@ -12,6 +12,10 @@ How transformers loads it (see docs/hf.md): when the config is one transformers'
 exactly, model_type is `mpt` and the folder loads with or without `trust_remote_code`. Otherwise model_type is
 `smalto_mpt`: native loading fails with transformers' "unrecognized model type / needs trust_remote_code" error
 instead of silently computing another model (the native class ignores qk_ln, GQA, RoPE, expansion_ratio, ...).
+
+A model with the LLaMA options (RoPE, RMSNorm, a gated FFN, no MPT-only feature; `llama_incompatibilities`) is
+written as `model_type: llama` (`mistral` with a sliding window) with LLaMA's tensor names (smalto/hf/llama.py):
+transformers loads it as LlamaForCausalLM, and no remote code is written.
 
 The folder is written to a temporary sibling and renamed into place, so a crash never leaves half a checkpoint.
 """
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 from smalto.errors import ConfigError
+from smalto.hf.llama import llama_config_dict, llama_incompatibilities, tensors_to_llama
 from smalto.hf.load import parse_dtype
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
@@ -86,7 +91,15 @@ def hf_config_dict(
 
     why_not = native_incompatibilities(config)
     native = not why_not
+    remote_lacks = _remote_code_lacks(config)
+    if remote_lacks:
+        raise ConfigError(
+            f"this model has no Hugging Face form: it is not a LLaMA ({', '.join(llama_incompatibilities(config))}) "
+            f"and the MPT remote code does not compute {', '.join(remote_lacks)}"
+        )
     d = config.to_dict()
+    for key in ("rope_scaling", "head_dim", "bias"):  # the LLaMA-only fields, unset here
+        d["attn_config"].pop(key, None)
     d["expansion_ratio"] = _int_if_integral(d["expansion_ratio"])
     d["attn_config"]["attn_pdrop"] = _int_if_integral(
         d["attn_config"]["attn_pdrop"]
@@ -112,6 +125,20 @@ def hf_config_dict(
     return d
 
 
+def llama_hf_config(config: MPTConfig, dtype: torch.dtype, token_ids: dict[str, int | None]) -> dict:
+    """The config.json of a model with the LLaMA options: a native LlamaConfig / MistralConfig."""
+    from smalto.version import __version__
+
+    d = llama_config_dict(config)
+    d.update(
+        torch_dtype=str(dtype).removeprefix("torch."),
+        transformers_version=_transformers_version(),
+        smalto_version=__version__,
+    )
+    d.update({k: v for k, v in token_ids.items() if v is not None})
+    return d
+
+
 def save_pretrained(
     model: MPTForCausalLM,
     path: str | Path,
@@ -133,10 +160,18 @@ def save_pretrained(
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    llama = not llama_incompatibilities(model.config)
     try:
         token_ids = _write_tokenizer(tokenizer, tmp) if tokenizer is not None else {}
-        _write_weights(model, tmp, target, limit, safe_serialization)
-        config = hf_config_dict(model.config, target, token_ids=token_ids)
+        state = dict(model.state_dict(keep_vars=True))
+        if llama:
+            state = tensors_to_llama(state, model.config)
+        _write_weights(state, tmp, target, limit, safe_serialization)
+        config = (
+            llama_hf_config(model.config, target, token_ids)
+            if llama
+            else hf_config_dict(model.config, target, token_ids=token_ids)
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = {
             "use_cache": True,
@@ -144,7 +179,7 @@ def save_pretrained(
             "transformers_version": config["transformers_version"],
         }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for name in REMOTE_FILES:
+        for name in REMOTE_FILES if not llama else ():
             shutil.copyfile(REMOTE_DIR / name, tmp / name)
         _swap_into_place(tmp, dest)
     except BaseException:
@@ -153,9 +188,10 @@ def save_pretrained(
     return dest
 
 
-def _write_weights(model: MPTForCausalLM, folder: Path, dtype: torch.dtype, limit: int, safe: bool) -> None:
+def _write_weights(
+    state: dict[str, Tensor], folder: Path, dtype: torch.dtype, limit: int, safe: bool
+) -> None:
     # a tied model stores the embedding once (no lm_head.weight), as mosaicml/mpt-* do
-    state = {n: p for n, p in model.state_dict(keep_vars=True).items()}
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in state.items():
@@ -204,6 +240,8 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     t = t.detach()
     if t.is_floating_point():
         t = t.to(dtype)
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():  # a view (q of Wqkv): its own storage
+        return t.to("cpu").contiguous().clone()
     return (
         t.to("cpu").contiguous().clone()
         if t.device.type != "cpu" or not t.is_contiguous()
@@ -246,6 +284,18 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remote_code_lacks(config: MPTConfig) -> list[str]:
+    """The fields of `config` that smalto/hf_remote's MPT code does not compute (they come with LLaMA)."""
+    a = config.attn_config
+    checks = {
+        f"attn_config.rope_scaling {a.rope_scaling}": a.rope_scaling is not None,
+        f"attn_config.head_dim {a.head_dim}": a.head_dim not in (None, config.d_model // config.n_heads),
+        f"attn_config.bias {a.bias}": a.bias not in (None, not config.no_bias),
+        f"ffn_config.bias {config.ffn_config.bias}": config.ffn_config.bias not in (None, not config.no_bias),
+    }
+    return [why for why, bad in checks.items() if bad]
 
 
 def _int_if_integral(x: Any) -> Any:

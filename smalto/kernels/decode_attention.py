@@ -52,7 +52,7 @@ def _build():
     @triton.jit
     def decode_attention_kernel(
         Q, K, V, Out, QPos, Slopes, Valid,
-        sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, svalb,
+        sqb, sqh, skb, skh, sks, svb, svh, svs, sob, soh, svalb, sqpos,
         scale, n_rep, window,
         HAS_ALIBI: tl.constexpr, HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr,
         D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
@@ -60,7 +60,7 @@ def _build():
         b = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // n_rep
-        qpos = tl.load(QPos).to(tl.int32)
+        qpos = tl.load(QPos + b * sqpos).to(tl.int32)  # one position for all rows (stride 0), or one per row
         d = tl.arange(0, DP)  # head dims padded to a power of two (MPT-30B: 112 → 128), the padding masked
         in_d = d < D
         q = tl.load(Q + b * sqb + h * sqh + d, mask=in_d, other=0.0).to(tl.float32) * scale
@@ -121,6 +121,7 @@ def _build():
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
             key_valid.stride(0) if key_valid is not None else 0,
+            q_pos.stride(0) if q_pos.numel() > 1 else 0,
             scale, H // k.shape[1], window,
             HAS_ALIBI=slopes is not None, HAS_VALID=key_valid is not None, HAS_WINDOW=window > 0,
             D=D, DP=triton.next_power_of_2(D), BLOCK=block, num_warps=warps, num_stages=stages,
@@ -145,7 +146,8 @@ def decode_attention(
     window: int = -1,
     launch: tuple[int, int, int] = (64, 4, 3),
 ) -> Tensor:
-    """q (B, H, 1, D); k, v (B, K, S, D) with unit stride over D; q_pos (1,) long; slopes (H,) float32 or None;
+    """q (B, H, 1, D); k, v (B, K, S, D) with unit stride over D; q_pos (1,) long, or (B,): each row's own
+    position (the server's slots); slopes (H,) float32 or None;
     key_valid (B, S) bool or None → (B, H, 1, D) in q's dtype. launch: (cache slots per loop step, warps,
     pipelining stages)."""
     if q.stride(-1) != 1:

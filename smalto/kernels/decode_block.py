@@ -7,8 +7,9 @@ out_proj, norm_2 and the activation into up_proj (gate_proj for a GLU), the resi
 builds one per block when it builds its compiled step (`decode_blocks`); the model itself stays plain.
 
 Where a call does not fit the kernel (more rows than `DecodeOptions.linear_rows`, float32, CPU) the block runs
-as it is. A block whose linears are not plain `nn.Linear` (wrapped by an adapter library, quantised) is never
-fused: the wrapper's extra work would see x without the norm.
+as it is. A block of smalto's `QuantLinear`s (int8 / int4, smalto/quant/) is fused the same way: the kernel reads
+the quantized weights. A block whose linears are neither (wrapped by an adapter library) is never fused: the
+wrapper's extra work would see x without the norm.
 """
 
 from __future__ import annotations
@@ -22,12 +23,26 @@ from smalto.kernels.options import DecodeOptions
 from smalto.model.attention import AttentionInputs
 from smalto.model.layers import MPTGLU, Activation, LayerNorm, RMSNorm
 from smalto.model.mpt import MPTBlock, MPTForCausalLM
+from smalto.quant.linear import QuantLinear
 
 Block = Callable[[Tensor, AttentionInputs, object], Tensor]
 
 
 def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+def weight_of(lin: nn.Module) -> Tensor | decode_linear.QuantWeight:
+    """What the kernel reads for a linear layer: its 16-bit weight, or a QuantLinear's stored tensors."""
+    return lin.weight_args() if isinstance(lin, QuantLinear) else lin.weight  # type: ignore[return-value]
+
+
+def fits(x: Tensor, lin: nn.Module, max_rows: int) -> bool:
+    """Whether the kernel runs x through this (plain or quantized) linear layer."""
+    w = weight_of(lin)
+    if isinstance(w, decode_linear.QuantWeight):
+        return decode_linear.supports_quant(x, w, max_rows)
+    return decode_linear.supports(x, w, max_rows)
 
 
 def norm_spec(norm: nn.Module, x: Tensor, max_rows: int) -> decode_linear.NormSpec | None:
@@ -51,7 +66,7 @@ class FusedDecodeBlock:
     def linear(
         self,
         x: Tensor,
-        lin: nn.Linear,
+        lin: nn.Linear | QuantLinear,
         norm: nn.Module | None = None,
         act: nn.Module | None = None,
         residual: Tensor | None = None,
@@ -59,18 +74,18 @@ class FusedDecodeBlock:
         """act(norm(x) · wᵀ + b) + residual, with as much of it in the kernel as the options allow."""
         o = self.options
         if not o.fuse:
-            y = decode_linear.linear(norm(x) if norm is not None else x, lin.weight, lin.bias)
+            y = decode_linear.linear(norm(x) if norm is not None else x, weight_of(lin), lin.bias)
             y = act(y) if act is not None else y
             return y if residual is None else y + residual
         spec = norm_spec(norm, x, o.norm_rows) if norm is not None else None
         if norm is not None and spec is None:
             x = norm(x)
         name = getattr(act, "name", None) if act is not None else None
-        return decode_linear.linear(x, lin.weight, lin.bias, norm=spec, act=name, residual=residual)
+        return decode_linear.linear(x, weight_of(lin), lin.bias, norm=spec, act=name, residual=residual)
 
     def __call__(self, x: Tensor, inputs: AttentionInputs, cache=None) -> Tensor:
         b = self.block
-        if b.training or not decode_linear.supports(x, b.attn.out_proj.weight, self.options.linear_rows):
+        if b.training or not fits(x, b.attn.out_proj, self.options.linear_rows):
             return b(x, inputs, cache)
         qkv = self.linear(x, b.attn.Wqkv, norm=b.norm_1)
         x = self.linear(b.attn.attend(qkv, inputs, cache, b.layer_idx), b.attn.out_proj, residual=x)
@@ -87,7 +102,8 @@ class FusedDecodeBlock:
 def _plain(block: MPTBlock) -> bool:
     linears = [block.attn.Wqkv, block.attn.out_proj, block.ffn.up_proj, block.ffn.down_proj]
     linears += [block.ffn.gate_proj] if isinstance(block.ffn, MPTGLU) else []
-    return all(type(m) is nn.Linear for m in linears) and type(block.ffn.act) is Activation
+    kinds = {type(m) for m in linears}
+    return (kinds == {nn.Linear} or kinds == {QuantLinear}) and type(block.ffn.act) is Activation
 
 
 def decode_blocks(model: MPTForCausalLM, options: DecodeOptions | None) -> list[Block]:

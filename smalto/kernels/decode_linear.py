@@ -22,6 +22,10 @@ path folds the norm the same way, g⊙x split into a high and a low 16-bit part 
 `supports(x, weight, max_rows)` says when the kernel applies: the op built (`prepare()`, which the decoder calls
 before compiling), CUDA, bf16 / fp16 weights and input of one dtype, at most `max_rows` rows, no autograd.
 The kernel's source is smalto/kernels/decode_linear_kernel.py.
+
+Quantized weights (smalto/quant/: int8 per-row, packed int4 per group) take the same kernel through a second op:
+`linear(x, QuantWeight(...))`, with the same fused work; the kernel reads the int8 / int4 bytes and dequantizes
+them in registers, so a decode step reads 1/2 or about 1/4 of the weight bytes (`supports_quant`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,46 @@ _PLAIN = (
     nn.Parameter,
 )  # not a tensor subclass (a DTensor shard, a quantised weight): those take F.linear
 _OP = None  # the built custom op (a build cache: `prepare()` fills it once per process)
+_QOP = None  # its twin for quantized weights
+
+QUANTS = {"int8": 1, "int4": 2}  # the kernel's QUANT
+GROUP_SIZES_MAX = (
+    256  # int4 groups are 32–256 inputs (smalto/quant/formats.py): BLOCK_K is a multiple of each
+)
+# (BLOCK_N, BLOCK_K, warps, stages) the autotuner tries for quantized weights, one row / 2–16 rows; BLOCK_K is a
+# multiple of every int4 group size
+QUANT_TILES = {
+    1: [(8, 512, 8, 2), (8, 1024, 8, 2), (16, 1024, 8, 2), (16, 512, 4, 4)],
+    TILE_ROWS: [(16, 256, 4, 2), (16, 512, 8, 2), (32, 256, 4, 2), (32, 256, 8, 3)],
+}
+
+
+class QuantWeight(NamedTuple):
+    """A quantized weight as the kernel reads it (smalto/quant/formats.py holds the format)."""
+
+    format: str  # a key of QUANTS
+    qweight: Tensor  # int8 (N, K), or uint8 (N, K/2) two int4 values per byte
+    scales: Tensor  # (N,) int8; (N, K/group) int4
+    zeros: Tensor | None  # (N, K/group): int4 asymmetric
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+
+def supports_quant(x: Tensor, q: QuantWeight, max_rows: int = TILE_ROWS) -> bool:
+    """Whether the kernel runs this input and quantized weight (otherwise the caller dequantizes and multiplies)."""
+    if (
+        _QOP is None
+        or not x.is_cuda
+        or torch.is_grad_enabled()
+        or x.dtype not in (torch.bfloat16, torch.float16)
+    ):
+        return False
+    rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
+    return x.shape[-1] == q.in_features and 0 < rows <= min(max_rows, TILE_ROWS)
 
 
 def supports(x: Tensor, weight: Tensor, max_rows: int = TILE_ROWS) -> bool:
@@ -60,27 +105,45 @@ def supports(x: Tensor, weight: Tensor, max_rows: int = TILE_ROWS) -> bool:
 
 def linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | QuantWeight,
     bias: Tensor | None = None,
     *,
     norm: NormSpec | None = None,
     act: str | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """act(norm(x) · wᵀ + bias) + residual in one launch. The caller has checked `supports(x, weight)`.
+    """act(norm(x) · wᵀ + bias) + residual in one launch. The caller has checked `supports(x, weight)` (or
+    `supports_quant` for a `QuantWeight`).
 
     norm = (kind, weight, bias, eps), kind a key of NORMS, computed in the product's own pass (float32 statistics);
     act a key of ACTS; residual has the output's shape.
     """
-    assert _OP is not None, "decode_linear needs prepare() (and supports(x, weight)) first"
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
     kind, norm_w, norm_b, eps = norm if norm is not None else ("", None, None, 0.0)
-    res = residual.reshape(-1, weight.shape[0]).contiguous() if residual is not None else None
-    y = _OP(
-        x.reshape(-1, x.shape[-1]).contiguous(), w, bias, norm_w, norm_b, res,
-        NORMS[kind] if kind else 0, float(eps), ACTS[act] if act else 0,
-    )  # fmt: skip
-    return y.view(*x.shape[:-1], weight.shape[0])
+    N = weight.out_features if isinstance(weight, QuantWeight) else weight.shape[0]
+    res = residual.reshape(-1, N).contiguous() if residual is not None else None
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    fused = (NORMS[kind] if kind else 0, float(eps), ACTS[act] if act else 0)
+    if isinstance(weight, QuantWeight):
+        assert _QOP is not None, "decode_linear needs prepare() (and supports_quant(x, weight)) first"
+        q = weight
+        y = _QOP(
+            x2,
+            q.qweight,
+            q.scales,
+            q.zeros,
+            bias,
+            norm_w,
+            norm_b,
+            res,
+            *fused,
+            QUANTS[q.format],
+            q.group_size,
+        )
+    else:
+        assert _OP is not None, "decode_linear needs prepare() (and supports(x, weight)) first"
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        y = _OP(x2, w, bias, norm_w, norm_b, res, *fused)
+    return y.view(*x.shape[:-1], N)
 
 
 def linear_or_matmul(
@@ -92,8 +155,15 @@ def linear_or_matmul(
     return F.linear(x, weight, bias)
 
 
-def _configs(triton, rows: int) -> list:
-    """Tiles of BLOCK_N output columns × BLOCK_K inputs small enough for registers, and a few launch shapes."""
+def _configs(triton, rows: int, quant: bool = False) -> list:
+    """Tiles of BLOCK_N output columns × BLOCK_K inputs small enough for registers, and a few launch shapes.
+    Quantized weights search four (`QUANT_TILES`) around the 16-bit winners (narrow tiles, long K, 8 warps): each
+    (shape, fused work, format) is tuned on its own at its first call, and each tile costs a compilation."""
+    if quant:
+        return [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for n, k, w, s in QUANT_TILES[1 if rows == 1 else TILE_ROWS]
+        ]
     blocks_n = (8, 16, 32, 64) if rows == 1 else (16, 32, 64, 128)  # a tensor-core tile needs N ≥ 16
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -111,7 +181,7 @@ def _build(autotune: bool):
     from smalto.kernels import decode_linear_kernel as source
 
     kernels = {}
-    for rows in (1, TILE_ROWS):
+    for rows, quant in [(r, q) for r in (1, TILE_ROWS) for q in (False, True)]:
         kernel = source.skinny_matmul_kernel
         if autotune:
             cache = (
@@ -119,9 +189,34 @@ def _build(autotune: bool):
                 if "cache_results" in inspect.signature(triton.autotune).parameters
                 else {}
             )
-            key = ["N", "K", "NORM", "ACT", "HAS_RES"]  # the fused work changes the best tile
-            kernel = triton.autotune(configs=_configs(triton, rows), key=key, **cache)(kernel)
-        kernels[rows] = kernel
+            # the fused work and the weight format change the best tile
+            key = ["N", "K", "NORM", "ACT", "HAS_RES", "QUANT", "GROUP"]
+            kernel = triton.autotune(configs=_configs(triton, rows, quant), key=key, **cache)(kernel)
+        kernels[rows, quant] = kernel
+
+    def launch(x, w, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group) -> Tensor:
+        M, K = x.shape
+        N = w.shape[0]
+        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+        block_m = 1 if M == 1 else TILE_ROWS
+        args = (
+            x, w, scales if scales is not None else y, zeros if zeros is not None else y, y,
+            bias if bias is not None else y, norm_w if norm_w is not None else y,
+            norm_b if norm_b is not None else y, residual if residual is not None else y,
+            M, N, K, x.stride(0), w.stride(0), scales.stride(0) if scales is not None and scales.dim() == 2 else 0,
+            y.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        )  # fmt: skip
+        flags = dict(
+            BLOCK_M=block_m, NORM=norm, HAS_NB=norm_b is not None, HAS_BIAS=bias is not None, ACT=act,
+            HAS_RES=residual is not None, QUANT=quant, GROUP=group, HAS_ZERO=zeros is not None,
+        )  # fmt: skip
+        if autotune:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+            kernels[block_m, quant > 0][grid](*args, **flags)
+        else:  # one fixed configuration (Triton's CPU interpreter, tests)
+            block_k = 64 if quant != QUANTS["int4"] else max(GROUP_SIZES_MAX, 64)  # int4 reads whole groups
+            kernels[block_m, quant > 0][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=block_k, **flags)
+        return y
 
     @torch.library.custom_op("smalto::decode_linear", mutates_args=())
     def decode_linear_op(
@@ -135,37 +230,41 @@ def _build(autotune: bool):
         eps: float,
         act: int,
     ) -> Tensor:
-        M, K = x.shape
-        N = w.shape[0]
-        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        block_m = 1 if M == 1 else TILE_ROWS
-        args = (
-            x, w, y, bias if bias is not None else y, norm_w if norm_w is not None else y,
-            norm_b if norm_b is not None else y, residual if residual is not None else y,
-            M, N, K, x.stride(0), w.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0, eps,
-        )  # fmt: skip
-        flags = dict(
-            BLOCK_M=block_m, NORM=norm, HAS_NB=norm_b is not None, HAS_BIAS=bias is not None, ACT=act,
-            HAS_RES=residual is not None,
-        )  # fmt: skip
-        if autotune:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-            kernels[block_m][grid](*args, **flags)
-        else:  # one fixed configuration (Triton's CPU interpreter, tests)
-            kernels[block_m][(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
-        return y
+        return launch(x, w, None, None, bias, norm_w, norm_b, residual, norm, eps, act, 0, 1)
 
     @decode_linear_op.register_fake
     def _(x, w, bias, norm_w, norm_b, residual, norm, eps, act):  # shapes only, for tracing
         return x.new_empty(x.shape[0], w.shape[0])
 
-    return decode_linear_op
+    @torch.library.custom_op("smalto::decode_linear_quant", mutates_args=())
+    def decode_linear_quant_op(
+        x: Tensor,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Tensor | None,
+        bias: Tensor | None,
+        norm_w: Tensor | None,
+        norm_b: Tensor | None,
+        residual: Tensor | None,
+        norm: int,
+        eps: float,
+        act: int,
+        quant: int,
+        group: int,
+    ) -> Tensor:
+        return launch(x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group)
+
+    @decode_linear_quant_op.register_fake
+    def _(x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    return decode_linear_op, decode_linear_quant_op
 
 
 def prepare() -> bool:
     """Build the op (imports Triton; autotuned, except under Triton's CPU interpreter); True when it is ready.
     Call it outside torch.compile (the decoder does, on CUDA): tracing cannot enter an import."""
-    global _OP
+    global _OP, _QOP
     if _OP is None and importlib.util.find_spec("triton") is not None:
-        _OP = _build(autotune=os.environ.get("TRITON_INTERPRET") != "1")
+        _OP, _QOP = _build(autotune=os.environ.get("TRITON_INTERPRET") != "1")
     return _OP is not None

@@ -5,6 +5,11 @@ imports Triton at the top, so it is imported when that module builds its op, nev
 
 The first BLOCK_K tile of a program is peeled off the loop, so that its weights are loaded before anything else
 (rotating the loop, each next tile loaded a step ahead, is slower on an H200: docs/benchmarks.md).
+
+Quantized weights (QUANT, smalto/quant/formats.py) are read as stored and dequantized in registers: int8 (QUANT 1)
+is multiplied as it is and its per-row scale applied to the sums at the end (the scale factors out of every sum
+the kernel keeps); packed int4 (QUANT 2) is read group by group, unpacked, and each value becomes (q − 8)·s + z with
+its group's scale and zero point before the product.
 """
 
 import triton
@@ -12,10 +17,44 @@ import triton.language as tl
 
 
 @triton.jit
-def weight_tile(W, n, in_n, swn, k, in_k):
-    """The BLOCK_N × BLOCK_K weights of output columns n and inputs k, read once: not kept in L2."""
-    return tl.load(W + n[:, None] * swn + k[None, :], mask=in_n[:, None] & in_k[None, :], other=0.0,
-                   eviction_policy="evict_first")  # fmt: skip
+def weight_tile(
+    W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+):  # fmt: skip
+    """The BLOCK_N × BLOCK_K weights of output columns n and inputs k = k0 + 0…BLOCK_K−1, read once: not kept in
+    L2. 16-bit and int8 weights as stored; int4 dequantized to float32 (`int4_tile`)."""
+    # one return: Triton would emit both returns of a constexpr `if` that returned early
+    if QUANT == 2:
+        w = int4_tile(W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO)
+    else:
+        ok = in_n[:, None] & in_k[None, :]
+        w = tl.load(W + n[:, None] * swn + k[None, :], mask=ok, other=0, eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def int4_tile(
+    W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+):  # fmt: skip
+    """Packed int4 → (q − 8)·s + z in float32, inputs in order. The bytes are read as (BLOCK_N, groups, GROUP/2)
+    so that each group's bytes are one contiguous (vector) load and its scale and zero point broadcast over them;
+    the low and high nibbles are then interleaved back into input order. BLOCK_K is a multiple of GROUP."""
+    g = tl.arange(0, BLOCK_K // GROUP)
+    h = tl.arange(0, GROUP // 2)
+    grp = k0 // GROUP + g
+    in_g = in_n[:, None] & (grp * GROUP < K)[None, :]  # K is a multiple of GROUP: a group is in or out
+    at = n[:, None, None] * swn + (k0 // 2 + g * (GROUP // 2))[None, :, None] + h[None, None, :]
+    b = tl.load(W + at, mask=in_g[:, :, None], other=0, eviction_policy="evict_first")
+    sg = n[:, None] * ssn + grp[None, :]
+    s = tl.load(S + sg, mask=in_g, other=0.0).to(tl.float32)[:, :, None]
+    lo = ((b & 0xF).to(tl.float32) - 8.0) * s
+    hi = ((b >> 4).to(tl.float32) - 8.0) * s
+    if HAS_ZERO:
+        z = tl.load(Z + sg, mask=in_g, other=0.0).to(tl.float32)[:, :, None]
+        lo += z
+        hi += z
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # input 2j low nibble, 2j + 1 high
 
 
 @triton.jit
@@ -44,6 +83,7 @@ def few_rows_tile(
     """One BLOCK_K step for 2–16 rows, on tensor cores; a norm as for one row, with g⊙x split into a high and a
     low 16-bit part so that the products keep 16 bits."""
     x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+    w = w.to(x.dtype)  # a no-op for 16-bit weights
     if NORM != 0:
         g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
         xf = x.to(tl.float32)
@@ -66,9 +106,10 @@ def few_rows_tile(
 
 @triton.jit
 def skinny_matmul_kernel(
-    X, W, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, sym, srm, eps,
+    X, W, S, Z, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, ssn, sym, srm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
@@ -76,7 +117,9 @@ def skinny_matmul_kernel(
     in_m = m < M
     k = tl.arange(0, BLOCK_K)
     in_k = k < K
-    w = weight_tile(W, n, in_n, swn, k, in_k)  # the first tile
+    w = weight_tile(
+        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
+    )  # 1st tile
     if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
         # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
         acc = tl.zeros([BLOCK_N], tl.float32)
@@ -90,10 +133,15 @@ def skinny_matmul_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            w = weight_tile(W, n, in_n, swn, k, in_k)
+            w = weight_tile(
+                W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
+            )
             acc, acc_g, acc_b, s1, s2 = one_row_tile(
                 acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
             )
+        if QUANT == 1:  # int8's per-row scale factors out of every sum
+            sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
+            acc, acc_g, acc_b = acc * sc, acc_g * sc, acc_b * sc
         if NORM == 1:  # LayerNorm
             mean = s1 / K
             acc = (acc - mean * acc_g) / tl.sqrt(s2 / K - mean * mean + eps) + acc_b
@@ -111,10 +159,15 @@ def skinny_matmul_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            w = weight_tile(W, n, in_n, swn, k, in_k)
+            w = weight_tile(
+                W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
+            )
             acc, acc_g, acc_b, t1, t2 = few_rows_tile(
                 acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
             )
+        if QUANT == 1:
+            sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
+            acc, acc_g, acc_b = acc * sc[None, :], acc_g * sc, acc_b * sc
         if NORM == 1:
             mu = t1 / K
             r = 1.0 / tl.sqrt(t2 / K - mu * mu + eps)

@@ -86,7 +86,7 @@ def _train(
         return AttentionPlan(SDPA, "training on CPU (FlexAttention has no CPU backward)")
     if dropout:
         return AttentionPlan(SDPA, "attention dropout (only sdpa and eager apply it)")
-    if a.attn_uses_sequence_id or a.sliding_window_size > 0:
+    if a.attn_uses_sequence_id or 0 < a.sliding_window_size < seq:
         return AttentionPlan(FLEX, "packed documents or a window: cuDNN's kernel is plain causal")
     if cudnn_why is not None:
         return AttentionPlan(FLEX, f"cuDNN cannot: {cudnn_why}")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from smalto.model.config import MPTConfig
 from smalto.model.layers import build_norm
+from smalto.model.rope import apply_rope, rope_cos_sin
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: int = 8, device: torch.device | str | None = None) -> Tensor:
@@ -213,23 +214,6 @@ def sdpa_attention_in_chunks(
     return torch.cat(outs, dim=2)
 
 
-# ---------------------------------------------------------------- rotary positions (the alternative to ALiBi)
-
-
-def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (T, D) for the non-interleaved (GPT-NeoX / HF `rotate_half`) layout."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
-    freqs = pos.to(torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 # ---------------------------------------------------------------- plans: which kernel computes attention
 
 
@@ -318,7 +302,7 @@ def build_attention_inputs(
     a = config.attn_config
     device = mask.q_pos.device
     slopes = alibi_slopes(config.n_heads, a.alibi_bias_max, device=device) if a.alibi else None
-    rope = rope_cos_sin(mask.q_pos, config.head_dim, a.rope_theta) if a.rope else None
+    rope = rope_cos_sin(mask.q_pos, config.head_dim, a.rope_theta, a.rope_scaling) if a.rope else None
     kernel = plan.kernel_for(mask)
     state = kernel.prepare(config, mask, slopes, dtype) if kernel.prepare is not None else None
     return AttentionInputs(mask=mask, kernel=kernel, slopes=slopes, rope=rope, state=state)
@@ -338,19 +322,22 @@ class MPTAttention(nn.Module):
         self.softmax_scale = config.softmax_scale
         self.clip_qkv = a.clip_qkv
         self.attn_pdrop = a.attn_pdrop
-        kv_dim = self.kv_n_heads * self.head_dim
-        bias = not config.no_bias
-        self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * kv_dim, bias=bias, device=device)
-        self.Wqkv._fused = (0, [self.d_model, self.d_model + kv_dim])  # type: ignore[assignment]  # split points for init
+        q_dim, kv_dim = (
+            self.n_heads * self.head_dim,
+            self.kv_n_heads * self.head_dim,
+        )  # q_dim: d_model by default
+        bias = config.attn_bias
+        self.Wqkv = nn.Linear(self.d_model, q_dim + 2 * kv_dim, bias=bias, device=device)
+        self.Wqkv._fused = (0, [q_dim, q_dim + kv_dim])  # type: ignore[assignment]  # split points for init
         self.q_ln = self.k_ln = None
         if a.qk_ln:
-            self.q_ln = build_norm(config, self.d_model, device)
+            self.q_ln = build_norm(config, q_dim, device)
             self.k_ln = build_norm(config, kv_dim, device)
         elif a.qk_gn:
             self.q_ln = build_norm(config, self.head_dim, device)
             self.k_ln = build_norm(config, self.head_dim, device)
         self.qk_gn = a.qk_gn
-        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
+        self.out_proj = nn.Linear(q_dim, self.d_model, bias=bias, device=device)
         self.out_proj._is_residual = True  # type: ignore[assignment]  # init scales it (init.py)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache=None, layer_idx: int = 0) -> Tensor:

@@ -51,6 +51,7 @@ HF_METADATA_KEYS = frozenset(
         "model_type",
         "torch_dtype",
         "dtype",
+        "quantization_config",  # how the weights are stored (smalto/quant/folder.py reads it)
         "transformers_version",
         "_name_or_path",
         "use_cache",
@@ -136,8 +137,15 @@ class AttnConfig:
     alibi_bias_max: int = 8
     rope: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling as transformers defines it (`ROPE_SCALING`): {'rope_type': 'linear' | 'dynamic' |
+    'llama3' | 'yarn', 'factor': ..., ...}; None: plain RoPE."""
     kv_n_heads: int | None = None
     """Key/value heads (GQA); None = n_heads (multi-head), 1 = multi-query."""
+    head_dim: int | None = None
+    """Width of one head; None = d_model / n_heads (LLaMA-family checkpoints may set another)."""
+    bias: bool | None = None
+    """Biases in Wqkv and out_proj; None follows `no_bias` (LLaMA's attention_bias)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +159,8 @@ class FFNConfig:
     """Defaults to expansion_ratio * d_model."""
     ffn_act_fn: dict[str, Any] | None = None
     """{'name': 'gelu'|'silu'|'relu', 'approximate': 'none'|'tanh'} (exact GELU by default)."""
+    bias: bool | None = None
+    """Biases in the feed-forward linears; None follows `no_bias` (LLaMA's mlp_bias)."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"ffn_type": self.ffn_type}
@@ -158,6 +168,8 @@ class FFNConfig:
             d["ffn_hidden_size"] = self.ffn_hidden_size
         if self.ffn_act_fn is not None:
             d["ffn_act_fn"] = dict(self.ffn_act_fn)
+        if self.bias is not None:
+            d["bias"] = self.bias
         return d
 
 
@@ -217,7 +229,19 @@ class MPTConfig:
     # ---- derived values, computed in one place ----
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_config.head_dim or self.d_model // self.n_heads
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether Wqkv and out_proj have biases."""
+        b = self.attn_config.bias
+        return not self.no_bias if b is None else b
+
+    @property
+    def ffn_bias(self) -> bool:
+        """Whether the feed-forward linears have biases."""
+        b = self.ffn_config.bias
+        return not self.no_bias if b is None else b
 
     @property
     def kv_n_heads(self) -> int:
@@ -247,16 +271,17 @@ class MPTConfig:
     def num_params(self) -> int:
         """All parameters, tied embedding counted once (llm-foundry's N for MFU)."""
         d, L, V = self.d_model, self.n_layers, self.vocab_size
-        kv = self.kv_n_heads * self.head_dim
-        norm = d if self.no_bias else 2 * d
-        attn = d * (d + 2 * kv) + d * d + (0 if self.no_bias else d + 2 * kv + d)
+        q, kv = self.n_heads * self.head_dim, self.kv_n_heads * self.head_dim
+        per_norm = 1 if self.no_bias or self.norm_type.endswith("rmsnorm") else 2  # RMSNorm has no bias
+        norm = per_norm * d
+        attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if self.attn_bias else 0)
         if self.attn_config.qk_ln:
-            attn += (d + kv) * (1 if self.no_bias else 2)
+            attn += (q + kv) * per_norm
         elif self.attn_config.qk_gn:
-            attn += 2 * self.head_dim * (1 if self.no_bias else 2)
+            attn += 2 * self.head_dim * per_norm
         f = self.ffn_hidden_size
         n_up = 2 if self.ffn_config.ffn_type == "mptglu" else 1
-        ffn = n_up * d * f + f * d + (0 if self.no_bias else n_up * f + d)
+        ffn = n_up * d * f + f * d + (n_up * f + d if self.ffn_bias else 0)
         block = 2 * norm + attn + ffn
         emb = (
             V * d
@@ -312,8 +337,12 @@ class MPTConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{key} = {v!r} must be a positive integer")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if a.head_dim is not None and (not isinstance(a.head_dim, int) or a.head_dim <= 0):
+            raise ConfigError(f"attn_config.head_dim = {a.head_dim!r} must be a positive integer or null")
+        if a.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set attn_config.head_dim"
+            )
         if a.kv_n_heads is not None and (a.kv_n_heads <= 0 or self.n_heads % a.kv_n_heads):
             raise ConfigError(
                 f"attn_config.kv_n_heads ({a.kv_n_heads}) must be a positive divisor of n_heads ({self.n_heads})"
@@ -337,7 +366,9 @@ class MPTConfig:
         if a.qk_ln and a.qk_gn:
             raise ConfigError("attn_config.qk_ln and attn_config.qk_gn are both true; pick one")
         if a.rope and self.head_dim % 2:
-            raise ConfigError(f"attn_config.rope needs an even head dim; d_model/n_heads = {self.head_dim}")
+            raise ConfigError(f"attn_config.rope needs an even head dim, not {self.head_dim}")
+        if a.rope_scaling is not None:
+            check_rope_scaling(a.rope_scaling)
         if a.clip_qkv is not None and a.clip_qkv <= 0:
             raise ConfigError(f"attn_config.clip_qkv = {a.clip_qkv} must be positive or null")
         if a.sliding_window_size != -1 and a.sliding_window_size < 1:
@@ -365,6 +396,32 @@ class MPTConfig:
         if self.learned_pos_emb and (a.alibi or a.rope):
             # llm-foundry's behaviour: the position scheme wins, and there is no wpe table in the checkpoint
             self.learned_pos_emb = False
+
+
+# RoPE scaling types as transformers defines them (modeling_rope_utils): type → (required keys, optional keys).
+# `original_max_position_embeddings` is the context the model was pretrained with (transformers falls back to
+# max_position_embeddings; smalto writes it out, since max_seq_len may be overridden at load).
+ROPE_SCALING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+}
+
+
+def check_rope_scaling(d: Mapping[str, Any]) -> None:
+    """Refuse a rope_scaling dict smalto does not compute: an unknown type, a missing or unknown key."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"attn_config.rope_scaling must be a mapping or null, got {d!r}")
+    check_choice("attn_config.rope_scaling.rope_type", d.get("rope_type"), tuple(ROPE_SCALING))
+    required, optional = ROPE_SCALING[d["rope_type"]]
+    check_keys("attn_config.rope_scaling", d, ("rope_type", *required, *optional))
+    for key in required:
+        if not isinstance(d.get(key), int | float) or isinstance(d.get(key), bool):
+            raise ConfigError(f"attn_config.rope_scaling.{key} = {d.get(key)!r} must be a number")
 
 
 def _nested_from_dict(name: str, cls: type, d: dict[str, Any]) -> Any:

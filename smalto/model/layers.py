@@ -98,7 +98,7 @@ class MPTMLP(nn.Module):
 
     def __init__(self, config: MPTConfig, device=None):
         super().__init__()
-        bias, d, f = not config.no_bias, config.d_model, config.ffn_hidden_size
+        bias, d, f = config.ffn_bias, config.d_model, config.ffn_hidden_size
         self.up_proj = nn.Linear(d, f, bias=bias, device=device)
         self.down_proj = nn.Linear(f, d, bias=bias, device=device)
         self.down_proj._is_residual = True  # type: ignore[assignment]  # init scales it (init.py)
@@ -114,7 +114,7 @@ class MPTGLU(MPTMLP):
     def __init__(self, config: MPTConfig, device=None):
         super().__init__(config, device)
         self.gate_proj = nn.Linear(
-            config.d_model, config.ffn_hidden_size, bias=not config.no_bias, device=device
+            config.d_model, config.ffn_hidden_size, bias=config.ffn_bias, device=device
         )
 
     def forward(self, x: Tensor) -> Tensor:

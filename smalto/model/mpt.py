@@ -10,6 +10,7 @@ live elsewhere and act on it from outside. Which attention kernel a forward runs
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,22 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
 
     The labels are shifted, not the logits (slicing them would copy the largest tensor of the step)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 → float32; float64 stays
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+        logits.reshape(-1, logits.shape[-1]).to(wide), targets.reshape(-1), ignore_index=ignore_index
     )
+
+
+def head_loss(h: Tensor, weight: Tensor, labels: Tensor, scale: float | None = None) -> Tensor:
+    """The loss from the final hidden states: the logits `scale · h @ weightᵀ` in full, then `causal_lm_loss`.
+
+    `MPTForCausalLM.head_loss` holds this function; `smalto.kernels.chunked_loss` computes the same value without the
+    full logits, and training sets it from outside."""
+    logits = F.linear(h, weight)
+    return causal_lm_loss(logits * scale if scale is not None else logits, labels)
+
+
+HeadLoss = Callable[[Tensor, Tensor, Tensor, float | None], Tensor]
 
 
 def forward_mode(training: bool, cache: KVCache | None, n_tokens: int) -> str:
@@ -162,6 +176,7 @@ class MPTModel(nn.Module):
                 key_valid = attention_mask
         if cache is not None:
             key_valid = cache.valid  # static shape: unwritten slots are hidden by the causal mask
+        window = c.attn_config.sliding_window_size
         use_seq = c.attn_config.attn_uses_sequence_id and sequence_id is not None
         if use_seq and cache is not None:
             raise UserError(
@@ -171,7 +186,7 @@ class MPTModel(nn.Module):
             q_pos=q_pos,
             n_keys=n_keys,
             key_valid=key_valid,
-            window=c.attn_config.sliding_window_size,
+            window=window if 0 < window < n_keys else -1,  # a window as wide as the keys hides nothing
             from_zero=cache is None and cache_position is None,
             seq_q=sequence_id if use_seq else None,
             seq_k=sequence_id if use_seq else None,
@@ -219,6 +234,8 @@ class MPTForCausalLM(nn.Module):
         self.transformer = MPTModel(config, "meta")
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
+        self.head_loss: HeadLoss = head_loss
+        """The loss a forward with labels and `return_logits=False` computes from the final hidden states."""
         if torch.device(target).type != "meta":
             self.to_empty(device=target)
             self.init_weights()
@@ -270,6 +287,9 @@ class MPTForCausalLM(nn.Module):
         h = self.transformer(input_ids, attention_mask, sequence_id, cache, cache_position, attention)
         if cache is not None:
             cache.length += T
+        if labels is not None and not return_logits:
+            head = self.head_loss(h, self.unembedding, labels, self.config.logit_scale_value)
+            return CausalLMOutput(loss=head, past_key_values=cache)
         logits = self.unembed(h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits if return_logits else None, loss=loss, past_key_values=cache)

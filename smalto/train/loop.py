@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,6 @@ from torch.distributed.fsdp import FSDPModule
 from smalto.config import RunConfig, parse_seconds
 from smalto.errors import UserError
 from smalto.kernels import cudnn_attention
-from smalto.kernels.loss import fused_causal_lm_loss
 from smalto.train.checkpoint import export_hf
 from smalto.train.guard import OK, STOP
 from smalto.train.metrics import memory_gib, mfu
@@ -43,15 +43,24 @@ class TrainResult:
     checkpoint: str | None
     hf_folder: str | None
     samples: list[str] = field(default_factory=list)
+    eval_before: float | None = None  # the held-out loss before the first step (train.eval_first)
     losses: list[float] = field(
         default_factory=list
     )  # this launch's, the last 100 at most (all: metrics.jsonl)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, on_eval: Callable[[Trainer, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run the recipe. `on_eval(t, metrics)` runs after each evaluation, before the metrics are logged (the
+    finetuning objective adds sample generations there)."""
     world = init_world(cfg.train.device)
     try:
         t = setup(cfg, world)
+        if cfg.train.eval_first and t.step == 0 and t.val_loader is not None:
+            first = evaluate(t)
+            t.first_eval = first["eval/loss"]
+            if on_eval is not None:
+                on_eval(t, first)
+            t.logger.log(0, first)
         batches = iter(t.loader)
         stopped: str | None = None
         end = (
@@ -71,6 +80,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 stopped = signals.requested(world) or ("stop_after" if t.step == end and not last else None)
                 if t.val_loader is not None and (last or t.step % t.eval_every == 0):
                     metrics.update(evaluate(t))
+                    if on_eval is not None:
+                        on_eval(t, metrics)
                 t.logger.log(t.step, metrics)
                 if last or stopped or t.step % t.save_every == 0:
                     t.checkpoint = save(t)
@@ -87,6 +98,26 @@ def save(t: Trainer) -> str:
     path = t.ckpt.save(t.step, t.model, t.optimizer, t.state_dict())
     t.logger.print(f"saved {path.name} in {time.perf_counter() - start:.1f} s")
     return str(path)
+
+
+def out_of_memory_advice(cfg: RunConfig, micro: int) -> str:
+    """What to change after running out of memory: the micro-batch while it can shrink, else the other levers."""
+    tc = cfg.train
+    if micro > 1:
+        return (
+            f"out of memory with train.micro_batch_size = {micro}; lower it (e.g. train.micro_batch_size="
+            f"{max(1, micro // 2)}): gradient accumulation keeps the global batch"
+            + ("" if tc.activation_checkpointing else ", or turn on train.activation_checkpointing")
+        )
+    levers = [f"a shorter sequence (data.seq_len = {cfg.data.seq_len})"]
+    if tc.activation_checkpointing is not True:
+        levers.append("train.activation_checkpointing=true (every block)")
+    if tc.loss != "chunked":
+        levers.append("train.loss=chunked (no full logits)")
+    if tc.weight_cast == "step":
+        levers.append("train.weight_cast=micro_batch (no bf16 copy of the weights held for the step)")
+    levers.append("more GPUs under torchrun (FSDP2 shards parameters, gradients and optimizer state)")
+    return "out of memory with train.micro_batch_size already 1; try " + "; ".join(levers)
 
 
 def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]:
@@ -107,17 +138,13 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
                 if sync_at_last is not None:
                     sync_at_last.set_requires_gradient_sync(i == len(staged) - 1)
                 with t.autocast:
-                    mean = fused_causal_lm_loss(t.model(ids, sequence_id=seq_id).logits, labels)
+                    mean = t.model(ids, sequence_id=seq_id, labels=labels, return_logits=False).loss
                 n = (labels[:, 1:] != -100).sum()
                 loss = torch.where(n > 0, mean * n, 0.0) / n_global_t  # this micro-batch's share
                 (loss * ws).backward()  # FSDP averages gradients over ranks; we want their sum
                 loss_sum += loss.detach()
     except torch.OutOfMemoryError:
-        raise UserError(
-            f"out of memory with train.micro_batch_size = {t.micro}; lower it (e.g. train.micro_batch_size="
-            f"{max(1, t.micro // 2)}): gradient accumulation keeps the global batch, or turn on "
-            "train.activation_checkpointing"
-        ) from None
+        raise UserError(out_of_memory_advice(t.cfg, t.micro)) from None
     if ws > 1:
         dist.all_reduce(loss_sum)
     params = [p for p in t.model.parameters() if p.grad is not None]
@@ -142,7 +169,10 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     if t.first_loss is None:
         t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
+    # tokens that are not padding (sequence_id -1), rank 0's count times the world size
+    real = sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
     metrics = {
+        "throughput/real_tokens_per_s": real / seconds,
         "train/loss": loss_v,
         "train/grad_norm": norm_v,
         "train/lr": lr,
@@ -184,8 +214,8 @@ def evaluate(t: Trainer) -> dict[str, float]:
             break
         labels = mb["labels"].to(dev)
         with t.autocast:
-            logits = t.model(mb["input_ids"].to(dev), sequence_id=mb["sequence_id"].to(dev)).logits
-            mean = fused_causal_lm_loss(logits, labels)
+            ids, seq_id = mb["input_ids"].to(dev), mb["sequence_id"].to(dev)
+            mean = t.model(ids, sequence_id=seq_id, labels=labels, return_logits=False).loss
         n = (labels[:, 1:] != -100).sum()
         total += torch.stack([torch.where(n > 0, mean.double() * n, 0.0), n.double()])
     if t.world.world_size > 1:
@@ -225,6 +255,7 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
         tokens=t.tokens,
         loss=t.last_loss,
         eval_loss=t.last_eval,
+        eval_before=t.first_eval,
         stopped=stopped,
         checkpoint=t.checkpoint,
         hf_folder=hf_folder,

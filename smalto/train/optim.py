@@ -104,6 +104,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
         return DecoupledLionW(
             params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
         )
+    if cfg.state_dtype == "bf16":
+        from smalto.train.adamw_bf16 import AdamWBf16State
+
+        return AdamWBf16State(
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     on_cuda = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(
         params,

@@ -1,8 +1,8 @@
 """Where the model runs: process group, device, and one function that parallelises the model from outside.
 
 `build_model` builds MPT on the meta device (no memory), applies, in this order,
-  1. kernels: the attention plans (smalto/kernels/plans.py), the polynomial GELU (bf16), the once-per-step
-     bf16 weight cast (one device): they change what modules compute, so everything after must see them;
+  1. kernels: the attention plans (smalto/kernels/plans.py), the loss from the hidden states (chunked or full
+     logits), the polynomial GELU (bf16), the once-per-step bf16 weight cast (one device): they change what modules compute, so everything after must see them;
   2. activation checkpointing (every block or every k-th): wraps blocks, so it must see the plain blocks;
   3. torch.compile per block: compiles the (possibly checkpoint-wrapped) block, so recomputation is compiled too;
   4. FSDP2 `fully_shard` per block, then the root (which keeps the tied embedding/unembedding in one unit):
@@ -33,7 +33,7 @@ from smalto.kernels.gelu import use_poly_gelu
 from smalto.model.attention import AttentionPlan
 from smalto.model.config import MPTConfig
 from smalto.model.init import init_weights
-from smalto.model.mpt import MPTForCausalLM
+from smalto.model.mpt import HeadLoss, MPTForCausalLM
 from smalto.train.weight_cast import use_step_cast
 
 
@@ -90,6 +90,7 @@ def build_model(
     *,
     seed: int,
     plans: dict[str, AttentionPlan] | None = None,
+    head_loss: HeadLoss | None = None,
     step_cast: bool = False,
     activation_checkpointing: bool | int = False,
     compile: bool = False,
@@ -101,6 +102,7 @@ def build_model(
         model,
         world,
         plans=plans,
+        head_loss=head_loss,
         step_cast=step_cast,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
@@ -117,6 +119,7 @@ def parallelize(
     world: World,
     *,
     plans: dict[str, AttentionPlan] | None = None,
+    head_loss: HeadLoss | None = None,
     step_cast: bool = False,
     activation_checkpointing: bool | int = False,
     compile: bool = False,
@@ -127,6 +130,8 @@ def parallelize(
     # 1. kernels: what the modules compute (before anything wraps or compiles them)
     if plans:
         apply(model, plans)
+    if head_loss is not None:
+        model.head_loss = head_loss
     if bf16:
         use_poly_gelu(model)
     if step_cast:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from smalto.config import RunConfig, duration_steps
 from smalto.errors import ConfigError
 from smalto.kernels import select
+from smalto.kernels.loss import head_loss_for
 from smalto.model.attention import AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
 from smalto.train.checkpoint import Checkpointer, load_weights
@@ -74,6 +75,7 @@ class Trainer:
         default_factory=lambda: deque(maxlen=RECENT)
     )  # this launch's latest, in memory
     last_eval: float | None = None
+    first_eval: float | None = None  # the held-out loss before the first step (train.eval_first)
     weight_cast: StepWeightCast | None = None  # bf16 weights made once per step (one device, bf16)
 
     def out_of_time(self, limit: float) -> bool:
@@ -100,6 +102,7 @@ class Trainer:
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
             "last_eval": self.last_eval,
+            "first_eval": self.first_eval,
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -109,6 +112,7 @@ class Trainer:
         if "losses" in s:  # older checkpoints held the whole loss history
             s = {**s, "first_loss": (s["losses"] or [None])[0], "last_loss": (s["losses"] or [None])[-1]}
         self.first_loss, self.last_loss, self.last_eval = s["first_loss"], s["last_loss"], s["last_eval"]
+        self.first_eval = s.get("first_eval")
 
 
 def setup(cfg: RunConfig, world: World) -> Trainer:
@@ -127,19 +131,36 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         if world.is_main:
             prepare_stdlib(cfg)
         world.barrier()
-    check_data(cfg)  # every rank: a missing dataset is named in seconds, not after the model is built
+    elif cfg.prepare == "stdlib-instruct":
+        from smalto.demo_instruct import prepare_instruct
+
+        if world.is_main:
+            prepare_instruct(cfg)
+        world.barrier()
+    # smalto finetune's examples (smalto/train/finetune.py) are read before anything is written (a bad row leaves
+    # no run folder) and before the trainer is built (a max_duration in epochs needs the data's size)
+    finetuning = cfg.base_model is not None
+    if finetuning:
+        from smalto.train.finetune import finetune_loaders
+
+        loaders = finetune_loaders(cfg, world)
+    else:
+        check_data(cfg)  # every rank: a missing dataset is named in seconds, not after the model is built
     if world.is_main:
         check_paths(cfg)
     t = build_trainer(cfg, world)
-    t.loader = build_loader(
-        cfg.data,
-        rank=world.rank,
-        world_size=world.world_size,
-        micro_batch_size=t.micro,
-        global_batch_size=cfg.train.global_batch_size,
-    )
-    t.val_loader = _val_loader(cfg, world, t.micro)
-    check_vocab([t.loader, t.val_loader], cfg.model.vocab_size)
+    if finetuning:
+        t.loader, t.val_loader = loaders
+    else:
+        t.loader = build_loader(
+            cfg.data,
+            rank=world.rank,
+            world_size=world.world_size,
+            micro_batch_size=t.micro,
+            global_batch_size=cfg.train.global_batch_size,
+        )
+        t.val_loader = _val_loader(cfg, world, t.micro)
+        check_vocab([t.loader, t.val_loader], cfg.model.vocab_size)
     t.ckpt = Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last)
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
     if latest is not None:
@@ -179,6 +200,7 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
         world,
         seed=cfg.seed,
         plans={"train": attention, "score": scoring},
+        head_loss=head_loss_for(tc.loss, micro * seq, cfg.model.vocab_size),
         step_cast=step_cast,
         activation_checkpointing=tc.activation_checkpointing,
         compile=tc.compile,

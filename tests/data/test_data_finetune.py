@@ -140,7 +140,7 @@ def test_packing_keeps_examples_whole_and_numbers_them(tmp_path, hf_tok):
     ("line", "message"),
     [
         ("{oops", "ft.jsonl:2: not valid JSON"),
-        ('{"prompt": "x"}', "ft.jsonl:2: 'response' must be a string"),
+        ('{"prompt": "x"}', "ft.jsonl:2: field 'response' must be a string"),
         (
             '{"messages": [{"role": "user", "content": "hi"}]}',
             "ft.jsonl:2: the last message must be the assistant's",

@@ -100,8 +100,10 @@ def test_task_yaml_rejects_unknown_keys_and_types(tmp_path):
         ConfigError, match=r"unknown key .*icl_tasks\[0\]\.num_fewshots; allowed keys: .*num_fewshot"
     ):
         load_yaml(f)
-    f.write_text("icl_tasks:\n- {label: x, dataset_uri: a.jsonl, icl_task_type: code_evaluation}\n")
-    with pytest.raises(ConfigError, match="code_evaluation"):
+    f.write_text("icl_tasks:\n- {label: x, dataset_uri: a.jsonl, icl_task_type: rag}\n")
+    with pytest.raises(
+        ConfigError, match=r"icl_task_type 'rag' is not supported; choose one of: .*code_evaluation"
+    ):
         load_yaml(f)
 
 

@@ -8,7 +8,7 @@ import pytest
 from smalto.kernels import decode_linear
 
 
-def _two_configs(triton, rows: int) -> list:
+def _two_configs(triton, rows: int, quant: bool = False) -> list:
     narrow, wide = (8, 64) if rows == 1 else (16, 64)  # a tensor-core tile needs BLOCK_N ≥ 16
     return [
         triton.Config({"BLOCK_N": narrow, "BLOCK_K": 512}, num_warps=8, num_stages=2),

@@ -18,6 +18,16 @@ CONFIGS = {
     "seqid": {"attn_config": {"attn_uses_sequence_id": True}},
     "glu-rms": {"ffn_config": {"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}}, "norm_type": "rmsnorm"},
     "learned-pos": {"attn_config": {"alibi": False}, "learned_pos_emb": True},
+    "llama-yarn-head-dim": {
+        "attn_config": {
+            "alibi": False,
+            "rope": True,
+            "kv_n_heads": 2,
+            "head_dim": 24,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+        },
+        "norm_type": "rmsnorm",
+    },
 }
 
 

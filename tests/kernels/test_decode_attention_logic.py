@@ -44,6 +44,19 @@ def test_kernel_equals_eager(B, H, K, S, D, q_at, window, pad, alibi):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_kernel_with_a_position_per_row_equals_eager_row_by_row():
+    B, H, K, S, D = 3, 4, 2, 100, 32
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, n, t, D, generator=g) for n, t in ((H, 1), (K, S), (K, S)))
+    q_pos = torch.tensor([5, 99, 0])  # the serve engine's slots: every row at its own position
+    slopes = alibi_slopes(H)
+    got = decode_kernel.decode_attention(q, k, v, q_pos, slopes, None, 1 / math.sqrt(D))
+    for b in range(B):
+        mask = AttentionMask(q_pos=q_pos[b : b + 1], n_keys=S)
+        ref = eager_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, slopes, 1 / math.sqrt(D), 0.0)
+        torch.testing.assert_close(got[b : b + 1], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_a_decode_step_through_the_kernel_compiles_in_one_graph():
     model = with_impl(tiny(max_seq_len=64), "sdpa")
     cache = KVCache.for_model(model.config, 2, 48, torch.float32, "cpu")

@@ -85,9 +85,10 @@ def run_smalto(
     env: dict[str, str] | None = None,
     check: bool = True,
     timeout: float = 240,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m smalto ARGS` in a new process from the repo root (under torchrun when nproc > 1); `env` adds to
-    the environment."""
+    the environment; `stdin` is its input."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     launch = (
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
@@ -96,6 +97,7 @@ def run_smalto(
         [sys.executable, *launch, "-m", "smalto", *args],
         capture_output=True,
         text=True,
+        input=stdin,
         env=env,
         cwd=REPO,
         timeout=timeout,

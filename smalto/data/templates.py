@@ -1,0 +1,64 @@
+"""Prompt templates of the instruction and chat formats MPT models were finetuned with, as text and as jinja.
+
+DOLLY_PROMPT        the prompt MPT-7B-Instruct was trained with (llm-foundry's dolly preprocessing): double
+                    newlines, ending with "### Response:\\n"
+MODEL_CARD_PROMPT   the snippet on the MPT-7B-Instruct model card, single newlines; `instruct_prompt` accepts it
+                    at inference too
+ALPACA_PROMPT_INPUT / ALPACA_PROMPT_NO_INPUT   Stanford Alpaca's published prompts (train.py's PROMPT_DICT)
+CHATML_TEMPLATE     ChatML as a tokenizer chat template (MPT-7B-Chat's turn format)
+INSTRUCT_TEMPLATE   DOLLY_PROMPT as a tokenizer chat template: each user turn is an instruction, each assistant
+                    turn its response followed by EOS
+MPT_7B_CHAT_HUB_TEMPLATE   the chat template the hub's mosaicml/mpt-7b-chat tokenizer_config.json carries
+                    (commit ed874721): the system turn has no <|im_end|>, an assistant turn ends with EOS, and
+                    add_generation_prompt opens an assistant turn after every message, not only the last
+"""
+
+from __future__ import annotations
+
+INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+DOLLY_PROMPT = INTRO + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+MODEL_CARD_PROMPT = INTRO + "\n### Instruction:\n{instruction}\n### Response:\n"
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = INTRO + "\n\n### Instruction:\n{instruction}\n\n### Response:"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+INSTRUCT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '" + INTRO + "\\n\\n### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('the instruct template has user and assistant turns only, not ' "
+    "+ message['role']) }}{% endif %}"
+    "{% endfor %}"
+)
+MPT_7B_CHAT_HUB_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% elif not 'system' in messages[0]['role'] %}"
+    "{% set loop_messages = messages %}{% set system_message = 'A conversation between a user and an LLM-based AI "
+    "assistant. The assistant gives helpful and honest answers.' %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 %}"
+    "{% if system_message != false %}{{ '<|im_start|>system\\n' + system_message.strip() + '\\n'}}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}{% else %}"
+    "{{ '\\n' + '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}{% endif %}"
+    "{% if (add_generation_prompt == true) %}{{ '\\n' + '<|im_start|>' + 'assistant' + '\\n' }}"
+    "{% elif (message['role'] == 'assistant') %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+TEMPLATES = {"chatml": CHATML_TEMPLATE, "instruct": INSTRUCT_TEMPLATE}
+
+
+def instruct_prompt(instruction: str) -> str:
+    """The MPT-7B-Instruct prompt for `instruction`; a prompt already in the trained or the model card's format is
+    kept as it is."""
+    head = INTRO + "\n"
+    if instruction.startswith(head) and instruction.rstrip(" ").endswith("### Response:\n"):
+        return instruction
+    return DOLLY_PROMPT.format(instruction=instruction)

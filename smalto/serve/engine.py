@@ -1,0 +1,383 @@
+"""The continuous-batching engine: one thread drives the model; requests join and leave the batch at every step.
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    engine.start(); engine.submit(request); ...; engine.shutdown()
+
+A request is one sequence (the API turns `n` choices into n requests). Its life:
+    waiting  in a bounded queue (`submit` refuses past `max_queue`: the server answers 429)
+    prefill  it owns a slot of the cache (smalto/serve/slots.py); its prompt is written in chunks, at most
+             `prefill_chunk` prompt tokens per step over all prefilling requests, so a long prompt never stalls
+             the running ones for more than one chunk; the last chunk's logits give the first token
+    decode   every step runs one decode forward over all slots and samples each running row with its own
+             parameters (rows with the same parameters together; a seeded row with its own generator)
+    done     at EOS, a stop token or string, max_tokens, or a cancel (client gone): its slot is free for the
+             next step's admissions
+Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → one
+decode step. Results go to each request's `emit` callback (called on the engine thread) as `Output`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from smalto.errors import UserError
+from smalto.kernels import DecodeOptions
+from smalto.model.mpt import MPTForCausalLM
+from smalto.sampling import SamplingParams, sample
+from smalto.serve.metrics import Metrics
+from smalto.serve.slots import SlotDecoder
+from smalto.serve.text import TextStream
+
+
+class QueueFull(UserError):
+    """The waiting queue is at its bound: retry later (HTTP 429)."""
+
+
+class Draining(UserError):
+    """The server is shutting down and admits nothing new (HTTP 503)."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at that position, best first
+
+
+@dataclass
+class Output:
+    """What one request produced since its last output. `finish_reason` ("stop" | "length" | "abort") is set on
+    its last; `error` when the engine failed it."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `emit` is called on the engine thread; `cancel()` may be called from anywhere."""
+
+    prompt: list[int]
+    emit: Callable[[Output], None]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: no logprobs
+    prompt_logprobs: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Seq:
+    req: Request
+    slot: int
+    text: TextStream | None
+    written: int = 0  # prompt tokens in the cache
+    next_token: int | None = None  # sampled, not yet fed: decoding when set
+    n_out: int = 0
+    gen: torch.Generator | None = None
+    last_time: float = 0.0
+    # the prompt's logprobs (echo with logprobs), gathered over its chunks; the first token has none
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
+
+
+class Engine:
+    def __init__(
+        self,
+        model: MPTForCausalLM,
+        tokenizer: Any,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        compile: bool | None = None,
+        options: DecodeOptions | None = None,
+        metrics: Metrics | None = None,
+    ):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise UserError(
+                f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
+                f"max_queue ({max_queue}) >= 0"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_seq_len = model.config.max_seq_len
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos: set[int] = {eos} if isinstance(eos, int) else set()
+        compile = model.device.type == "cuda" if compile is None else compile
+        self.dec = SlotDecoder(model, max_batch, compile, options)
+        self.metrics = metrics or Metrics()
+        self.device = model.device
+        self.gen = torch.Generator(device=self.device)
+        self.gen.seed()
+        self.seen: torch.Tensor | None = (
+            None  # (B, V) tokens a repetition penalty applies to, made when needed
+        )
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.slots: list[_Seq | None] = [None] * max_batch
+        self.accepting = True
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ called from other threads
+
+    def submit(self, req: Request) -> None:
+        """Queue a request (validated by the caller); QueueFull / Draining when it cannot be taken."""
+        with self._cv:
+            if not self.accepting:
+                raise Draining("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue); retry shortly")
+            self.waiting.append(req)
+            self.metrics.queue.set(len(self.waiting))
+            self._cv.notify()
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One decode step with every row idle (on CUDA: compiles and captures the step before the first request)."""
+        B, d = self.max_batch, self.device
+        self.dec.step(
+            torch.zeros(B, dtype=torch.long, device=d), torch.full((B,), self.dec.scratch, device=d)
+        )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="smalto-engine", daemon=True)
+        self._thread.start()
+
+    def stop_admitting(self) -> None:
+        with self._cv:
+            self.accepting = False
+
+    def shutdown(self) -> None:
+        """Stop admitting, abort what is left, stop the thread."""
+        with self._cv:
+            self.accepting, self._stop = False, True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for req in list(self.waiting) + [s.req for s in self.slots if s is not None]:
+            with contextlib.suppress(RuntimeError):  # its event loop is closed already: nobody waits
+                req.emit(Output(finish_reason="abort"))
+        self.waiting.clear()
+        self.slots = [None] * self.max_batch
+
+    def busy(self) -> int:
+        return len(self.waiting) + sum(s is not None for s in self.slots)
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and all(s is None for s in self.slots):
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failed step fails its requests, not the server
+                logging.getLogger("smalto.serve").exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+        m = self.metrics
+        running = sum(s is not None for s in self.slots)
+        m.queue.set(len(self.waiting))
+        m.running.set(running)
+        m.occupancy.set(running / self.max_batch)
+
+    def _drop_cancelled(self) -> None:
+        for i, s in enumerate(self.slots):
+            if s is not None and s.req.cancelled:
+                self.slots[i] = None
+        with self._cv:
+            if any(r.cancelled for r in self.waiting):
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+
+    def _admit(self) -> None:
+        for i in range(self.max_batch):
+            if self.slots[i] is not None:
+                continue
+            with self._cv:
+                if not self.waiting:
+                    return
+                req = self.waiting.popleft()
+            text = TextStream(self.tokenizer, req.stop) if self.tokenizer is not None else None
+            seq = _Seq(req=req, slot=i, text=text)
+            if req.seed is not None:
+                seq.gen = torch.Generator(device=self.device)
+                seq.gen.manual_seed(req.seed)
+            if req.params.repetition_penalty != 1.0:
+                if self.seen is None:
+                    V = self.model.config.vocab_size
+                    self.seen = torch.zeros(self.max_batch, V, dtype=torch.bool, device=self.device)
+                self.seen[i] = False
+                self.seen[i, torch.tensor(req.prompt, device=self.device)] = True
+            self.metrics.prompt_tokens.inc(len(req.prompt))
+            self.slots[i] = seq
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in sorted((s for s in self.slots if s is not None and s.next_token is None), key=_arrival):
+            if budget == 0:
+                return
+            req = seq.req
+            chunk = req.prompt[seq.written : seq.written + budget]
+            logits = self.dec.prefill(seq.slot, chunk, seq.written, all_logits=req.prompt_logprobs)
+            first = None
+            if req.prompt_logprobs:
+                first = self._prompt_logprobs(seq, logits)
+                logits = logits[-1]
+            seq.written += len(chunk)
+            budget -= len(chunk)
+            if seq.written == len(req.prompt):
+                token = sample(logits[None], req.params, self._seen(seq), seq.gen or self.gen)
+                lp = self._logprobs(logits[None], token, req.logprobs)
+                self._accept(seq, int(token), lp[0] if lp else None, first)
+
+    def _decode(self) -> None:
+        rows = [s for s in self.slots if s is not None and s.next_token is not None]
+        if not rows:
+            return
+        B, d = self.max_batch, self.device
+        tokens = [0] * B
+        pos = [self.dec.scratch] * B
+        for s in rows:
+            tokens[s.slot] = s.next_token or 0
+            pos[s.slot] = len(s.req.prompt) + s.n_out - 1
+        logits = self.dec.step(
+            torch.tensor(tokens, dtype=torch.long, device=d), torch.tensor(pos, dtype=torch.long, device=d)
+        )
+        out = torch.zeros(B, dtype=torch.long, device=d)
+        groups: dict[tuple, list[_Seq]] = {}
+        for s in rows:
+            if s.gen is not None:  # its own random stream: sampled alone, as a batch-1 generate would
+                idx = torch.tensor([s.slot], device=d)
+                out[idx] = sample(logits[idx], s.req.params, self._seen(s), s.gen)
+            else:
+                p = s.req.params
+                groups.setdefault(
+                    (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty), []
+                ).append(s)
+        for group in groups.values():
+            idx = torch.tensor([s.slot for s in group], device=d)
+            seen = self.seen.index_select(0, idx) if group[0].req.params.repetition_penalty != 1.0 else None  # type: ignore[union-attr]
+            out[idx] = sample(logits.index_select(0, idx), group[0].req.params, seen, self.gen)
+        want = [s for s in rows if s.req.logprobs is not None]
+        lps: dict[int, TokenLogprob] = {}
+        if want:
+            idx = torch.tensor([s.slot for s in want], device=d)
+            k = max(s.req.logprobs or 0 for s in want)
+            for s, lp in zip(want, self._logprobs(logits[idx], out[idx], k), strict=True):
+                lp.top = lp.top[: s.req.logprobs]
+                lps[s.slot] = lp
+        host = out.tolist()
+        for s in rows:
+            self._accept(s, host[s.slot], lps.get(s.slot))
+
+    def _seen(self, seq: _Seq) -> torch.Tensor | None:
+        if seq.req.params.repetition_penalty == 1.0 or self.seen is None:
+            return None
+        return self.seen[seq.slot : seq.slot + 1]
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, k: int | None) -> list[TokenLogprob]:
+        """The model's log-probabilities (before sampling filters) of `tokens` and the top `k` per row."""
+        if k is None:
+            return []
+        lp = logits.float().log_softmax(-1)
+        chosen = lp.gather(1, tokens.view(-1, 1))[:, 0].tolist()
+        top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        return [
+            TokenLogprob(int(t), c, list(zip(ti, tv, strict=True)))
+            for t, c, ti, tv in zip(
+                tokens.view(-1).tolist(), chosen, top_i.tolist(), top_v.tolist(), strict=True
+            )
+        ]
+
+    def _prompt_logprobs(self, seq: _Seq, logits: torch.Tensor) -> list[TokenLogprob | None] | None:
+        """Logprobs of the prompt's tokens after the first, from a chunk's logits (T, V); all of them once the
+        prompt is written, else None."""
+        prompt, start = seq.req.prompt, seq.written
+        nxt = prompt[start + 1 : start + 1 + logits.shape[0]]
+        got = self._logprobs(logits[: len(nxt)], torch.tensor(nxt, device=self.device), seq.req.logprobs or 0)
+        seq.prompt_logprobs.extend(got)
+        return seq.prompt_logprobs if start + logits.shape[0] >= len(prompt) else None
+
+    def _accept(
+        self,
+        seq: _Seq,
+        token: int,
+        lp: TokenLogprob | None,
+        prompt_lp: list[TokenLogprob | None] | None = None,
+    ) -> None:
+        """Take a sampled token: stream its text, end the sequence if it is done, else feed it next step."""
+        req, m, now = seq.req, self.metrics, time.perf_counter()
+        if seq.n_out == 0:
+            m.ttft.observe(now - req.arrival)
+        else:
+            m.itl.observe(now - seq.last_time)
+        seq.last_time = now
+        seq.n_out += 1
+        m.generation_tokens.inc()
+        if self.seen is not None and req.params.repetition_penalty != 1.0:
+            self.seen[seq.slot, token] = True
+        ended = token in req.stop_token_ids or (not req.ignore_eos and token in self.eos)
+        out = Output(prompt_logprobs=prompt_lp)
+        if not ended:
+            out.token_ids = [token]
+            out.logprobs = [lp] if lp is not None else []
+            if seq.text is not None:
+                out.text = seq.text.add(token)
+                ended = seq.text.stopped
+        reason = "stop" if ended else None
+        if reason is None and (
+            seq.n_out >= req.max_tokens or len(req.prompt) + seq.n_out >= self.max_seq_len
+        ):
+            reason = "length"
+        if reason is not None:
+            if seq.text is not None and reason == "length":
+                out.text += seq.text.finish()
+            out.finish_reason = reason
+            self.slots[seq.slot] = None
+            m.latency.observe(now - req.arrival)
+        else:
+            seq.next_token = token
+        if req.cancelled:
+            return
+        req.emit(out)
+
+    def _fail_all(self, message: str) -> None:
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                s.req.emit(Output(finish_reason="abort", error=message))
+                self.slots[i] = None
+
+
+def _arrival(seq: _Seq) -> float:
+    return seq.req.arrival

@@ -1,0 +1,147 @@
+"""The finetuning objective beside the training loop (recipes are read and run by smalto/finetune.py).
+
+The loss is the pretraining loss over target tokens only (labels are -100 elsewhere), so `train_step` is shared
+as it is. What finetuning adds is here: the data streams, a held-out loss before the first step, greedy samples
+from held-out prompts at every evaluation, and an export that chats (chat_template, generation_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smalto.config import RunConfig
+from smalto.errors import ConfigError, check_choice
+from smalto.train.durable import replace_durably
+
+
+@dataclass(kw_only=True)
+class FinetuneSection:
+    template: str = "auto"
+    """Chat template written into the export's tokenizer_config.json: `instruct` (the MPT-7B-Instruct prompt),
+    `chatml`, `tokenizer` (keep the tokenizer's own), `none`, or `auto` (chatml when a source is preprocessed with
+    `chat`, else instruct)."""
+    samples: int = 3
+    """Held-out prompts answered greedily at every evaluation and at the end (console, TensorBoard); 0 = none."""
+    sample_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        check_choice("finetune.template", self.template, ("auto", "instruct", "chatml", "tokenizer", "none"))
+        if self.samples < 0 or self.sample_tokens < 1:
+            raise ConfigError("finetune.samples must be ≥ 0 and finetune.sample_tokens ≥ 1")
+
+
+def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
+    """The training and held-out loaders of a finetuning recipe (called by `setup` before the trainer is built);
+    a max_duration in epochs ("2ep") becomes steps here, once the packed rows are counted."""
+    from smalto.config import parse_duration
+    from smalto.data.finetune_stream import build_finetune_loaders
+    from smalto.tokenizer import load_tokenizer
+
+    assert cfg.tokenizer is not None  # load_finetune_config sets it
+    tc = cfg.train
+    micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
+    if micro < 1 or tc.global_batch_size % (world.world_size * micro):
+        raise ConfigError(
+            f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
+            f"({world.world_size} × {micro})"
+        )
+    tok = load_tokenizer(cfg.tokenizer)
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer} has {len(tok)} tokens, more than the model's vocab_size "
+            f"{cfg.model.vocab_size}; use the base model's tokenizer"
+        )
+    loader, held, _ = build_finetune_loaders(
+        cfg.data,
+        tok,
+        rank=world.rank,
+        world_size=world.world_size,
+        micro_batch_size=micro,
+        global_batch_size=tc.global_batch_size,
+    )
+    amount, unit = parse_duration(tc.max_duration, "train.max_duration")
+    if unit == "ep":
+        tc.max_duration = f"{max(1, round(amount * loader.dataset.steps_per_epoch))}ba"
+    return loader, held
+
+
+def held_out_prompts(datasets: list[Any], n: int, tokenizer: Any) -> list[str]:
+    """The first `n` held-out examples' prompts: each example's tokens before its first target."""
+    prompts: list[str] = []
+    for data in datasets:
+        for ids, labels in data.examples:
+            targets = (labels != -100).nonzero()[0]
+            if len(prompts) < n and len(targets):
+                prompts.append(tokenizer.decode(ids[: targets[0]].tolist()))
+    return prompts
+
+
+def sampler(cfg: RunConfig) -> Any:
+    """The `on_eval` hook: greedy answers to held-out prompts, printed and logged to TensorBoard (one process)."""
+    import torch
+
+    from smalto.generate import generate
+    from smalto.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+
+    def on_eval(t: Any, metrics: dict[str, Any]) -> None:
+        if tok is None or cfg.finetune.samples == 0 or t.world.world_size > 1 or t.val_loader is None:
+            return  # under FSDP no rank holds the whole model; the end of the run samples from the export
+        held = [rows.data for rows in t.val_loader.dataset.datasets]
+        prompts = held_out_prompts(held, cfg.finetune.samples, tok)
+        t.model.eval()
+        with (
+            torch.random.fork_rng(devices=[]),
+            t.autocast,
+        ):  # sampling must not move the training RNG (resume)
+            outs = generate(t.model, tok, prompts, max_new_tokens=cfg.finetune.sample_tokens, temperature=0.0)
+        t.model.train()
+        for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+            t.logger.print(f"[dim]sample {i} at step {t.step}:[/] {_tail(p)!r} → {o.text!r}")
+            if getattr(t.logger, "tb", None) is not None:
+                t.logger.tb.add_text(f"samples/{i}", f"{p}{o.text}", t.step)
+
+    return on_eval
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else "…" + text[-n:]
+
+
+def template_name(cfg: RunConfig) -> str:
+    name: str = cfg.finetune.template
+    if name == "auto":
+        chat = any(s.preprocessing == "chat" for s in [*cfg.data.sources, *cfg.data.eval_sources])
+        name = "chatml" if chat else "instruct"
+    return name
+
+
+def write_chat_files(cfg: RunConfig, folder: Path) -> None:
+    """The export's chat_template (tokenizer_config.json) and generation_config.json's EOS and end-of-turn ids."""
+    from smalto.data.templates import TEMPLATES
+    from smalto.tokenizer import CHATML_END, load_tokenizer
+
+    name = template_name(cfg)
+    tc_file = folder / "tokenizer_config.json"
+    tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
+    if name in TEMPLATES:
+        tc["chat_template"] = TEMPLATES[name]
+        (folder / "chat_template.jinja").unlink(
+            missing_ok=True
+        )  # transformers prefers this file when present
+    elif name == "none":
+        tc.pop("chat_template", None)
+    replace_durably(tc_file, json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+    tok = load_tokenizer(folder)
+    eos = [tok.eos_token_id]
+    end = tok.convert_tokens_to_ids(CHATML_END) if CHATML_END in tok.get_vocab() else None
+    if name == "chatml" and end is not None and end not in eos:
+        eos.append(end)
+    gc_file = folder / "generation_config.json"
+    gc = json.loads(gc_file.read_text()) if gc_file.is_file() else {}
+    gc["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    replace_durably(gc_file, json.dumps(gc, indent=2) + "\n")

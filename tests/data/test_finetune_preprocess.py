@@ -1,0 +1,198 @@
+"""Finetuning preprocessing: the published templates byte for byte, every file format, bad rows named, chat
+templates (ChatML and the hub MPT-7B-Chat template's quirks)."""
+
+import json
+import re
+
+import pytest
+
+from smalto.data.finetune import FinetuneConfig, FinetuneDataset
+from smalto.data.preprocess import alpaca, dolly, preprocessor
+from smalto.data.templates import (
+    CHATML_TEMPLATE,
+    INSTRUCT_TEMPLATE,
+    MPT_7B_CHAT_HUB_TEMPLATE,
+    instruct_prompt,
+)
+from smalto.errors import ConfigError, DataError
+
+DOLLY_TRAINED = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\nName a primary color.\n\n### Response:\n"
+)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_dolly_is_the_template_mpt_7b_instruct_was_trained_with():
+    ex = dolly({"instruction": "Name a primary color.", "context": "", "response": "Blue."})
+    assert ex == {"prompt": DOLLY_TRAINED, "response": "Blue."}
+    # a context follows the instruction after one newline (llm-foundry's dolly preprocessing); H4's keys work too
+    ex = dolly({"instruction": "Summarize.", "input": "Cats sleep a lot.", "output": "Cats nap."})
+    assert ex["prompt"].endswith("### Instruction:\nSummarize.\nCats sleep a lot.\n\n### Response:\n")
+    assert ex["response"] == "Cats nap."
+
+
+def test_instruct_prompt_keeps_the_model_card_format_and_wraps_plain_text():
+    card = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n### Instruction:\nName a primary color.\n### Response:\n"
+    )
+    assert instruct_prompt(card) == card
+    assert instruct_prompt(DOLLY_TRAINED) == DOLLY_TRAINED
+    assert instruct_prompt("Name a primary color.") == DOLLY_TRAINED
+
+
+def test_alpaca_templates_with_and_without_input():
+    no_input = alpaca({"instruction": "Say hi.", "input": "", "output": "Hi!"})
+    assert no_input["prompt"] == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nSay hi.\n\n### Response:"
+    )
+    assert no_input["response"] == "\nHi!"
+    with_input = alpaca({"instruction": "Translate.", "input": "chat", "output": "cat"})
+    assert with_input["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate.\n\n"
+        "### Input:\nchat\n\n### Response:"
+    )
+
+
+def test_dolly_token_ids_and_mask(tmp_path, hf_tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Name a primary color.", "response": "Blue."}])
+    row = FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="dolly"), hf_tok)[0]
+    n = int((row["sequence_id"] == 0).sum())
+    ids, labels = row["input_ids"][:n].tolist(), row["labels"][:n].tolist()
+    # "\n\n### Response:\n" then "Blue." then EOS (GPT-NeoX ids)
+    assert ids[-9:] == [187, 187, 4118, 19371, 27, 187, 22036, 15, 0]
+    assert labels[-3:] == [22036, 15, 0] and set(labels[:-3]) == {-100}
+    assert hf_tok.decode(ids[:-3]) == DOLLY_TRAINED
+
+
+def test_every_file_format_gives_the_same_examples(tmp_path, hf_tok):
+    rows = [{"prompt": f"Q{i}: ", "response": f"A{i}"} for i in range(3)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    (tmp_path / "c.csv").write_text(
+        "prompt,response\n" + "".join(f"{r['prompt']},{r['response']}\n" for r in rows)
+    )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+
+    def examples(path):
+        ds = FinetuneDataset(FinetuneConfig(path=str(path), seq_len=32, packing=False), hf_tok)
+        return [(i.tolist(), lab.tolist()) for i, lab in ds.examples]
+
+    ref = examples(tmp_path / "a.jsonl")
+    for name in ("b.json", "c.csv", "d.parquet", "hf"):
+        assert examples(tmp_path / name) == ref, name
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "1.jsonl", rows[:2])
+    write_jsonl(folder / "2.jsonl", rows[2:])
+    assert examples(folder) == ref
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"instruction": "x"}, "2: field 'response' or 'output' is missing"),
+        ({"instruction": "x", "response": " "}, "2: field 'response' is empty"),
+        ({"instruction": 3, "response": "y"}, "2: field 'instruction' is int, not a string"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, hf_tok, row, message):
+    good = {"instruction": "a", "response": "b"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, row, good])
+    with pytest.raises(DataError, match=f"bad.jsonl:{message}"):
+        FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="dolly"), hf_tok)
+    ds = FinetuneDataset(
+        FinetuneConfig(path=path, seq_len=64, preprocessing="dolly", on_error="skip"), hf_tok
+    )
+    assert ds.stats["skipped_bad"] == 1 and ds.stats["examples"] == 2
+
+
+def test_chat_last_message_must_be_the_assistants(tmp_path, hf_tok):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [chat, bad])
+    with pytest.raises(DataError, match=re.escape("c.jsonl:2: the last message must be the assistant's")):
+        FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="chat"), hf_tok)
+
+
+def test_sharegpt_conversations_become_chatml(tmp_path, hf_tok):
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    path = write_jsonl(tmp_path / "s.jsonl", [row])
+    ds = FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="chat"), hf_tok)
+    ids, labels = ds.examples[0]
+    assert (
+        hf_tok.decode(ids)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|endoftext|>"
+    )
+    assert hf_tok.decode(ids[labels != -100]) == "hello<|im_end|>\n<|endoftext|>"
+
+
+def test_a_users_function(tmp_path, hf_tok, monkeypatch):
+    (tmp_path / "my_prep.py").write_text(
+        "def qa(row):\n    return {'prompt': 'Q: ' + row['q'] + '\\nA:', 'response': ' ' + row['a']}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_jsonl(tmp_path / "q.jsonl", [{"q": "2+2?", "a": "4"}])
+    ds = FinetuneDataset(FinetuneConfig(path=path, seq_len=64, preprocessing="my_prep:qa"), hf_tok)
+    ids, labels = ds.examples[0]
+    assert hf_tok.decode(ids) == "Q: 2+2?\nA: 4<|endoftext|>"
+    assert hf_tok.decode(ids[labels != -100]) == " 4<|endoftext|>"
+    with pytest.raises(
+        ConfigError, match="choose one of: prompt_response, dolly, alpaca, chat, or module:function"
+    ):
+        preprocessor("dolli")
+    with pytest.raises(ConfigError, match="my_prep has no nothing"):
+        preprocessor("my_prep:nothing")
+
+
+def test_chat_templates_as_transformers_renders_them(hf_tok):
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    hf_tok.chat_template = CHATML_TEMPLATE
+    assert hf_tok.apply_chat_template(chat[1:2], tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    hf_tok.chat_template = INSTRUCT_TEMPLATE
+    rendered = hf_tok.apply_chat_template(
+        [{"role": "user", "content": "Name a primary color."}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == DOLLY_TRAINED
+    # the hub's mosaicml/mpt-7b-chat template: no <|im_end|> after the system turn, EOS after an assistant turn
+    hf_tok.chat_template = MPT_7B_CHAT_HUB_TEMPLATE
+    text = hf_tok.apply_chat_template(chat, tokenize=False)
+    assert text == (
+        "<|im_start|>system\nBe brief.\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>"
+        "<|endoftext|>"
+    )
+    ids = hf_tok.apply_chat_template(chat, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids[-1] == 0 and hf_tok.convert_ids_to_tokens(ids[-2]) == "|>"
+    default = hf_tok.apply_chat_template(chat[1:2], tokenize=False, add_generation_prompt=True)
+    assert default == (
+        "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. The assistant gives "
+        "helpful and honest answers.\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    hf_tok.chat_template = None
