@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,15 @@ def find_split(data: str | Path) -> str:
 
 @torch.no_grad()
 def perplexity(
-    model: Any, data: str | Path, *, batch_size: int = 8, limit: int | None = None
+    model: Any,
+    data: str | Path,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """{"loss": mean next-token CE (nats), "perplexity", "tokens", "samples", "seconds", "data"}."""
+    """{"loss": mean next-token CE (nats), "perplexity", "tokens", "samples", "seconds", "data"}.
+    `on_batch(rows done, rows)` after each batch of this rank's rows."""
     from smalto.data.dataset import MDSDataset
 
     split = find_split(data)
@@ -60,6 +67,8 @@ def perplexity(
     try:
         for b in range(0, len(rows), batch_size):
             total += _batch_ce(model, rows[b : b + batch_size], device)
+            if on_batch is not None:
+                on_batch(min(b + batch_size, len(rows)), len(rows))
     finally:
         model.train(was_training)
     if world > 1:

@@ -101,6 +101,7 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
         from smalto.eval.runner import evaluate
 
         console = Console(stderr=True)
+        bar = _batch_bar(console, rank0)
         done: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
 
@@ -139,6 +140,7 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
             log_samples=cfg.log_samples,
             on_task=progress,
             on_skip=skip,
+            on_batch=bar,
         )
         d = res.to_dict(samples=False)
         results.update(
@@ -150,14 +152,48 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
         )
         samples = {t.key: t.samples for t in res.tasks} if cfg.log_samples else {}
     if cfg.perplexity:
+        from rich.console import Console
+
         from smalto.eval.perplexity import perplexity
 
-        results["perplexity"] = perplexity(model, cfg.perplexity, batch_size=cfg.batch_size, limit=cfg.limit)
+        ppl_bar = _batch_bar(Console(stderr=True), rank0)
+        results["perplexity"] = perplexity(
+            model,
+            cfg.perplexity,
+            batch_size=cfg.batch_size,
+            limit=cfg.limit,
+            on_batch=lambda done, total: ppl_bar("perplexity", done, total),
+        )
     if rank0:
         print_results(results)
         if cfg.out:
             write_results(cfg.out, results, samples)
     return results
+
+
+def _batch_bar(console: Any, show: bool) -> Any:
+    """on_batch(key, done, total): a one-line progress display within a task, updated in place on a terminal
+    (`key done/total batches, ETA`); off a terminal one plain line per quarter of the task, so logs stay short."""
+    import time
+
+    state: dict[str, Any] = {"key": None, "t0": 0.0, "shown": -1}
+
+    def on_batch(key: str, done: int, total: int) -> None:
+        if not show or total <= 0:
+            return
+        now = time.perf_counter()
+        if key != state["key"]:
+            state.update(key=key, t0=now, shown=-1)
+        left = (now - state["t0"]) / done * (total - done)
+        line = f"{key}: {done}/{total} batches, ETA {left:.0f}s"
+        if console.is_terminal:
+            console.file.write("\r" + line.ljust(60) + ("\n" if done == total else ""))
+            console.file.flush()
+        elif (quarter := 4 * done // total) > state["shown"]:
+            state["shown"] = quarter
+            console.print(line, highlight=False, markup=False)
+
+    return on_batch
 
 
 def _check_out(out: str) -> None:

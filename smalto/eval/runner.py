@@ -10,6 +10,7 @@ per-item records are gathered to every rank, so every rank returns the whole, id
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -145,8 +146,10 @@ def run_task(
     budget: int,
     batch_size: int,
     max_seq_len: int,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Records of this rank's share of `items`, gathered from all ranks, in item order."""
+    """Records of this rank's share of `items`, gathered from all ranks, in item order. `on_batch(done, total)`
+    after each of this rank's batches."""
     rank, world = _rank_world()
     sharded = world > 1 and _is_sharded(model)
     mine = items[rank::world]
@@ -172,6 +175,8 @@ def run_task(
             )
             if real:
                 outputs.update(zip(idx, texts, strict=True))
+            if on_batch is not None:
+                on_batch(b + 1, len(batches))
         records = [judge(task, it, None, outputs[i]) for i, it in enumerate(mine)]
     else:
         flat = [(i, j) for i, it in enumerate(mine) for j in range(len(it.requests))]
@@ -184,6 +189,8 @@ def run_task(
             got = scorer.score_batch(model, [reqs[i] for i in idx], pad_id, max_seq_len) if idx else []
             if real:
                 scores.update(zip(idx, got, strict=True))
+            if on_batch is not None:
+                on_batch(b + 1, len(batches))
         per_item: list[list[Any]] = [[] for _ in mine]
         for r, (i, _) in enumerate(flat):
             per_item[i].append(scores[r])
@@ -227,6 +234,7 @@ def evaluate(
     log_samples: bool = False,
     on_task: Callable[[TaskResult], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
+    on_batch: Callable[[str, int, int], None] | None = None,
     code_limits: Limits | None = None,
     code_workers: int | None = None,
 ) -> EvalResults:
@@ -235,7 +243,7 @@ def evaluate(
 
     A task that cannot run here (its generation budget leaves no room in the model's context; code in a language
     without its compiler) is skipped: listed in `skipped`, reported through `on_skip(key, reason)` (default: a
-    warning). Code runs in the sandbox under `code_limits` (default: llm-foundry's 5 s per test case),
+    warning). `on_batch(key, done, total)` reports progress within a task. Code runs in the sandbox under `code_limits` (default: llm-foundry's 5 s per test case),
     `code_workers` runs at a time (default: the CPU count)."""
     suite = tasks if isinstance(tasks, Suite) else resolve_tasks(tasks)
     root = resolve_data_root(data_root)
@@ -285,6 +293,7 @@ def evaluate(
                             budget=budget,
                             batch_size=batch_size,
                             max_seq_len=seq_len,
+                            on_batch=None if on_batch is None else functools.partial(on_batch, key),
                         )
                 if why is not None:
                     skipped.append({"task": key, "reason": why})

@@ -84,7 +84,10 @@ def test_two_ranks_equal_one(tmp_path, neox_tokenizer_dir, data_root, tokenizer)
 
 def test_perplexity_equals_plain_loss(tmp_path, mpt):
     shards = _shards(tmp_path, 50432)
-    got = perplexity(mpt, shards, batch_size=3)
+    calls: list[tuple[int, int]] = []
+    got = perplexity(mpt, shards, batch_size=3, on_batch=lambda done, total: calls.append((done, total)))
+    rows = calls[-1][1]
+    assert calls == [(min(b + 3, rows), rows) for b in range(0, rows, 3)]  # progress after every batch
     from smalto.data.dataset import MDSDataset
 
     ds = MDSDataset(str(shards / "val"))

@@ -61,6 +61,8 @@ def test_tasks_that_do_not_fit_are_skipped_by_name(short_model_dir, data_root, t
     )
     flat = " ".join(r.stderr.split())  # rich wraps long lines
     assert "gsm8k/0-shot skipped" in flat
+    # progress within the task, as plain lines off a terminal: copa's 2 items score in one batch
+    assert "copa/0-shot: 1/1 batches, ETA 0s" in r.stderr
 
 
 def test_results_are_written_as_tasks_finish(short_model_dir, data_root, tmp_path, monkeypatch):
