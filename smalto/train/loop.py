@@ -112,7 +112,7 @@ def out_of_memory_advice(cfg: RunConfig, micro: int) -> str:
     levers = [f"a shorter sequence (data.seq_len = {cfg.data.seq_len})"]
     if tc.activation_checkpointing is not True:
         levers.append("train.activation_checkpointing=true (every block)")
-    if tc.loss != "chunked":
+    if tc.loss == "full":
         levers.append("train.loss=chunked (no full logits)")
     if tc.weight_cast == "step":
         levers.append("train.weight_cast=micro_batch (no bf16 copy of the weights held for the step)")
