@@ -54,6 +54,8 @@ def sandbox(tmp_path_factory) -> Path:
     box = root / "repo"
     box.mkdir()
     (root / "shared").symlink_to((REPO.parent / "shared").resolve())
+    for part in ("bench", "configs", "docs"):  # documented commands run from a clone's root and read these
+        (box / part).symlink_to(REPO / part)
     bin_dir = root / "bin"
     bin_dir.mkdir()
     for name, target in (("python", ""), ("python3", ""), ("smalto", " -m smalto")):
