@@ -116,7 +116,13 @@ def free_port() -> int:
 
 def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    p = subprocess.Popen([*cmd, "--port", str(port)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.Popen(
+        [*cmd, "--port", str(port)],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 1800
     while True:
