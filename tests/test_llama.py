@@ -390,3 +390,17 @@ def _smalto(*args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "smalto", *args], capture_output=True, env=env, timeout=600)
     r.stderr = r.stderr.decode()
     return r
+
+
+def test_eval_loads_llama_folders_as_smalto_models(tmp_path):
+    """`smalto eval` scores a LLaMA folder with smalto's model (its kernels, `--quantize`), not transformers'."""
+    from smalto.eval.models import load_model
+    from smalto.model.mpt import MPTForCausalLM
+
+    ref = hf_model(attention_bias=True)
+    folder = _saved(ref, tmp_path / "m")
+    byte_fallback_tokenizer(folder)
+    model, tok = load_model(str(folder), device="cpu", dtype="fp32")
+    assert isinstance(model, MPTForCausalLM) and not model.training
+    ids = torch.tensor([tok.encode("hello there fox")])
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-5, rtol=1e-5)

@@ -71,6 +71,11 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return dt
 
 
+SMALTO_MODEL_TYPES = ("mpt", "smalto_mpt", "llama", "mistral")
+"""config.json model types `smalto.load` reads (smalto_mpt: an MPT with options transformers' MptForCausalLM lacks,
+or quantized weights)."""
+
+
 def load_model(
     path: str | Path,
     *,
@@ -79,8 +84,9 @@ def load_model(
     dtype: str = "auto",
     quantize: Any = None,
 ) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer). MPT folders (model_type mpt / smalto_mpt) load as smalto models, anything
-    else through transformers' AutoModelForCausalLM (local code only: no trust_remote_code)."""
+    """(model in eval mode, tokenizer). Folders smalto computes (`SMALTO_MODEL_TYPES`: MPT, LLaMA, Mistral) load as
+    smalto models, anything else through transformers' AutoModelForCausalLM (local code only: no
+    trust_remote_code)."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json; pass a smalto/Hugging Face model folder")
@@ -92,17 +98,15 @@ def load_model(
     raw = json.loads((p / "config.json").read_text())
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     model: Any
-    if model_type in (
-        "mpt",
-        "smalto_mpt",
-    ):  # smalto_mpt: an MPT with options transformers' MptForCausalLM lacks
+    if model_type in SMALTO_MODEL_TYPES:
         from smalto.load import load
 
         model = load(str(p), dtype=dt, device=dev, quantize=quantize)
     else:
         if quantize is not None:
             raise ConfigError(
-                f"--quantize applies to smalto MPT folders; {p} has model_type {model_type!r} (transformers)"
+                f"--quantize applies to the models smalto computes ({', '.join(SMALTO_MODEL_TYPES)}); {p} has "
+                f"model_type {model_type!r} (transformers)"
             )
         import transformers
         from transformers import AutoModelForCausalLM
