@@ -321,6 +321,7 @@ def train(
 def finetune(
     args: list[str] = typer.Argument(
         None,
+        metavar="[RECIPE] [KEY=VALUE]...",
         help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct; "
         "default tiny-instruct) then KEY=VALUE overrides.",
     ),

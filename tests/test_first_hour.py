@@ -195,7 +195,7 @@ def test_install_hints_keep_their_brackets(tmp_path: Path) -> None:
     assert "pip install 'smalto[plot]'" in refused(p)
 
 
-COMMANDS = ("data", "eval", "train", "plot", "generate", "chat", "convert")
+COMMANDS = ("data", "eval", "train", "finetune", "serve", "plot", "generate", "chat", "convert")
 
 
 def test_help_shows_flags_as_flags_and_one_vocabulary(tmp_path: Path) -> None:
@@ -208,7 +208,11 @@ def test_help_shows_flags_as_flags_and_one_vocabulary(tmp_path: Path) -> None:
     assert "--no-wrap One document per sample" in flat["data"]
     assert "--echo Print each prompt" in flat["generate"]
     assert "docs/train.md" in flat["train"] and "--print-config" in flat["train"]
-    assert all(name in flat["train"] for name in recipe_names())
+    from smalto.config import find_recipe, read_yaml
+
+    finetuning = {n for n in recipe_names() if "base_model" in read_yaml(find_recipe(n).read_text())}
+    assert finetuning and all(name in flat["finetune"] for name in finetuning)
+    assert all(name in flat["train"] for name in set(recipe_names()) - finetuning)
     for command in ("data", "eval", "generate", "chat"):  # -t is the tokenizer everywhere
         assert "-t, --tokenizer" in flat[command], command
     dtypes = "bf16 (bfloat16) | fp16 (float16) | fp32 (float32)"
