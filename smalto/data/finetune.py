@@ -195,9 +195,11 @@ def render(record: dict[str, Any], tokenizer: Any, cfg: FinetuneConfig) -> tuple
         )
         ids += toks
         labels += toks if target else [-100] * len(toks)
-    ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
-    last_len = len(encoded[-1]) + 1
+    last_len = len(encoded[-1])
+    if not ids or ids[-1] != tokenizer.eos_token_id:  # EOS when the rendering does not end with it
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+        last_len += 1
     return np.asarray(ids, np.int64), np.asarray(labels, np.int64), last_len
 
 

@@ -12,6 +12,8 @@ Preprocessing, as llm-foundry's `preprocessing_fn`: a function from a row (a dic
     alpaca           instruction / input / output in Stanford Alpaca's template (with or without input)
     chat             messages (or conversations in ShareGPT's from/value form), rendered with the tokenizer's chat
                      template, else ChatML
+    vicuna           ShareGPT conversations (or messages) for Vicuna: like `chat`, rendered in Vicuna v1.1's
+                     template (smalto.data.templates.VICUNA_TEMPLATE) unless the tokenizer has its own
     module:function  your own: an importable module and a function in it
 A field a step needs that is missing or not a string is a `RowError` naming the field.
 """
@@ -215,6 +217,7 @@ PREPROCESSORS: dict[str, Callable[[dict[str, Any]], Example]] = {
     "dolly": dolly,
     "alpaca": alpaca,
     "chat": chat,
+    "vicuna": chat,  # the same rows; the recipe's template (vicuna) renders them
 }
 
 

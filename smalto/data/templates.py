@@ -8,6 +8,8 @@ ALPACA_PROMPT_INPUT / ALPACA_PROMPT_NO_INPUT   Stanford Alpaca's published promp
 CHATML_TEMPLATE     ChatML as a tokenizer chat template (MPT-7B-Chat's turn format)
 INSTRUCT_TEMPLATE   DOLLY_PROMPT as a tokenizer chat template: each user turn is an instruction, each assistant
                     turn its response followed by EOS
+VICUNA_TEMPLATE     Vicuna v1.1's conversation format (FastChat's `vicuna_v1.1`): a system line, then
+                    "USER: {turn} ASSISTANT: {answer}</s>" (the EOS token) turn after turn
 MPT_7B_CHAT_HUB_TEMPLATE   the chat template the hub's mosaicml/mpt-7b-chat tokenizer_config.json carries
                     (commit ed874721): the system turn has no <|im_end|>, an assistant turn ends with EOS, and
                     add_generation_prompt opens an assistant turn after every message, not only the last
@@ -52,7 +54,23 @@ MPT_7B_CHAT_HUB_TEMPLATE = (
     "{% if (add_generation_prompt == true) %}{{ '\\n' + '<|im_start|>' + 'assistant' + '\\n' }}"
     "{% elif (message['role'] == 'assistant') %}{{ eos_token }}{% endif %}{% endfor %}"
 )
-TEMPLATES = {"chatml": CHATML_TEMPLATE, "instruct": INSTRUCT_TEMPLATE}
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    '{% set loop_messages = messages[1:] %}{% else %}{% set system = "' + VICUNA_SYSTEM + '" %}'
+    "{% set loop_messages = messages %}{% endif %}{{ system + ' ' }}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('the vicuna template has one system turn first, then user and assistant turns, "
+    "not ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML_TEMPLATE, "instruct": INSTRUCT_TEMPLATE, "vicuna": VICUNA_TEMPLATE}
 
 
 def instruct_prompt(instruction: str) -> str:

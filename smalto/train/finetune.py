@@ -21,14 +21,17 @@ from smalto.train.durable import replace_durably
 class FinetuneSection:
     template: str = "auto"
     """Chat template written into the export's tokenizer_config.json: `instruct` (the MPT-7B-Instruct prompt),
-    `chatml`, `tokenizer` (keep the tokenizer's own), `none`, or `auto` (chatml when a source is preprocessed with
-    `chat`, else instruct)."""
+    `chatml`, `vicuna` (Vicuna v1.1), `tokenizer` (keep the tokenizer's own), `none`, or `auto` (vicuna when a
+    source is preprocessed with `vicuna`, chatml when one is with `chat`, else instruct). A tokenizer without a chat
+    template of its own renders the training chats in this one too."""
     samples: int = 3
     """Held-out prompts answered greedily at every evaluation and at the end (console, TensorBoard); 0 = none."""
     sample_tokens: int = 64
 
     def __post_init__(self) -> None:
-        check_choice("finetune.template", self.template, ("auto", "instruct", "chatml", "tokenizer", "none"))
+        check_choice(
+            "finetune.template", self.template, ("auto", "instruct", "chatml", "vicuna", "tokenizer", "none")
+        )
         if self.samples < 0 or self.sample_tokens < 1:
             raise ConfigError("finetune.samples must be ≥ 0 and finetune.sample_tokens ≥ 1")
 
@@ -38,9 +41,7 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
     a max_duration in epochs ("2ep") becomes steps here, once the packed rows are counted."""
     from smalto.config import parse_duration
     from smalto.data.finetune_stream import build_finetune_loaders
-    from smalto.tokenizer import load_tokenizer
 
-    assert cfg.tokenizer is not None  # load_finetune_config sets it
     tc = cfg.train
     micro = tc.micro_batch_size or tc.global_batch_size // world.world_size
     if micro < 1 or tc.global_batch_size % (world.world_size * micro):
@@ -48,7 +49,7 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
             f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
             f"({world.world_size} × {micro})"
         )
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = training_tokenizer(cfg)
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.tokenizer} has {len(tok)} tokens, more than the model's vocab_size "
@@ -115,9 +116,23 @@ def _tail(text: str, n: int = 60) -> str:
 def template_name(cfg: RunConfig) -> str:
     name: str = cfg.finetune.template
     if name == "auto":
-        chat = any(s.preprocessing == "chat" for s in [*cfg.data.sources, *cfg.data.eval_sources])
-        name = "chatml" if chat else "instruct"
+        steps = {s.preprocessing for s in [*cfg.data.sources, *cfg.data.eval_sources]}
+        name = "vicuna" if "vicuna" in steps else "chatml" if "chat" in steps else "instruct"
     return name
+
+
+def training_tokenizer(cfg: RunConfig) -> Any:
+    """The recipe's tokenizer; one without a chat template gets the recipe's, so the chats are trained in the
+    format the export declares."""
+    from smalto.data.templates import TEMPLATES
+    from smalto.tokenizer import load_tokenizer
+
+    assert cfg.tokenizer is not None  # load_finetune_config sets it
+    tok = load_tokenizer(cfg.tokenizer)
+    name = template_name(cfg)
+    if not getattr(tok, "chat_template", None) and name in TEMPLATES:
+        tok.chat_template = TEMPLATES[name]
+    return tok
 
 
 def write_chat_files(cfg: RunConfig, folder: Path) -> None:

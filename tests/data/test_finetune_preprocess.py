@@ -12,6 +12,7 @@ from smalto.data.templates import (
     CHATML_TEMPLATE,
     INSTRUCT_TEMPLATE,
     MPT_7B_CHAT_HUB_TEMPLATE,
+    VICUNA_TEMPLATE,
     instruct_prompt,
 )
 from smalto.errors import ConfigError, DataError
@@ -147,6 +148,52 @@ def test_sharegpt_conversations_become_chatml(tmp_path, hf_tok):
     assert hf_tok.decode(ids[labels != -100]) == "hello<|im_end|>\n<|endoftext|>"
 
 
+VICUNA_SYSTEM_LINE = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+
+
+def test_vicuna_template_is_fastchats_vicuna_v1_1(hf_tok):
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    hf_tok.chat_template = VICUNA_TEMPLATE
+    # FastChat's get_conv_template("vicuna_v1.1").get_prompt() with the EOS token for "</s>"
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        VICUNA_SYSTEM_LINE + " USER: Hi ASSISTANT: Hello!<|endoftext|>USER: 2+2? ASSISTANT:"
+    )
+    own = [{"role": "system", "content": "Be brief."}, *chat[:2]]
+    assert (
+        hf_tok.apply_chat_template(own, tokenize=False) == "Be brief. USER: Hi ASSISTANT: Hello!<|endoftext|>"
+    )
+    hf_tok.chat_template = None
+
+
+def test_vicuna_rows_train_every_answer_once_with_one_eos(tmp_path, hf_tok):
+    import copy
+
+    tok = copy.deepcopy(hf_tok)
+    tok.chat_template = VICUNA_TEMPLATE
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+            {"from": "human", "value": "2+2?"},
+            {"from": "gpt", "value": "4"},
+        ]
+    }
+    path = write_jsonl(tmp_path / "v.jsonl", [row])
+    cfg = FinetuneConfig(path=path, seq_len=128, preprocessing="vicuna", target_responses="all")
+    ids, labels = FinetuneDataset(cfg, tok).examples[0]
+    assert tok.decode(ids) == (
+        VICUNA_SYSTEM_LINE + " USER: Hi ASSISTANT: Hello!<|endoftext|>USER: 2+2? ASSISTANT: 4<|endoftext|>"
+    )
+    assert tok.decode(ids[labels != -100]) == " Hello!<|endoftext|> 4<|endoftext|>"
+
+
 def test_a_users_function(tmp_path, hf_tok, monkeypatch):
     (tmp_path / "my_prep.py").write_text(
         "def qa(row):\n    return {'prompt': 'Q: ' + row['q'] + '\\nA:', 'response': ' ' + row['a']}\n"
@@ -158,7 +205,7 @@ def test_a_users_function(tmp_path, hf_tok, monkeypatch):
     assert hf_tok.decode(ids) == "Q: 2+2?\nA: 4<|endoftext|>"
     assert hf_tok.decode(ids[labels != -100]) == " 4<|endoftext|>"
     with pytest.raises(
-        ConfigError, match="choose one of: prompt_response, dolly, alpaca, chat, or module:function"
+        ConfigError, match="choose one of: prompt_response, dolly, alpaca, chat, vicuna, or module:function"
     ):
         preprocessor("dolli")
     with pytest.raises(ConfigError, match="my_prep has no nothing"):

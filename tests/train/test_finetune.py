@@ -213,3 +213,39 @@ def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_di
     )
     with pytest.raises(ConfigError, match="is a finetuning recipe"):
         load_config("mpt-7b-instruct")
+
+
+LLAMA_7B_CONFIG_JSON = {  # meta-llama/Llama-2-7b-hf's config.json, the parts a model config reads
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+
+
+def test_llama_recipes_have_alpaca_and_vicuna_settings(tmp_path, neox_tokenizer_dir):
+    from smalto.data.templates import VICUNA_TEMPLATE
+    from smalto.finetune import load_finetune_config
+    from smalto.train.finetune import template_name, training_tokenizer
+
+    base = tmp_path / "llama-7b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA_7B_CONFIG_JSON))
+    args = [f"base_model={base}", f"tokenizer={neox_tokenizer_dir}"]
+    alpaca = load_finetune_config("llama-7b-alpaca", args)
+    o, s, t = alpaca.optimizer, alpaca.scheduler, alpaca.train
+    assert (o.name, o.lr, o.weight_decay, s.name, s.warmup) == ("adamw", 2e-5, 0.0, "cosine", "0.03dur")
+    assert (t.max_duration, t.global_batch_size, alpaca.data.seq_len) == ("3ep", 128, 512)
+    assert alpaca.data.sources[0].preprocessing == "alpaca" and alpaca.model.ffn_config.ffn_type == "mptglu"
+    vicuna = load_finetune_config("vicuna-7b", args)
+    assert (vicuna.data.seq_len, vicuna.train.global_batch_size, vicuna.optimizer.lr) == (2048, 128, 2e-5)
+    assert template_name(vicuna) == "vicuna"
+    # a tokenizer without a chat template trains the chats in the template the export declares
+    assert training_tokenizer(vicuna).chat_template == VICUNA_TEMPLATE
