@@ -101,8 +101,8 @@ def _byte_table(code: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _decode(packed: Tensor, scales: Tensor, code: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     """ŵ in `dtype` from packed indices (numel/2 uint8) and one scale per block of 64 (in `dtype`)."""
-    values = _byte_table(code, dtype)[packed.int()]  # (numel/2, 2)
-    return (values.view(scales.numel(), -1) * scales.to(dtype)[:, None]).view(shape)
+    values = _byte_table(code, dtype)[packed.int()]  # (numel/2, 2), a new tensor: scaled in place
+    return values.view(scales.numel(), -1).mul_(scales.to(dtype)[:, None]).view(shape)
 
 
 def dequantize_nf4(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
