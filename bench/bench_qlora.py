@@ -30,7 +30,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -93,7 +92,7 @@ class BenchLoRA(nn.Module):
     """y = base(x) + (α/r) · B(A(x)) with A, B float32 (PEFT's layer, no dropout): the bench's stand-in for
     smalto's LoRA layer."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float):
+    def __init__(self, base: NF4Linear, r: int, alpha: float):
         super().__init__()
         self.base, self.scale = base, alpha / r
         dev = next(base.parameters()).device

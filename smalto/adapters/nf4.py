@@ -73,7 +73,7 @@ def _torchao() -> Any:
                 from torchao.dtypes import nf4tensor as ao  # torchao < 0.16
             except ImportError:
                 raise ConfigError(
-                    "NF4 (QLoRA) needs torchao: pip install 'smalto[qlora]' (torchao>=0.10)"
+                    "NF4 (QLoRA) needs torchao: pip install 'smalto[qlora]' (torchao>=0.18)"
                 ) from None
     finally:
         log.setLevel(level)
@@ -107,13 +107,9 @@ def _decode(packed: Tensor, scales: Tensor, code: Tensor, shape: torch.Size, dty
 
 def dequantize_nf4(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A torchao NF4Tensor's ŵ (what torchao's `get_original_weight` computes, in the tensor's dtype), then cast."""
-    own = weight.dtype
-    scales = weight.dequantize_scalers(  # type: ignore[attr-defined]
-        weight.quantized_scalers,  # type: ignore[attr-defined]
-        weight.quantization_factor,  # type: ignore[attr-defined]
-        weight.scaler_block_size,  # type: ignore[attr-defined]
-    )
-    w = _decode(weight.quantized_data, scales, weight.nf4, weight.shape, own)  # type: ignore[attr-defined]
+    t: Any = weight
+    scales = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+    w = _decode(t.quantized_data, scales, t.nf4, t.shape, t.dtype)
     return w if dtype is None else w.to(dtype)
 
 
@@ -147,6 +143,11 @@ class NF4Linear(nn.Module):
 
     double_quant=True: `weight` is a torchao NF4Tensor. double_quant=False: `weight_codes` (packed uint8) and
     `weight_absmax` (float32, one per block)."""
+
+    weight: nn.Parameter
+    weight_codes: nn.Parameter
+    weight_absmax: nn.Parameter
+    code: Tensor
 
     def __init__(
         self, in_features: int, out_features: int, *, block_size: int = BLOCK_SIZE, double_quant: bool = True
@@ -218,10 +219,10 @@ class NF4Linear(nn.Module):
     def storage_bytes(self) -> int:
         """The bytes the stored weight takes (codes and scales; not the bias)."""
         if not self.double_quant:
-            return sum(t.numel() * t.element_size() for t in (self.weight_codes, self.weight_absmax))
-        w = self.weight
-        inner = (w.quantized_data, w.quantized_scalers, w.quantization_factor)  # type: ignore[attr-defined]
-        return sum(t.numel() * t.element_size() for t in inner)
+            return sum(int(t.numel() * t.element_size()) for t in (self.weight_codes, self.weight_absmax))
+        w: Any = self.weight  # torchao's NF4Tensor
+        inner = (w.quantized_data, w.quantized_scalers, w.quantization_factor)
+        return sum(int(t.numel() * t.element_size()) for t in inner)
 
     def extra_repr(self) -> str:
         scales = "double-quantized scales" if self.double_quant else "float32 scales"
