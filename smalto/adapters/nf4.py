@@ -14,9 +14,10 @@ scales gets an int8 code and one scale factor, so a weight costs 4 + 8/64 + 16/(
 Implementation: torchao's `NF4Tensor` (`to_nf4`), the one torchtune uses for QLoRA. It is maintained, pure PyTorch
 (no CUDA-only kernel, so the CPU tests run the GPU's code), a traceable tensor subclass (torch.compile) and it
 implements FSDP2's all-gather hooks, so a sharded frozen base gathers 4-bit data. bitsandbytes' `Linear4bit` is the
-other maintained NF4, but its parameters (`Params4bit`) do not shard under FSDP2 and its CPU path is a separate
-backend. torchao always double-quantizes; `double_quant=False` keeps float32 absmax scales beside torchao's codes
-(plain tensors: FSDP2 shards those without hooks).
+other maintained NF4, but its `Params4bit` is made for FSDP1's flattened storage (`bnb_4bit_quant_storage`), not
+FSDP2's per-parameter hooks, and its CPU path is a separate backend. torchao always double-quantizes;
+`double_quant=False` keeps float32 absmax scales beside torchao's codes (plain tensors: FSDP2 shards those without
+hooks).
 
 ŵ is rebuilt through a 256-entry byte table (one lookup gives both nibbles): the transient memory is the 16-bit ŵ
 plus an int32 index per two weights, which is what bounds MPT-30B's peak (a (28672, 7168) down projection).

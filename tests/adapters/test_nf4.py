@@ -234,22 +234,20 @@ def test_activation_checkpointing_and_compile_give_the_same_step():
 
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from smalto.train.parallel import close_world, init_world, parallelize
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = "2"
+    world = init_world("cpu")
     try:
         torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (2,))
         results = {}
         for dq in (True, False):
             _, q = model_pair(d_model=128, no_bias=True)
             apply_nf4(q, double_quant=dq)
             ids = torch.arange(32).reshape(2, 16) * 7 % q.config.vocab_size
-            for block in q.transformer.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(q, mesh=mesh)
+            # the trainer's order and FSDP2 policy: checkpointing, then FSDP2 with bf16 parameters
+            parallelize(q, world, activation_checkpointing=True, bf16=True)
             wqkv = q.transformer.blocks[0].attn.Wqkv
             stored = wqkv.weight if dq else wqkv.weight_codes
             local = stored.to_local()
@@ -261,7 +259,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
-        torch.distributed.destroy_process_group()
+        close_world(world)
 
 
 def test_fsdp2_shards_the_frozen_nf4_base(tmp_path):
