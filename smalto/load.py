@@ -54,7 +54,9 @@ def load(
         how the model computes (a longer context for ALiBi / RoPE, the attention kernel), not its tensors' shapes.
       quantize: 'int8', 'int4' or a `smalto.quant.QuantSpec`: the blocks' linear layers quantized as they are
         loaded (on the CPU, then layer by layer onto `device`). A folder written by `smalto convert --quantize`
-        loads quantized without it (docs/quantize.md).
+        loads quantized without it (docs/quantize.md). 'nf4': the frozen 4-bit NormalFloat base of QLoRA
+        (`smalto.adapters.nf4`, double-quantized scales), quantized layer by layer onto `device` the same way, in
+        bf16 unless `dtype` says otherwise (docs/qlora.md).
     Raises a ConfigError for a bad dtype, device or override (an unknown key names it) and a CheckpointError for a
     path that is no model or weights that do not fit, before reading any weights where it can.
     """
@@ -69,8 +71,17 @@ def load(
     config = _override(stored, path, max_seq_len=max_seq_len, attn_impl=attn_impl, overrides=config_overrides)
     from smalto.quant.folder import load_quantized, resolve
 
-    stored_quant, quant = resolve(folder if kind == "hf" else None, quantize, dev, path)
-    where = torch.device("cpu") if quant is not None else dev  # quantized layer by layer onto dev below
+    nf4 = isinstance(quantize, str) and quantize == "nf4"
+    stored_quant, quant = resolve(folder if kind == "hf" else None, None if nf4 else quantize, dev, path)
+    if nf4:
+        if stored_quant is not None:
+            raise ConfigError(
+                f"{path} is already quantized ({stored_quant.describe()}); NF4 needs its 16-bit source"
+            )
+        target = target or torch.bfloat16
+    where = (
+        torch.device("cpu") if quant is not None or nf4 else dev
+    )  # quantized layer by layer onto dev below
     if stored_quant is not None:
         model = load_quantized(folder, config, stored_quant, target, dev)
     elif kind == "hf":
@@ -83,6 +94,10 @@ def load(
         from smalto.quant import quantize as quantize_model
 
         quantize_model(model, quant, device=dev)
+    if nf4:
+        from smalto.adapters.nf4 import apply_nf4
+
+        apply_nf4(model, device=dev)
     from smalto.kernels import apply_inference
 
     return apply_inference(model)  # the scoring and prefill attention plans its config asks for
