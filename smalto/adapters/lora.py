@@ -168,6 +168,7 @@ def hf_layers(model: nn.Module) -> dict[str, tuple[str, tuple[int, int] | None]]
     for name, module in model.named_modules():
         if not name or next(module.parameters(recurse=False), None) is None or isinstance(module, LoRA):
             continue
+        name = unwrapped_name(name)
         if name.endswith((".lora_A", ".lora_B")):
             continue
         if not llama:
@@ -183,6 +184,11 @@ def hf_layers(model: nn.Module) -> dict[str, tuple[str, tuple[int, int] | None]]
         if hf is not None:
             out[hf.removesuffix(".weight")] = (name, None)
     return out
+
+
+def unwrapped_name(name: str) -> str:
+    """A module's name without the prefixes of activation checkpointing and compile (as in the model's files)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -212,7 +218,8 @@ def resolve_targets(
     """The HF names of the linear layers `targets` selects (default: PEFT's for the model type); refuses targets
     that match nothing or a layer that is not linear, naming what would match."""
     layers = hf_layers(model)
-    linear = [n for n, (s, _) in layers.items() if _is_linear(model.get_submodule(s))]
+    modules = {unwrapped_name(n): m for n, m in model.named_modules()}
+    linear = [n for n, (s, _) in layers.items() if _is_linear(modules[s])]
     kind = model_type(model)
     if targets is None:
         targets = DEFAULT_TARGETS[kind]

@@ -18,7 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from smalto.adapters.lora import LoraConfig, adapters, apply_lora, hf_layers, match_targets, saved_modules
+from smalto.adapters.lora import (
+    LoRA,
+    LoraConfig,
+    adapters,
+    apply_lora,
+    hf_layers,
+    match_targets,
+    saved_modules,
+    unwrapped_name,
+)
 from smalto.errors import CheckpointError, ConfigError
 
 CONFIG = "adapter_config.json"
@@ -83,17 +92,28 @@ def adapter_config_dict(config: LoraConfig, names: list[str], base: str | None) 
     }
 
 
-def adapter_state(model: nn.Module, modules_to_save: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (float32 LoRA pairs; modules_to_save in their own dtype)."""
+def peft_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], modules_to_save: list[str] | None
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys, taken from `tensors` (the model's, by unwrapped name)."""
     out: dict[str, torch.Tensor] = {}
-    for a in adapters(model):
-        out[f"{PREFIX}{a.name}.lora_A.weight"] = a.lora_A.weight.detach()
-        out[f"{PREFIX}{a.name}.lora_B.weight"] = a.lora_B.weight.detach()
+    for path, m in model.named_modules():
+        if isinstance(m, LoRA):
+            for ab in ("lora_A", "lora_B"):
+                out[f"{PREFIX}{m.name}.{ab}.weight"] = tensors[f"{unwrapped_name(path)}.{ab}.weight"]
     layers = hf_layers(model)
     for hf in saved_modules(model, modules_to_save):
-        for pname, p in model.get_submodule(layers[hf][0]).named_parameters(recurse=False):
-            out[f"{PREFIX}{hf}.{pname}"] = p.detach()
+        prefix = layers[hf][0] + "."
+        for key, t in tensors.items():
+            if key.startswith(prefix) and "." not in key[len(prefix) :]:
+                out[f"{PREFIX}{hf}.{key[len(prefix) :]}"] = t
     return out
+
+
+def adapter_state(model: nn.Module, modules_to_save: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (float32 LoRA pairs; modules_to_save in their own dtype)."""
+    tensors = {unwrapped_name(n): p.detach() for n, p in model.named_parameters()}
+    return peft_state(model, tensors, modules_to_save)
 
 
 def save_adapter(
