@@ -167,11 +167,13 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last, trainable_only=cfg.lora is not None
     )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
+    # the initial weights; a LoRA checkpoint holds only the adapters, so its base comes from load_from again
+    if (latest is None or cfg.lora is not None) and cfg.checkpoint.load_from:
+        if not getattr(t.model, "base_loaded", False):  # QLoRA built its base from the weights
+            load_weights(cfg.checkpoint.load_from, t.model, world)
     if latest is not None:
         t.load_state_dict(t.ckpt.load(latest, t.model, t.optimizer))
         t.checkpoint = str(latest)
-    elif cfg.checkpoint.load_from and not getattr(t.model, "base_loaded", False):
-        load_weights(cfg.checkpoint.load_from, t.model, world)
     if world.is_main:
         write_run_info(cfg, world.world_size, world.device)
     t.logger.start(t.step)
