@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from smalto.errors import ConfigError
@@ -41,7 +40,9 @@ def build_qlora_model(
     from smalto.train.parallel import init_adapters
 
     assert base is not None  # a finetuning recipe has its base_model
-    model = smalto.load(base, dtype="bf16", max_seq_len=config.max_seq_len, attn_config=config.to_dict()["attn_config"])
+    model = smalto.load(
+        base, dtype="bf16", max_seq_len=config.max_seq_len, attn_config=config.to_dict()["attn_config"]
+    )
     model.train()
     apply_nf4(model, double_quant=True)
     model.to(world.device)
@@ -60,7 +61,7 @@ def export_adapter(model: nn.Module, folder: str | Path, world: World, cfg: Any)
     from smalto.hf.save import write_tokenizer
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    state: dict[str, torch.Tensor] = get_model_state_dict(model, options=opts)  # a collective
+    state: dict[str, Any] = get_model_state_dict(model, options=opts)  # a collective
     if not world.is_main:
         return
     tensors = peft_state(model, {clean_name(k): v for k, v in state.items()}, cfg.lora.modules_to_save)

@@ -28,11 +28,11 @@ from smalto.kernels import select
 from smalto.kernels.loss import head_loss_for
 from smalto.model.attention import AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
+from smalto.train.adapters import build_qlora_model
 from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.guard import LossGuard
 from smalto.train.metrics import RunLogger, peak_tflops, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
-from smalto.train.adapters import build_qlora_model
 from smalto.train.parallel import World, build_model
 from smalto.train.weight_cast import StepWeightCast, uses_step_cast
 
@@ -168,9 +168,9 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
     )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
     # the initial weights; a LoRA checkpoint holds only the adapters, so its base comes from load_from again
-    if (latest is None or cfg.lora is not None) and cfg.checkpoint.load_from:
-        if not getattr(t.model, "base_loaded", False):  # QLoRA built its base from the weights
-            load_weights(cfg.checkpoint.load_from, t.model, world)
+    base_loaded = getattr(t.model, "base_loaded", False)  # QLoRA built its base from the weights
+    if (latest is None or cfg.lora is not None) and cfg.checkpoint.load_from and not base_loaded:
+        load_weights(cfg.checkpoint.load_from, t.model, world)
     if latest is not None:
         t.load_state_dict(t.ckpt.load(latest, t.model, t.optimizer))
         t.checkpoint = str(latest)

@@ -222,3 +222,29 @@ def test_targets_matching_nothing() -> None:
         ConfigError, match=r"matches transformer.blocks.0.norm_1, which is not a linear layer"
     ):
         apply_lora(make_model(NATIVE), LoraConfig(targets=["norm_1"]))
+
+
+def test_cli_merge_and_adapter_flags(tmp_path: Path) -> None:
+    """`smalto merge` writes a plain folder transformers loads with the adapter's logits; `generate --adapter`
+    answers as the merged model does; a folder that is no adapter exits 2."""
+    from tests.train.conftest import run_smalto
+
+    base = mpt_base(tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=FOUR, init_lora_weights=False)
+    )
+    ref.save_pretrained(tmp_path / "ad")
+    run_smalto(["merge", str(base), str(tmp_path / "ad"), str(tmp_path / "merged")])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    p = run_smalto(["generate", str(base), "--adapter", str(base), "-p", "x"], check=False)
+    assert (
+        p.returncode == 2
+        and f"adapter {base} is not a PEFT adapter folder (no adapter_config.json)" in p.stderr
+    )
+    assert "Traceback" not in p.stderr

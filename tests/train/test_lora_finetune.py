@@ -23,8 +23,8 @@ from tests.train.test_finetune import base, recipe, write  # noqa: F401  (base i
 LORA = {"r": 4, "alpha": 8, "targets": ["Wqkv", "out_proj", "up_proj", "down_proj"]}
 
 
-def lora_recipe(base: Path, tmp: Path, run: str, **train) -> dict:
-    rec = recipe(base, tmp, run, **train)
+def lora_recipe(folder: Path, tmp: Path, run: str, **train) -> dict:
+    rec = recipe(folder, tmp, run, **train)
     rec["lora"] = dict(LORA)
     rec["optimizer"]["lr"] = 1e-2
     return rec
@@ -48,11 +48,15 @@ def test_adapters_train_and_export_as_peft(runs, base) -> None:  # noqa: F811
     assert r.eval_after < r.eval_before - 0.3
     folder = Path(r.train.hf_folder)
     names = sorted(p.name for p in folder.iterdir())
-    assert "adapter_config.json" in names and "adapter_model.safetensors" in names and "tokenizer.json" in names
+    assert (
+        "adapter_config.json" in names and "adapter_model.safetensors" in names and "tokenizer.json" in names
+    )
     assert not any(n.startswith("model") for n in names)  # an adapter, not a model
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, str(base))
-    assert len(load_file(str(folder / "adapter_model.safetensors"))) == 2 * 4 * 2  # A, B × 4 targets × 2 layers
+    assert (
+        len(load_file(str(folder / "adapter_model.safetensors"))) == 2 * 4 * 2
+    )  # A, B × 4 targets × 2 layers
     ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), folder)
     ours = smalto.load(folder)  # the adapter folder names its base
     x = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -82,7 +86,9 @@ def test_lora_keys_are_validated(base, tmp_path) -> None:  # noqa: F811
     path = write(lora_recipe(base, tmp_path, "bad"), tmp_path, "bad")
     with pytest.raises(ConfigError, match=r"unknown key lora.rank; allowed keys: r, alpha, rslora, dropout"):
         load_finetune_config(path, ["lora.rank=4"])
-    with pytest.raises(ConfigError, match=r"lora.base_dtype = 'int4' is not allowed; choose one of: bf16, nf4"):
+    with pytest.raises(
+        ConfigError, match=r"lora.base_dtype = 'int4' is not allowed; choose one of: bf16, nf4"
+    ):
         load_finetune_config(path, ["lora.base_dtype=int4"])
     cfg = load_finetune_config(path, ["lora.targets=all-linear", "lora.rslora=true"])
     assert cfg.lora.targets == "all-linear" and cfg.lora.scaling == 8 / 2
