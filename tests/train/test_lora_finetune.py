@@ -108,3 +108,21 @@ def test_fsdp2_two_processes_train_the_same_adapters(runs, base, tmp_path) -> No
     a = load_file(str(tmp_path / "fsdp" / "hf" / "adapter_model.safetensors"))
     b = load_file(str(runs["tmp"] / "straight" / "hf" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_shipped_lora_recipes(tmp_path, neox_tokenizer_dir) -> None:
+    from smalto.finetune import load_finetune_config
+    from tests.model.helpers import MPT_7B_CONFIG_JSON
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MPT_7B_CONFIG_JSON))
+    args = [f"base_model={folder}", f"tokenizer={neox_tokenizer_dir}"]
+    c = load_finetune_config("mpt-7b-instruct-lora", args)
+    lora = c.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.base_dtype) == (16, 32, 0.05, "bf16")
+    assert lora.targets == ["Wqkv", "out_proj", "up_proj", "down_proj"]
+    assert (c.optimizer.lr, c.data.seq_len, c.train.micro_batch_size) == (2e-4, 2048, 4)
+    for name in ("mpt-7b-chat-qlora", "mpt-30b-instruct-qlora"):
+        q = load_finetune_config(name, args)
+        assert (q.lora.base_dtype, q.lora.targets, q.data.seq_len) == ("nf4", "all-linear", 2048)
