@@ -110,15 +110,16 @@ def bench_smalto(name: str, micro: int, args: argparse.Namespace, world: Any) ->
         t.logger.enabled = False
         data = random_batches(args.warmup + args.steps, micro, args.seq, cfg.model.vocab_size)
         it = iter(data)
-        seconds = timed(lambda: train_step(t, [next(it)]), args.warmup, args.steps, world.device)
-        trainable = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+        trainer = t
+        seconds = timed(lambda: train_step(trainer, [next(it)]), args.warmup, args.steps, world.device)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         row.update(
             tokens_per_s=micro * args.seq / seconds, peak_gib=peak_gib(world.device), trainable=trainable
         )
     except UserError as e:  # out of memory: train_step says so
         row.update(error=str(e).split(";")[0])
     finally:
-        del t
+        t = None
         reset(world.device)
     return row
 
@@ -141,7 +142,9 @@ def bench_peft(micro: int, args: argparse.Namespace, device: torch.device) -> di
         use_cache=False,
     )
     row: dict[str, Any] = {"name": "peft", "micro": micro, "seq": args.seq}
-    model = None
+    model: Any = None
+    lora_model: Any = None
+    opt: Any = None
     try:
         reset(device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -152,9 +155,9 @@ def bench_peft(micro: int, args: argparse.Namespace, device: torch.device) -> di
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lcfg = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=FOUR)
-        model = peft.get_peft_model(model, lcfg)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        lora_model = peft.get_peft_model(model, lcfg)
+        lora_model.train()
+        opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=2e-4)
         data = random_batches(args.warmup + args.steps, micro, args.seq, cfg.vocab_size)
         it = iter(data)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -162,7 +165,7 @@ def bench_peft(micro: int, args: argparse.Namespace, device: torch.device) -> di
         def step() -> None:
             ids = next(it)["input_ids"].to(device)
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = lora_model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -172,7 +175,7 @@ def bench_peft(micro: int, args: argparse.Namespace, device: torch.device) -> di
     except torch.OutOfMemoryError:
         row.update(error="out of memory")
     finally:
-        del model
+        model = lora_model = opt = None
         reset(device)
     return row
 
