@@ -248,3 +248,30 @@ def test_cli_merge_and_adapter_flags(tmp_path: Path) -> None:
         and f"adapter {base} is not a PEFT adapter folder (no adapter_config.json)" in p.stderr
     )
     assert "Traceback" not in p.stderr
+
+
+def test_adapted_layers_compile_without_graph_breaks() -> None:
+    """Per-block compile traces an adapted layer (under activation checkpointing) whole, with the same gradients;
+    LLaMA-style row slices too."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = make_model(NATIVE).train()
+    apply_lora(model, LoraConfig(r=2, targets=FOUR, dropout=0.1))
+    randomize_b(model)
+    layer = model.transformer.blocks[0].attn.Wqkv
+    layer.lora["v"] = type(layer.lora["Wqkv"])(
+        64, 64, r=2, scaling=0.5, dropout=0.0, name="v", rows=(128, 192)
+    )
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    torch.manual_seed(0)
+    expected = layer(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    layer.zero_grad()
+    compiled = torch.compile(checkpoint_wrapper(layer), backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    for p, g in zip([p for p in layer.parameters() if p.requires_grad], grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
