@@ -100,9 +100,9 @@ class LoRA(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(
-            self.lora_A.weight.dtype
-        )  # as PEFT: a bf16 activation meets float32 adapters outside autocast
+        # as PEFT: bf16 activations meet float32 adapters; under autocast the matmuls cast them (no float32 copy)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def delta_weight(self) -> Tensor:

@@ -180,10 +180,11 @@ def parallelize(
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store the frozen floating-point parameters in `dtype` (on the meta device: before materialising)."""
+    """Store the frozen floating-point parameters in `dtype` (those on the meta device, before materialising: a
+    base built from its weights, as QLoRA's, keeps the dtype it was loaded in)."""
     for m in model.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and not p.requires_grad and p.is_floating_point():
+            if p is not None and p.is_meta and not p.requires_grad and p.is_floating_point():
                 m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
 
 
