@@ -332,13 +332,14 @@ def finetune(
         None,
         metavar="[RECIPE] [KEY=VALUE]...",
         help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct; "
-        "default tiny-instruct) then KEY=VALUE overrides.",
+        "LoRA: mpt-7b-instruct-lora, mpt-7b-chat-qlora, mpt-30b-instruct-qlora; default tiny-instruct) then "
+        "KEY=VALUE overrides (lora.r=8 turns LoRA on: docs/lora.md).",
     ),
 ) -> None:
     """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
 
     The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
-    folder with a chat template. No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    folder with a chat template (with a lora section: PEFT's adapter folder). No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
     from rich.console import Console
 
     from smalto.finetune import finetune as run_finetune
