@@ -332,14 +332,15 @@ def finetune(
         None,
         metavar="[RECIPE] [KEY=VALUE]...",
         help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct; "
-        "LoRA: mpt-7b-instruct-lora, mpt-7b-chat-qlora, mpt-30b-instruct-qlora; default tiny-instruct) then "
-        "KEY=VALUE overrides (lora.r=8 turns LoRA on: docs/lora.md).",
+        "default tiny-instruct) then KEY=VALUE overrides.",
     ),
 ) -> None:
     """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
 
     The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
-    folder with a chat template (with a lora section: PEFT's adapter folder). No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    folder with a chat template. A lora section (lora.r=8 on the command line makes one) trains LoRA adapters on a
+    frozen base and writes PEFT's adapter folder; LoRA recipes: mpt-7b-instruct-lora, mpt-7b-chat-qlora,
+    mpt-30b-instruct-qlora (docs/lora.md). No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
     from rich.console import Console
 
     from smalto.finetune import finetune as run_finetune
