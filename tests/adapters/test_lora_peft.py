@@ -224,10 +224,11 @@ def test_targets_matching_nothing() -> None:
         apply_lora(make_model(NATIVE), LoraConfig(targets=["norm_1"]))
 
 
-def test_cli_merge_and_adapter_flags(tmp_path: Path) -> None:
-    """`smalto merge` writes a plain folder transformers loads with the adapter's logits; `generate --adapter`
-    answers as the merged model does; a folder that is no adapter exits 2."""
-    from tests.train.conftest import run_smalto
+def test_merge_writes_a_plain_folder(tmp_path: Path) -> None:
+    """`smalto merge` (merge_adapter) writes a folder transformers loads without PEFT, with the adapter's logits;
+    `--adapter` with a folder that is no adapter is refused by name."""
+    from smalto.adapters.merge import merge_adapter
+    from smalto.load import load_model_and_tokenizer
 
     base = mpt_base(tmp_path / "base")
     hf = transformers.AutoModelForCausalLM.from_pretrained(base)
@@ -236,18 +237,19 @@ def test_cli_merge_and_adapter_flags(tmp_path: Path) -> None:
         hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=FOUR, init_lora_weights=False)
     )
     ref.save_pretrained(tmp_path / "ad")
-    run_smalto(["merge", str(base), str(tmp_path / "ad"), str(tmp_path / "merged")])
+    note = merge_adapter(base, tmp_path / "ad", tmp_path / "merged")
+    assert note.startswith(
+        f"wrote {tmp_path / 'merged'}: {base} with {tmp_path / 'ad'} merged into its weights"
+    )
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, ref(x).logits, atol=1e-5, rtol=0)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
-    p = run_smalto(["generate", str(base), "--adapter", str(base), "-p", "x"], check=False)
-    assert (
-        p.returncode == 2
-        and f"adapter {base} is not a PEFT adapter folder (no adapter_config.json)" in p.stderr
-    )
-    assert "Traceback" not in p.stderr
+    with pytest.raises(
+        CheckpointError, match=r"adapter .*base is not a PEFT adapter folder \(no adapter_config.json\)"
+    ):
+        load_model_and_tokenizer(base, adapter=base)
 
 
 def test_adapted_layers_compile_without_graph_breaks() -> None:
