@@ -64,6 +64,13 @@ Quantize = Annotated[
         help="int8 | int4: quantize the linear layers' weights as the model loads (docs/quantize.md).",
     ),
 ]
+Adapter = Annotated[
+    str | None,
+    typer.Option(
+        "--adapter",
+        help="A PEFT LoRA adapter folder applied on top of the model, unmerged (docs/lora.md).",
+    ),
+]
 GroupSize = Annotated[
     int,
     typer.Option(
@@ -234,6 +241,7 @@ def eval_(
     ),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    adapter: Adapter = None,
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
     from smalto.eval.run import EvalConfig, parse_fewshot, run
@@ -253,6 +261,7 @@ def eval_(
         device=device,
         dtype=dtype,
         quantize=_quant_spec(quantize, group_size),
+        adapter=adapter,
     )
     run(cfg)
 
@@ -329,7 +338,9 @@ def finetune(
     """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
 
     The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
-    folder with a chat template. No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    folder with a chat template. A lora section (lora.r=8 on the command line makes one) trains LoRA adapters on a
+    frozen base and writes PEFT's adapter folder; LoRA recipes: mpt-7b-instruct-lora, mpt-7b-chat-qlora,
+    mpt-30b-instruct-qlora (docs/lora.md). No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
     from rich.console import Console
 
     from smalto.finetune import finetune as run_finetune
@@ -417,6 +428,7 @@ def generate_cmd(
     ),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    adapter: Adapter = None,
     template: str = typer.Option(
         "none",
         "--template",
@@ -444,6 +456,7 @@ def generate_cmd(
         device=device,
         max_seq_len=max_seq_len,
         quantize=_quant_spec(quantize, group_size),
+        adapter=adapter,
     )
     if template != "none":
         from smalto.tokenizer import chat_stop_strings
@@ -527,6 +540,7 @@ def chat(
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    adapter: Adapter = None,
 ) -> None:
     """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
     from smalto.chat import ChatSession
@@ -539,6 +553,7 @@ def chat(
         device=device,
         max_seq_len=max_seq_len,
         quantize=_quant_spec(quantize, group_size),
+        adapter=adapter,
     )
     session = ChatSession(
         lm,
@@ -629,6 +644,23 @@ def convert(
     else:
         how = "with trust_remote_code=True only (" + ", ".join(cfg["smalto"]["why_not_native"]) + ")"
     typer.echo(f"wrote {out}: {len(files)} weight file(s), {cfg['torch_dtype']}; transformers loads it {how}")
+
+
+@app.command()
+def merge(
+    base: str = typer.Argument(
+        ..., help="The base model the adapter was trained on (anything smalto loads)."
+    ),
+    adapter: str = typer.Argument(..., help="A PEFT LoRA adapter folder (adapter_config.json + weights)."),
+    out: str = typer.Argument(..., help="The HF folder to write: the base with the adapter in its weights."),
+    dtype: str = typer.Option("auto", "--dtype", help=f"auto (the base's) | {DTYPES}."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help=SHARD_SIZE_HELP),
+) -> None:
+    """Merge a LoRA adapter into its base and write a plain HF folder (with the adapter's or the base's tokenizer)."""
+    from smalto.adapters.merge import merge_adapter
+
+    note = merge_adapter(base, adapter, out, dtype=dtype, shard_size=shard_size)
+    typer.echo(note)
 
 
 @app.command()

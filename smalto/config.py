@@ -314,6 +314,8 @@ class RunConfig:
     """`smalto finetune` only: the model to start from (anything `smalto.load` reads)."""
     finetune: Any = None
     """`smalto finetune` only: smalto.train.finetune.FinetuneSection (template, samples)."""
+    lora: Any = None
+    """`smalto finetune` only: smalto.adapters.LoraConfig when the recipe has a `lora` section (LoRA / QLoRA)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], data_cls: Any = None, extra: Any = None) -> RunConfig:
@@ -323,8 +325,9 @@ class RunConfig:
 
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
-        own = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_model", "finetune")]
-        check_keys("", d, own + (["base_model", "finetune"] if extra is not None else []))
+        finetune_only = ("base_model", "finetune", "lora")
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in finetune_only]
+        check_keys("", d, own + (list(finetune_only) if extra is not None else []))
         hints = typing.get_type_hints(cls)
         top = {
             k: check_type(k, d[k], hints[k])
@@ -387,6 +390,8 @@ class RunConfig:
         d["prepare"], d["tokenizer"] = self.prepare, self.tokenizer
         if self.base_model is not None:
             d["base_model"], d["finetune"] = self.base_model, dataclasses.asdict(self.finetune)
+        if self.lora is not None:
+            d["lora"] = dataclasses.asdict(self.lora)
         d["model"] = self.model.to_dict()
         d["data"] = dataclasses.asdict(self.data)
         for k in ("optimizer", "scheduler", "train", "checkpoint", "logging", "guard"):

@@ -6,6 +6,8 @@ A finetuning recipe is a training recipe (same sections, same trainer: FSDP2, ex
     data:                  FinetuneDataConfig (smalto.data.finetune_stream): sources with a preprocessing step,
                            eval_fraction / eval_sources, packing, target rules
     finetune:              smalto.train.finetune.FinetuneSection: the export's chat template, sample generations
+    lora:                  smalto.adapters.LoraConfig: when present, LoRA (or QLoRA with base_dtype nf4) on a
+                           frozen base; checkpoints hold the adapters and the export is a PEFT adapter folder
 The objective's parts that the loop calls (data streams, samples at evaluations, the export's chat files) are in
 smalto/train/finetune.py; this module reads the recipe, runs the loop and reports.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from smalto.adapters.lora import LoraConfig
 from smalto.config import RunConfig, apply_overrides, find_recipe, read_yaml
 from smalto.errors import ConfigError, build
 from smalto.train.finetune import FinetuneSection, held_out_prompts, sampler, write_chat_files
@@ -81,9 +84,10 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
     ck.setdefault("load_from", base)
     d["checkpoint"] = ck
     section = build(FinetuneSection, d.get("finetune"), "finetune")
-    d = {k: v for k, v in d.items() if k not in ("base_model", "finetune")}
+    lora = build(LoraConfig, d["lora"], "lora") if "lora" in d else None  # a lora section turns LoRA on
+    d = {k: v for k, v in d.items() if k not in ("base_model", "finetune", "lora")}
     return RunConfig.from_dict(
-        d, data_cls=FinetuneDataConfig, extra={"base_model": base, "finetune": section}
+        d, data_cls=FinetuneDataConfig, extra={"base_model": base, "finetune": section, "lora": lora}
     )
 
 

@@ -35,6 +35,7 @@ def load(
     max_seq_len: int | None = None,
     attn_impl: str | None = None,
     quantize: str | QuantSpec | None = None,
+    adapter: str | Path | None = None,
     **config_overrides: Any,
 ) -> MPTForCausalLM:
     """Load a model as an `MPTForCausalLM` in eval mode, with the attention plans for scoring and prefill that its
@@ -44,7 +45,9 @@ def load(
       - an HF folder: config.json (model_type `mpt` or `smalto_mpt`) with model.safetensors or pytorch_model.bin,
         single or sharded with its *.index.json (`smalto.hf.load_pretrained` reads it);
       - a smalto training run folder (its latest checkpoint), its `checkpoints/` folder (the one `latest` names),
-        or one `step_*` checkpoint folder (DCP shards of any world size + model.json).
+        or one `step_*` checkpoint folder (DCP shards of any world size + model.json);
+      - a PEFT LoRA adapter folder (adapter_config.json): its `base_model_name_or_path` with the adapter.
+    adapter: a PEFT LoRA adapter folder added, unmerged, on top of the model (smalto.adapters, docs/lora.md).
     Overrides, honoured for every format:
       dtype: 'bf16' / 'bfloat16', 'fp16' / 'float16', 'fp32' / 'float32', a torch.dtype, or None / 'auto' to keep
         the stored one (an HF folder's torch_dtype; float32 for a training checkpoint).
@@ -66,6 +69,7 @@ def load(
 
     target = parse_dtype(dtype)
     dev = parse_device(device) if device is not None else torch.device("cpu")
+    path, adapter = resolve_adapter(path, adapter)
     kind, folder = _locate(path)
     stored = _stored_config(kind, folder)
     config = _override(stored, path, max_seq_len=max_seq_len, attn_impl=attn_impl, overrides=config_overrides)
@@ -98,9 +102,31 @@ def load(
         from smalto.adapters.nf4 import apply_nf4
 
         apply_nf4(model, device=dev)
+    if adapter is not None:
+        from smalto.adapters.peft import load_adapter
+
+        load_adapter(model, adapter)
     from smalto.kernels import apply_inference
 
     return apply_inference(model)  # the scoring and prefill attention plans its config asks for
+
+
+def resolve_adapter(path: str | Path, adapter: str | Path | None) -> tuple[str | Path, str | Path | None]:
+    """(base model, adapter): a PEFT adapter folder given as the model stands for its recorded base with itself."""
+    from smalto.adapters.peft import CONFIG, is_adapter, read_adapter_config
+
+    if adapter is not None and not is_adapter(adapter):
+        raise CheckpointError(f"adapter {adapter} is not a PEFT adapter folder (no {CONFIG})")
+    if adapter is not None or not is_adapter(path) or (Path(path) / "config.json").is_file():
+        return path, adapter
+    _, raw = read_adapter_config(path)
+    base = raw.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise CheckpointError(
+            f"{path} is a LoRA adapter whose base_model_name_or_path ({base!r}) is not a folder here; pass the "
+            "base model with the adapter (smalto.load(BASE, adapter=...), or MODEL --adapter on the command line)"
+        )
+    return base, path
 
 
 def model_config(path: str | Path) -> MPTConfig:
@@ -266,6 +292,7 @@ def load_model_and_tokenizer(
     device: str | None = None,
     max_seq_len: int | None = None,
     quantize: str | QuantSpec | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[MPTForCausalLM, Any]:
     """What `smalto generate` / `chat` need: the model (`load`; on `device`, default cuda when available) and its
     tokenizer (from `tokenizer_path`, else the model folder, else a training run's recorded tokenizer)."""
@@ -274,12 +301,18 @@ def load_model_and_tokenizer(
 
     parse_dtype(dtype)  # refuse a bad --dtype / --device before reading anything
     dev = parse_device(device)
+    model_path, adapter = resolve_adapter(model_path, adapter)
     _locate(model_path)  # says why a path is no model, before asking for a tokenizer
-    tok_src = Path(tokenizer_path) if tokenizer_path else find_tokenizer(model_path)
+    tok_src = Path(tokenizer_path) if tokenizer_path else None
+    if tok_src is None and adapter is not None and _has_tokenizer(Path(adapter)):
+        tok_src = Path(adapter)  # a finetuned adapter carries the tokenizer it was trained with
+    tok_src = tok_src or find_tokenizer(model_path)
     if tok_src is None:
         raise CheckpointError(
             f"{model_path} holds no tokenizer files (and records no training tokenizer); "
             "pass --tokenizer (a folder or tokenizer.json)"
         )
-    model = load(model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len, quantize=quantize)
+    model = load(
+        model_path, dtype=dtype, device=dev, max_seq_len=max_seq_len, quantize=quantize, adapter=adapter
+    )
     return model, load_tokenizer(tok_src)

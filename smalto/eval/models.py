@@ -83,6 +83,7 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     quantize: Any = None,
+    adapter: str | Path | None = None,
 ) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer). Folders smalto computes (`SMALTO_MODEL_TYPES`: MPT, LLaMA, Mistral) load as
     smalto models, anything else through transformers' AutoModelForCausalLM (local code only: no
@@ -101,8 +102,13 @@ def load_model(
     if model_type in SMALTO_MODEL_TYPES:
         from smalto.load import load
 
-        model = load(str(p), dtype=dt, device=dev, quantize=quantize)
+        model = load(str(p), dtype=dt, device=dev, quantize=quantize, adapter=adapter)
     else:
+        if adapter is not None:
+            raise ConfigError(
+                f"--adapter applies to the models smalto computes ({', '.join(SMALTO_MODEL_TYPES)}); {p} has "
+                f"model_type {model_type!r} (transformers)"
+            )
         if quantize is not None:
             raise ConfigError(
                 f"--quantize applies to the models smalto computes ({', '.join(SMALTO_MODEL_TYPES)}); {p} has "

@@ -25,6 +25,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantize: Any = None  # a smalto.quant.QuantSpec: --quantize (smalto MPT folders)
+    adapter: str | None = None  # a PEFT LoRA adapter folder on top of the model (smalto's model types)
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -89,7 +90,12 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
     from smalto.eval.report import print_results, write_partial_results, write_results
 
     model, tokenizer = load_model(
-        cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.dtype, quantize=cfg.quantize
+        cfg.model,
+        tokenizer=cfg.tokenizer,
+        device=device,
+        dtype=cfg.dtype,
+        quantize=cfg.quantize,
+        adapter=cfg.adapter,
     )
     results: dict[str, Any] = {"model": cfg.model, "tasks": [], "gauntlet": None, "perplexity": None}
     samples: dict[str, list[dict[str, Any]]] = {}

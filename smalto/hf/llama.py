@@ -91,6 +91,11 @@ def _rename(name: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
     return None
 
 
+def llama_tensor_name(name: str) -> str | None:
+    """The HF LLaMA name of one of smalto's tensors (None for Wqkv, which is three: `tensors_to_llama`)."""
+    return _rename(name, _TO_HF)
+
+
 # ---------------------------------------------------------------- config
 
 

@@ -249,6 +249,11 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     )
 
 
+def write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, int | None]:
+    """The tokenizer files (from a tokenizer object, a folder or a tokenizer.json) into `folder`; its special ids."""
+    return _write_tokenizer(tokenizer, folder)
+
+
 def _write_tokenizer(tokenizer: Any, folder: Path) -> dict[str, int | None]:
     """Write the tokenizer files; return its bos/eos/pad ids for config.json and generation_config.json."""
     from smalto.tokenizer import load_tokenizer

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from smalto.errors import CheckpointError, UserError
 from smalto.hf import load_pretrained, save_pretrained
@@ -57,12 +57,22 @@ def step_name(step: int) -> str:
 
 
 class Checkpointer:
-    def __init__(self, folder: str | Path, world: World, *, keep_last: int = 3, remove_stale: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        world: World,
+        *,
+        keep_last: int = 3,
+        remove_stale: bool = True,
+        trainable_only: bool = False,
+    ):
         """`remove_stale`: delete the partial `.step_*.tmp` folders a killed save left (rank 0); False for a folder
-        that is only read (`checkpoint.load_from`), whose own run may be saving into it."""
+        that is only read (`checkpoint.load_from`), whose own run may be saving into it. `trainable_only`: save
+        and resume only the parameters that train (LoRA: the adapters, not the frozen base)."""
         self.folder = Path(folder)
         self.world = world
         self.keep_last = keep_last
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
         if remove_stale and world.is_main:
             for stale in self.folder.glob(".step_*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -97,7 +107,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         self.world.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter(
@@ -153,12 +163,13 @@ class Checkpointer:
         config: Any = model.config
         check_shapes(path, config, fix)
         if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
             state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         else:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-            state = {"model": get_model_state_dict(model)}
+            # weights for a model with adapters (LoRA on this base): the base's tensors, the adapters start fresh
+            state = {"model": {k: v for k, v in get_model_state_dict(model).items() if ".lora." not in k}}
         try:
             load_dcp(state, path)  # the restricted unpickler: a crafted checkpoint raises, runs nothing
         except CheckpointError:
@@ -175,11 +186,17 @@ class Checkpointer:
                 f"another optimizer? (DCP says: {cause}); {fix}"
             ) from None
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+                options=self.options,
+            )
         else:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-            set_model_state_dict(model, state["model"])
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
         trainer = json.loads((path / TRAINER).read_text())
         rng_file = path / "rng" / f"rank{self.world.rank}.pt"
         if trainer.get("world_size") == self.world.world_size and rng_file.is_file():
@@ -295,10 +312,17 @@ def load_weights(path: str, model: torch.nn.Module, world: World) -> None:
         return
     if not (p / "config.json").is_file():
         raise CheckpointError(f"checkpoint.load_from = {path}: neither a smalto checkpoint nor an HF folder")
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     hf = load_pretrained(str(p), device="cpu")
-    set_model_state_dict(model, hf.state_dict(), options=StateDictOptions(full_state_dict=True))
+    # a model with adapters (LoRA) has tensors of its own beyond the base's: every base tensor must still load
+    lora = {k for k in model.state_dict() if ".lora." in k}
+    result = set_model_state_dict(
+        model, hf.state_dict(), options=StateDictOptions(full_state_dict=True, strict=not lora)
+    )
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora." not in k]
+    if missing:
+        raise CheckpointError(f"checkpoint.load_from = {path} lacks {missing[0]}")
 
 
 def export_hf(

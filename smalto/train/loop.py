@@ -232,7 +232,12 @@ def finish(t: Trainer, stopped: str | None) -> TrainResult:
     if stopped and stopped.startswith("guard"):
         t.checkpoint = _guard_checkpoint(t)
     t.logger.close()
-    if stopped is None and cfg.checkpoint.hf_export:
+    if stopped is None and cfg.checkpoint.hf_export and cfg.lora is not None:
+        from smalto.train.adapters import export_adapter
+
+        export_adapter(t.model, cfg.checkpoint.hf_export, world, cfg)  # PEFT's adapter folder, not a model
+        hf_folder = cfg.checkpoint.hf_export
+    elif stopped is None and cfg.checkpoint.hf_export:
         plain = export_hf(t.model, cfg.checkpoint.hf_export, world, tokenizer=cfg.tokenizer)
         hf_folder = cfg.checkpoint.hf_export
         if plain is not None and cfg.train.sample_prompts and cfg.tokenizer:

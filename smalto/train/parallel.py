@@ -3,6 +3,8 @@
 `build_model` builds MPT on the meta device (no memory), applies, in this order,
   1. kernels: the attention plans (smalto/kernels/plans.py), the loss from the hidden states (chunked or full
      logits), the polynomial GELU (bf16), the once-per-step bf16 weight cast (one device): they change what modules compute, so everything after must see them;
+  1b. adapters (LoRA, smalto/adapters): freeze the base and add trainable pairs to the targeted linears; the
+     frozen base is stored in bf16 on one device with bf16 (FSDP2 keeps one dtype per unit and casts at gathering);
   2. activation checkpointing (every block or every k-th): wraps blocks, so it must see the plain blocks;
   3. torch.compile per block: compiles the (possibly checkpoint-wrapped) block, so recomputation is compiled too;
   4. FSDP2 `fully_shard` per block, then the root (which keeps the tied embedding/unembedding in one unit):
@@ -27,6 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from smalto.adapters.lora import LoraConfig, adapters, apply_lora
 from smalto.errors import ConfigError
 from smalto.kernels import apply
 from smalto.kernels.gelu import use_poly_gelu
@@ -96,6 +99,7 @@ def build_model(
     compile: bool = False,
     bf16: bool = False,
     reshard_after_forward: bool = True,
+    lora: LoraConfig | None = None,
 ) -> MPTForCausalLM:
     model = MPTForCausalLM(config, device="meta")
     parallelize(
@@ -108,9 +112,12 @@ def build_model(
         compile=compile,
         bf16=bf16,
         reshard_after_forward=reshard_after_forward,
+        lora=lora,
     )
     model.to_empty(device=world.device)
     materialize(model, config, world, seed=seed)
+    if lora is not None:
+        init_adapters(model, world, seed=seed)
     return model
 
 
@@ -125,6 +132,7 @@ def parallelize(
     compile: bool = False,
     bf16: bool = False,
     reshard_after_forward: bool = True,
+    lora: LoraConfig | None = None,
 ) -> None:
     blocks = model.transformer.blocks
     # 1. kernels: what the modules compute (before anything wraps or compiles them)
@@ -136,12 +144,18 @@ def parallelize(
         use_poly_gelu(model)
     if step_cast:
         use_step_cast(blocks)
+    # 1b. adapters: a frozen base (no weight-gradient products) and trainable float32 LoRA pairs
+    if lora is not None:
+        apply_lora(model, lora)
+        if bf16 and world.world_size == 1:
+            frozen_to(model, torch.bfloat16)
     # 2. activation checkpointing: recompute a block's activations in the backward instead of keeping them
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         every = 1 if activation_checkpointing is True else int(activation_checkpointing)
         dropout = model.config.resid_pdrop > 0 or model.config.attn_config.attn_pdrop > 0
+        dropout = dropout or (lora is not None and lora.dropout > 0)
         for i in range(len(blocks)):
             if i % every == 0:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=dropout)
@@ -163,6 +177,30 @@ def parallelize(
                 block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last
             )
         fully_shard(model, mesh=world.mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen floating-point parameters in `dtype` (those on the meta device, before materialising: a
+    base built from its weights, as QLoRA's, keeps the dtype it was loaded in)."""
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta and not p.requires_grad and p.is_floating_point():
+                m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, world: World, *, seed: int) -> None:
+    """Initialise every LoRA pair (A Kaiming-uniform, B zero) from its own seed, in full, keeping this rank's
+    shard: the same start for every world size."""
+    devices = [world.device] if world.device.type == "cuda" else []
+    for k, a in enumerate(adapters(model)):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed * 1_000_003 + 999_983 + k)
+            full_a = torch.empty(a.lora_A.weight.shape, device=world.device)
+            full_b = torch.zeros(a.lora_B.weight.shape, device=world.device)
+            nn.init.kaiming_uniform_(full_a, a=5**0.5)
+        _copy_shard(a.lora_A.weight, full_a, world)
+        _copy_shard(a.lora_B.weight, full_b, world)
 
 
 def clean_name(name: str) -> str:

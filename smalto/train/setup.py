@@ -28,6 +28,7 @@ from smalto.kernels import select
 from smalto.kernels.loss import head_loss_for
 from smalto.model.attention import AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
+from smalto.train.adapters import build_qlora_model
 from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.guard import LossGuard
 from smalto.train.metrics import RunLogger, peak_tflops, write_run_info
@@ -161,13 +162,18 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         )
         t.val_loader = _val_loader(cfg, world, t.micro)
         check_vocab([t.loader, t.val_loader], cfg.model.vocab_size)
-    t.ckpt = Checkpointer(cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last)
+    # LoRA: checkpoints hold the trainable tensors and their optimizer state only (the base is in base_model)
+    t.ckpt = Checkpointer(
+        cfg.checkpoint.folder, world, keep_last=cfg.checkpoint.keep_last, trainable_only=cfg.lora is not None
+    )
     latest = t.ckpt.latest() if cfg.checkpoint.autoresume else None
+    # the initial weights; a LoRA checkpoint holds only the adapters, so its base comes from load_from again
+    base_loaded = getattr(t.model, "base_loaded", False)  # QLoRA built its base from the weights
+    if (latest is None or cfg.lora is not None) and cfg.checkpoint.load_from and not base_loaded:
+        load_weights(cfg.checkpoint.load_from, t.model, world)
     if latest is not None:
         t.load_state_dict(t.ckpt.load(latest, t.model, t.optimizer))
         t.checkpoint = str(latest)
-    elif cfg.checkpoint.load_from:
-        load_weights(cfg.checkpoint.load_from, t.model, world)
     if world.is_main:
         write_run_info(cfg, world.world_size, world.device)
     t.logger.start(t.step)
@@ -194,11 +200,9 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
     dtype = torch.bfloat16 if bf16 else torch.float32
     attention = select(cfg.model, "train", device=world.device, dtype=dtype, batch=micro, seq=seq)
     scoring = select(cfg.model, "score", device=world.device, dtype=dtype, batch=micro, seq=seq)
-    step_cast = uses_step_cast(tc.weight_cast, bf16=bf16, world_size=world.world_size)
-    model = build_model(
-        cfg.model,
-        world,
-        seed=cfg.seed,
+    # a LoRA base is frozen (stored in bf16 already): there are no trainable linears to cast once per step
+    step_cast = uses_step_cast(tc.weight_cast, bf16=bf16, world_size=world.world_size) and cfg.lora is None
+    options: dict[str, Any] = dict(
         plans={"train": attention, "score": scoring},
         head_loss=head_loss_for(tc.loss, micro * seq, cfg.model.vocab_size),
         step_cast=step_cast,
@@ -206,7 +210,12 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
         compile=tc.compile,
         bf16=bf16,
         reshard_after_forward=tc.reshard_after_forward,
+        lora=cfg.lora,
     )
+    if cfg.lora is not None and cfg.lora.base_dtype == "nf4":  # QLoRA: the base is quantized from its weights
+        model = build_qlora_model(cfg.model, world, seed=cfg.seed, base=cfg.base_model, **options)
+    else:
+        model = build_model(cfg.model, world, seed=cfg.seed, **options)
     tokens_per_step = tc.global_batch_size * seq
     total = duration_steps(tc.max_duration, "train.max_duration", tokens_per_step=tokens_per_step)
     if total < 1:
