@@ -38,7 +38,6 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
     a max_duration in epochs ("2ep") becomes steps here, once the packed rows are counted."""
     from smalto.config import parse_duration
     from smalto.data.finetune_stream import build_finetune_loaders
-    from smalto.tokenizer import load_tokenizer
 
     assert cfg.tokenizer is not None  # load_finetune_config sets it
     tc = cfg.train
@@ -48,7 +47,7 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
             f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
             f"({world.world_size} × {micro})"
         )
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = finetune_tokenizer(cfg)
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.tokenizer} has {len(tok)} tokens, more than the model's vocab_size "
@@ -68,6 +67,36 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
     return loader, held
 
 
+def finetune_tokenizer(cfg: RunConfig, path: str | Path | None = None) -> Any:
+    """The recipe's tokenizer (or the one at `path`): for ChatML recipes with `<|im_start|>` and `<|im_end|>`
+    added as special tokens when the model's vocabulary has room for them (smalto.tokenizer.add_chatml_tokens),
+    so each marker is one token in the examples, the samples and the export."""
+    import warnings
+
+    from smalto.tokenizer import add_chatml_tokens, load_tokenizer
+
+    source = path or cfg.tokenizer
+    assert source is not None  # load_finetune_config sets it
+    tok = load_tokenizer(source)
+    if uses_chatml(cfg, tok) and not add_chatml_tokens(tok, cfg.model.vocab_size):
+        warnings.warn(
+            f"the model's vocab_size {cfg.model.vocab_size} has no room for <|im_start|> and <|im_end|> beside the "
+            f"tokenizer's {len(tok)} tokens: ChatML markers are tokenized as text",
+            stacklevel=2,
+        )
+    return tok
+
+
+def uses_chatml(cfg: RunConfig, tok: Any) -> bool:
+    """Whether the recipe's examples or export speak ChatML: its template is `chatml`, or a `chat` source is
+    rendered by ChatML (the tokenizer has no template, or a template with `<|im_start|>`)."""
+    from smalto.tokenizer import CHATML_START
+
+    own = str(getattr(tok, "chat_template", None) or "")
+    chat = any(s.preprocessing == "chat" for s in [*cfg.data.sources, *cfg.data.eval_sources])
+    return template_name(cfg) == "chatml" or (chat and (not own or CHATML_START in own))
+
+
 def held_out_prompts(datasets: list[Any], n: int, tokenizer: Any) -> list[str]:
     """The first `n` held-out examples' prompts: each example's tokens before its first target."""
     prompts: list[str] = []
@@ -84,9 +113,8 @@ def sampler(cfg: RunConfig) -> Any:
     import torch
 
     from smalto.generate import generate
-    from smalto.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tok = finetune_tokenizer(cfg) if cfg.tokenizer else None
 
     def on_eval(t: Any, metrics: dict[str, Any]) -> None:
         if tok is None or cfg.finetune.samples == 0 or t.world.world_size > 1 or t.val_loader is None:
@@ -121,11 +149,15 @@ def template_name(cfg: RunConfig) -> str:
 
 
 def write_chat_files(cfg: RunConfig, folder: Path) -> None:
-    """The export's chat_template (tokenizer_config.json) and generation_config.json's EOS and end-of-turn ids."""
+    """The export's tokenizer (with the ChatML tokens of a ChatML recipe), chat_template (tokenizer_config.json)
+    and generation_config.json's EOS and end-of-turn ids."""
     from smalto.data.templates import TEMPLATES
     from smalto.tokenizer import CHATML_END, load_tokenizer
 
     name = template_name(cfg)
+    with_markers = finetune_tokenizer(cfg, folder)
+    if with_markers.get_vocab() != load_tokenizer(folder).get_vocab():
+        _save_tokenizer(with_markers, folder)
     tc_file = folder / "tokenizer_config.json"
     tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
     if name in TEMPLATES:
@@ -145,3 +177,14 @@ def write_chat_files(cfg: RunConfig, folder: Path) -> None:
     gc = json.loads(gc_file.read_text()) if gc_file.is_file() else {}
     gc["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     replace_durably(gc_file, json.dumps(gc, indent=2) + "\n")
+
+
+def _save_tokenizer(tok: Any, folder: Path) -> None:
+    """`tok`'s files written over the folder's, each replaced atomically."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
+        tok.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                replace_durably(folder / f.name, f.read_bytes())
