@@ -8,7 +8,7 @@ from held-out prompts at every evaluation, and an export that chats (chat_templa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,32 @@ class FinetuneSection:
     samples: int = 3
     """Held-out prompts answered greedily at every evaluation and at the end (console, TensorBoard); 0 = none."""
     sample_tokens: int = 64
+    icl_tasks: list[str] = field(default_factory=list)
+    """`smalto eval --tasks` specs (task labels, a task YAML, `gauntlet`) scored at evaluations (console, metrics,
+    TensorBoard as `icl/<label>/<k>-shot`); empty = none."""
+    icl_every: int = 0
+    """Steps between ICL runs, checked at each evaluation (train.eval_interval) and always run at the first and the
+    last; 0 = every evaluation."""
+    icl_limit: int | None = 100
+    """Items per task (the first ones), so that a run of the tasks takes seconds, not the whole benchmark."""
+    icl_fewshot: list[int] | None = None
+    """Replaces each task's num_fewshot list."""
+    icl_data_root: str | None = None
+    """llm-foundry's local_data layout (default: ../shared/icl_data, as `smalto eval`)."""
 
     def __post_init__(self) -> None:
         check_choice("finetune.template", self.template, ("auto", "instruct", "chatml", "tokenizer", "none"))
         if self.samples < 0 or self.sample_tokens < 1:
             raise ConfigError("finetune.samples must be ≥ 0 and finetune.sample_tokens ≥ 1")
+        if self.icl_every < 0 or (self.icl_limit is not None and self.icl_limit < 1):
+            raise ConfigError(
+                "finetune.icl_every must be ≥ 0 and finetune.icl_limit ≥ 1 (or null: every item)"
+            )
+        if self.icl_tasks:  # a wrong task name or data folder is named now, not after the first steps
+            from smalto.eval.tasks import resolve_data_root, resolve_tasks
+
+            resolve_tasks(self.icl_tasks)
+            resolve_data_root(self.icl_data_root)
 
 
 def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
@@ -132,6 +153,45 @@ def sampler(cfg: RunConfig) -> Any:
             t.logger.print(f"[dim]sample {i} at step {t.step}:[/] {_tail(p)!r} → {o.text!r}")
             if getattr(t.logger, "tb", None) is not None:
                 t.logger.tb.add_text(f"samples/{i}", f"{p}{o.text}", t.step)
+
+    return on_eval
+
+
+def icl_scorer(cfg: RunConfig) -> Any:
+    """The `on_eval` hook that scores `finetune.icl_tasks` with smalto eval's ICL code (every rank: items are split
+    across ranks), adds the accuracies to the evaluation's metrics (metrics.jsonl, TensorBoard) and prints them."""
+    import torch
+
+    from smalto.eval.runner import evaluate_icl
+    from smalto.eval.tasks import resolve_tasks
+
+    ft = cfg.finetune
+    if not ft.icl_tasks:
+        return None
+    suite = resolve_tasks(ft.icl_tasks)
+    tok = finetune_tokenizer(cfg)
+    last: list[int] = []  # the step of the latest run
+
+    def on_eval(t: Any, metrics: dict[str, Any]) -> None:
+        due = not last or t.step - last[-1] >= max(ft.icl_every, 1) or t.step == t.total_steps
+        if not due:
+            return
+        last.append(t.step)
+        with torch.random.fork_rng(devices=[]):  # scoring must not move the training RNG (resume)
+            scores = evaluate_icl(
+                t.model,
+                tok,
+                suite,
+                data_root=ft.icl_data_root,
+                fewshot=ft.icl_fewshot,
+                limit=ft.icl_limit,
+                batch_size=max(1, t.micro),
+                max_seq_len=cfg.data.seq_len,
+                on_skip=lambda key, why: t.logger.print(f"[yellow]ICL {key} skipped:[/] {why}"),
+            )
+        metrics.update(scores)
+        shown = "  ".join(f"{k.removeprefix('icl/')} {v:.3f}" for k, v in scores.items())
+        t.logger.print(f"ICL at step {t.step}: {shown}")
 
     return on_eval
 
