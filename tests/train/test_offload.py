@@ -78,6 +78,23 @@ def test_offload_is_refused_under_fsdp(tmp_path):
             dist.destroy_process_group()
 
 
+def test_host_arena_carves_aligned_tensors_from_slabs(monkeypatch):
+    from smalto.train.offload import HostArena
+
+    monkeypatch.setattr(HostArena, "SLAB_BYTES", 4096)
+    arena = HostArena(pin=False)
+    a, b = arena.empty((10, 10), torch.float32), arena.empty((3,), torch.bfloat16)
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one slab
+    assert b.data_ptr() - a.data_ptr() == 512  # 400 bytes, aligned up
+    c = arena.empty((1000,), torch.float32)  # does not fit the rest of the slab: a new one, from its start
+    assert c.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+    assert c.data_ptr() == c.untyped_storage().data_ptr()
+    big = arena.empty((2000,), torch.float32)  # larger than a slab: alone
+    assert big.untyped_storage().nbytes() == 8000
+    a.fill_(1.0), b.fill_(2.0), c.fill_(3.0)
+    assert a.sum() == 100 and b.float().sum() == 6 and c.sum() == 3000  # no overlap
+
+
 def test_offload_choice_is_checked():
     with pytest.raises(ConfigError, match=r"optimizer.offload.*'gpu'.*none.*cpu"):
         OptimizerConfig(offload="gpu")
@@ -101,3 +118,11 @@ def test_training_with_offload_equals_training_without(tiny_data, tmp_path):
     train(RunConfig.from_dict(copy.deepcopy(rec)))
     assert len(losses(tmp_path / "plain")) == 8
     assert losses(tmp_path / "offload") == losses(tmp_path / "plain")
+    # the state lives in shared CPU slabs (HostArena); a checkpoint still holds each tensor alone, not its slab
+    size = {
+        run: sum(
+            f.stat().st_size for f in (tmp_path / run / "checkpoints" / "step_00000008").rglob("*.distcp")
+        )
+        for run in ("plain", "offload")
+    }
+    assert size["offload"] < 1.05 * size["plain"], size
