@@ -6,12 +6,13 @@ examples follow a Dolly-like length mix (most 100–600 tokens, a third of each 
 Packed rows hold several examples (sequence ids keep them apart); unpacked rows hold one, padded. "real tokens/s"
 counts tokens that are not padding; MFU is computed on them.
 
-    python bench/bench_finetune.py --device cuda                     # MPT-7B, seq 2048: adamw, adamw-bf16, lion
+    python bench/bench_finetune.py --device cuda                     # MPT-7B, seq 2048: every optimizer choice
     python bench/bench_finetune.py --device cuda --optimizers adamw-bf16 --micro-batches 1,2,4 --packing on,off
     python bench/bench_finetune.py --smoke                           # CPU, tiny shapes: does it run?
 
 Optimizer choices: `adamw` (float32 moments, 8 bytes a parameter), `adamw-bf16` (optimizer.state_dtype=bf16,
-4 bytes), `lion` (one float32 moment, 4 bytes). Results: a rich table, and bench_finetune.json in $OUT when set.
+4 bytes), `lion` (one float32 moment, 4 bytes), `adamw-offload` and `adamw-bf16-offload` (optimizer.offload=cpu:
+the moments in CPU memory, streamed through the GPU at each step; 0 bytes on the GPU). Results: a rich table, and bench_finetune.json in $OUT when set.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ OPTIMIZERS = {
     "adamw": ["optimizer.name=adamw", "optimizer.betas=[0.9,0.999]", "optimizer.state_dtype=fp32"],
     "adamw-bf16": ["optimizer.name=adamw", "optimizer.betas=[0.9,0.999]", "optimizer.state_dtype=bf16"],
     "lion": ["optimizer.name=lion", "optimizer.state_dtype=fp32"],
+    "adamw-offload": [
+        "optimizer.name=adamw",
+        "optimizer.betas=[0.9,0.999]",
+        "optimizer.state_dtype=fp32",
+        "optimizer.offload=cpu",
+    ],
+    "adamw-bf16-offload": [
+        "optimizer.name=adamw",
+        "optimizer.betas=[0.9,0.999]",
+        "optimizer.state_dtype=bf16",
+        "optimizer.offload=cpu",
+    ],
 }
 
 
@@ -108,6 +121,7 @@ def bench_one(opt: str, packing: bool, micro: int, args: argparse.Namespace, wor
     try:
         t = build_trainer(cfg, world)
         t.logger.enabled = False
+        opt_seconds = time_optimizer_steps(t.optimizer, world.device)
         if world.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         steps = args.warmup + args.steps
@@ -119,6 +133,7 @@ def bench_one(opt: str, packing: bool, micro: int, args: argparse.Namespace, wor
                 if world.device.type == "cuda":
                     torch.cuda.synchronize()
                 start, real = time.perf_counter(), 0
+                opt_seconds.clear()
             mbs = data[s * t.accum : (s + 1) * t.accum]
             train_step(t, mbs)
             real += sum(int((mb["sequence_id"] >= 0).sum()) for mb in mbs)
@@ -129,7 +144,9 @@ def bench_one(opt: str, packing: bool, micro: int, args: argparse.Namespace, wor
         peak = torch.cuda.max_memory_allocated() / 2**30 if world.device.type == "cuda" else float("nan")
         mfu = tps * t.flops_per_token / (t.peak_tflops * 1e12) if t.peak_tflops else None
         fill = real / (args.steps * t.accum * micro * seq)
-        row.update(peak_gib=peak, real_tokens_per_s=tps, mfu=mfu, fill=fill)
+        row.update(
+            peak_gib=peak, real_tokens_per_s=tps, mfu=mfu, fill=fill, optimizer_s=float(np.mean(opt_seconds))
+        )
     except UserError as e:  # out of memory: train_step says so
         row.update(error=str(e).split(";")[0])
     finally:
@@ -140,11 +157,30 @@ def bench_one(opt: str, packing: bool, micro: int, args: argparse.Namespace, wor
     return row
 
 
+def time_optimizer_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
+    """Seconds of each `optimizer.step()` from now on (the device synchronised around it), in the list returned."""
+    seconds: list[float] = []
+    step = optimizer.step
+
+    def timed(*a, **k):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = step(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    optimizer.step = timed  # type: ignore[method-assign]
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="mpt-7b", help="pretraining recipe whose model shapes to use")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--optimizers", default="adamw,adamw-bf16,lion")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--packing", default="on,off")
     ap.add_argument("--micro-batches", default="2")
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
@@ -174,18 +210,28 @@ def main() -> None:
     table = Table(
         title=f"full finetuning, {args.recipe} shapes, {args.device}, length mix {args.min_len}–{args.max_len}"
     )
-    for col in ("optimizer", "packing", "micro", "seq", "peak GiB", "real tok/s", "MFU", "rows filled"):
+    for col in (
+        "optimizer",
+        "packing",
+        "micro",
+        "seq",
+        "peak GiB",
+        "real tok/s",
+        "MFU",
+        "rows filled",
+        "opt. step s",
+    ):
         table.add_column(col)
     for r in results:
         if "error" in r:
             table.add_row(
-                r["optimizer"], str(r["packing"]), str(r["micro"]), str(r["seq"]), r["error"], "", "", ""
+                r["optimizer"], str(r["packing"]), str(r["micro"]), str(r["seq"]), r["error"], "", "", "", ""
             )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         table.add_row(
             r["optimizer"], str(r["packing"]), str(r["micro"]), str(r["seq"]), f"{r['peak_gib']:.1f}",
-            f"{r['real_tokens_per_s']:,.0f}", mfu, f"{100 * r['fill']:.0f}%",
+            f"{r['real_tokens_per_s']:,.0f}", mfu, f"{100 * r['fill']:.0f}%", f"{r['optimizer_s']:.2f}",
         )  # fmt: skip
     Console().print(table)
     out = os.environ.get("OUT")

@@ -110,10 +110,14 @@ class OptimizerConfig:
     state_dtype: str = "fp32"
     """AdamW only: `bf16` stores both moments in bfloat16 (4 bytes a parameter instead of 8; the update is computed
     in float32): what lets full finetuning of a 7B model fit one GPU."""
+    offload: str = "none"
+    """`cpu` keeps the optimizer state in (pinned) CPU memory and streams it through the GPU chunk by chunk for each
+    step (smalto/train/offload.py): the GPU holds only weights, gradients and activations. One process only."""
 
     def __post_init__(self) -> None:
         check_choice("optimizer.name", self.name, ("lion", "adamw"))
         check_choice("optimizer.state_dtype", self.state_dtype, ("fp32", "bf16"))
+        check_choice("optimizer.offload", self.offload, ("none", "cpu"))
         if self.state_dtype == "bf16" and self.name != "adamw":
             raise ConfigError(
                 "optimizer.state_dtype = bf16 is for adamw; LION keeps one moment (set it to fp32)"

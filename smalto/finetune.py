@@ -25,7 +25,7 @@ import yaml
 from smalto.adapters.lora import LoraConfig
 from smalto.config import RunConfig, apply_overrides, find_recipe, read_yaml
 from smalto.errors import ConfigError, build
-from smalto.train.finetune import FinetuneSection, held_out_prompts, sampler, write_chat_files
+from smalto.train.finetune import FinetuneSection, held_out_prompts, icl_scorer, sampler, write_chat_files
 
 DEFAULT_RECIPE = "tiny-instruct"
 
@@ -95,7 +95,13 @@ def finetune(spec: str | None = None, overrides: list[str] | None = None) -> Fin
     from smalto.train.loop import train
 
     cfg = load_finetune_config(spec, overrides)
-    result = train(cfg, on_eval=sampler(cfg))
+    hooks = [h for h in (icl_scorer(cfg), sampler(cfg)) if h is not None]
+
+    def on_eval(t: Any, metrics: dict[str, Any]) -> None:
+        for hook in hooks:
+            hook(t, metrics)
+
+    result = train(cfg, on_eval=on_eval)
     samples: list[tuple[str, str]] = []
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 holds the export
     if result.hf_folder and result.stopped is None and main:

@@ -14,7 +14,7 @@ from typing import Any
 
 from smalto.errors import DataError
 
-CHATML_END = "<|im_end|>"
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -98,6 +98,40 @@ def apply_chat_template(
         )
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def add_chatml_tokens(tokenizer: Any, vocab_size: int) -> bool:
+    """Make `<|im_start|>` and `<|im_end|>` special tokens of `tokenizer` (in place), as MPT-7B-Chat's tokenizer
+    has them: ids 50277 and 50278, right after GPT-NeoX-20B's 50277 tokens. A tokenizer padded to the model's
+    vocabulary with placeholders (`[PAD50277]` … `[PAD50431]`) gives up its first placeholders; otherwise the
+    tokens are added at the end when their ids fit a model of `vocab_size` rows. Returns whether both are single
+    tokens now."""
+    import json
+    import re
+
+    from tokenizers import AddedToken, Tokenizer
+
+    markers = (CHATML_START, CHATML_END)
+    missing = [t for t in markers if t not in tokenizer.get_vocab()]
+    if not missing:
+        return True
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    placeholders = [
+        a for a in backend["added_tokens"] if not a["special"] and re.fullmatch(r"\[PAD\d+\]", a["content"])
+    ]
+    if len(placeholders) >= len(missing):
+        vocab = backend["model"].get("vocab")
+        for a, token in zip(sorted(placeholders, key=lambda a: a["id"]), missing, strict=False):
+            if isinstance(vocab, dict) and vocab.get(a["content"]) == a["id"]:
+                vocab[token] = vocab.pop(a["content"])
+            a["content"], a["special"] = token, True
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(backend))
+    elif len(tokenizer) + len(missing) <= vocab_size:
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in markers)
 
 
 def chat_stop_strings(tokenizer: Any) -> list[str]:

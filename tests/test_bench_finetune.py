@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_smoke(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = ["--smoke", "--optimizers", "adamw-bf16"]
+    args = ["--smoke", "--optimizers", "adamw-bf16-offload"]
     p = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_finetune.py"), *args],
         env=env,

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from smalto.serve.engine import Draining, Engine, Output, QueueFull
 from smalto.serve.engine import Request as EngineRequest
@@ -54,7 +55,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        engine.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        route = request.scope.get(
+            "route"
+        )  # not the raw path: unknown paths must not grow the metric's series
+        engine.metrics.requests.labels(getattr(route, "path", "other"), str(e.status)).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -64,10 +68,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         param = ".".join(loc) or None
         if err.get("type") == "json_invalid":
             msg, param = f"the body is not valid JSON: {err.get('msg')}", None
+        elif param is None and err.get("type") in ("model_attributes_type", "dict_type"):
+            msg = f"the body must be a JSON object of the request's fields, got {err.get('input')!r:.80}"
         else:
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             msg = f"{param or 'body'}: {err.get('msg')}{got}"
         return await api_error(request, APIError(400, msg, param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unknown path, a wrong method, a body that cannot be read as text) in
+        OpenAI's error shape too."""
+        msg = str(e.detail)
+        if e.status_code == 400 and "parsing the body" in msg:
+            msg = "the body is not valid JSON (it must be UTF-8 JSON text)"
+        return await api_error(request, APIError(e.status_code, msg, None, headers=dict(e.headers or {})))
 
     @app.get("/health")
     async def health() -> Response:

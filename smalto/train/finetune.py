@@ -8,7 +8,7 @@ from held-out prompts at every evaluation, and an export that chats (chat_templa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,18 @@ class FinetuneSection:
     samples: int = 3
     """Held-out prompts answered greedily at every evaluation and at the end (console, TensorBoard); 0 = none."""
     sample_tokens: int = 64
+    icl_tasks: list[str] = field(default_factory=list)
+    """`smalto eval --tasks` specs (task labels, a task YAML, `gauntlet`) scored at evaluations (console, metrics,
+    TensorBoard as `icl/<label>/<k>-shot`); empty = none."""
+    icl_every: int = 0
+    """Steps between ICL runs, checked at each evaluation (train.eval_interval) and always run at the first and the
+    last; 0 = every evaluation."""
+    icl_limit: int | None = 100
+    """Items per task (the first ones), so that a run of the tasks takes seconds, not the whole benchmark."""
+    icl_fewshot: list[int] | None = None
+    """Replaces each task's num_fewshot list."""
+    icl_data_root: str | None = None
+    """llm-foundry's local_data layout (default: ../shared/icl_data, as `smalto eval`)."""
 
     def __post_init__(self) -> None:
         check_choice(
@@ -34,6 +46,15 @@ class FinetuneSection:
         )
         if self.samples < 0 or self.sample_tokens < 1:
             raise ConfigError("finetune.samples must be ≥ 0 and finetune.sample_tokens ≥ 1")
+        if self.icl_every < 0 or (self.icl_limit is not None and self.icl_limit < 1):
+            raise ConfigError(
+                "finetune.icl_every must be ≥ 0 and finetune.icl_limit ≥ 1 (or null: every item)"
+            )
+        if self.icl_tasks:  # a wrong task name or data folder is named now, not after the first steps
+            from smalto.eval.tasks import resolve_data_root, resolve_tasks
+
+            resolve_tasks(self.icl_tasks)
+            resolve_data_root(self.icl_data_root)
 
 
 def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
@@ -49,7 +70,7 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
             f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of world size × micro_batch_size "
             f"({world.world_size} × {micro})"
         )
-    tok = training_tokenizer(cfg)
+    tok = finetune_tokenizer(cfg)
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.tokenizer} has {len(tok)} tokens, more than the model's vocab_size "
@@ -69,6 +90,41 @@ def finetune_loaders(cfg: RunConfig, world: Any) -> tuple[Any, Any]:
     return loader, held
 
 
+def finetune_tokenizer(cfg: RunConfig, path: str | Path | None = None) -> Any:
+    """The recipe's tokenizer (or the one at `path`): for ChatML recipes with `<|im_start|>` and `<|im_end|>`
+    added as special tokens when the model's vocabulary has room for them (smalto.tokenizer.add_chatml_tokens),
+    so each marker is one token in the examples, the samples and the export. A tokenizer without a chat template
+    gets the recipe's, so the chats are trained in the format the export declares."""
+    import warnings
+
+    from smalto.data.templates import TEMPLATES
+    from smalto.tokenizer import add_chatml_tokens, load_tokenizer
+
+    source = path or cfg.tokenizer
+    assert source is not None  # load_finetune_config sets it
+    tok = load_tokenizer(source)
+    name = template_name(cfg)
+    if not getattr(tok, "chat_template", None) and name in TEMPLATES:
+        tok.chat_template = TEMPLATES[name]
+    if uses_chatml(cfg, tok) and not add_chatml_tokens(tok, cfg.model.vocab_size):
+        warnings.warn(
+            f"the model's vocab_size {cfg.model.vocab_size} has no room for <|im_start|> and <|im_end|> beside the "
+            f"tokenizer's {len(tok)} tokens: ChatML markers are tokenized as text",
+            stacklevel=2,
+        )
+    return tok
+
+
+def uses_chatml(cfg: RunConfig, tok: Any) -> bool:
+    """Whether the recipe's examples or export speak ChatML: its template is `chatml`, or a `chat` source is
+    rendered by ChatML (the tokenizer has no template, or a template with `<|im_start|>`)."""
+    from smalto.tokenizer import CHATML_START
+
+    own = str(getattr(tok, "chat_template", None) or "")
+    chat = any(s.preprocessing == "chat" for s in [*cfg.data.sources, *cfg.data.eval_sources])
+    return template_name(cfg) == "chatml" or (chat and (not own or CHATML_START in own))
+
+
 def held_out_prompts(datasets: list[Any], n: int, tokenizer: Any) -> list[str]:
     """The first `n` held-out examples' prompts: each example's tokens before its first target."""
     prompts: list[str] = []
@@ -85,9 +141,8 @@ def sampler(cfg: RunConfig) -> Any:
     import torch
 
     from smalto.generate import generate
-    from smalto.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tok = finetune_tokenizer(cfg) if cfg.tokenizer else None
 
     def on_eval(t: Any, metrics: dict[str, Any]) -> None:
         if tok is None or cfg.finetune.samples == 0 or t.world.world_size > 1 or t.val_loader is None:
@@ -109,6 +164,45 @@ def sampler(cfg: RunConfig) -> Any:
     return on_eval
 
 
+def icl_scorer(cfg: RunConfig) -> Any:
+    """The `on_eval` hook that scores `finetune.icl_tasks` with smalto eval's ICL code (every rank: items are split
+    across ranks), adds the accuracies to the evaluation's metrics (metrics.jsonl, TensorBoard) and prints them."""
+    import torch
+
+    from smalto.eval.runner import evaluate_icl
+    from smalto.eval.tasks import resolve_tasks
+
+    ft = cfg.finetune
+    if not ft.icl_tasks:
+        return None
+    suite = resolve_tasks(ft.icl_tasks)
+    tok = finetune_tokenizer(cfg)
+    last: list[int] = []  # the step of the latest run
+
+    def on_eval(t: Any, metrics: dict[str, Any]) -> None:
+        due = not last or t.step - last[-1] >= max(ft.icl_every, 1) or t.step == t.total_steps
+        if not due:
+            return
+        last.append(t.step)
+        with torch.random.fork_rng(devices=[]):  # scoring must not move the training RNG (resume)
+            scores = evaluate_icl(
+                t.model,
+                tok,
+                suite,
+                data_root=ft.icl_data_root,
+                fewshot=ft.icl_fewshot,
+                limit=ft.icl_limit,
+                batch_size=max(1, t.micro),
+                max_seq_len=cfg.data.seq_len,
+                on_skip=lambda key, why: t.logger.print(f"[yellow]ICL {key} skipped:[/] {why}"),
+            )
+        metrics.update(scores)
+        shown = "  ".join(f"{k.removeprefix('icl/')} {v:.3f}" for k, v in scores.items())
+        t.logger.print(f"ICL at step {t.step}: {shown}")
+
+    return on_eval
+
+
 def _tail(text: str, n: int = 60) -> str:
     return text if len(text) <= n else "…" + text[-n:]
 
@@ -121,26 +215,16 @@ def template_name(cfg: RunConfig) -> str:
     return name
 
 
-def training_tokenizer(cfg: RunConfig) -> Any:
-    """The recipe's tokenizer; one without a chat template gets the recipe's, so the chats are trained in the
-    format the export declares."""
-    from smalto.data.templates import TEMPLATES
-    from smalto.tokenizer import load_tokenizer
-
-    assert cfg.tokenizer is not None  # load_finetune_config sets it
-    tok = load_tokenizer(cfg.tokenizer)
-    name = template_name(cfg)
-    if not getattr(tok, "chat_template", None) and name in TEMPLATES:
-        tok.chat_template = TEMPLATES[name]
-    return tok
-
-
 def write_chat_files(cfg: RunConfig, folder: Path) -> None:
-    """The export's chat_template (tokenizer_config.json) and generation_config.json's EOS and end-of-turn ids."""
+    """The export's tokenizer (with the ChatML tokens of a ChatML recipe), chat_template (tokenizer_config.json)
+    and generation_config.json's EOS and end-of-turn ids."""
     from smalto.data.templates import TEMPLATES
     from smalto.tokenizer import CHATML_END, load_tokenizer
 
     name = template_name(cfg)
+    with_markers = finetune_tokenizer(cfg, folder)
+    if with_markers.get_vocab() != load_tokenizer(folder).get_vocab():
+        _save_tokenizer(with_markers, folder)
     tc_file = folder / "tokenizer_config.json"
     tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
     if name in TEMPLATES:
@@ -160,3 +244,14 @@ def write_chat_files(cfg: RunConfig, folder: Path) -> None:
     gc = json.loads(gc_file.read_text()) if gc_file.is_file() else {}
     gc["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     replace_durably(gc_file, json.dumps(gc, indent=2) + "\n")
+
+
+def _save_tokenizer(tok: Any, folder: Path) -> None:
+    """`tok`'s files written over the folder's, each replaced atomically."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
+        tok.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                replace_durably(folder / f.name, f.read_bytes())

@@ -116,6 +116,8 @@ def out_of_memory_advice(cfg: RunConfig, micro: int) -> str:
         levers.append("train.loss=chunked (no full logits)")
     if tc.weight_cast == "step":
         levers.append("train.weight_cast=micro_batch (no bf16 copy of the weights held for the step)")
+    if cfg.optimizer.offload == "none":
+        levers.append("optimizer.offload=cpu (one process: the optimizer state in CPU memory)")
     levers.append("more GPUs under torchrun (FSDP2 shards parameters, gradients and optimizer state)")
     return "out of memory with train.micro_batch_size already 1; try " + "; ".join(levers)
 

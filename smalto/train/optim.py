@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
+from smalto.errors import ConfigError
 
 # parameters' elements per foreach call: a float32 temporary of 256 MB at most (or of one larger tensor)
 CHUNK_ELEMENTS = 1 << 26
@@ -100,6 +101,19 @@ class DecoupledLionW(torch.optim.Optimizer):
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.offload == "cpu":
+        from smalto.train.offload import OffloadedState
+
+        if any(isinstance(p, DTensor) for p in params):
+            raise ConfigError(
+                "optimizer.offload = cpu is for one process; under torchrun FSDP2 already divides the optimizer "
+                "state among the GPUs (set optimizer.offload=none)"
+            )
+        return OffloadedState(_build(params, cfg))
+    return _build(params, cfg)
+
+
+def _build(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "lion":
         return DecoupledLionW(
             params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay

@@ -233,7 +233,7 @@ LLAMA_7B_CONFIG_JSON = {  # meta-llama/Llama-2-7b-hf's config.json, the parts a 
 def test_llama_recipes_have_alpaca_and_vicuna_settings(tmp_path, neox_tokenizer_dir):
     from smalto.data.templates import VICUNA_TEMPLATE
     from smalto.finetune import load_finetune_config
-    from smalto.train.finetune import template_name, training_tokenizer
+    from smalto.train.finetune import finetune_tokenizer, template_name
 
     base = tmp_path / "llama-7b"
     base.mkdir()
@@ -248,4 +248,4 @@ def test_llama_recipes_have_alpaca_and_vicuna_settings(tmp_path, neox_tokenizer_
     assert (vicuna.data.seq_len, vicuna.train.global_batch_size, vicuna.optimizer.lr) == (2048, 128, 2e-5)
     assert template_name(vicuna) == "vicuna"
     # a tokenizer without a chat template trains the chats in the template the export declares
-    assert training_tokenizer(vicuna).chat_template == VICUNA_TEMPLATE
+    assert finetune_tokenizer(vicuna).chat_template == VICUNA_TEMPLATE

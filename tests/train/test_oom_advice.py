@@ -22,12 +22,19 @@ def test_a_micro_batch_of_one_names_the_other_levers_not_the_micro_batch() -> No
         "train.activation_checkpointing=true",
         "train.loss=chunked",
         "train.weight_cast=micro_batch",
+        "optimizer.offload=cpu",
         "torchrun",
     ):
         assert lever in msg, lever
     done = load_config(
         "tiny",
-        ["train.micro_batch_size=1", "train.activation_checkpointing=true", "train.weight_cast=micro_batch"],
+        [
+            "train.micro_batch_size=1",
+            "train.activation_checkpointing=true",
+            "train.weight_cast=micro_batch",
+            "optimizer.offload=cpu",
+        ],
     )
     msg = out_of_memory_advice(done, 1)
     assert "activation_checkpointing" not in msg and "train.loss" not in msg and "weight_cast" not in msg
+    assert "offload" not in msg
