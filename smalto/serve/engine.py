@@ -8,8 +8,10 @@ A request is one sequence (the API turns `n` choices into n requests). Its life:
     prefill  it owns a slot of the cache (smalto/serve/slots.py); its prompt is written in chunks, at most
              `prefill_chunk` prompt tokens per step over all prefilling requests, so a long prompt never stalls
              the running ones for more than one chunk; the last chunk's logits give the first token
-    decode   every step runs one decode forward over all slots and samples each running row with its own
-             parameters (rows with the same parameters together; a seeded row with its own generator)
+    decode   every step runs one decode forward over all slots (reading each slot's first positions only, up to
+             the smallest key-length bucket that holds the longest running sequence) and samples each running
+             row with its own parameters (rows with the same parameters together; a seeded row with its own
+             generator)
     done     at EOS, a stop token or string, max_tokens, or a cancel (client gone): its slot is free for the
              next step's admissions
 Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → one
@@ -34,7 +36,7 @@ from smalto.kernels import DecodeOptions
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
 from smalto.serve.metrics import Metrics
-from smalto.serve.slots import SlotDecoder
+from smalto.serve.slots import MIN_BUCKET, SlotDecoder
 from smalto.serve.text import TextStream
 
 
@@ -113,6 +115,7 @@ class Engine:
         compile: bool | None = None,
         options: DecodeOptions | None = None,
         metrics: Metrics | None = None,
+        min_bucket: int = MIN_BUCKET,
     ):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise UserError(
@@ -125,7 +128,7 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos: set[int] = {eos} if isinstance(eos, int) else set()
         compile = model.device.type == "cuda" if compile is None else compile
-        self.dec = SlotDecoder(model, max_batch, compile, options)
+        self.dec = SlotDecoder(model, max_batch, compile, options, min_bucket)
         self.metrics = metrics or Metrics()
         self.device = model.device
         self.gen = torch.Generator(device=self.device)
@@ -155,11 +158,15 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One decode step with every row idle (on CUDA: compiles and captures the step before the first request)."""
+        """One decode step per key-length bucket with every row idle (on CUDA: compiles and captures each bucket's
+        step before the first request)."""
         B, d = self.max_batch, self.device
-        self.dec.step(
-            torch.zeros(B, dtype=torch.long, device=d), torch.full((B,), self.dec.scratch, device=d)
-        )
+        for n_keys in self.dec.buckets:
+            self.dec.step(
+                torch.zeros(B, dtype=torch.long, device=d),
+                torch.full((B,), self.dec.scratch, device=d),
+                n_keys,
+            )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="smalto-engine", daemon=True)
@@ -271,8 +278,11 @@ class Engine:
         for s in rows:
             tokens[s.slot] = s.next_token or 0
             pos[s.slot] = len(s.req.prompt) + s.n_out - 1
+        n_keys = self.dec.bucket(max(pos[s.slot] for s in rows) + 1)  # the step reads these positions only
         logits = self.dec.step(
-            torch.tensor(tokens, dtype=torch.long, device=d), torch.tensor(pos, dtype=torch.long, device=d)
+            torch.tensor(tokens, dtype=torch.long, device=d),
+            torch.tensor(pos, dtype=torch.long, device=d),
+            n_keys,
         )
         out = torch.zeros(B, dtype=torch.long, device=d)
         groups: dict[tuple, list[_Seq]] = {}

@@ -27,8 +27,9 @@ PROMPTS = [
     [9, 9, 9, 30],
     [77] * 9,
     [3, 1, 4, 1, 5],
+    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36],
 ]
-MAX_NEW = [12, 20, 5, 16, 9]
+MAX_NEW = [12, 20, 5, 16, 9, 16]
 
 
 def make_model(spec: str) -> MPTForCausalLM:
@@ -57,19 +58,27 @@ def run(engine: Engine, arrivals: dict[int, list[int]], steps: int = 200) -> lis
 
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
-    # three requests at once for two slots (one waits), two more arriving mid-flight; prompts are prefilled
-    # 4 tokens a step, so a long prompt is written over several steps while the others decode
-    max_batch, chunk, arrivals = 2, 4, {0: [0, 1, 2], 3: [3], 7: [4]}
+    # three requests at once for two slots (one waits), three more arriving mid-flight; prompts are prefilled
+    # 4 tokens a step, so a long prompt is written over several steps while the others decode. The decode step
+    # reads 16, 32 or 48 positions (the bucket of the longest running sequence): sequences cross 16 and 32
+    # mid-flight, and the bucket falls again when the longest ones end
+    max_batch, chunk, arrivals = 2, 4, {0: [0, 1, 2], 3: [3], 7: [4], 9: [5]}
     model = make_model(spec)
     want = [
         generate(model, None, [p], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
         for p, n in zip(PROMPTS, MAX_NEW, strict=True)
     ]
     assert len({tuple(w) for w in want}) == len(want)  # the outputs differ: a mix-up between rows would show
-    engine = Engine(model, None, max_batch=max_batch, prefill_chunk=chunk)
+    engine = Engine(model, None, max_batch=max_batch, prefill_chunk=chunk, min_bucket=16)
+    assert engine.dec.buckets == [16, 32, 48]
+    used = []
+    step = engine.dec.step
+    engine.dec.step = lambda tokens, pos, n_keys: used.append(n_keys) or step(tokens, pos, n_keys)  # type: ignore[method-assign]
     outs = run(engine, arrivals)
     got = [[t for o in out for t in o.token_ids] for out in outs]
     assert got == want
+    changes = [(a, b) for a, b in zip(used, used[1:], strict=False) if a != b]
+    assert {(16, 32), (32, 16), (32, 48)} <= set(changes), used
     assert [out[-1].finish_reason for out in outs] == ["length"] * len(PROMPTS)
     assert engine.busy() == 0
 
