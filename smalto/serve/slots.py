@@ -41,7 +41,6 @@ from smalto.model.attention import (
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
 
-
 MIN_BUCKET = 128  # the shortest key length a decode step is compiled for
 MAX_BUCKETS = 7  # compiled graphs at most (under dynamo's recompile limit): longer contexts start higher
 

@@ -4,6 +4,8 @@ freed by cancels; the bounded queue."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
     outs = run(engine, arrivals)
     got = [[t for o in out for t in o.token_ids] for out in outs]
     assert got == want
-    changes = [(a, b) for a, b in zip(used, used[1:], strict=False) if a != b]
+    changes = [(a, b) for a, b in itertools.pairwise(used) if a != b]
     assert {(16, 32), (32, 16), (32, 48)} <= set(changes), used
     assert [out[-1].finish_reason for out in outs] == ["length"] * len(PROMPTS)
     assert engine.busy() == 0
