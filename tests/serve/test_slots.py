@@ -55,9 +55,8 @@ def test_decode_kernel_step_equals_sdpa_step() -> None:
     want = dec.step(tokens, pos, 16)
     for t, s in zip(dec.cache.keys + dec.cache.values, saved, strict=True):
         t.copy_(s)  # the same cache again
-        t[1, :, 1:] = float(
-            "nan"
-        )  # the idle row reads its key 0 only, not its slot up to the scratch position
+        # the idle row reads its key 0 only, not its slot up to the scratch position
+        t[1, :, 1:] = float("nan")
     dec.attention = decode_attention.decode_kernel()
     assert dec.attention is not SLOT_ATTENTION
     got = dec.step(tokens, pos, 16)
