@@ -118,3 +118,28 @@ def test_cancel_frees_the_slot_at_the_next_step_and_the_queue_is_bounded() -> No
     engine.step()
     assert engine.slots[0] is not None and engine.slots[0].req is not first  # the waiting one took the slot
     assert len(got) == n  # nothing more for the cancelled request
+
+
+def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next() -> None:
+    # the step after a sequence's stop token is already queued when the host sees that token: its extra token
+    # is dropped, and the next request in that slot decodes as if alone
+    model = make_model("alibi")
+
+    def alone(prompt: list[int], n: int) -> list[int]:
+        return generate(model, None, [prompt], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
+
+    first, second = alone(PROMPTS[4], 12), alone(PROMPTS[2], 20)
+    stop = next(t for t in first if t != first[0])
+    cut = first.index(stop)
+    assert cut >= 2
+    engine = Engine(model, None, max_batch=1)
+    outs: list[list[Output]] = [[], []]
+    greedy = SamplingParams(temperature=0)
+    engine.submit(Request(PROMPTS[4], outs[0].append, greedy, max_tokens=12, stop_token_ids={stop}))
+    engine.submit(Request(PROMPTS[2], outs[1].append, greedy, max_tokens=20))
+    for _ in range(60):
+        engine.step()
+    assert [t for o in outs[0] for t in o.token_ids] == first[:cut]
+    assert [o.finish_reason for o in outs[0]] == [None] * cut + ["stop"]  # nothing after the stop
+    assert [t for o in outs[1] for t in o.token_ids] == second
+    assert outs[1][-1].finish_reason == "length" and engine.busy() == 0
