@@ -14,8 +14,11 @@ A request is one sequence (the API turns `n` choices into n requests). Its life:
              generator)
     done     at EOS, a stop token or string, max_tokens, or a cancel (client gone): its slot is free for the
              next step's admissions
-Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → one
-decode step. Results go to each request's `emit` callback (called on the engine thread) as `Output`s.
+Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → queue
+one decode step and its sampling on the device → take the previous decode step's tokens on the host while the
+device runs this one (sampled tokens feed the next step on the device, so the host's per-token work, text and
+stop strings, overlaps the GPU instead of adding to every step). Results go to each request's `emit` callback
+(called on the engine thread) as `Output`s.
 """
 
 from __future__ import annotations
