@@ -111,9 +111,8 @@ class _Seq:
     written: int = 0  # prompt tokens in the cache
     next_token: int | None = None  # sampled on the host, not yet fed (else the next token is on the device)
     n_out: int = 0  # tokens taken (emitted) so far
-    sampled: int = (
-        0  # tokens sampled so far (the last may still be on its way to the host): decoding when > 0
-    )
+    # tokens sampled so far (the last may still be on its way to the host): decoding when > 0
+    sampled: int = 0
     done: bool = False
     gen: torch.Generator | None = None
     last_time: float = 0.0
