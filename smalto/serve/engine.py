@@ -8,12 +8,17 @@ A request is one sequence (the API turns `n` choices into n requests). Its life:
     prefill  it owns a slot of the cache (smalto/serve/slots.py); its prompt is written in chunks, at most
              `prefill_chunk` prompt tokens per step over all prefilling requests, so a long prompt never stalls
              the running ones for more than one chunk; the last chunk's logits give the first token
-    decode   every step runs one decode forward over all slots and samples each running row with its own
-             parameters (rows with the same parameters together; a seeded row with its own generator)
+    decode   every step runs one decode forward over all slots (reading each slot's first positions only, up to
+             the smallest key-length bucket that holds the longest running sequence) and samples each running
+             row with its own parameters (rows with the same parameters together; a seeded row with its own
+             generator)
     done     at EOS, a stop token or string, max_tokens, or a cancel (client gone): its slot is free for the
              next step's admissions
-Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → one
-decode step. Results go to each request's `emit` callback (called on the engine thread) as `Output`s.
+Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → queue
+one decode step and its sampling on the device → take the previous decode step's tokens on the host while the
+device runs this one (sampled tokens feed the next step on the device, so the host's per-token work, text and
+stop strings, overlaps the GPU instead of adding to every step). Results go to each request's `emit` callback
+(called on the engine thread) as `Output`s.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from smalto.kernels import DecodeOptions
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
 from smalto.serve.metrics import Metrics
-from smalto.serve.slots import SlotDecoder
+from smalto.serve.slots import MIN_BUCKET, SlotDecoder
 from smalto.serve.text import TextStream
 
 
@@ -88,13 +93,27 @@ class Request:
 
 
 @dataclass
+class _Flight:
+    """A decode step whose sampled tokens (and logprobs) are on their way to the host."""
+
+    rows: list[_Seq]
+    out: torch.Tensor  # (B,) the sampled tokens, on the device: the next step's input
+    host: list[torch.Tensor]  # tokens, and for `want`: chosen logprobs, top values, top indices (host copies)
+    ready: torch.cuda.Event | None
+    want: list[_Seq]  # rows that asked for logprobs
+
+
+@dataclass
 class _Seq:
     req: Request
     slot: int
     text: TextStream | None
     written: int = 0  # prompt tokens in the cache
-    next_token: int | None = None  # sampled, not yet fed: decoding when set
-    n_out: int = 0
+    next_token: int | None = None  # sampled on the host, not yet fed (else the next token is on the device)
+    n_out: int = 0  # tokens taken (emitted) so far
+    # tokens sampled so far (the last may still be on its way to the host): decoding when > 0
+    sampled: int = 0
+    done: bool = False
     gen: torch.Generator | None = None
     last_time: float = 0.0
     # the prompt's logprobs (echo with logprobs), gathered over its chunks; the first token has none
@@ -113,6 +132,7 @@ class Engine:
         compile: bool | None = None,
         options: DecodeOptions | None = None,
         metrics: Metrics | None = None,
+        min_bucket: int = MIN_BUCKET,
     ):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise UserError(
@@ -125,7 +145,7 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos: set[int] = {eos} if isinstance(eos, int) else set()
         compile = model.device.type == "cuda" if compile is None else compile
-        self.dec = SlotDecoder(model, max_batch, compile, options)
+        self.dec = SlotDecoder(model, max_batch, compile, options, min_bucket)
         self.metrics = metrics or Metrics()
         self.device = model.device
         self.gen = torch.Generator(device=self.device)
@@ -135,6 +155,7 @@ class Engine:
         )
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[_Seq | None] = [None] * max_batch
+        self.flight: _Flight | None = None
         self.accepting = True
         self._cv = threading.Condition()
         self._stop = False
@@ -155,11 +176,15 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One decode step with every row idle (on CUDA: compiles and captures the step before the first request)."""
+        """One decode step per key-length bucket with every row idle (on CUDA: compiles and captures each bucket's
+        step before the first request)."""
         B, d = self.max_batch, self.device
-        self.dec.step(
-            torch.zeros(B, dtype=torch.long, device=d), torch.full((B,), self.dec.scratch, device=d)
-        )
+        for n_keys in self.dec.buckets:
+            self.dec.step(
+                torch.zeros(B, dtype=torch.long, device=d),
+                torch.full((B,), self.dec.scratch, device=d),
+                n_keys,
+            )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="smalto-engine", daemon=True)
@@ -202,10 +227,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        """Drop cancelled requests, admit, prefill, queue a decode step on the device, then take the previous
+        decode step's tokens on the host while the device runs this one (its tokens feed this one on the
+        device: a sequence that ended there has one wasted row in this step, whose token is dropped)."""
         self._drop_cancelled()
         self._admit()
         self._prefill()
-        self._decode()
+        flight = self._launch()
+        self._land(self.flight)
+        self.flight = flight
         m = self.metrics
         running = sum(s is not None for s in self.slots)
         m.queue.set(len(self.waiting))
@@ -215,7 +245,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for i, s in enumerate(self.slots):
             if s is not None and s.req.cancelled:
-                self.slots[i] = None
+                s.done, self.slots[i] = True, None
         with self._cv:
             if any(r.cancelled for r in self.waiting):
                 self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
@@ -244,7 +274,7 @@ class Engine:
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
-        for seq in sorted((s for s in self.slots if s is not None and s.next_token is None), key=_arrival):
+        for seq in sorted((s for s in self.slots if s is not None and s.sampled == 0), key=_arrival):
             if budget == 0:
                 return
             req = seq.req
@@ -259,24 +289,39 @@ class Engine:
             if seq.written == len(req.prompt):
                 token = sample(logits[None], req.params, self._seen(seq), seq.gen or self.gen)
                 lp = self._logprobs(logits[None], token, req.logprobs)
+                seq.sampled = 1
+                if self._seen(seq) is not None:
+                    self.seen[seq.slot, token] = True  # type: ignore[index]
                 self._accept(seq, int(token), lp[0] if lp else None, first)
 
-    def _decode(self) -> None:
-        rows = [s for s in self.slots if s is not None and s.next_token is not None]
+    def _launch(self) -> _Flight | None:
+        """Queue one decode step over the sequences that go on (their last token from the host after a prefill,
+        else the previous step's on the device) and its sampling; start copying the tokens to the host."""
+        rows = [
+            s
+            for s in self.slots
+            if s is not None
+            and s.sampled > 0
+            and s.sampled < s.req.max_tokens
+            and len(s.req.prompt) + s.sampled < self.max_seq_len
+        ]
         if not rows:
-            return
+            return None
         B, d = self.max_batch, self.device
-        tokens = [0] * B
-        pos = [self.dec.scratch] * B
+        tokens, pos, from_host = [0] * B, [self.dec.scratch] * B, [False] * B
         for s in rows:
-            tokens[s.slot] = s.next_token or 0
-            pos[s.slot] = len(s.req.prompt) + s.n_out - 1
-        logits = self.dec.step(
-            torch.tensor(tokens, dtype=torch.long, device=d), torch.tensor(pos, dtype=torch.long, device=d)
-        )
+            pos[s.slot] = len(s.req.prompt) + s.sampled - 1
+            if s.next_token is not None:
+                tokens[s.slot], from_host[s.slot], s.next_token = s.next_token, True, None
+        tok = torch.tensor(tokens, dtype=torch.long, device=d)
+        if self.flight is not None and not all(from_host[s.slot] for s in rows):
+            tok = torch.where(torch.tensor(from_host, device=d), tok, self.flight.out)
+        n_keys = self.dec.bucket(max(pos[s.slot] for s in rows) + 1)  # the step reads these positions only
+        logits = self.dec.step(tok, torch.tensor(pos, dtype=torch.long, device=d), n_keys)
         out = torch.zeros(B, dtype=torch.long, device=d)
         groups: dict[tuple, list[_Seq]] = {}
         for s in rows:
+            s.sampled += 1
             if s.gen is not None:  # its own random stream: sampled alone, as a batch-1 generate would
                 idx = torch.tensor([s.slot], device=d)
                 out[idx] = sample(logits[idx], s.req.params, self._seen(s), s.gen)
@@ -289,17 +334,40 @@ class Engine:
             idx = torch.tensor([s.slot for s in group], device=d)
             seen = self.seen.index_select(0, idx) if group[0].req.params.repetition_penalty != 1.0 else None  # type: ignore[union-attr]
             out[idx] = sample(logits.index_select(0, idx), group[0].req.params, seen, self.gen)
+        penalised = [s.slot for s in rows if self._seen(s) is not None]
+        if penalised:  # the next step's penalty sees this token (on the device: the host has not got it yet)
+            idx = torch.tensor(penalised, device=d)
+            self.seen.index_put_((idx, out[idx]), torch.tensor(True, device=d))  # type: ignore[union-attr]
         want = [s for s in rows if s.req.logprobs is not None]
-        lps: dict[int, TokenLogprob] = {}
+        parts = [out]
         if want:
             idx = torch.tensor([s.slot for s in want], device=d)
-            k = max(s.req.logprobs or 0 for s in want)
-            for s, lp in zip(want, self._logprobs(logits[idx], out[idx], k), strict=True):
+            parts += self._logprob_tensors(logits[idx], out[idx], max(s.req.logprobs or 0 for s in want))
+        cuda = d.type == "cuda"
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda) for t in parts]
+        for h, t in zip(host, parts, strict=True):
+            h.copy_(t, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record(torch.cuda.current_stream(d))
+        return _Flight(rows=rows, out=out, host=host, ready=ready, want=want)
+
+    def _land(self, flight: _Flight | None) -> None:
+        """Take a decode step's tokens: each row still running gets its token (a row that ended or was cancelled
+        meanwhile: dropped)."""
+        if flight is None:
+            return
+        if flight.ready is not None:
+            flight.ready.synchronize()  # that step's copies only: the step queued after it runs on
+        tokens = flight.host[0].tolist()
+        lps: dict[int, TokenLogprob] = {}
+        if flight.want:
+            for s, lp in zip(flight.want, self._logprob_lists(*flight.host[1:]), strict=True):
                 lp.top = lp.top[: s.req.logprobs]
                 lps[s.slot] = lp
-        host = out.tolist()
-        for s in rows:
-            self._accept(s, host[s.slot], lps.get(s.slot))
+        for s in flight.rows:
+            if not s.done and self.slots[s.slot] is s:
+                self._accept(s, tokens[s.slot], lps.get(s.slot))
 
     def _seen(self, seq: _Seq) -> torch.Tensor | None:
         if seq.req.params.repetition_penalty == 1.0 or self.seen is None:
@@ -310,13 +378,23 @@ class Engine:
         """The model's log-probabilities (before sampling filters) of `tokens` and the top `k` per row."""
         if k is None:
             return []
+        return self._logprob_lists(*self._logprob_tensors(logits, tokens, k))
+
+    @staticmethod
+    def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """(tokens (N,), their logprobs (N,), top-k logprobs (N, k), their token ids (N, k)), on the device."""
         lp = logits.float().log_softmax(-1)
-        chosen = lp.gather(1, tokens.view(-1, 1))[:, 0].tolist()
         top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        return [tokens.view(-1), lp.gather(1, tokens.view(-1, 1))[:, 0], top_v, top_i]
+
+    @staticmethod
+    def _logprob_lists(
+        tokens: torch.Tensor, chosen: torch.Tensor, top_v: torch.Tensor, top_i: torch.Tensor
+    ) -> list[TokenLogprob]:
         return [
             TokenLogprob(int(t), c, list(zip(ti, tv, strict=True)))
             for t, c, ti, tv in zip(
-                tokens.view(-1).tolist(), chosen, top_i.tolist(), top_v.tolist(), strict=True
+                tokens.view(-1).tolist(), chosen.tolist(), top_i.tolist(), top_v.tolist(), strict=True
             )
         ]
 
@@ -345,8 +423,6 @@ class Engine:
         seq.last_time = now
         seq.n_out += 1
         m.generation_tokens.inc()
-        if self.seen is not None and req.params.repetition_penalty != 1.0:
-            self.seen[seq.slot, token] = True
         ended = token in req.stop_token_ids or (not req.ignore_eos and token in self.eos)
         out = Output(prompt_logprobs=prompt_lp)
         if not ended:
@@ -364,15 +440,16 @@ class Engine:
             if seq.text is not None and reason == "length":
                 out.text += seq.text.finish()
             out.finish_reason = reason
-            self.slots[seq.slot] = None
+            seq.done, self.slots[seq.slot] = True, None
             m.latency.observe(now - req.arrival)
-        else:
+        elif seq.n_out == 1:  # the prefill's token goes in from the host; later ones are fed on the device
             seq.next_token = token
         if req.cancelled:
             return
         req.emit(out)
 
     def _fail_all(self, message: str) -> None:
+        self.flight = None
         for i, s in enumerate(self.slots):
             if s is not None:
                 s.req.emit(Output(finish_reason="abort", error=message))

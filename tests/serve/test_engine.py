@@ -4,6 +4,8 @@ freed by cancels; the bounded queue."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -27,8 +29,9 @@ PROMPTS = [
     [9, 9, 9, 30],
     [77] * 9,
     [3, 1, 4, 1, 5],
+    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36],
 ]
-MAX_NEW = [12, 20, 5, 16, 9]
+MAX_NEW = [12, 20, 5, 16, 9, 16]
 
 
 def make_model(spec: str) -> MPTForCausalLM:
@@ -57,19 +60,27 @@ def run(engine: Engine, arrivals: dict[int, list[int]], steps: int = 200) -> lis
 
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
-    # three requests at once for two slots (one waits), two more arriving mid-flight; prompts are prefilled
-    # 4 tokens a step, so a long prompt is written over several steps while the others decode
-    max_batch, chunk, arrivals = 2, 4, {0: [0, 1, 2], 3: [3], 7: [4]}
+    # three requests at once for two slots (one waits), three more arriving mid-flight; prompts are prefilled
+    # 4 tokens a step, so a long prompt is written over several steps while the others decode. The decode step
+    # reads 16, 32 or 48 positions (the bucket of the longest running sequence): sequences cross 16 and 32
+    # mid-flight, and the bucket falls again when the longest ones end
+    max_batch, chunk, arrivals = 2, 4, {0: [0, 1, 2], 3: [3], 7: [4], 9: [5]}
     model = make_model(spec)
     want = [
         generate(model, None, [p], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
         for p, n in zip(PROMPTS, MAX_NEW, strict=True)
     ]
     assert len({tuple(w) for w in want}) == len(want)  # the outputs differ: a mix-up between rows would show
-    engine = Engine(model, None, max_batch=max_batch, prefill_chunk=chunk)
+    engine = Engine(model, None, max_batch=max_batch, prefill_chunk=chunk, min_bucket=16)
+    assert engine.dec.buckets == [16, 32, 48]
+    used = []
+    step = engine.dec.step
+    engine.dec.step = lambda tokens, pos, n_keys: used.append(n_keys) or step(tokens, pos, n_keys)  # type: ignore[method-assign]
     outs = run(engine, arrivals)
     got = [[t for o in out for t in o.token_ids] for out in outs]
     assert got == want
+    changes = [(a, b) for a, b in itertools.pairwise(used) if a != b]
+    assert {(16, 32), (32, 16), (32, 48)} <= set(changes), used
     assert [out[-1].finish_reason for out in outs] == ["length"] * len(PROMPTS)
     assert engine.busy() == 0
 
@@ -107,3 +118,28 @@ def test_cancel_frees_the_slot_at_the_next_step_and_the_queue_is_bounded() -> No
     engine.step()
     assert engine.slots[0] is not None and engine.slots[0].req is not first  # the waiting one took the slot
     assert len(got) == n  # nothing more for the cancelled request
+
+
+def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next() -> None:
+    # the step after a sequence's stop token is already queued when the host sees that token: its extra token
+    # is dropped, and the next request in that slot decodes as if alone
+    model = make_model("alibi")
+
+    def alone(prompt: list[int], n: int) -> list[int]:
+        return generate(model, None, [prompt], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
+
+    first, second = alone(PROMPTS[4], 12), alone(PROMPTS[2], 20)
+    stop = next(t for t in first if t != first[0])
+    cut = first.index(stop)
+    assert cut >= 2
+    engine = Engine(model, None, max_batch=1)
+    outs: list[list[Output]] = [[], []]
+    greedy = SamplingParams(temperature=0)
+    engine.submit(Request(PROMPTS[4], outs[0].append, greedy, max_tokens=12, stop_token_ids={stop}))
+    engine.submit(Request(PROMPTS[2], outs[1].append, greedy, max_tokens=20))
+    for _ in range(60):
+        engine.step()
+    assert [t for o in outs[0] for t in o.token_ids] == first[:cut]
+    assert [o.finish_reason for o in outs[0]] == [None] * cut + ["stop"]  # nothing after the stop
+    assert [t for o in outs[1] for t in o.token_ids] == second
+    assert outs[1][-1].finish_reason == "length" and engine.busy() == 0

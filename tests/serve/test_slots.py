@@ -1,4 +1,5 @@
-"""The slot decoder's decode step through the Triton decode kernel (each row at its own position; Triton's CPU
+"""The slot decoder's decode step: it reads the first `n_keys` positions of each slot only (its bucket), an idle
+row reads one key, and the step through the Triton decode kernel (each row at its own position; Triton's CPU
 interpreter) equals the step through SDPA with the per-row bias, which the engine tests check against generate."""
 
 from __future__ import annotations
@@ -6,24 +7,58 @@ from __future__ import annotations
 import torch
 
 from smalto.kernels import decode_attention
-from smalto.serve.slots import SLOT_ATTENTION, SlotDecoder
+from smalto.serve.slots import SLOT_ATTENTION, SlotDecoder, key_buckets
 from tests.model.helpers import use_triton_interpreter
 from tests.serve.test_engine import make_model
 
 use_triton_interpreter()  # before the kernel is built: it then runs on CPU tensors
 
 
+def test_key_buckets() -> None:
+    assert key_buckets(2048, 2064) == [128, 256, 512, 1024, 2048]
+    assert key_buckets(48, 64, smallest=16) == [16, 32, 48]
+    assert key_buckets(50, 64, smallest=16) == [16, 32, 64]  # the context rounded up to 16 positions
+    assert key_buckets(100, 112) == [112]
+    # at most 7 graphs: a long context starts higher
+    assert key_buckets(65536, 65552) == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+
+def filled(min_bucket: int = 16) -> SlotDecoder:
+    """Three slots of a 48-position model: slot 0 holds 6 prompt tokens, slot 2 holds 2, slot 1 is idle."""
+    dec = SlotDecoder(make_model("alibi"), max_batch=3, compile=False, min_bucket=min_bucket)
+    dec.prefill(0, [5, 17, 99, 3, 42, 7], 0)
+    dec.prefill(2, [200, 1], 0)
+    return dec
+
+
+@torch.inference_mode()
+def test_step_reads_its_bucket_only() -> None:
+    dec = filled()
+    tokens, pos = torch.tensor([8, 0, 9]), torch.tensor([6, dec.scratch, 2])  # row 1 idle
+    saved = [t.clone() for t in dec.cache.keys + dec.cache.values]
+    want = dec.step(tokens, pos, 48)
+    for t, s in zip(dec.cache.keys + dec.cache.values, saved, strict=True):
+        t.copy_(s)
+        t[:, :, 16:] = float("nan")  # past the bucket (and the scratch position): never read
+    got = dec.step(tokens, pos, 16)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert dec.bucket(7) == 16 and dec.bucket(17) == 32 and dec.bucket(48) == 48
+
+
 @torch.inference_mode()
 def test_decode_kernel_step_equals_sdpa_step() -> None:
     assert decode_attention.prepare()
-    dec = SlotDecoder(make_model("alibi"), max_batch=3, compile=False)
-    dec.prefill(0, [5, 17, 99, 3, 42, 7], 0)
-    dec.prefill(2, [200, 1], 0)
+    dec = filled()
     tokens, pos = torch.tensor([8, 0, 9]), torch.tensor([6, dec.scratch, 2])  # row 1 idle
-    keys = [k.clone() for k in dec.cache.keys]
-    want = dec.step(tokens, pos)
-    dec.cache.keys = keys  # the same cache again (the step rewrote its own positions only)
+    saved = [t.clone() for t in dec.cache.keys + dec.cache.values]
+    want = dec.step(tokens, pos, 16)
+    for t, s in zip(dec.cache.keys + dec.cache.values, saved, strict=True):
+        t.copy_(s)  # the same cache again
+        # the idle row reads its key 0 only, not its slot up to the scratch position
+        t[1, :, 1:] = float("nan")
     dec.attention = decode_attention.decode_kernel()
     assert dec.attention is not SLOT_ATTENTION
-    got = dec.step(tokens, pos)
+    got = dec.step(tokens, pos, 16)
+    assert torch.isfinite(got).all()
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-4, rtol=1e-4)
