@@ -314,6 +314,8 @@ class RunConfig:
     """`smalto finetune` only: the model to start from (anything `smalto.load` reads)."""
     finetune: Any = None
     """`smalto finetune` only: smalto.train.finetune.FinetuneSection (template, samples)."""
+    dpo: Any = None
+    """`smalto dpo` only: smalto.train.dpo.DPOSection (beta, loss_type, label_smoothing, reference)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], data_cls: Any = None, extra: Any = None) -> RunConfig:
@@ -323,8 +325,8 @@ class RunConfig:
 
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
-        own = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_model", "finetune")]
-        check_keys("", d, own + (["base_model", "finetune"] if extra is not None else []))
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_model", "finetune", "dpo")]
+        check_keys("", d, own + list(extra or {}))
         hints = typing.get_type_hints(cls)
         top = {
             k: check_type(k, d[k], hints[k])
@@ -354,7 +356,8 @@ class RunConfig:
             ck.hf_export = fill("checkpoint.hf_export", ck.hf_export, run_dir=run_dir)
         tok, prepare = top.get("tokenizer"), top.get("prepare")
         if prepare is not None:
-            check_choice("prepare", prepare, ("stdlib",) if extra is None else ("stdlib-instruct",))
+            demos = ("stdlib",) if extra is None else ("stdlib-preferences",) if "dpo" in extra else ("stdlib-instruct",)
+            check_choice("prepare", prepare, demos)
         cfg = cls(
             name=name,
             run_dir=run_dir,
@@ -386,7 +389,10 @@ class RunConfig:
         d: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir, "seed": self.seed}
         d["prepare"], d["tokenizer"] = self.prepare, self.tokenizer
         if self.base_model is not None:
-            d["base_model"], d["finetune"] = self.base_model, dataclasses.asdict(self.finetune)
+            d["base_model"] = self.base_model
+        for key in ("finetune", "dpo"):
+            if getattr(self, key) is not None:
+                d[key] = dataclasses.asdict(getattr(self, key))
         d["model"] = self.model.to_dict()
         d["data"] = dataclasses.asdict(self.data)
         for k in ("optimizer", "scheduler", "train", "checkpoint", "logging", "guard"):
