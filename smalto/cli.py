@@ -376,7 +376,9 @@ def dpo(
     show(result, console)
     stopped = result.train.stopped
     if stopped and stopped.startswith("guard"):
-        console.print(f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}")
+        console.print(
+            f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}"
+        )
         raise typer.Exit(3)
     if stopped and stopped != "stop_after":
         console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {result.train.checkpoint}")

@@ -356,7 +356,13 @@ class RunConfig:
             ck.hf_export = fill("checkpoint.hf_export", ck.hf_export, run_dir=run_dir)
         tok, prepare = top.get("tokenizer"), top.get("prepare")
         if prepare is not None:
-            demos = ("stdlib",) if extra is None else ("stdlib-preferences",) if "dpo" in extra else ("stdlib-instruct",)
+            demos = (
+                ("stdlib",)
+                if extra is None
+                else ("stdlib-preferences",)
+                if "dpo" in extra
+                else ("stdlib-instruct",)
+            )
             check_choice("prepare", prepare, demos)
         cfg = cls(
             name=name,

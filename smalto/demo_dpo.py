@@ -22,7 +22,7 @@ from rich.console import Console
 
 MAX_CHARS = 360  # prompt + chosen: fits the recipe's max_length of 128 tokens of the tiny tokenizer
 EVAL_EVERY = 20  # every 20th pair is held out (its prompt is a held-out prompt of the demo's measure)
-SAMPLE_TOKENS = 6
+SAMPLE_TOKENS = 4
 
 
 def preference_pairs(files: list[Path]) -> list[dict[str, str]]:
@@ -43,12 +43,16 @@ def preference_pairs(files: list[Path]) -> list[dict[str, str]]:
                 continue
             if node.decorator_list or doc.lineno == node.lineno:  # the def line(s) alone make the prompt
                 continue
-            text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])).splitlines(keepends=True)
+            text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])).splitlines(
+                keepends=True
+            )
             head = doc.lineno - node.lineno  # lines of the signature
             doc_end = doc.end_lineno - node.lineno + 1
-            prompt, docstring, body = "".join(text[:head]), "".join(text[head:doc_end]), "".join(text[doc_end:])
+            # the prompt ends at the colon: a newline alone is a token the model never saw before an indent
+            prompt = "".join(text[:head]).rstrip("\n")
+            docstring, body = "".join(text[head:doc_end]), "".join(text[doc_end:])
             if len(prompt) + len(docstring) + len(body) <= MAX_CHARS and body.strip():
-                out.append({"prompt": prompt, "chosen": docstring + body, "rejected": body})
+                out.append({"prompt": prompt, "chosen": "\n" + docstring + body, "rejected": "\n" + body})
     return out
 
 
@@ -68,12 +72,14 @@ def prepare_preferences(cfg: Any, console: Console | None = None) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in part))
         tmp.replace(path)
-    console.print(f"preferences: {len(kept)} training and {len(held)} held-out pairs (documented stdlib functions)")
+    console.print(
+        f"preferences: {len(kept)} training and {len(held)} held-out pairs (documented stdlib functions)"
+    )
 
 
 def opens_with_docstring(continuation: str) -> bool:
     """The property the chosen completions have: the body opens with a string literal."""
-    text = continuation.lstrip(" \t")
+    text = continuation.lstrip()
     return text.lstrip("rRbBuU").startswith(('"""', "'''", '"', "'"))
 
 
@@ -100,7 +106,9 @@ def measure(cfg: Any, model_path: str, before: DemoReport | None = None) -> Demo
     prepare_preferences(cfg)
     prompts = held_out_prompts(cfg)
     model, tok = load_model_and_tokenizer(model_path, device="cpu" if cfg.train.device == "cpu" else None)
-    outs = [o.text or "" for o in generate(model, tok, prompts, max_new_tokens=SAMPLE_TOKENS, temperature=0.0)]
+    outs = [
+        o.text or "" for o in generate(model, tok, prompts, max_new_tokens=SAMPLE_TOKENS, temperature=0.0)
+    ]
     rate = sum(map(opens_with_docstring, outs)) / len(prompts)
     if before is None:
         return DemoReport(prompts=len(prompts), rate_before=rate, before_texts=outs)

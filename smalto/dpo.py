@@ -48,34 +48,57 @@ def load_dpo_config(spec: str | None = None, overrides: list[str] | None = None)
     d = apply_overrides(raw, overrides or [])
     base = d.get("base_model")
     if not isinstance(base, str) or not base:
-        raise ConfigError("the recipe has no base_model: set it to the SFT model (HF folder, run or checkpoint)")
+        raise ConfigError(
+            "the recipe has no base_model: set it to the SFT model (HF folder, run or checkpoint)"
+        )
     if "finetune" in d:
-        raise ConfigError(f"{path} has a finetune section, which is `smalto finetune`'s; DPO's settings go in dpo")
+        raise ConfigError(
+            f"{path} has a finetune section, which is `smalto finetune`'s; DPO's settings go in dpo"
+        )
     data = d.get("data")
     if isinstance(data, dict) and "seq_len" in data:
-        raise ConfigError("data.seq_len is not a DPO key: set data.max_length (prompt + completion tokens, TRL's)")
+        raise ConfigError(
+            "data.seq_len is not a DPO key: set data.max_length (prompt + completion tokens, TRL's)"
+        )
     if d.get("prepare") == "stdlib-preferences":
         ensure_base_model(base)
     stored = model_config(base).to_dict()
     given = d.get("model") or {}
     if not isinstance(given, dict):
         raise ConfigError(f"model must be a mapping, got {given!r}")
-    d["model"] = {**stored, **given, "attn_config": {**stored.get("attn_config", {}), **(given.get("attn_config") or {})}}
+    d["model"] = {
+        **stored,
+        **given,
+        "attn_config": {**stored.get("attn_config", {}), **(given.get("attn_config") or {})},
+    }
     if not d.get("tokenizer"):
         tok = find_tokenizer(base)
         if tok is None:
             raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
         d["tokenizer"] = str(tok)
     d["checkpoint"] = {"load_from": base, **(d.get("checkpoint") or {})}
-    section = build(DPOSection, d.get("dpo"), "dpo")
-    d = {k: v for k, v in d.items() if k not in ("base_model", "dpo")}
-    cfg = RunConfig.from_dict(d, data_cls=PreferenceDataConfig, extra={"base_model": base, "dpo": section})
+    extra: dict[str, Any] = {"base_model": base, "dpo": build(DPOSection, d.get("dpo"), "dpo")}
+    if "lora" in d:  # LoRA on the policy; the reference is the same model with its adapters disabled
+        extra["lora"] = lora_section(d["lora"])
+    d = {k: v for k, v in d.items() if k not in extra}
+    cfg = RunConfig.from_dict(d, data_cls=PreferenceDataConfig, extra=extra)
     if cfg.checkpoint.load_from != base:
         raise ConfigError(
             f"checkpoint.load_from ({cfg.checkpoint.load_from}) differs from base_model ({base}): the policy starts "
             "from the reference's weights; set base_model to the SFT model"
         )
     return cfg
+
+
+def lora_section(section: Any) -> Any:
+    """The recipe's lora section as smalto.adapters.lora.LoraConfig (LoRA / QLoRA keys as `smalto finetune`'s)."""
+    try:
+        from smalto.adapters.lora import LoraConfig  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ConfigError(
+            "the recipe has a lora section, but this smalto has no LoRA (smalto.adapters.lora)"
+        ) from None
+    return build(LoraConfig, section, "lora")
 
 
 def dpo(spec: str | None = None, overrides: list[str] | None = None) -> DPOResult:
@@ -87,7 +110,7 @@ def dpo(spec: str | None = None, overrides: list[str] | None = None) -> DPOResul
     if cfg.prepare == "stdlib-preferences":
         from smalto.demo_dpo import measure
 
-        demo = measure(cfg, cfg.base_model)  # the property's rate before
+        demo = measure(cfg, str(cfg.base_model))  # the property's rate before
     evals: dict[int, dict[str, float]] = {}
 
     def keep(t: Any, metrics: dict[str, Any]) -> None:
@@ -112,7 +135,7 @@ def show(r: DPOResult, console: Any) -> None:
     for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
         if key in r.eval_before or key in r.eval_after:
             b, a = r.eval_before.get(key), r.eval_after.get(key)
-            fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+            fmt = lambda x: "-" if x is None else f"{x:.4f}"
             console.print(f"held-out {key[5:]}: {fmt(b)} before → {fmt(a)} after", highlight=False)
     if r.demo is not None:
         from smalto.demo_dpo import show_report

@@ -90,7 +90,9 @@ def check_pair(row: Any) -> tuple[dict[str, Any] | None, str | None]:
             return None, problem
     pair = {k: row[k] for k in KEYS if k in row}
     if "prompt" not in pair:  # TRL's extract_prompt: the longest common prefix of turns
-        n = sum(1 for _ in takewhile(lambda ab: ab[0] == ab[1], zip(row["chosen"], row["rejected"], strict=False)))
+        n = sum(
+            1 for _ in takewhile(lambda ab: ab[0] == ab[1], zip(row["chosen"], row["rejected"], strict=False))
+        )
         pair = {"prompt": row["chosen"][:n], "chosen": row["chosen"][n:], "rejected": row["rejected"][n:]}
         if not pair["prompt"]:
             return None, "fields 'chosen' and 'rejected' share no leading turns and there is no 'prompt'"
@@ -106,7 +108,9 @@ def check_pair(row: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):  # ChatML, as smalto finetune renders chats without a template
+    if not getattr(
+        tokenizer, "chat_template", None
+    ):  # ChatML, as smalto finetune renders chats without a template
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         text += "<|im_start|>assistant\n" if generation_prompt else ""
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -139,9 +143,7 @@ def _common(a: list[int], b: list[int]) -> int:
     return sum(1 for _ in takewhile(lambda xy: xy[0] == xy[1], zip(a, b, strict=False)))
 
 
-def truncate(
-    prompt: list[int], completion: list[int], cfg: PreferenceConfig
-) -> tuple[list[int], list[int]]:
+def truncate(prompt: list[int], completion: list[int], cfg: PreferenceConfig) -> tuple[list[int], list[int]]:
     """(ids, labels) of prompt + completion after TRL's truncation; labels are -100 on the prompt."""
     if cfg.max_prompt_length is not None:
         prompt = prompt[-cfg.max_prompt_length :]
@@ -182,7 +184,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             truncated += len(c[0]) < len(prompt) + len(chosen) or len(r[0]) < len(prompt) + len(rejected)
             pairs.append((c, r))
         if not pairs:
-            raise DataError(f"{cfg.path}: no preference pairs (the file is empty, or every row was bad or too long)")
+            raise DataError(
+                f"{cfg.path}: no preference pairs (the file is empty, or every row was bad or too long)"
+            )
         self.pairs = pairs
         self.ref_logps: torch.Tensor | None = None
         self.stats = {"pairs": len(pairs), "truncated": truncated, "dropped_prompt_too_long": dropped}

@@ -56,7 +56,9 @@ class PreferenceDataConfig:
         if isinstance(d, dict) and (not d.get("sources") or not isinstance(d["sources"], list)):
             raise ConfigError(f"{where}.sources must be a non-empty list of {{path: ...}}")
         d = dict(d)
-        d.pop("seq_len", None)  # the recipe loader's default; DPO's row length is max_length (load_dpo_config)
+        d.pop(
+            "seq_len", None
+        )  # the recipe loader's default; DPO's row length is max_length (load_dpo_config)
         return build(cls, d, where)
 
     @property
@@ -73,7 +75,9 @@ class PreferenceDataConfig:
                 raise ConfigError(f"data.sources[{i}] sets {' and '.join(given)}; set at most one")
         props = [s.proportion is not None for s in self.sources]
         if any(props) and not all(props):
-            raise ConfigError("either every data source sets `proportion` or none does (then use repeat/choose)")
+            raise ConfigError(
+                "either every data source sets `proportion` or none does (then use repeat/choose)"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction = {self.eval_fraction} must be in [0, 1)")
         check_choice("data.on_error", self.on_error, ("raise", "skip"))

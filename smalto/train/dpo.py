@@ -112,7 +112,8 @@ def sequence_logps(
 class FrozenReference:
     """A frozen copy of the base model, sharded like the policy under FSDP2."""
 
-    def __init__(self, t: Any) -> None:
+    def __init__(self, t: Any, weights: str | None = "base_model") -> None:
+        """`weights`: the base model's (default), or None for the seed's random ones (benchmarks)."""
         from smalto.kernels import select
         from smalto.train.checkpoint import load_weights
         from smalto.train.parallel import build_model
@@ -122,7 +123,8 @@ class FrozenReference:
         dtype = torch.bfloat16 if bf16 else torch.float32
         scoring = select(cfg.model, "score", device=dev, dtype=dtype, batch=2 * t.micro, seq=cfg.data.seq_len)
         self.model = build_model(cfg.model, t.world, seed=cfg.seed, plans={"score": scoring}, bf16=bf16)
-        load_weights(cfg.base_model, self.model, t.world)
+        if weights is not None:
+            load_weights(cfg.base_model if weights == "base_model" else weights, self.model, t.world)
         self.model.requires_grad_(False)
         self.model.eval()
         self.autocast = t.autocast
@@ -138,12 +140,13 @@ class AdaptersOff:
 
     def __init__(self, t: Any) -> None:
         try:
-            from smalto.adapters.lora import disable_adapters
+            from smalto.adapters.lora import adapters_disabled  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             raise UserError(
-                "lora.* is set but this smalto has no smalto.adapters.lora.disable_adapters; DPO with LoRA needs it"
+                "a lora section is set but this smalto has no smalto.adapters.lora.adapters_disabled; DPO with LoRA "
+                "needs it"
             ) from None
-        self.disable: Callable[[Any], contextlib.AbstractContextManager[Any]] = disable_adapters
+        self.disable: Callable[[Any], contextlib.AbstractContextManager[Any]] = adapters_disabled
         self.t = t
 
     @torch.no_grad()
@@ -153,9 +156,8 @@ class AdaptersOff:
 
 
 def make_reference(t: Any) -> FrozenReference | AdaptersOff:
-    """LoRA's base when `lora.*` keys are set (the adapters' owner provides disable_adapters), else a frozen copy."""
-    lora = getattr(t.cfg, "lora", None)
-    return AdaptersOff(t) if lora else FrozenReference(t)
+    """LoRA's base when the recipe has a lora section, else a frozen copy of the base model."""
+    return AdaptersOff(t) if getattr(t.cfg, "lora", None) is not None else FrozenReference(t)
 
 
 # ---- the objective the loop runs ----
@@ -306,7 +308,9 @@ class DPO:
             if i >= t.cfg.train.eval_batches:
                 break
             losses, rows, _ = self._pairs(t, mb)
-            sums += torch.cat([losses.sum()[None], rows.sum(0), torch.tensor([len(losses)], device=dev)]).double()
+            sums += torch.cat(
+                [losses.sum()[None], rows.sum(0), torch.tensor([len(losses)], device=dev)]
+            ).double()
         if t.world.world_size > 1:
             dist.all_reduce(sums)
         t.model.train()

@@ -57,7 +57,9 @@ class Objective(Protocol):
 
     def start(self, t: Trainer) -> None: ...
 
-    def step(self, t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Any], str]: ...
+    def step(
+        self, t: Trainer, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, Any], str]: ...
 
     def evaluate(self, t: Trainer) -> dict[str, float]: ...
 
@@ -187,7 +189,9 @@ def update(
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     head = torch.stack([loss_sum.float(), norm.float().to(dev)])
-    synced = (head if extra is None else torch.cat([head, extra.float().flatten()])).tolist()  # the one host sync
+    synced = (
+        head if extra is None else torch.cat([head, extra.float().flatten()])
+    ).tolist()  # the one host sync
     loss_v, norm_v = synced[:2]
     verdict = t.guard.check(t.step, loss_v)
     lr = t.schedule.apply(t.optimizer, t.step, t.cfg.optimizer.lr)
