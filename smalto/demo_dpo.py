@@ -127,4 +127,4 @@ def show_report(r: DemoReport, console: Any) -> None:
     )
     for prompt, was, now in r.examples:
         console.rule("held-out prompt")
-        console.print(f"{prompt}before: {was!r}\nafter:  {now!r}", markup=False, highlight=False)
+        console.print(f"{prompt}\nbefore: {was!r}\nafter:  {now!r}", markup=False, highlight=False)
