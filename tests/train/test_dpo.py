@@ -32,11 +32,12 @@ def base(tiny_data, tmp_path_factory) -> Path:
 
 
 def pairs(path: Path) -> str:
-    """Answers that name the colour asked for are chosen over answers that name another."""
+    """Answers that end with a full stop are chosen over the same answers ending with "!"."""
     colours = ["red", "blue", "green", "black", "white", "gold"]
     rows = [
-        {"prompt": f"Say {c}:", "chosen": f" {c}.", "rejected": f" {colours[(i + 1) % 6]}."}
-        for i, c in enumerate(colours * 6)
+        {"prompt": f"Say {c} {n}:", "chosen": f" {c}.", "rejected": f" {c}!"}
+        for n in range(6)
+        for c in colours
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -49,8 +50,8 @@ def recipe(base: Path, tmp: Path, run: str, **dpo) -> str:
         "seed": 5,
         "base_model": str(base),
         "data": {"sources": [{"path": pairs(tmp / "pairs.jsonl")}], "eval_fraction": 0.25, "max_length": 32},
-        "dpo": {"beta": 0.5, **dpo},
-        "optimizer": {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
+        "dpo": {"beta": 0.1, **dpo},
+        "optimizer": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
         "scheduler": {"name": "constant"},
         "train": {
             "max_duration": "6ba", "global_batch_size": 4, "micro_batch_size": 2, "device": "cpu",
@@ -108,14 +109,14 @@ def test_resume_is_exact_and_cached_reference_log_probs_match(runs):
 def test_policy_log_probs_equal_transformers(base):
     from transformers import AutoModelForCausalLM
 
-    from smalto.load import load_model
+    from smalto.load import load
     from smalto.train.dpo import sequence_logps
 
     ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :5] = -100
     labels[1, 9:] = -100
-    ours, counts, _ = sequence_logps(load_model(str(base), device="cpu").eval(), ids, labels)
+    ours, counts, _ = sequence_logps(load(str(base), device="cpu").eval(), ids, labels)
     hf = AutoModelForCausalLM.from_pretrained(str(base)).eval()
     with torch.no_grad():
         logp = torch.log_softmax(hf(ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
