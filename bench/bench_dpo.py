@@ -85,9 +85,12 @@ def pairs(n: int, max_length: int, vocab: int, rng: np.random.Generator) -> dict
 def run_one(spec: str, micro: int, args: argparse.Namespace) -> dict[str, Any]:
     model, _, adapter = spec.partition(":")
     lora = adapter == "lora"
-    cfg = bench_config(
-        model, lora=lora, max_length=args.max_length, micro=micro, device=args.device, smoke=args.smoke
-    )
+    try:
+        cfg = bench_config(
+            model, lora=lora, max_length=args.max_length, micro=micro, device=args.device, smoke=args.smoke
+        )
+    except UserError as e:  # e.g. NAME:lora without smalto's LoRA
+        return {"model": spec, "micro_batch": micro, "error": str(e)}
     world = init_world(cfg.train.device)
     try:
         t = build_trainer(cfg, world)

@@ -125,6 +125,8 @@ class FrozenReference:
         self.model = build_model(cfg.model, t.world, seed=cfg.seed, plans={"score": scoring}, bf16=bf16)
         if weights is not None:
             load_weights(cfg.base_model if weights == "base_model" else weights, self.model, t.world)
+        if bf16 and t.world.world_size == 1:  # frozen: no float32 master weights needed, half the memory
+            self.model.to(torch.bfloat16)
         self.model.requires_grad_(False)
         self.model.eval()
         self.autocast = t.autocast
