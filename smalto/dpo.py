@@ -77,6 +77,8 @@ def load_dpo_config(spec: str | None = None, overrides: list[str] | None = None)
             raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
         d["tokenizer"] = str(tok)
     d["checkpoint"] = {"load_from": base, **(d.get("checkpoint") or {})}
+    # a converging DPO loss is near 0, where ordinary noise is a large ratio: the spike guard is off unless asked for
+    d["guard"] = {"spike": "off", **(d.get("guard") or {})}
     extra: dict[str, Any] = {"base_model": base, "dpo": build(DPOSection, d.get("dpo"), "dpo")}
     if "lora" in d:  # LoRA on the policy; the reference is the same model with its adapters disabled
         extra["lora"] = lora_section(d["lora"])

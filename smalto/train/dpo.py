@@ -96,13 +96,13 @@ def sequence_logps(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's target tokens, their count, the sum of their mean logits): the model's
     float32 log-softmax at every target (labels ≠ -100, each predicted from the tokens before it)."""
-    logits = model(ids, return_logits=True).logits[:, :-1]
+    logits = model(ids, return_logits=True).logits[:, :-1].float()  # one float32 copy, as TRL's log-softmax
     targets = labels[:, 1:]
     mask = targets != -100
     per_token = -F.cross_entropy(
-        logits.float().transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none"
+        logits.transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none"
     )  # (B, T-1)
-    mean_logits = (logits.detach().float().mean(-1) * mask).sum(-1)
+    mean_logits = (logits.detach().mean(-1) * mask).sum(-1)
     return (per_token * mask).sum(-1), mask.sum(-1), mean_logits
 
 
