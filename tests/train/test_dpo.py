@@ -156,3 +156,15 @@ def test_recipe_mistakes_are_named_and_exit_2(base, tmp_path):
             load_dpo_config(path, args)
     out = run_smalto(["dpo", path, "dpo.loss_type=hinge"], check=False)
     assert out.returncode == 2 and "sigmoid, ipo" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_two_processes_under_fsdp2_match_one(runs, base):
+    """torchrun with 2 ranks (gloo): FSDP2-sharded policy and reference, reference log-probs precomputed by rank
+    share; the global loss of each step equals the single process's."""
+    tmp = runs["tmp"]
+    path = recipe(base, tmp, "fsdp", precompute_ref_log_probs=True)
+    out = run_smalto(["dpo", path, "train.max_duration=3ba"], nproc=2, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = [m["train/loss"] for m in _metrics(tmp / "cached") if "train/loss" in m][:3]
+    two = [m["train/loss"] for m in _metrics(tmp / "fsdp") if "train/loss" in m]
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
