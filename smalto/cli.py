@@ -362,6 +362,40 @@ def finetune(
         raise typer.Exit(143 if stopped == "SIGTERM" else 130)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def dpo(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="[RECIPE] [KEY=VALUE]...",
+        help="RECIPE (YAML path or shipped name: tiny-dpo, mpt-7b-dpo; default tiny-dpo) then KEY=VALUE overrides.",
+    ),
+) -> None:
+    """Preference-tune a model with DPO (TRL's prompt/chosen/rejected pairs) on the trainer of `smalto train`.
+
+    The recipe's base_model is the SFT model (anything smalto.load reads): the policy starts from it and a frozen
+    copy is the reference. Loss sigmoid (DPO, cDPO with dpo.label_smoothing) or ipo; the result is an HF folder.
+    No arguments: the stdlib docstring demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    from rich.console import Console
+
+    from smalto.dpo import dpo as run_dpo
+    from smalto.dpo import show
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    result = run_dpo(recipe, args)
+    console = Console(stderr=True)
+    show(result, console)
+    stopped = result.train.stopped
+    if stopped and stopped.startswith("guard"):
+        console.print(
+            f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}"
+        )
+        raise typer.Exit(3)
+    if stopped and stopped != "stop_after":
+        console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {result.train.checkpoint}")
+        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
+
+
 @app.command()
 def plot(
     run: str = typer.Argument(..., help="Run folder (holding metrics.jsonl)."),

@@ -319,7 +319,9 @@ class RunConfig:
     finetune: Any = None
     """`smalto finetune` only: smalto.train.finetune.FinetuneSection (template, samples)."""
     lora: Any = None
-    """`smalto finetune` only: smalto.adapters.LoraConfig when the recipe has a `lora` section (LoRA / QLoRA)."""
+    """`smalto finetune` / `smalto dpo`: smalto.adapters.LoraConfig when the recipe has a `lora` section."""
+    dpo: Any = None
+    """`smalto dpo` only: smalto.train.dpo.DPOSection (beta, loss_type, label_smoothing, reference)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], data_cls: Any = None, extra: Any = None) -> RunConfig:
@@ -329,9 +331,10 @@ class RunConfig:
 
         if not isinstance(d, dict):
             raise ConfigError(f"a recipe must be a mapping of sections, got {type(d).__name__}")
-        finetune_only = ("base_model", "finetune", "lora")
-        own = [f.name for f in dataclasses.fields(cls) if f.name not in finetune_only]
-        check_keys("", d, own + (list(finetune_only) if extra is not None else []))
+        own = [
+            f.name for f in dataclasses.fields(cls) if f.name not in ("base_model", "finetune", "lora", "dpo")
+        ]
+        check_keys("", d, own + list(extra or {}))
         hints = typing.get_type_hints(cls)
         top = {
             k: check_type(k, d[k], hints[k])
@@ -361,7 +364,14 @@ class RunConfig:
             ck.hf_export = fill("checkpoint.hf_export", ck.hf_export, run_dir=run_dir)
         tok, prepare = top.get("tokenizer"), top.get("prepare")
         if prepare is not None:
-            check_choice("prepare", prepare, ("stdlib",) if extra is None else ("stdlib-instruct",))
+            demos = (
+                ("stdlib",)
+                if extra is None
+                else ("stdlib-preferences",)
+                if "dpo" in extra
+                else ("stdlib-instruct",)
+            )
+            check_choice("prepare", prepare, demos)
         cfg = cls(
             name=name,
             run_dir=run_dir,
@@ -393,9 +403,10 @@ class RunConfig:
         d: dict[str, Any] = {"name": self.name, "run_dir": self.run_dir, "seed": self.seed}
         d["prepare"], d["tokenizer"] = self.prepare, self.tokenizer
         if self.base_model is not None:
-            d["base_model"], d["finetune"] = self.base_model, dataclasses.asdict(self.finetune)
-        if self.lora is not None:
-            d["lora"] = dataclasses.asdict(self.lora)
+            d["base_model"] = self.base_model
+        for key in ("finetune", "lora", "dpo"):
+            if getattr(self, key) is not None:
+                d[key] = dataclasses.asdict(getattr(self, key))
         d["model"] = self.model.to_dict()
         d["data"] = dataclasses.asdict(self.data)
         for k in ("optimizer", "scheduler", "train", "checkpoint", "logging", "guard"):

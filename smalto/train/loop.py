@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -49,14 +49,38 @@ class TrainResult:
     )  # this launch's, the last 100 at most (all: metrics.jsonl)
 
 
-def train(cfg: RunConfig, on_eval: Callable[[Trainer, dict[str, Any]], None] | None = None) -> TrainResult:
+class Objective(Protocol):
+    """What an objective other than next-token loss gives the loop (DPO: smalto/train/dpo.py): its data streams,
+    what it prepares once the trainer is built (a reference model), its step and its evaluation."""
+
+    def loaders(self, cfg: RunConfig, world: World) -> tuple[Any, Any]: ...
+
+    def start(self, t: Trainer) -> None: ...
+
+    def step(
+        self, t: Trainer, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, Any], str]: ...
+
+    def evaluate(self, t: Trainer) -> dict[str, float]: ...
+
+
+def train(
+    cfg: RunConfig,
+    on_eval: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    objective: Objective | None = None,
+) -> TrainResult:
     """Run the recipe. `on_eval(t, metrics)` runs after each evaluation, before the metrics are logged (the
-    finetuning objective adds sample generations there)."""
+    finetuning objective adds sample generations there); `objective` replaces the next-token step, evaluation and
+    data streams (None: pretraining and finetuning)."""
     world = init_world(cfg.train.device)
+    step_fn = objective.step if objective is not None else train_step
+    evaluate_fn = objective.evaluate if objective is not None else evaluate
     try:
-        t = setup(cfg, world)
+        t = setup(cfg, world, loaders=objective.loaders if objective is not None else None)
+        if objective is not None:
+            objective.start(t)
         if cfg.train.eval_first and t.step == 0 and t.val_loader is not None:
-            first = evaluate(t)
+            first = evaluate_fn(t)
             t.first_eval = first["eval/loss"]
             if on_eval is not None:
                 on_eval(t, first)
@@ -71,7 +95,7 @@ def train(cfg: RunConfig, on_eval: Callable[[Trainer, dict[str, Any]], None] | N
         limit = parse_seconds(cfg.train.time_limit, "train.time_limit") if cfg.train.time_limit else math.inf
         with StopSignals() as signals:
             while t.step < end:
-                metrics, verdict = train_step(t, [next(batches) for _ in range(t.accum)])
+                metrics, verdict = step_fn(t, [next(batches) for _ in range(t.accum)])
                 if verdict == STOP:
                     stopped = f"guard: {t.guard.reason}"
                     break
@@ -79,7 +103,7 @@ def train(cfg: RunConfig, on_eval: Callable[[Trainer, dict[str, Any]], None] | N
                 last = t.step == t.total_steps or t.out_of_time(limit)
                 stopped = signals.requested(world) or ("stop_after" if t.step == end and not last else None)
                 if t.val_loader is not None and (last or t.step % t.eval_every == 0):
-                    metrics.update(evaluate(t))
+                    metrics.update(evaluate_fn(t))
                     if on_eval is not None:
                         on_eval(t, metrics)
                 t.logger.log(t.step, metrics)
@@ -149,14 +173,28 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
         raise UserError(out_of_memory_advice(t.cfg, t.micro)) from None
     if ws > 1:
         dist.all_reduce(loss_sum)
+    # tokens that are not padding (sequence_id -1), rank 0's count times the world size
+    real = sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
+    return update(t, loss_sum, start, real_tokens=real)
+
+
+def update(
+    t: Trainer, loss_sum: torch.Tensor, start: float, *, real_tokens: int, extra: torch.Tensor | None = None
+) -> tuple[dict[str, Any], str]:
+    """The end of every objective's step, once the backward passes are done: clip the global gradient norm, ask
+    the guard, update, and count. `loss_sum` is the step's global loss; `extra` (optional, on the device) reaches
+    the host in the same sync, as `metrics["extra"]`."""
+    dev, ws = t.world.device, t.world.world_size
     params = [p for p in t.model.parameters() if p.grad is not None]
     clip = t.cfg.train.grad_clip
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf, foreach=True)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    loss_v, norm_v = torch.stack(
-        [loss_sum.float(), norm.float().to(dev)]
-    ).tolist()  # the step's one host sync
+    head = torch.stack([loss_sum.float(), norm.float().to(dev)])
+    synced = (
+        head if extra is None else torch.cat([head, extra.float().flatten()])
+    ).tolist()  # the one host sync
+    loss_v, norm_v = synced[:2]
     verdict = t.guard.check(t.step, loss_v)
     lr = t.schedule.apply(t.optimizer, t.step, t.cfg.optimizer.lr)
     if verdict == OK:
@@ -171,10 +209,8 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
     if t.first_loss is None:
         t.first_loss = loss_v
     tps = t.tokens_per_step / seconds
-    # tokens that are not padding (sequence_id -1), rank 0's count times the world size
-    real = sum(int((mb["sequence_id"] >= 0).sum()) for mb in micro_batches) * ws
-    metrics = {
-        "throughput/real_tokens_per_s": real / seconds,
+    metrics: dict[str, Any] = {
+        "throughput/real_tokens_per_s": real_tokens / seconds,
         "train/loss": loss_v,
         "train/grad_norm": norm_v,
         "train/lr": lr,
@@ -184,6 +220,8 @@ def train_step(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tupl
         "memory/peak_gib": memory_gib(dev),
         "time/step_s": seconds,
     }
+    if extra is not None:
+        metrics["extra"] = synced[2:]
     if verdict != OK:
         metrics["guard"] = verdict
         t.logger.print(f"[yellow]loss guard: {verdict} at step {t.step}: {escape(t.guard.reason or '')}")

@@ -116,9 +116,10 @@ class Trainer:
         self.first_eval = s.get("first_eval")
 
 
-def setup(cfg: RunConfig, world: World) -> Trainer:
+def setup(cfg: RunConfig, world: World, loaders: Any = None) -> Trainer:
     """A run's `Trainer`: `build_trainer`, then its data streams and checkpoints, resumed from `latest` when
-    there is one (or initial weights from `checkpoint.load_from`), and its logger started."""
+    there is one (or initial weights from `checkpoint.load_from`), and its logger started. `loaders(cfg, world)`,
+    when given, makes the (training, held-out) loaders of an objective's own data (DPO's preference pairs)."""
     from rich.markup import escape
 
     from smalto.data.stream import build_loader, check_vocab
@@ -138,20 +139,26 @@ def setup(cfg: RunConfig, world: World) -> Trainer:
         if world.is_main:
             prepare_instruct(cfg)
         world.barrier()
+    elif cfg.prepare == "stdlib-preferences":
+        from smalto.demo_dpo import prepare_preferences
+
+        if world.is_main:
+            prepare_preferences(cfg)
+        world.barrier()
     # smalto finetune's examples (smalto/train/finetune.py) are read before anything is written (a bad row leaves
     # no run folder) and before the trainer is built (a max_duration in epochs needs the data's size)
     finetuning = cfg.base_model is not None
-    if finetuning:
-        from smalto.train.finetune import finetune_loaders
-
-        loaders = finetune_loaders(cfg, world)
+    if loaders is None and finetuning:
+        from smalto.train.finetune import finetune_loaders as loaders
+    if loaders is not None:
+        made = loaders(cfg, world)
     else:
         check_data(cfg)  # every rank: a missing dataset is named in seconds, not after the model is built
     if world.is_main:
         check_paths(cfg)
     t = build_trainer(cfg, world)
-    if finetuning:
-        t.loader, t.val_loader = loaders
+    if loaders is not None:
+        t.loader, t.val_loader = made
     else:
         t.loader = build_loader(
             cfg.data,
