@@ -59,7 +59,9 @@ def preference_rows(parts: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def prepare_pairs(path: str, console: Console | None = None) -> None:
-    _write_once(path, lambda parts: preference_rows(parts), "preference pairs (return a value: chosen)", console)
+    _write_once(
+        path, lambda parts: preference_rows(parts), "preference pairs (return a value: chosen)", console
+    )
 
 
 def prepare_prompts(path: str, console: Console | None = None) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,9 @@ class RewardSource:
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.rule is None):
-            raise ConfigError("reward needs exactly one of reward.model (a reward model folder) or reward.rule")
+            raise ConfigError(
+                "reward needs exactly one of reward.model (a reward model folder) or reward.rule"
+            )
 
 
 @dataclass(kw_only=True)
@@ -96,8 +97,7 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
     from smalto.model.heads import MPTWithValueHead
     from smalto.rlhf import MetricsLog, base_tokenizer, device_for, read_recipe
     from smalto.train.optim import build_optimizer
-    from smalto.train.ppo import AdaptiveKL, ppo_update
-    from smalto.train.rollout import experience, layout, sample
+    from smalto.train.ppo_trainer import PPOTrainer
 
     r = read_recipe(PPORecipe, spec or DEFAULT_RECIPE, overrides or [])
     if r.prepare == "stdlib-prompts":
@@ -124,69 +124,39 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
             m.p = 0.0
     model = MPTWithValueHead(policy)
     _train_plan(policy, r.ppo, c.max_seq_len)
-    score = _scorer(r, dev, c.vocab_size, tok)
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, r.optimizer)
-    kl = AdaptiveKL(r.ppo.kl_coef, r.ppo.kl_target, r.ppo.kl_horizon)
-    gen = torch.Generator().manual_seed(r.seed)
+    trainer = PPOTrainer(
+        model,
+        reference,
+        ref_model,
+        _scorer(r, dev, c.vocab_size, tok),
+        build_optimizer(model, r.optimizer),
+        r.ppo,
+        pad_id=pad,
+        eos_id=tok.eos_token_id,
+        seed=r.seed,
+    )
     out = Path(r.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(r), sort_keys=False))
-    eos = tok.eos_token_id
-
-    def rollouts(prompts: list[list[int]], seed: int) -> tuple[list[list[int]], Any]:
-        responses = sample(
-            policy, prompts, max_new_tokens=r.ppo.max_new_tokens, temperature=r.ppo.temperature, eos_token_id=eos, seed=seed
-        )
-        return responses, score(prompts, responses, autocast)
-
-    before = float(rollouts(held, r.seed + 1)[1].mean())
+    before, _ = trainer.evaluate(held, r.seed + 1)
     log = MetricsLog(r.run_dir, r.ppo.steps, r.log_every)
     log(0, {"eval/score": before})
     order = random.Random(r.seed)
     gen_s = total_s = 0.0
     try:
         for step in range(1, r.ppo.steps + 1):
-            start = time.perf_counter()
-            batch = order.sample(train_prompts, r.ppo.batch_size)
-            responses = sample(
-                policy, batch, max_new_tokens=r.ppo.max_new_tokens, temperature=r.ppo.temperature, eos_token_id=eos, seed=r.seed * 1000 + step
-            )
-            _sync(dev)
-            generated = time.perf_counter()
-            scores = score(batch, responses, autocast).to(dev)
-            ids, positions, targets, mask = (t.to(dev) for t in layout(batch, responses, pad))
-            exp, stats = experience(
-                model, reference, ref_model, ids, positions, targets, mask, scores, r.ppo, kl.value, autocast
-            )
-            model.train()
-            stats.update(ppo_update(model, optimizer, exp, r.ppo, autocast=autocast, generator=gen, params=lambda: params))
-            model.eval()
-            kl.update(stats["rollout/kl"], r.ppo.batch_size)
-            end = time.perf_counter()
-            gen_s, total_s = gen_s + generated - start, total_s + end - start
-            new_tokens = sum(len(x) for x in responses)
-            stats.update(
-                {
-                    "ppo/kl_coef": kl.value,
-                    "time/step_s": end - start,
-                    "time/generation_share": (generated - start) / (end - start),
-                    "time/training_share": (end - generated) / (end - start),
-                    "throughput/rollout_tokens_per_s": new_tokens / (generated - start),
-                }
-            )
+            stats = trainer.step(order.sample(train_prompts, r.ppo.batch_size), seed=r.seed * 1000 + step)
+            gen_s, total_s = gen_s + stats["time/generation_s"], total_s + stats["time/step_s"]
             log(step, stats)
-        after_responses, after = rollouts(held, r.seed + 1)
-        log(r.ppo.steps, {"eval/score": float(after.mean())})
+        after, responses = trainer.evaluate(held, r.seed + 1)
+        log(r.ppo.steps, {"eval/score": after})
     finally:
         log.close()
     folder = save_pretrained(policy, out / "hf", tokenizer=tok_path)
-    samples = [(tok.decode(p), tok.decode(a)) for p, a in list(zip(held, after_responses, strict=True))[:3]]
+    samples = [(tok.decode(p), tok.decode(a)) for p, a in list(zip(held, responses, strict=True))[:3]]
     return PPOResult(
         score_before=before,
-        score_after=float(after.mean()),
+        score_after=after,
         steps=r.ppo.steps,
         generation_share=gen_s / max(total_s, 1e-9),
         folder=str(folder),
@@ -209,7 +179,9 @@ def _prompts(r: PPORecipe, tok: Any) -> tuple[list[list[int]], list[list[int]]]:
             if isinstance(p, list):
                 p = apply_chat_template(tok, p, add_generation_prompt=True)
             if not isinstance(p, str) or not p:
-                raise DataError(f"{where}: field 'prompt' must be a non-empty string or a list of chat messages")
+                raise DataError(
+                    f"{where}: field 'prompt' must be a non-empty string or a list of chat messages"
+                )
             ids = list(tok.encode(p))
             if len(ids) <= r.data.max_prompt_tokens:
                 out.append(ids)
@@ -243,21 +215,23 @@ def _reference(r: PPORecipe, policy: Any) -> tuple[Any, Any]:
     try:
         from smalto.adapters.lora import apply_lora, disable_adapters  # type: ignore[import-not-found]
     except ImportError:
-        raise ConfigError("lora: this smalto has no LoRA adapters (smalto.adapters.lora); remove the lora section") from None
+        raise ConfigError(
+            "lora: this smalto has no LoRA adapters (smalto.adapters.lora); remove the lora section"
+        ) from None
     apply_lora(policy, **r.lora)
     return (lambda: disable_adapters(policy)), policy
 
 
 def _scorer(r: PPORecipe, dev: Any, vocab_size: int, tok: Any) -> Any:
-    """fn(prompt ids, response ids, autocast) → scores (B,) on the CPU or the device."""
+    """fn(prompt ids, response ids) → scores (B,) on the CPU or the device."""
     from smalto.train.scorers import ModelScorer, rule_scorer
 
     if r.reward.model is not None:
         rm = ModelScorer(r.reward.model, dev, None, vocab_size)
-        return lambda prompts, responses, autocast: rm([p + x for p, x in zip(prompts, responses, strict=True)], autocast)
+        return lambda prompts, responses: rm([p + x for p, x in zip(prompts, responses, strict=True)])
     assert r.reward.rule is not None
     rule = rule_scorer(r.reward.rule)
-    return lambda prompts, responses, autocast: rule(
+    return lambda prompts, responses: rule(
         [tok.decode(p) for p in prompts], [tok.decode(x, skip_special_tokens=True) for x in responses]
     )
 
@@ -268,15 +242,15 @@ def _train_plan(policy: Any, section: PPOSection, seq: int) -> None:
     from smalto.kernels import apply, select
 
     if policy.device.type == "cuda":
-        plan = select(policy.config, "train", device=policy.device, dtype=torch.bfloat16, batch=section.mini_batch_size, seq=seq)
+        plan = select(
+            policy.config,
+            "train",
+            device=policy.device,
+            dtype=torch.bfloat16,
+            batch=section.mini_batch_size,
+            seq=seq,
+        )
         apply(policy, {"train": plan})
-
-
-def _sync(dev: Any) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def show(r: PPOResult, console: Any) -> None:

@@ -111,9 +111,7 @@ def run_reward(spec: str | None = None, overrides: list[str] | None = None) -> R
         log(step, metrics)
 
     try:
-        last = train_reward(
-            model, pairs, held, r.reward, r.optimizer, r.scheduler, seed=r.seed, log=record
-        )
+        last = train_reward(model, pairs, held, r.reward, r.optimizer, r.scheduler, seed=r.seed, log=record)
     finally:
         log.close()
     folder = save_reward_model(model.eval(), out / "hf", tokenizer=tok_path)
@@ -146,7 +144,10 @@ def show(r: RewardResult, console: Any) -> None:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     console.print(
-        f"pairs: {r.pairs} training, {r.held_out} held out" + (f" ({r.too_long} too long, dropped)" if r.too_long else "")
+        f"pairs: {r.pairs} training, {r.held_out} held out"
+        + (f" ({r.too_long} too long, dropped)" if r.too_long else "")
     )
-    console.print(f"held-out accuracy before: {pct(r.accuracy_before)}\nheld-out accuracy after:  {pct(r.accuracy_after)}")
+    console.print(
+        f"held-out accuracy before: {pct(r.accuracy_before)}\nheld-out accuracy after:  {pct(r.accuracy_after)}"
+    )
     console.print(f"reward model: {r.folder}")

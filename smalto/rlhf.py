@@ -82,7 +82,9 @@ class MetricsLog:
         self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.file.flush()
         if step % self.every == 0 or step == self.total or any(k.startswith("eval/") for k in metrics):
-            shown = "  ".join(f"{k.removeprefix('train/')} {_fmt(v)}" for k, v in metrics.items() if k != "time/step_s")
+            shown = "  ".join(
+                f"{k.removeprefix('train/')} {_fmt(v)}" for k, v in metrics.items() if k != "time/step_s"
+            )
             self.console.print(f"step {step}/{self.total}  {shown}", highlight=False)
 
     def close(self) -> None:

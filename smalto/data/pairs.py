@@ -63,7 +63,9 @@ def split_row(row: dict[str, Any], where: str, tokenizer: Any) -> tuple[str, str
     """(prompt text, chosen completion text, rejected completion text) of one row."""
     for key in ("chosen", "rejected"):
         if key not in row or row[key] is None:
-            raise DataError(f"{where}: field {key!r} is missing (fields: {', '.join(map(str, row)) or 'none'})")
+            raise DataError(
+                f"{where}: field {key!r} is missing (fields: {', '.join(map(str, row)) or 'none'})"
+            )
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if all(isinstance(x, str) for x in (chosen, rejected)) and (prompt is None or isinstance(prompt, str)):
         if prompt is None:
@@ -101,7 +103,9 @@ def _common_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    while n > 0 and not chosen[n - 1].isspace():  # cut at a word boundary: a word is not split between the two
+    while (
+        n > 0 and not chosen[n - 1].isspace()
+    ):  # cut at a word boundary: a word is not split between the two
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 

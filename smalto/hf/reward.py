@@ -37,7 +37,9 @@ def save_reward_model(model: MPTForSequenceScore, path: str | Path, *, tokenizer
             "a reward model on a LLaMA-family backbone has no Hugging Face folder form in smalto; use an MPT base"
         )
     if model.pad_token_id is None:
-        raise ConfigError("a reward model folder needs a pad_token_id (transformers picks the scored token by it)")
+        raise ConfigError(
+            "a reward model folder needs a pad_token_id (transformers picks the scored token by it)"
+        )
     dest = Path(path)
     tmp = dest.parent / f".{dest.name}.reward-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ Means are over real tokens of the minibatch (`masked_mean`); whitening uses the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,9 +173,13 @@ class Experience:
     returns: Tensor  # (B, R)
 
 
-def response_logprobs(logits: Tensor, positions: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def response_logprobs(
+    logits: Tensor, positions: Tensor, targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """logits (B, T, V) → (log-probabilities of the targets (B, R), the response logits (B, R, V) / temperature)."""
-    picked = torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    picked = (
+        torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    )
     return torch.gather(picked.log_softmax(-1), 2, targets[..., None]).squeeze(-1), picked
 
 
@@ -187,25 +191,29 @@ def ppo_update(
     *,
     autocast: Any,
     generator: torch.Generator,
-    params: Callable[[], list[Tensor]],
+    params: Sequence[Tensor],
 ) -> dict[str, float]:
     """`ppo_epochs` passes over `exp` in shuffled minibatches, one optimizer step each; the mean statistics."""
     B = exp.ids.shape[0]
-    stats: dict[str, list[Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
+    stats: dict[str, list[Tensor]] = {
+        k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy")
+    }
     for _ in range(section.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(exp.ids.device)
         for i in range(0, B, section.mini_batch_size):
             mb = order[i : i + section.mini_batch_size]
             with autocast:
                 logits, vpred_all = model(exp.ids[mb])
-            logprobs, picked = response_logprobs(logits, exp.positions[mb], exp.targets[mb], section.temperature)
+            logprobs, picked = response_logprobs(
+                logits, exp.positions[mb], exp.targets[mb], section.temperature
+            )
             vpred = torch.gather(vpred_all, 1, exp.positions[mb])
             mask = exp.mask[mb]
             pg, pg_clip = policy_loss(logprobs, exp.logprobs[mb], exp.advantages[mb], mask, section.cliprange)
             vf, vf_clip = value_loss(vpred, exp.values[mb], exp.returns[mb], mask, section.cliprange_value)
             (pg + section.vf_coef * vf).backward()
             clip = section.grad_clip if section.grad_clip is not None else math.inf
-            torch.nn.utils.clip_grad_norm_(params(), clip)
+            torch.nn.utils.clip_grad_norm_(list(params), clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():

@@ -87,7 +87,9 @@ def pair_batch(pairs: list[PreferencePair], pad_id: int, multiple: int = PAD_MUL
 
 
 @torch.no_grad()
-def accuracy(model: MPTForSequenceScore, pairs: list[PreferencePair], batch: int, autocast: Any) -> dict[str, float]:
+def accuracy(
+    model: MPTForSequenceScore, pairs: list[PreferencePair], batch: int, autocast: Any
+) -> dict[str, float]:
     """The fraction of pairs whose chosen completion scores above the rejected one (ties count half), and the
     mean margin r_chosen - r_rejected."""
     if not pairs:

@@ -43,10 +43,15 @@ def sample(
         eos_token_id=[] if eos_token_id is None else eos_token_id,
         seed=seed,
     )
-    return [o.token_ids + ([eos_token_id] if o.finish_reason == "eos" and eos_token_id is not None else []) for o in outs]
+    return [
+        o.token_ids + ([eos_token_id] if o.finish_reason == "eos" and eos_token_id is not None else [])
+        for o in outs
+    ]
 
 
-def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def layout(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(ids (B, T), positions (B, R), targets (B, R), mask (B, R) float); rows whose response is empty get one
     masked position (they add nothing to any mean)."""
     B = len(prompts)
@@ -111,6 +116,16 @@ def experience(
         returns=returns,
     )
     stats = torch.stack(
-        [scores.float().mean(), scores.float().std() if len(scores) > 1 else torch.zeros(()), kl.sum(1).mean(), mask.sum(1).mean()]
+        [
+            scores.float().mean(),
+            scores.float().std() if len(scores) > 1 else torch.zeros(()),
+            kl.sum(1).mean(),
+            mask.sum(1).mean(),
+        ]
     ).tolist()
-    return exp, {"rollout/score": stats[0], "rollout/score_std": stats[1], "rollout/kl": stats[2], "rollout/length": stats[3]}
+    return exp, {
+        "rollout/score": stats[0],
+        "rollout/score_std": stats[1],
+        "rollout/kl": stats[2],
+        "rollout/length": stats[3],
+    }

@@ -1,11 +1,11 @@
 """What gives a PPO rollout its scalar score: a reward model folder, or a rule a program checks.
 
-    RULES                      contains:TEXT (1 when the response text has TEXT, else 0), ends_with:TEXT (1 when
-                               it ends with TEXT, trailing whitespace ignored), valid_python (1 when prompt +
-                               response parses as Python: `ast.parse`, nothing is run)
-    rule_scorer(spec)          → fn(prompt texts, response texts) → scores (B,)
-    ModelScorer(folder)        a `smalto reward` folder scoring prompt + response token ids (the policy's
-                               tokenizer must be the reward model's)
+RULES                      contains:TEXT (1 when the response text has TEXT, else 0), ends_with:TEXT (1 when
+                           it ends with TEXT, trailing whitespace ignored), valid_python (1 when prompt +
+                           response parses as Python: `ast.parse`, nothing is run)
+rule_scorer(spec)          → fn(prompt texts, response texts) → scores (B,)
+ModelScorer(folder)        a `smalto reward` folder scoring prompt + response token ids (the policy's
+                           tokenizer must be the reward model's)
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,10 +63,11 @@ class ModelScorer:
         self.pad = 0 if pad is None else pad
 
     @torch.no_grad()
-    def __call__(self, rows: list[list[int]], autocast: Any) -> Tensor:
+    def __call__(self, rows: list[list[int]]) -> Tensor:
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), self.pad, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        with autocast:
+        cuda = self.model.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             return self.model(ids.to(self.model.device)).float()
