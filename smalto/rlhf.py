@@ -57,9 +57,10 @@ def device_for(name: str) -> Any:
 
 def base_tokenizer(base: str, given: str | None) -> tuple[Any, str]:
     """The tokenizer (and its path) of a recipe: `tokenizer:` when given, else the base model's own."""
-    from smalto.load import find_tokenizer
+    from smalto.load import find_tokenizer, model_config
     from smalto.tokenizer import load_tokenizer
 
+    model_config(base)  # a path that is no model is named as such before its tokenizer is looked for
     path = given or find_tokenizer(base)
     if path is None:
         raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
