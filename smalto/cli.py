@@ -384,7 +384,8 @@ def ppo(
     """Optimise a policy with PPO against a reward model folder or a rule, with a KL penalty to the start model.
 
     Rollouts come from smalto's decoder (KV cache; a CUDA graph on GPU); the critic is a value head on the policy.
-    No arguments: the stdlib demo (completions that return a value); prints the held-out score before and after."""
+    No arguments: the stdlib demo (completions of function heads, rewarded by rule for an assignment); prints the
+    held-out score before and after."""
     from rich.console import Console
 
     from smalto.ppo import run_ppo, show

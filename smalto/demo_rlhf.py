@@ -1,13 +1,14 @@
 """The data of the embedded reward and PPO demos, built from the Python standard library (nothing is downloaded).
 
-Both demos favour one property a program checks: **the function returns a value** (its body has `return <expr>`).
+The reward demo favours a property a program checks: **the function returns a value** (`return <expr>`).
     function_parts(files)      (head, body) of every short documented function: the head is its `def` line(s)
                                and docstring, the body the rest of its source, both dedented
     prepare_pairs(path)        TRL preference rows: prompt = head, chosen = a body with `return <expr>`,
                                rejected = the same body with each `return ` dropped (`return x` → `x`: still Python,
                                one keyword apart), so only the property tells them apart
     prepare_prompts(path)      {"prompt": head} rows: what the policy continues during PPO
-The rule reward `contains:return` scores a completion 1 when it has the word, else 0.
+The PPO demo rewards, by rule (smalto/train/scorers.py), completions of the heads with an assignment (`contains: =`,
+written by the tiny model in about 40% of completions); `contains:return` (about 6%) is the reward demo's property.
 """
 
 from __future__ import annotations
