@@ -396,6 +396,50 @@ def dpo(
         raise typer.Exit(143 if stopped == "SIGTERM" else 130)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def reward(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="[RECIPE] [KEY=VALUE]...",
+        help="RECIPE (YAML path or shipped name: tiny-reward, mpt-7b-reward; default tiny-reward) then KEY=VALUE "
+        "overrides.",
+    ),
+) -> None:
+    """Train a reward model (Bradley-Terry on prompt/chosen/rejected pairs) and write it as an HF folder.
+
+    The folder loads in transformers as MptForSequenceClassification (num_labels 1) and scores as smalto does.
+    No arguments: the stdlib demo (prefer function bodies that return a value); prints held-out accuracy."""
+    from rich.console import Console
+
+    from smalto.reward import run_reward, show
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    show(run_reward(recipe, args), Console(stderr=True))
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def ppo(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="[RECIPE] [KEY=VALUE]...",
+        help="RECIPE (YAML path or shipped name: tiny-ppo, mpt-7b-ppo; default tiny-ppo) then KEY=VALUE overrides.",
+    ),
+) -> None:
+    """Optimise a policy with PPO against a reward model folder or a rule, with a KL penalty to the start model.
+
+    Rollouts come from smalto's decoder (KV cache; a CUDA graph on GPU); the critic is a value head on the policy.
+    No arguments: the stdlib demo (completions of function heads, rewarded by rule for an assignment); prints the
+    held-out score before and after."""
+    from rich.console import Console
+
+    from smalto.ppo import run_ppo, show
+
+    args = list(args or [])
+    recipe = args.pop(0) if args and "=" not in args[0] else None
+    show(run_ppo(recipe, args), Console(stderr=True))
+
+
 @app.command()
 def plot(
     run: str = typer.Argument(..., help="Run folder (holding metrics.jsonl)."),

@@ -195,7 +195,20 @@ def test_install_hints_keep_their_brackets(tmp_path: Path) -> None:
     assert "pip install 'smalto[plot]'" in refused(p)
 
 
-COMMANDS = ("data", "eval", "train", "finetune", "dpo", "serve", "plot", "generate", "chat", "convert")
+COMMANDS = (
+    "data",
+    "eval",
+    "train",
+    "finetune",
+    "dpo",
+    "reward",
+    "ppo",
+    "serve",
+    "plot",
+    "generate",
+    "chat",
+    "convert",
+)
 
 
 def test_help_shows_flags_as_flags_and_one_vocabulary(tmp_path: Path) -> None:
@@ -210,12 +223,18 @@ def test_help_shows_flags_as_flags_and_one_vocabulary(tmp_path: Path) -> None:
     assert "docs/train.md" in flat["train"] and "--print-config" in flat["train"]
     from smalto.config import find_recipe, read_yaml
 
-    recipes = {n: read_yaml(find_recipe(n).read_text()) for n in recipe_names()}
-    dpo = {n for n, r in recipes.items() if "dpo" in r}
-    finetuning = {n for n, r in recipes.items() if "base_model" in r} - dpo
-    assert finetuning and all(name in flat["finetune"] for name in finetuning)
-    assert dpo and all(name in flat["dpo"] for name in dpo)
-    assert all(name in flat["train"] for name in set(recipe_names()) - finetuning - dpo)
+    def command_of(recipe: dict) -> str:  # which command runs a shipped recipe: its help names it
+        return next(
+            (c for c in ("ppo", "reward", "dpo") if c in recipe),
+            "finetune" if "base_model" in recipe else "train",
+        )
+
+    by_command: dict[str, set[str]] = {}
+    for name in recipe_names():
+        by_command.setdefault(command_of(read_yaml(find_recipe(name).read_text())), set()).add(name)
+    assert set(by_command) == {"train", "finetune", "dpo", "reward", "ppo"}
+    for command, names in by_command.items():
+        assert all(name in flat[command] for name in names), command
     for command in ("data", "eval", "generate", "chat"):  # -t is the tokenizer everywhere
         assert "-t, --tokenizer" in flat[command], command
     dtypes = "bf16 (bfloat16) | fp16 (float16) | fp32 (float32)"

@@ -1,0 +1,266 @@
+"""`smalto ppo`: optimise a policy against a reward with PPO (a KL penalty to the frozen starting model).
+
+    run_ppo(spec, overrides) → PPOResult (held-out score before / after, the exported policy)
+The recipe (`PPORecipe`; default tiny-ppo): base_model (the SFT model: the policy starts from it and the reference
+is it, frozen), data (prompt rows), reward (a `smalto reward` folder, or a rule: smalto/train/scorers.py), ppo
+(smalto.train.ppo.PPOSection), optimizer, device, lora. Each step: sample `batch_size` responses (the generation
+share of the step), score them, compute the reference log-probabilities, rewards and advantages, then update
+(the training share). The policy and the critic share one backbone (a value head on the policy's final hidden
+states, as TRL's AutoModelForCausalLMWithValueHead). Output in the run folder: hf/ (the policy, an HF folder),
+metrics.jsonl, recipe.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smalto.config import OptimizerConfig
+from smalto.errors import ConfigError, DataError, build, check_choice
+from smalto.train.ppo import PPOSection
+
+DEFAULT_RECIPE = "tiny-ppo"
+
+
+@dataclass(kw_only=True)
+class PromptData:
+    path: str
+    """Rows with a `prompt`: a string, or chat messages (rendered with the chat template, generation prompt on)."""
+    eval_path: str | None = None
+    eval_prompts: int = 64
+    """Held-out prompts whose mean score is measured before and after (from eval_path, else held out of path)."""
+    max_prompt_tokens: int = 192
+    """Longer prompts are dropped and counted."""
+
+
+@dataclass(kw_only=True)
+class RewardSource:
+    model: str | None = None
+    """A reward model folder (`smalto reward` writes one); it must share the policy's tokenizer."""
+    rule: str | None = None
+    """Instead of a model: contains:TEXT, ends_with:TEXT or valid_python."""
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.rule is None):
+            raise ConfigError(
+                "reward needs exactly one of reward.model (a reward model folder) or reward.rule"
+            )
+
+
+@dataclass(kw_only=True)
+class PPORecipe:
+    name: str = "ppo"
+    run_dir: str = "runs/{name}"
+    seed: int = 17
+    prepare: str | None = None
+    """`stdlib-prompts`: write the demo's prompts at data.path (and train the tiny base model) when absent."""
+    base_model: str
+    tokenizer: str | None = None
+    data: PromptData
+    reward: RewardSource
+    ppo: PPOSection = field(default_factory=PPOSection)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adamw", lr=1e-6))
+    device: str = "auto"
+    dtype: str = "fp32"
+    """The policy's weights while training (CUDA runs the forwards under bf16 autocast) and in the export."""
+    lora: dict[str, Any] | None = None
+    """LoRA settings: the policy and critic train adapters on one frozen base, the reference is the base with the
+    adapters switched off (smalto.adapters.lora)."""
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.prepare is not None:
+            check_choice("prepare", self.prepare, ("stdlib-prompts",))
+
+
+@dataclass
+class PPOResult:
+    score_before: float
+    score_after: float
+    steps: int
+    generation_share: float  # of the steps' time, summed over steps
+    folder: str
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOResult:
+    import torch
+    import yaml
+
+    from smalto.hf.save import save_pretrained
+    from smalto.load import load
+    from smalto.model.heads import MPTWithValueHead
+    from smalto.rlhf import MetricsLog, base_tokenizer, device_for, read_recipe
+    from smalto.train.optim import build_optimizer
+    from smalto.train.ppo_trainer import PPOTrainer
+
+    r = read_recipe(PPORecipe, spec or DEFAULT_RECIPE, overrides or [])
+    if r.prepare == "stdlib-prompts":
+        from smalto.demo_rlhf import prepare_prompts
+        from smalto.finetune import ensure_base_model
+
+        ensure_base_model(r.base_model)
+        prepare_prompts(r.data.path)
+    tok, tok_path = base_tokenizer(r.base_model, r.tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    dev = device_for(r.device)
+    torch.manual_seed(r.seed)
+    policy = load(r.base_model, device=dev, dtype=r.dtype)
+    c = policy.config
+    if r.data.max_prompt_tokens + r.ppo.max_new_tokens > c.max_seq_len:
+        raise ConfigError(
+            f"data.max_prompt_tokens ({r.data.max_prompt_tokens}) + ppo.max_new_tokens ({r.ppo.max_new_tokens}) "
+            f"exceeds the model's max_seq_len ({c.max_seq_len})"
+        )
+    train_prompts, held = _prompts(r, tok)
+    reference, ref_model = _reference(r, policy)
+    for m in policy.modules():  # PPO's log-probabilities must be those the rollout sampled from
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model = MPTWithValueHead(policy)
+    _train_plan(policy, r.ppo, c.max_seq_len)
+    trainer = PPOTrainer(
+        model,
+        reference,
+        ref_model,
+        _scorer(r, dev, c.vocab_size, tok),
+        build_optimizer(model, r.optimizer),
+        r.ppo,
+        pad_id=pad,
+        eos_id=tok.eos_token_id,
+        seed=r.seed,
+    )
+    out = Path(r.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(r), sort_keys=False))
+    before, _ = trainer.evaluate(held, r.seed + 1)
+    log = MetricsLog(r.run_dir, r.ppo.steps, r.log_every)
+    log(0, {"eval/score": before})
+    order = random.Random(r.seed)
+    gen_s = total_s = 0.0
+    try:
+        for step in range(1, r.ppo.steps + 1):
+            stats = trainer.step(order.sample(train_prompts, r.ppo.batch_size), seed=r.seed * 1000 + step)
+            gen_s, total_s = gen_s + stats["time/generation_s"], total_s + stats["time/step_s"]
+            log(step, stats)
+        after, responses = trainer.evaluate(held, r.seed + 1)
+        log(r.ppo.steps, {"eval/score": after})
+    finally:
+        log.close()
+    if r.lora is None:
+        folder = save_pretrained(policy, out / "hf", tokenizer=tok_path)
+    else:  # the adapters alone, in PEFT's format, beside the tokenizer (as `smalto finetune` with lora)
+        from smalto.adapters.lora import LoraConfig
+        from smalto.adapters.peft import save_adapter
+        from smalto.hf.save import write_tokenizer
+
+        folder = out / "hf"
+        save_adapter(policy, folder, build(LoraConfig, r.lora, "lora"), base=str(r.base_model))
+        write_tokenizer(tok_path, folder)
+    samples = [(tok.decode(p), tok.decode(a)) for p, a in list(zip(held, responses, strict=True))[:3]]
+    return PPOResult(
+        score_before=before,
+        score_after=after,
+        steps=r.ppo.steps,
+        generation_share=gen_s / max(total_s, 1e-9),
+        folder=str(folder),
+        samples=samples,
+    )
+
+
+def _prompts(r: PPORecipe, tok: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """(training prompts, held-out prompts) as token ids."""
+    from smalto.data.preprocess import read_rows
+    from smalto.tokenizer import apply_chat_template
+
+    def read(path: str) -> list[list[int]]:
+        def bad(where: str, problem: str) -> None:
+            raise DataError(f"{where}: {problem}")
+
+        out = []
+        for row, where in read_rows(path, bad):
+            p = row.get("prompt") if isinstance(row, dict) else None
+            if isinstance(p, list):
+                p = apply_chat_template(tok, p, add_generation_prompt=True)
+            if not isinstance(p, str) or not p:
+                raise DataError(
+                    f"{where}: field 'prompt' must be a non-empty string or a list of chat messages"
+                )
+            ids = list(tok.encode(p))
+            if len(ids) <= r.data.max_prompt_tokens:
+                out.append(ids)
+        if not out:
+            raise DataError(f"prompts {path}: none fits data.max_prompt_tokens ({r.data.max_prompt_tokens})")
+        return out
+
+    prompts = read(r.data.path)
+    if r.data.eval_path is not None:
+        return prompts, read(r.data.eval_path)[: r.data.eval_prompts]
+    random.Random(r.seed).shuffle(prompts)
+    held, train = prompts[: r.data.eval_prompts], prompts[r.data.eval_prompts :]
+    if len(train) < r.ppo.batch_size:
+        raise ConfigError(
+            f"{len(train)} training prompts after holding out data.eval_prompts ({r.data.eval_prompts}); "
+            f"ppo.batch_size needs {r.ppo.batch_size}"
+        )
+    return train, held
+
+
+def _reference(r: PPORecipe, policy: Any) -> tuple[Any, Any]:
+    """(context for reference forwards, the model that computes them). Without LoRA: a frozen copy of the starting
+    policy. With LoRA: the policy itself with its adapters switched off, so the base weights exist once.
+
+    The value head is added after this, so it trains beside the adapters."""
+    if r.lora is None:
+        ref = copy.deepcopy(policy).eval()
+        ref.requires_grad_(False)
+        return nullcontext, ref
+    from smalto.adapters.lora import LoraConfig, adapters_disabled, apply_lora
+
+    apply_lora(policy, build(LoraConfig, r.lora, "lora"))
+    return (lambda: adapters_disabled(policy)), policy
+
+
+def _scorer(r: PPORecipe, dev: Any, vocab_size: int, tok: Any) -> Any:
+    """fn(prompt ids, response ids) → scores (B,) on the CPU or the device."""
+    from smalto.train.scorers import ModelScorer, rule_scorer
+
+    if r.reward.model is not None:
+        rm = ModelScorer(r.reward.model, dev, None, vocab_size)
+        return lambda prompts, responses: rm([p + x for p, x in zip(prompts, responses, strict=True)])
+    assert r.reward.rule is not None
+    rule = rule_scorer(r.reward.rule)
+    return lambda prompts, responses: rule(
+        [tok.decode(p) for p in prompts], [tok.decode(x, skip_special_tokens=True) for x in responses]
+    )
+
+
+def _train_plan(policy: Any, section: PPOSection, seq: int) -> None:
+    import torch
+
+    from smalto.kernels import apply, select
+
+    if policy.device.type == "cuda":
+        plan = select(
+            policy.config,
+            "train",
+            device=policy.device,
+            dtype=torch.bfloat16,
+            batch=section.mini_batch_size,
+            seq=seq,
+        )
+        apply(policy, {"train": plan})
+
+
+def show(r: PPOResult, console: Any) -> None:
+    console.print(f"held-out score before: {r.score_before:.3f}\nheld-out score after:  {r.score_after:.3f}")
+    console.print(f"generation share of the steps' time: {100 * r.generation_share:.0f}%")
+    for p, a in r.samples:
+        console.rule("held-out prompt → response")
+        console.print(p + a, markup=False, highlight=False)
+    console.print(f"policy: {r.folder}")

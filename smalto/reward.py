@@ -1,0 +1,153 @@
+"""`smalto reward`: train a reward model on preference pairs and write it as an HF folder.
+
+    run_reward(spec, overrides) → RewardResult (held-out accuracy before / after, the folder)
+The recipe (`RewardRecipe`; default tiny-reward): base_model (anything `smalto.load` reads; its backbone starts the
+reward model, its unembedding is dropped), data (TRL prompt/chosen/rejected rows), reward (smalto.train.reward:
+RewardSection), optimizer, scheduler, device. Output in the run folder: hf/ (`MptForSequenceClassification`,
+smalto/hf/reward.py), metrics.jsonl, and the resolved recipe (recipe.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smalto.config import OptimizerConfig, SchedulerConfig
+from smalto.errors import ConfigError, check_choice
+from smalto.train.reward import RewardSection
+
+DEFAULT_RECIPE = "tiny-reward"
+
+
+@dataclass(kw_only=True)
+class PairData:
+    path: str
+    """Preference rows (TRL's prompt / chosen / rejected; strings or chat messages): a file or folder."""
+    eval_path: str | None = None
+    """Held-out rows; when absent, reward.eval_fraction of `path` is held out (seeded)."""
+
+
+@dataclass(kw_only=True)
+class RewardRecipe:
+    name: str = "reward"
+    run_dir: str = "runs/{name}"
+    seed: int = 17
+    prepare: str | None = None
+    """`stdlib-pairs`: write the demo's pairs at data.path (and train the tiny base model) when absent."""
+    base_model: str
+    tokenizer: str | None = None
+    data: PairData
+    reward: RewardSection = field(default_factory=RewardSection)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adamw", lr=1e-5))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="linear", alpha_f=0.0))
+    device: str = "auto"
+    dtype: str = "fp32"
+    """The weights' dtype while training (on CUDA the forward runs under bf16 autocast) and in the folder."""
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.prepare is not None:
+            check_choice("prepare", self.prepare, ("stdlib-pairs",))
+
+
+@dataclass
+class RewardResult:
+    accuracy_before: float | None
+    accuracy_after: float | None
+    pairs: int
+    held_out: int
+    too_long: int
+    folder: str
+
+
+def run_reward(spec: str | None = None, overrides: list[str] | None = None) -> RewardResult:
+    import torch
+    import yaml
+
+    from smalto.data.pairs import read_pairs
+    from smalto.hf.reward import save_reward_model
+    from smalto.load import load
+    from smalto.model.heads import MPTForSequenceScore
+    from smalto.rlhf import MetricsLog, base_tokenizer, device_for, read_recipe
+    from smalto.train.reward import train_reward
+
+    r = read_recipe(RewardRecipe, spec or DEFAULT_RECIPE, overrides or [])
+    if r.prepare == "stdlib-pairs":
+        from smalto.demo_rlhf import prepare_pairs
+        from smalto.finetune import ensure_base_model
+
+        ensure_base_model(r.base_model)
+        prepare_pairs(r.data.path)
+    tok, tok_path = base_tokenizer(r.base_model, r.tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ConfigError(f"tokenizer {tok_path} has neither a pad nor an EOS token; the score needs one")
+    dev = device_for(r.device)
+    lm = load(r.base_model, device=dev, dtype=r.dtype)
+    read = read_pairs(r.data.path, tok, max_length=min(r.reward.max_length, lm.config.max_seq_len))
+    pairs = read.pairs
+    if r.data.eval_path is not None:
+        held = read_pairs(r.data.eval_path, tok, max_length=lm.config.max_seq_len).pairs
+    else:
+        order = list(range(len(pairs)))
+        random.Random(r.seed).shuffle(order)
+        n = round(len(pairs) * r.reward.eval_fraction)
+        held, pairs = [pairs[i] for i in order[:n]], [pairs[i] for i in order[n:]]
+    torch.manual_seed(r.seed)
+    model = MPTForSequenceScore.from_causal_lm(lm, pad)
+    _train_plan(model, r.reward)
+    out = Path(r.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(r), sort_keys=False))
+    log = MetricsLog(r.run_dir, r.reward.steps, r.log_every)
+    seen: dict[str, Any] = {}
+
+    def record(step: int, metrics: dict[str, Any]) -> None:
+        if step == 0:
+            seen["before"] = metrics.get("eval/accuracy")
+        log(step, metrics)
+
+    try:
+        last = train_reward(model, pairs, held, r.reward, r.optimizer, r.scheduler, seed=r.seed, log=record)
+    finally:
+        log.close()
+    folder = save_reward_model(model.eval(), out / "hf", tokenizer=tok_path)
+    return RewardResult(
+        accuracy_before=seen.get("before"),
+        accuracy_after=last.get("eval/accuracy"),
+        pairs=len(pairs),
+        held_out=len(held),
+        too_long=read.too_long,
+        folder=str(folder),
+    )
+
+
+def _train_plan(model: Any, section: RewardSection) -> None:
+    """On CUDA the training attention kernel for the longest rows (smalto.kernels.select); the CPU runs sdpa."""
+    import torch
+
+    from smalto.kernels import apply, select
+
+    if model.device.type == "cuda":
+        mb = 2 * (section.micro_batch_size or section.batch_size)
+        plan = select(
+            model.config, "train", device=model.device, dtype=torch.bfloat16, batch=mb, seq=section.max_length
+        )
+        apply(model, {"train": plan})
+
+
+def show(r: RewardResult, console: Any) -> None:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    console.print(
+        f"pairs: {r.pairs} training, {r.held_out} held out"
+        + (f" ({r.too_long} too long, dropped)" if r.too_long else "")
+    )
+    console.print(
+        f"held-out accuracy before: {pct(r.accuracy_before)}\nheld-out accuracy after:  {pct(r.accuracy_after)}"
+    )
+    console.print(f"reward model: {r.folder}")
