@@ -16,8 +16,7 @@ optimizer step.
 Targets (issue 24): MPT-7B peak ≤ 12 GiB; MPT-30B peak < 22 GiB. Results: a rich table, and bench_qlora.json in
 $OUT when set. Peak = torch.cuda.max_memory_allocated over building and the timed steps (reserved shown beside it).
 
-Adapters: `attach_lora` below is the one place that puts LoRA on the model; it uses the bench's own minimal LoRA
-layer (`BenchLoRA`) until smalto's LoRA (smalto/adapters/lora*.py) is wired in there.
+Adapters: smalto's LoRA (smalto/adapters/lora.py) on the NF4 layers, as `lora.base_dtype: nf4` in a recipe.
 """
 
 from __future__ import annotations
@@ -25,15 +24,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
+from smalto.adapters.lora import LoraConfig, adapters, apply_lora
 from smalto.adapters.nf4 import NF4Linear
 from smalto.kernels import select
 from smalto.kernels.loss import head_loss_for
@@ -88,29 +87,10 @@ def build_nf4_model(config: MPTConfig, device: torch.device) -> MPTForCausalLM:
     return model
 
 
-class BenchLoRA(nn.Module):
-    """y = base(x) + (α/r) · B(A(x)) with A, B float32 (PEFT's layer, no dropout): the bench's stand-in for
-    smalto's LoRA layer."""
-
-    def __init__(self, base: NF4Linear, r: int, alpha: float):
-        super().__init__()
-        self.base, self.scale = base, alpha / r
-        dev = next(base.parameters()).device
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
-
-
 def attach_lora(model: MPTForCausalLM, r: int, alpha: float) -> list[nn.Parameter]:
-    """LoRA on the four projections of every block; returns the trainable parameters."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, NF4Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, BenchLoRA(m, r, alpha))
+    """smalto's LoRA (smalto.adapters.lora, PEFT's layer) on the four projections of every block, over the NF4
+    base; returns the trainable parameters."""
+    apply_lora(model, LoraConfig(r=r, alpha=alpha, targets=list(TARGETS)))
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -177,11 +157,7 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_cuda else float("nan"),
         "loss": float(loss.detach()),
         # the gradient reached every adapter through the NF4 layers and the recomputed blocks
-        "adapters_trained": all(
-            bool(m.lora_B.weight.detach().abs().sum() > 0)
-            for m in model.modules()
-            if isinstance(m, BenchLoRA)
-        ),
+        "adapters_trained": all(bool(m.lora_B.weight.detach().abs().sum() > 0) for m in adapters(model)),
     }
     del model, opt, params, loss
     gc.collect()
