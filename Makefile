@@ -12,7 +12,7 @@ lint:
 	$(PY) -m mypy smalto bench
 
 test: install lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 demo:
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 -e .

@@ -154,10 +154,14 @@ def test_cuda_without_cuda_exits_2(model_dir: Path) -> None:
 
 
 def test_long_dtype_names_and_top_k_0_is_off(model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from smalto.cli import app
+
     base = ["generate", str(model_dir), "-p", "Hello", "-n", "6", "--device", "cpu", "--seed", "3"]
-    plain = smalto(*base)
+    plain = smalto(*base)  # a real process: what a user sees
     assert plain.returncode == 0, plain.stderr
     for extra in (["--dtype", "float32"], ["--dtype", "fp32"], ["--top-k", "0"]):
-        r = smalto(*base, *extra)
-        assert r.returncode == 0, r.stderr
+        r = CliRunner().invoke(app, [*base, *extra])  # the same command in this process (no new interpreter)
+        assert r.exit_code == 0, r.output
         assert r.stdout == plain.stdout, extra

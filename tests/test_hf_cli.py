@@ -15,7 +15,7 @@ from smalto.generate import generate
 from smalto.hf import save_pretrained
 from smalto.model.mpt import MPTForCausalLM
 from smalto.tokenizer import load_tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import greedy_generate_args, tiny_config
 
 
 def smalto(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -37,18 +37,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, neox_tokenizer_dir: Path
 def test_generate_prints_the_greedy_completion(model_dir: Path) -> None:
     tok = load_tokenizer(model_dir)
     (ref,) = generate(load(model_dir), tok, ["Hello world"], max_new_tokens=8, temperature=0)
-    r = smalto(
-        "generate",
-        str(model_dir),
-        "--prompt",
-        "Hello world",
-        "-n",
-        "8",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
-    )
+    r = smalto(*greedy_generate_args(model_dir))
     assert r.returncode == 0, r.stderr
     assert r.stdout == ref.text + "\n"
     assert "tokens/s" in r.stderr

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from smalto.data.sources import csv_errors, datasets_folder, parquet_file
 from smalto.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, DOLLY_PROMPT
 from smalto.errors import ConfigError, DataError
 
@@ -106,25 +107,16 @@ def _json_rows(path: str) -> Iterator[tuple[Any, str]]:
 
 
 def _csv_rows(path: str) -> Iterator[tuple[Any, str]]:
-    csv.field_size_limit(1 << 30)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield dict(row), f"{path}:{reader.line_num}"
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8 (CSV files must be UTF-8)") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV ({e})") from None
+    with csv_errors(path), open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield dict(row), f"{path}:{reader.line_num}"
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[Any, str]]:
+    pf = parquet_file(path)
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError("reading Parquet needs `pyarrow`: pip install 'smalto[data]'") from None
-    try:
-        table = pq.read_table(path)
+        table = pf.read()
     except Exception as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     for i, row in enumerate(table.to_pylist()):
@@ -132,17 +124,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[Any, str]]:
 
 
 def _hf_rows(path: str) -> Iterator[tuple[Any, str]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f'{path} is a Hugging Face datasets folder; reading it needs `pip install "smalto[finetune]"`'
-        ) from None
-    ds = datasets.load_from_disk(path)
-    if isinstance(ds, datasets.DatasetDict):
-        raise DataError(
-            f"{path} holds splits {list(ds)}; pass one split folder, e.g. {path}/{next(iter(ds))}"
-        )
+    ds = datasets_folder(path, 'pip install "smalto[finetune]"')
     for i, row in enumerate(ds):
         yield dict(row), f"{path}:row {i}"
 

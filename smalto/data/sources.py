@@ -13,6 +13,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,36 +207,47 @@ def _json(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[s
             yield text, where
 
 
-def _csv(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[str, str]]:
+@contextmanager
+def csv_errors(path: str) -> Iterator[None]:
+    """Reading the CSV file `path` in the block: a file that is not UTF-8 or not CSV is a DataError naming it."""
     csv.field_size_limit(1 << 30)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or text_field not in reader.fieldnames:
-                raise DataError(
-                    f"{path}:1: no column {text_field!r} (columns: {reader.fieldnames}); choose one with --text-field"
-                )
-            for row in reader:
-                value = row.get(text_field)
-                if value is None:
-                    on_error(f"{path}:{reader.line_num}", f"row has no value for column {text_field!r}")
-                    continue
-                yield value, f"{path}:{reader.line_num}"
+        yield
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid UTF-8 (CSV files must be UTF-8)") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
 
 
-def _parquet(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[str, str]]:
+def _csv(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[str, str]]:
+    with csv_errors(path), open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            raise DataError(
+                f"{path}:1: no column {text_field!r} (columns: {reader.fieldnames}); choose one with --text-field"
+            )
+        for row in reader:
+            value = row.get(text_field)
+            if value is None:
+                on_error(f"{path}:{reader.line_num}", f"row has no value for column {text_field!r}")
+                continue
+            yield value, f"{path}:{reader.line_num}"
+
+
+def parquet_file(path: str) -> Any:
+    """pyarrow's `ParquetFile` of `path`; a DataError when pyarrow is missing or the file is not Parquet."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading Parquet needs `pyarrow`: pip install 'smalto[data]'") from None
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _parquet(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[str, str]]:
+    pf = parquet_file(path)
     if text_field not in pf.schema_arrow.names:
         raise DataError(
             f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); choose one with --text-field"
@@ -252,18 +264,23 @@ def _parquet(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tupl
             row += 1
 
 
-def _hf_dataset(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[str, str]]:
+def datasets_folder(path: str, install: str) -> Any:
+    """The `datasets` Dataset saved in the folder `path` (`save_to_disk`); a DataError naming the `install` command
+    when `datasets` is missing, and the split folders when `path` holds several."""
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            f"{path} is a Hugging Face datasets folder; reading it needs `pip install datasets`"
-        ) from None
+        raise DataError(f"{path} is a Hugging Face datasets folder; reading it needs `{install}`") from None
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(
             f"{path} holds splits {list(ds)}; pass one split folder, e.g. {path}/{next(iter(ds))}"
         )
+    return ds
+
+
+def _hf_dataset(path: str, text_field: str, on_error: ErrorPolicy) -> Iterator[tuple[str, str]]:
+    ds = datasets_folder(path, "pip install datasets")
     if text_field not in ds.column_names:
         raise DataError(
             f"{path}: no column {text_field!r} (columns: {ds.column_names}); choose one with --text-field"

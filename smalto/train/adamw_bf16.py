@@ -16,9 +16,18 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's shard on this rank (the same storage), else t."""
+def local_shard(t: Tensor) -> Tensor:
+    """A DTensor's shard on this rank (the same storage: in-place ops on it update the DTensor), else t. The
+    optimizers' operations are elementwise, so under FSDP2 they step these shards as plain tensors."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def closure_loss(closure) -> Tensor | None:
+    """What `closure` returns, run with gradients on (torch's `Optimizer.step(closure)` protocol); None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class AdamWBf16State(torch.optim.Optimizer):
@@ -34,10 +43,7 @@ class AdamWBf16State(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             b1, b2 = group["betas"]
@@ -51,8 +57,8 @@ class AdamWBf16State(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 state["step"] += 1
                 t = float(state["step"])
-                w, g = _local(p), _local(p.grad).float()
-                m_store, v_store = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                w, g = local_shard(p), local_shard(p.grad).float()
+                m_store, v_store = local_shard(state["exp_avg"]), local_shard(state["exp_avg_sq"])
                 m = m_store.float().lerp_(g, 1.0 - b1)
                 v = v_store.float().mul_(b2).addcmul_(g, g, value=1.0 - b2)
                 if wd != 0:

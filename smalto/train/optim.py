@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from smalto.config import OptimizerConfig, SchedulerConfig, duration_steps
 from smalto.errors import ConfigError
+from smalto.train.adamw_bf16 import AdamWBf16State, closure_loss, local_shard
 
 # parameters' elements per foreach call: a float32 temporary of 256 MB at most (or of one larger tensor)
 CHUNK_ELEMENTS = 1 << 26
@@ -43,11 +44,6 @@ def _chunks(sizes: list[int], limit: int) -> list[slice]:
     if start < len(sizes):
         out.append(slice(start, len(sizes)))
     return out
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's shard on this rank (the same storage: in-place ops on it update the DTensor), else t."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class DecoupledLionW(torch.optim.Optimizer):
@@ -69,22 +65,19 @@ class DecoupledLionW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params: list[Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [_local(p.grad) for p in params if p.grad is not None]
+            grads = [local_shard(p.grad) for p in params if p.grad is not None]
             moms = []
             for p in params:
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p)  # a DTensor like p under FSDP2 (DCP saves it so)
-                moms.append(_local(state["exp_avg"]))
-            params = [_local(p) for p in params]
+                moms.append(local_shard(state["exp_avg"]))
+            params = [local_shard(p) for p in params]
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
             if wd != 0:
@@ -119,8 +112,6 @@ def _build(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.opti
             params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
         )
     if cfg.state_dtype == "bf16":
-        from smalto.train.adamw_bf16 import AdamWBf16State
-
         return AdamWBf16State(
             params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
         )

@@ -22,7 +22,7 @@ from smalto.model.mpt import MPTForCausalLM
 from smalto.quant import QuantLinear, QuantSpec, quantize
 from smalto.quant.folder import check_device, save_quantized
 from smalto.tokenizer import load_tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import greedy_generate_args, tiny_config
 
 
 def smalto(*args: str) -> subprocess.CompletedProcess:
@@ -112,20 +112,7 @@ def test_generate_with_quantize_prints_the_quantized_models_completion(model_dir
     tok = load_tokenizer(model_dir)
     model = load(model_dir, quantize="int8")
     (ref,) = generate(model, tok, ["Hello world"], max_new_tokens=8, temperature=0)
-    r = smalto(
-        "generate",
-        str(model_dir),
-        "-p",
-        "Hello world",
-        "-n",
-        "8",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
-        "--quantize",
-        "int8",
-    )
+    r = smalto(*greedy_generate_args(model_dir, "--quantize", "int8"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == ref.text + "\n"
 
