@@ -331,8 +331,8 @@ def finetune(
     args: list[str] = typer.Argument(
         None,
         metavar="[RECIPE] [KEY=VALUE]...",
-        help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct; "
-        "default tiny-instruct) then KEY=VALUE overrides.",
+        help="RECIPE (YAML path or shipped name: tiny-instruct, mpt-7b-instruct, mpt-7b-chat, mpt-30b-instruct, "
+        "llama-7b-alpaca, vicuna-7b; default tiny-instruct) then KEY=VALUE overrides.",
     ),
 ) -> None:
     """Finetune a model on instructions or chats (loss on responses only) with the trainer of `smalto train`.
@@ -340,7 +340,7 @@ def finetune(
     The recipe's base_model is any model smalto.load reads (HF folder, run, checkpoint); the result is an HF
     folder with a chat template. A lora section (lora.r=8 on the command line makes one) trains LoRA adapters on a
     frozen base and writes PEFT's adapter folder; LoRA recipes: mpt-7b-instruct-lora, mpt-7b-chat-qlora,
-    mpt-30b-instruct-qlora (docs/lora.md). No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
+    mpt-30b-instruct-qlora, llama-7b-alpaca-lora (docs/lora.md). No arguments: the stdlib instruction demo. Exit status as `smalto train` (0, 2, 3, 143 / 130)."""
     from rich.console import Console
 
     from smalto.finetune import finetune as run_finetune
@@ -774,6 +774,7 @@ def serve(
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (the checkpoint's) | bf16 (bfloat16) | fp16 (float16) | fp32 (float32)."
     ),
+    adapter: Adapter = None,
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at / (docs/serve.md)."""
@@ -793,6 +794,7 @@ def serve(
         device=device,
         served_model_name=served_model_name,
         grace=grace,
+        adapter=adapter,
         on_ready=lambda url: typer.echo(f"serving {model} at {url} (chat page: {url}/)", err=True),
     )
 

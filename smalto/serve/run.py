@@ -63,6 +63,7 @@ def serve(
     device: str | None = None,
     served_model_name: str | None = None,
     grace: float = 30.0,
+    adapter: str | None = None,
     on_ready: Any = None,
 ) -> None:
     try:
@@ -75,7 +76,7 @@ def serve(
 
     check_host(host, api_key)
     model, tok = load_model_and_tokenizer(
-        model_path, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len
+        model_path, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len, adapter=adapter
     )
     model.eval()
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)

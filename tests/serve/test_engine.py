@@ -143,3 +143,32 @@ def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next() -> None:
     assert [o.finish_reason for o in outs[0]] == [None] * cut + ["stop"]  # nothing after the stop
     assert [t for o in outs[1] for t in o.token_ids] == second
     assert outs[1][-1].finish_reason == "length" and engine.busy() == 0
+
+
+def test_an_adapted_model_serves_what_generate_gives_with_its_adapters() -> None:
+    """`smalto serve --adapter`: LoRA layers (not merged) decode in the slot step as in `generate`."""
+    from smalto.adapters.lora import LoraConfig, adapters, apply_lora
+
+    model = make_model("rope_gqa")
+    base = [
+        generate(model, None, [p], max_new_tokens=8, temperature=0, eos_token_id=[])[0].token_ids
+        for p in PROMPTS
+    ]
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    torch.manual_seed(1)
+    for a in adapters(model):
+        torch.nn.init.normal_(a.lora_B.weight, std=0.5)
+    want = [
+        generate(model, None, [p], max_new_tokens=8, temperature=0, eos_token_id=[])[0].token_ids
+        for p in PROMPTS
+    ]
+    assert want != base  # the adapters change the answers
+    engine = Engine(model, None, max_batch=3, prefill_chunk=8)
+    outs: list[list[Output]] = [[] for _ in PROMPTS]
+    for i, p in enumerate(PROMPTS):
+        engine.submit(
+            Request(prompt=p, emit=outs[i].append, params=SamplingParams(temperature=0), max_tokens=8)
+        )
+    while not all(o and o[-1].finish_reason for o in outs):
+        engine.step()
+    assert [[t for o in out for t in o.token_ids] for out in outs] == want

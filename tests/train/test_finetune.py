@@ -247,5 +247,18 @@ def test_llama_recipes_have_alpaca_and_vicuna_settings(tmp_path, neox_tokenizer_
     vicuna = load_finetune_config("vicuna-7b", args)
     assert (vicuna.data.seq_len, vicuna.train.global_batch_size, vicuna.optimizer.lr) == (2048, 128, 2e-5)
     assert template_name(vicuna) == "vicuna"
+    lora = load_finetune_config("llama-7b-alpaca-lora", args)  # tloen/alpaca-lora's settings
+    assert (lora.lora.r, lora.lora.alpha, lora.lora.dropout, lora.lora.targets) == (
+        8,
+        16,
+        0.05,
+        ["q_proj", "v_proj"],
+    )
+    assert (lora.optimizer.lr, lora.train.global_batch_size, lora.data.seq_len, lora.data.target_prompts) == (
+        3e-4,
+        128,
+        256,
+        "all",
+    )
     # a tokenizer without a chat template trains the chats in the template the export declares
     assert finetune_tokenizer(vicuna).chat_template == VICUNA_TEMPLATE
