@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from rich.console import Console
 
-from smalto.config import apply_overrides, fill, find_recipe, read_yaml
-from smalto.errors import ConfigError, build
+from smalto.config import apply_overrides, fill, find_recipe, read_recipe_file
+from smalto.errors import build
 
 T = TypeVar("T")
 METRICS = "metrics.jsonl"
@@ -25,13 +24,7 @@ METRICS = "metrics.jsonl"
 def read_recipe(cls: type[T], spec: str, overrides: list[str]) -> T:
     """`spec` (a YAML path or a shipped recipe name) with `a.b=c` overrides, built into `cls` (keys checked)."""
     path = find_recipe(spec)
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}")
-    d = apply_overrides(raw, overrides)
+    d = apply_overrides(read_recipe_file(path), overrides)
     name = d.get("name", "run")
     run_dir = fill("run_dir", str(d.get("run_dir", "runs/{name}")), name=str(name))
     d = _fill_run_dir(d, run_dir)
@@ -57,13 +50,11 @@ def device_for(name: str) -> Any:
 
 def base_tokenizer(base: str, given: str | None) -> tuple[Any, str]:
     """The tokenizer (and its path) of a recipe: `tokenizer:` when given, else the base model's own."""
-    from smalto.load import find_tokenizer, model_config
+    from smalto.load import base_tokenizer_path, model_config
     from smalto.tokenizer import load_tokenizer
 
     model_config(base)  # a path that is no model is named as such before its tokenizer is looked for
-    path = given or find_tokenizer(base)
-    if path is None:
-        raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
+    path = given or base_tokenizer_path(base)
     return load_tokenizer(path), str(path)
 
 
