@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +57,28 @@ def base_tokenizer(base: str, given: str | None) -> tuple[Any, str]:
     model_config(base)  # a path that is no model is named as such before its tokenizer is looked for
     path = given or base_tokenizer_path(base)
     return load_tokenizer(path), str(path)
+
+
+def prepare_demo(r: Any, demo: str, write: Callable[[str], None]) -> None:
+    """When the recipe `r`'s prepare is `demo`: its base model (the tiny demo's export, trained once when missing)
+    and the demo data that `write` puts at r.data.path."""
+    if r.prepare == demo:
+        from smalto.finetune import ensure_base_model
+
+        ensure_base_model(r.base_model)
+        write(r.data.path)
+
+
+def cuda_train_plan(model: Any, batch: int, seq: int) -> None:
+    """On CUDA the training attention kernel for `batch` rows of `seq` tokens (smalto.kernels.select); the CPU runs
+    sdpa."""
+    import torch
+
+    from smalto.kernels import apply, select
+
+    if model.device.type == "cuda":
+        plan = select(model.config, "train", device=model.device, dtype=torch.bfloat16, batch=batch, seq=seq)
+        apply(model, {"train": plan})
 
 
 class MetricsLog:
