@@ -326,6 +326,18 @@ def train(
             raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
 
 
+def _exit_if_stopped(train, console) -> None:
+    """Exit as `smalto train` does when a finetuning-loop run (its TrainResult) stopped early: 3 by the loss guard,
+    143 / 130 by SIGTERM / SIGINT; a run that reached `train.stop_after` ends normally."""
+    stopped = train.stopped
+    if stopped and stopped.startswith("guard"):
+        console.print(f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {train.checkpoint}")
+        raise typer.Exit(3)
+    if stopped and stopped != "stop_after":
+        console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {train.checkpoint}")
+        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def finetune(
     args: list[str] = typer.Argument(
@@ -351,15 +363,7 @@ def finetune(
     result = run_finetune(recipe, args)
     console = Console(stderr=True)
     show(result, console)
-    stopped = result.train.stopped
-    if stopped and stopped.startswith("guard"):
-        console.print(
-            f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}"
-        )
-        raise typer.Exit(3)
-    if stopped and stopped != "stop_after":
-        console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {result.train.checkpoint}")
-        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
+    _exit_if_stopped(result.train, console)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -385,15 +389,7 @@ def dpo(
     result = run_dpo(recipe, args)
     console = Console(stderr=True)
     show(result, console)
-    stopped = result.train.stopped
-    if stopped and stopped.startswith("guard"):
-        console.print(
-            f"[bold red]stopped by the loss guard:[/] {stopped}; resume from {result.train.checkpoint}"
-        )
-        raise typer.Exit(3)
-    if stopped and stopped != "stop_after":
-        console.print(f"[bold yellow]stopped:[/] {stopped}; checkpoint: {result.train.checkpoint}")
-        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
+    _exit_if_stopped(result.train, console)
 
 
 @app.command(context_settings={"allow_extra_args": False})

@@ -489,15 +489,21 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def load_config(spec: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe (path or shipped name; default `tiny`), apply overrides, validate everything."""
-    path = find_recipe(spec or "tiny")
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The sections of the recipe file at `path` (YAML holding a mapping; empty is {})."""
     try:
         d = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(d).__name__}")
+    return d
+
+
+def load_config(spec: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe (path or shipped name; default `tiny`), apply overrides, validate everything."""
+    path = find_recipe(spec or "tiny")
+    d = read_recipe_file(path)
     if "base_model" in d:
         raise ConfigError(f"{path} is a finetuning recipe (it has base_model): run `smalto finetune {spec}`")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

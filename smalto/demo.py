@@ -13,12 +13,14 @@ folder there that the demo did not make, is refused: the demo never writes over 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import shutil
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -45,6 +47,21 @@ def stdlib_files(limit_bytes: int = CORPUS_BYTES) -> list[Path]:
         chosen.append(p)
         total += size
     return chosen
+
+
+def functions_in(files: list[Path]) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, list[str]]]:
+    """Every function definition of `files` (in file order, then `ast.walk` order) with the lines of its file;
+    a file that does not parse is skipped."""
+    for f in files:
+        source = f.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield node, lines
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out: Path, max_len: int) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
+from smalto.demo import functions_in
+
 MAX_CHARS = 360  # prompt + chosen: fits the recipe's max_length of 128 tokens of the tiny tokenizer
 EVAL_EVERY = 20  # every 20th pair is held out (its prompt is a held-out prompt of the demo's measure)
 SAMPLE_TOKENS = 4
@@ -28,31 +30,22 @@ SAMPLE_TOKENS = 4
 def preference_pairs(files: list[Path]) -> list[dict[str, str]]:
     """{prompt, chosen, rejected} for the short documented functions of `files`, in file order."""
     out: list[dict[str, str]] = []
-    for f in files:
-        source = f.read_text(encoding="utf-8", errors="replace")
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):
+    for node, lines in functions_in(files):
+        if node.end_lineno is None:
             continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.end_lineno is None:
-                continue
-            doc, rest = node.body[0], node.body[1:]
-            if ast.get_docstring(node) is None or not rest or doc.end_lineno is None:
-                continue
-            if node.decorator_list or doc.lineno == node.lineno:  # the def line(s) alone make the prompt
-                continue
-            text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])).splitlines(
-                keepends=True
-            )
-            head = doc.lineno - node.lineno  # lines of the signature
-            doc_end = doc.end_lineno - node.lineno + 1
-            # the prompt ends at the colon: a newline alone is a token the model never saw before an indent
-            prompt = "".join(text[:head]).rstrip("\n")
-            docstring, body = "".join(text[head:doc_end]), "".join(text[doc_end:])
-            if len(prompt) + len(docstring) + len(body) <= MAX_CHARS and body.strip():
-                out.append({"prompt": prompt, "chosen": "\n" + docstring + body, "rejected": "\n" + body})
+        doc, rest = node.body[0], node.body[1:]
+        if ast.get_docstring(node) is None or not rest or doc.end_lineno is None:
+            continue
+        if node.decorator_list or doc.lineno == node.lineno:  # the def line(s) alone make the prompt
+            continue
+        text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])).splitlines(keepends=True)
+        head = doc.lineno - node.lineno  # lines of the signature
+        doc_end = doc.end_lineno - node.lineno + 1
+        # the prompt ends at the colon: a newline alone is a token the model never saw before an indent
+        prompt = "".join(text[:head]).rstrip("\n")
+        docstring, body = "".join(text[head:doc_end]), "".join(text[doc_end:])
+        if len(prompt) + len(docstring) + len(body) <= MAX_CHARS and body.strip():
+            out.append({"prompt": prompt, "chosen": "\n" + docstring + body, "rejected": "\n" + body})
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from smalto.config import RunConfig
+from smalto.demo import functions_in
 
 MAX_CHARS = 560  # instruction + response: fits the tiny model's 256 tokens with the template
 MAX_EXAMPLES = 1600
@@ -26,26 +27,17 @@ MAX_EXAMPLES = 1600
 def instruction_examples(files: list[Path]) -> list[dict[str, str]]:
     """{instruction, response} for the short documented functions of `files`, in file order."""
     out: list[dict[str, str]] = []
-    for f in files:
-        source = f.read_text(encoding="utf-8", errors="replace")
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):
+    for node, lines in functions_in(files):
+        doc = ast.get_docstring(node)
+        if not doc or node.end_lineno is None:
             continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or node.end_lineno is None:
-                continue
-            start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            body = textwrap.dedent("\n".join(lines[start - 1 : node.end_lineno]))
-            args = ast.unparse(node.args)
-            returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-            instruction = f"Write a Python function `{node.name}({args}){returns}`.\n{doc}"
-            if len(instruction) + len(body) <= MAX_CHARS:
-                out.append({"instruction": instruction, "response": body})
+        start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        body = textwrap.dedent("\n".join(lines[start - 1 : node.end_lineno]))
+        args = ast.unparse(node.args)
+        returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+        instruction = f"Write a Python function `{node.name}({args}){returns}`.\n{doc}"
+        if len(instruction) + len(body) <= MAX_CHARS:
+            out.append({"instruction": instruction, "response": body})
     return out
 
 

@@ -21,32 +21,27 @@ from pathlib import Path
 
 from rich.console import Console
 
+from smalto.demo import functions_in
+
 MAX_CHARS = 600  # head + body: fits the tiny model's 256 tokens
 RETURN = re.compile(r"^(\s*)return (?=\S)", re.MULTILINE)
 
 
 def function_parts(files: list[Path]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    for f in files:
-        source = f.read_text(encoding="utf-8", errors="replace")
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):
+    for node, lines in functions_in(files):
+        if not isinstance(node, ast.FunctionDef) or ast.get_docstring(node) is None:
             continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or ast.get_docstring(node) is None:
-                continue
-            if len(node.body) < 2 or node.end_lineno is None:
-                continue
-            doc = node.body[0]
-            assert doc.end_lineno is not None
-            text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])) + "\n"
-            cut = doc.end_lineno - node.lineno + 1  # lines of the head: def line(s) and the docstring
-            parts = text.splitlines(keepends=True)
-            head, body = "".join(parts[:cut]), "".join(parts[cut:])
-            if body.strip() and len(head) + len(body) <= MAX_CHARS:
-                out.append((head, body))
+        if len(node.body) < 2 or node.end_lineno is None:
+            continue
+        doc = node.body[0]
+        assert doc.end_lineno is not None
+        text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])) + "\n"
+        cut = doc.end_lineno - node.lineno + 1  # lines of the head: def line(s) and the docstring
+        parts = text.splitlines(keepends=True)
+        head, body = "".join(parts[:cut]), "".join(parts[cut:])
+        if body.strip() and len(head) + len(body) <= MAX_CHARS:
+            out.append((head, body))
     return out
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from smalto.config import RunConfig, apply_overrides, find_recipe, read_yaml
+from smalto.config import RunConfig, apply_overrides, find_recipe, read_recipe_file
 from smalto.errors import ConfigError, build
 
 DEFAULT_RECIPE = "tiny-dpo"
@@ -35,17 +33,11 @@ def load_dpo_config(spec: str | None = None, overrides: list[str] | None = None)
     from the base model's config."""
     from smalto.data.preference_stream import PreferenceDataConfig
     from smalto.finetune import ensure_base_model
-    from smalto.load import find_tokenizer, model_config
+    from smalto.load import base_tokenizer_path, model_config
     from smalto.train.dpo import DPOSection
 
     path = find_recipe(spec or DEFAULT_RECIPE)
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}")
-    d = apply_overrides(raw, overrides or [])
+    d = apply_overrides(read_recipe_file(path), overrides or [])
     base = d.get("base_model")
     if not isinstance(base, str) or not base:
         raise ConfigError(
@@ -72,10 +64,7 @@ def load_dpo_config(spec: str | None = None, overrides: list[str] | None = None)
         "attn_config": {**stored.get("attn_config", {}), **(given.get("attn_config") or {})},
     }
     if not d.get("tokenizer"):
-        tok = find_tokenizer(base)
-        if tok is None:
-            raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
-        d["tokenizer"] = str(tok)
+        d["tokenizer"] = base_tokenizer_path(base)
     d["checkpoint"] = {"load_from": base, **(d.get("checkpoint") or {})}
     # a converging DPO loss is near 0, where ordinary noise is a large ratio: the spike guard is off unless asked for
     d["guard"] = {"spike": "off", **(d.get("guard") or {})}

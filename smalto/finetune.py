@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from smalto.adapters.lora import LoraConfig
-from smalto.config import RunConfig, apply_overrides, find_recipe, read_yaml
+from smalto.config import RunConfig, apply_overrides, find_recipe, read_recipe_file
 from smalto.errors import ConfigError, build
 from smalto.train.finetune import FinetuneSection, held_out_prompts, icl_scorer, sampler, write_chat_files
 
@@ -44,16 +42,10 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
     """A finetuning recipe (path or shipped name; default tiny-instruct) with overrides, validated; the model
     section starts from the base model's config."""
     from smalto.data.finetune_stream import FinetuneDataConfig
-    from smalto.load import find_tokenizer, model_config
+    from smalto.load import base_tokenizer_path, model_config
 
     path = find_recipe(spec or DEFAULT_RECIPE)
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}")
-    d = apply_overrides(raw, overrides or [])
+    d = apply_overrides(read_recipe_file(path), overrides or [])
     base = d.get("base_model")
     if not isinstance(base, str) or not base:
         raise ConfigError(
@@ -76,10 +68,7 @@ def load_finetune_config(spec: str | None = None, overrides: list[str] | None = 
         attn["attn_uses_sequence_id"] = True
     d["model"] = {**stored, **given, "attn_config": attn}
     if not d.get("tokenizer"):
-        tok = find_tokenizer(base)
-        if tok is None:
-            raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
-        d["tokenizer"] = str(tok)
+        d["tokenizer"] = base_tokenizer_path(base)
     ck = dict(d.get("checkpoint") or {})
     ck.setdefault("load_from", base)
     d["checkpoint"] = ck

@@ -284,6 +284,14 @@ def find_tokenizer(path: str | Path) -> Path | None:
     return None
 
 
+def base_tokenizer_path(base: str) -> str:
+    """The tokenizer of a recipe's base_model (see `find_tokenizer`), for a recipe that sets no `tokenizer:`."""
+    tok = find_tokenizer(base)
+    if tok is None:
+        raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
+    return str(tok)
+
+
 def load_model_and_tokenizer(
     model_path: str | Path,
     tokenizer_path: str | Path | None = None,

@@ -92,20 +92,16 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
     import torch
     import yaml
 
+    from smalto.demo_rlhf import prepare_prompts
     from smalto.hf.save import save_pretrained
     from smalto.load import load
     from smalto.model.heads import MPTWithValueHead
-    from smalto.rlhf import MetricsLog, base_tokenizer, device_for, read_recipe
+    from smalto.rlhf import MetricsLog, base_tokenizer, cuda_train_plan, device_for, prepare_demo, read_recipe
     from smalto.train.optim import build_optimizer
     from smalto.train.ppo_trainer import PPOTrainer
 
     r = read_recipe(PPORecipe, spec or DEFAULT_RECIPE, overrides or [])
-    if r.prepare == "stdlib-prompts":
-        from smalto.demo_rlhf import prepare_prompts
-        from smalto.finetune import ensure_base_model
-
-        ensure_base_model(r.base_model)
-        prepare_prompts(r.data.path)
+    prepare_demo(r, "stdlib-prompts", prepare_prompts)
     tok, tok_path = base_tokenizer(r.base_model, r.tokenizer)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     dev = device_for(r.device)
@@ -123,7 +119,7 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     model = MPTWithValueHead(policy)
-    _train_plan(policy, r.ppo, c.max_seq_len)
+    cuda_train_plan(policy, r.ppo.mini_batch_size, c.max_seq_len)
     trainer = PPOTrainer(
         model,
         reference,
@@ -238,23 +234,6 @@ def _scorer(r: PPORecipe, dev: Any, vocab_size: int, tok: Any) -> Any:
     return lambda prompts, responses: rule(
         [tok.decode(p) for p in prompts], [tok.decode(x, skip_special_tokens=True) for x in responses]
     )
-
-
-def _train_plan(policy: Any, section: PPOSection, seq: int) -> None:
-    import torch
-
-    from smalto.kernels import apply, select
-
-    if policy.device.type == "cuda":
-        plan = select(
-            policy.config,
-            "train",
-            device=policy.device,
-            dtype=torch.bfloat16,
-            batch=section.mini_batch_size,
-            seq=seq,
-        )
-        apply(policy, {"train": plan})
 
 
 def show(r: PPOResult, console: Any) -> None:

@@ -68,19 +68,15 @@ def run_reward(spec: str | None = None, overrides: list[str] | None = None) -> R
     import yaml
 
     from smalto.data.pairs import read_pairs
+    from smalto.demo_rlhf import prepare_pairs
     from smalto.hf.reward import save_reward_model
     from smalto.load import load
     from smalto.model.heads import MPTForSequenceScore
-    from smalto.rlhf import MetricsLog, base_tokenizer, device_for, read_recipe
+    from smalto.rlhf import MetricsLog, base_tokenizer, cuda_train_plan, device_for, prepare_demo, read_recipe
     from smalto.train.reward import train_reward
 
     r = read_recipe(RewardRecipe, spec or DEFAULT_RECIPE, overrides or [])
-    if r.prepare == "stdlib-pairs":
-        from smalto.demo_rlhf import prepare_pairs
-        from smalto.finetune import ensure_base_model
-
-        ensure_base_model(r.base_model)
-        prepare_pairs(r.data.path)
+    prepare_demo(r, "stdlib-pairs", prepare_pairs)
     tok, tok_path = base_tokenizer(r.base_model, r.tokenizer)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
@@ -98,7 +94,8 @@ def run_reward(spec: str | None = None, overrides: list[str] | None = None) -> R
         held, pairs = [pairs[i] for i in order[:n]], [pairs[i] for i in order[n:]]
     torch.manual_seed(r.seed)
     model = MPTForSequenceScore.from_causal_lm(lm, pad)
-    _train_plan(model, r.reward)
+    # the longest rows: chosen and rejected of each pair in one batch
+    cuda_train_plan(model, 2 * (r.reward.micro_batch_size or r.reward.batch_size), r.reward.max_length)
     out = Path(r.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(r), sort_keys=False))
@@ -123,20 +120,6 @@ def run_reward(spec: str | None = None, overrides: list[str] | None = None) -> R
         too_long=read.too_long,
         folder=str(folder),
     )
-
-
-def _train_plan(model: Any, section: RewardSection) -> None:
-    """On CUDA the training attention kernel for the longest rows (smalto.kernels.select); the CPU runs sdpa."""
-    import torch
-
-    from smalto.kernels import apply, select
-
-    if model.device.type == "cuda":
-        mb = 2 * (section.micro_batch_size or section.batch_size)
-        plan = select(
-            model.config, "train", device=model.device, dtype=torch.bfloat16, batch=mb, seq=section.max_length
-        )
-        apply(model, {"train": plan})
 
 
 def show(r: RewardResult, console: Any) -> None:

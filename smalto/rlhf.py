@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from rich.console import Console
 
-from smalto.config import apply_overrides, fill, find_recipe, read_yaml
-from smalto.errors import ConfigError, build
+from smalto.config import apply_overrides, fill, find_recipe, read_recipe_file
+from smalto.errors import build
 
 T = TypeVar("T")
 METRICS = "metrics.jsonl"
@@ -25,13 +25,7 @@ METRICS = "metrics.jsonl"
 def read_recipe(cls: type[T], spec: str, overrides: list[str]) -> T:
     """`spec` (a YAML path or a shipped recipe name) with `a.b=c` overrides, built into `cls` (keys checked)."""
     path = find_recipe(spec)
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}")
-    d = apply_overrides(raw, overrides)
+    d = apply_overrides(read_recipe_file(path), overrides)
     name = d.get("name", "run")
     run_dir = fill("run_dir", str(d.get("run_dir", "runs/{name}")), name=str(name))
     d = _fill_run_dir(d, run_dir)
@@ -57,14 +51,34 @@ def device_for(name: str) -> Any:
 
 def base_tokenizer(base: str, given: str | None) -> tuple[Any, str]:
     """The tokenizer (and its path) of a recipe: `tokenizer:` when given, else the base model's own."""
-    from smalto.load import find_tokenizer, model_config
+    from smalto.load import base_tokenizer_path, model_config
     from smalto.tokenizer import load_tokenizer
 
     model_config(base)  # a path that is no model is named as such before its tokenizer is looked for
-    path = given or find_tokenizer(base)
-    if path is None:
-        raise ConfigError(f"base_model {base} holds no tokenizer and records none; set tokenizer: PATH")
+    path = given or base_tokenizer_path(base)
     return load_tokenizer(path), str(path)
+
+
+def prepare_demo(r: Any, demo: str, write: Callable[[str], None]) -> None:
+    """When the recipe `r`'s prepare is `demo`: its base model (the tiny demo's export, trained once when missing)
+    and the demo data that `write` puts at r.data.path."""
+    if r.prepare == demo:
+        from smalto.finetune import ensure_base_model
+
+        ensure_base_model(r.base_model)
+        write(r.data.path)
+
+
+def cuda_train_plan(model: Any, batch: int, seq: int) -> None:
+    """On CUDA the training attention kernel for `batch` rows of `seq` tokens (smalto.kernels.select); the CPU runs
+    sdpa."""
+    import torch
+
+    from smalto.kernels import apply, select
+
+    if model.device.type == "cuda":
+        plan = select(model.config, "train", device=model.device, dtype=torch.bfloat16, batch=batch, seq=seq)
+        apply(model, {"train": plan})
 
 
 class MetricsLog:

@@ -66,19 +66,7 @@ class FinetuneDataConfig:
     def __post_init__(self) -> None:
         self.sources = [_source(s, f"data.sources[{i}]") for i, s in enumerate(self.sources)]
         self.eval_sources = [_source(s, f"data.eval_sources[{i}]") for i, s in enumerate(self.eval_sources)]
-        for i, s in enumerate(self.sources):
-            given = [k for k in ("proportion", "repeat", "choose") if getattr(s, k) is not None]
-            if len(given) > 1:
-                raise ConfigError(f"data.sources[{i}] sets {' and '.join(given)}; set at most one")
-            if any(getattr(s, k) < 0 for k in given):
-                raise ConfigError(f"data.sources[{i}].{given[0]} must not be negative")
-        props = [s.proportion is not None for s in self.sources]
-        if any(props) and not all(props):
-            raise ConfigError(
-                "either every data source sets `proportion` or none does (then use repeat/choose)"
-            )
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction = {self.eval_fraction} must be in [0, 1)")
+        check_sources(self.sources, self.eval_fraction)
         check_choice("data.on_error", self.on_error, ("raise", "skip"))
         self.example_config("")  # the per-source checks (targets, too_long, seq_len)
 
@@ -93,6 +81,22 @@ class FinetuneDataConfig:
             on_error=self.on_error,
             preprocessing=preprocessing,
         )
+
+
+def check_sources(sources: list[Any], eval_fraction: float) -> None:
+    """The mixing settings of data.sources (at most one of proportion / repeat / choose on a source, not negative;
+    proportion on every source or on none) and data.eval_fraction in [0, 1)."""
+    for i, s in enumerate(sources):
+        given = [k for k in ("proportion", "repeat", "choose") if getattr(s, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"data.sources[{i}] sets {' and '.join(given)}; set at most one")
+        if any(getattr(s, k) < 0 for k in given):
+            raise ConfigError(f"data.sources[{i}].{given[0]} must not be negative")
+    props = [s.proportion is not None for s in sources]
+    if any(props) and not all(props):
+        raise ConfigError("either every data source sets `proportion` or none does (then use repeat/choose)")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction = {eval_fraction} must be in [0, 1)")
 
 
 def _source(s: Any, where: str) -> FinetuneSourceConfig:

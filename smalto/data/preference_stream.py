@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from smalto.data.finetune_stream import FinetuneSourceConfig, FinetuneStream
+from smalto.data.finetune_stream import FinetuneSourceConfig, FinetuneStream, check_sources
 from smalto.data.preference import PreferenceConfig, PreferenceDataset
 from smalto.data.stream import StreamingLoader
 from smalto.errors import ConfigError, DataError, build, check_choice
@@ -69,17 +69,7 @@ class PreferenceDataConfig:
     def __post_init__(self) -> None:
         self.sources = [_source(s, f"data.sources[{i}]") for i, s in enumerate(self.sources)]
         self.eval_sources = [_source(s, f"data.eval_sources[{i}]") for i, s in enumerate(self.eval_sources)]
-        for i, s in enumerate(self.sources):
-            given = [k for k in ("proportion", "repeat", "choose") if getattr(s, k) is not None]
-            if len(given) > 1:
-                raise ConfigError(f"data.sources[{i}] sets {' and '.join(given)}; set at most one")
-        props = [s.proportion is not None for s in self.sources]
-        if any(props) and not all(props):
-            raise ConfigError(
-                "either every data source sets `proportion` or none does (then use repeat/choose)"
-            )
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction = {self.eval_fraction} must be in [0, 1)")
+        check_sources(self.sources, self.eval_fraction)
         check_choice("data.on_error", self.on_error, ("raise", "skip"))
         self.pair_config("")  # the truncation checks
 
