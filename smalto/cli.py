@@ -293,8 +293,7 @@ def train(
     from smalto.config import load_config
     from smalto.train.loop import train as run_training
 
-    args = list(args or [])
-    recipe = args.pop(0) if args and "=" not in args[0] else None
+    recipe, args = _recipe_and_overrides(args)
     cfg = load_config(recipe, args)
     if print_config:
         import yaml
@@ -324,6 +323,12 @@ def train(
         )
         if result.stopped != "stop_after":  # a planned time slice ends normally
             raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
+
+
+def _recipe_and_overrides(args: list[str] | None) -> tuple[str | None, list[str]]:
+    """A training command's arguments: an optional RECIPE first (no `=` in it), then KEY=VALUE overrides."""
+    rest = list(args or [])
+    return (rest.pop(0) if rest and "=" not in rest[0] else None), rest
 
 
 def _exit_if_stopped(train, console) -> None:
@@ -358,8 +363,7 @@ def finetune(
     from smalto.finetune import finetune as run_finetune
     from smalto.finetune import show
 
-    args = list(args or [])
-    recipe = args.pop(0) if args and "=" not in args[0] else None
+    recipe, args = _recipe_and_overrides(args)
     result = run_finetune(recipe, args)
     console = Console(stderr=True)
     show(result, console)
@@ -384,8 +388,7 @@ def dpo(
     from smalto.dpo import dpo as run_dpo
     from smalto.dpo import show
 
-    args = list(args or [])
-    recipe = args.pop(0) if args and "=" not in args[0] else None
+    recipe, args = _recipe_and_overrides(args)
     result = run_dpo(recipe, args)
     console = Console(stderr=True)
     show(result, console)
@@ -409,8 +412,7 @@ def reward(
 
     from smalto.reward import run_reward, show
 
-    args = list(args or [])
-    recipe = args.pop(0) if args and "=" not in args[0] else None
+    recipe, args = _recipe_and_overrides(args)
     show(run_reward(recipe, args), Console(stderr=True))
 
 
@@ -431,8 +433,7 @@ def ppo(
 
     from smalto.ppo import run_ppo, show
 
-    args = list(args or [])
-    recipe = args.pop(0) if args and "=" not in args[0] else None
+    recipe, args = _recipe_and_overrides(args)
     show(run_ppo(recipe, args), Console(stderr=True))
 
 
