@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,22 @@ from smalto.tokenizer import load_tokenizer
 from tests.helpers import tiny_config
 
 pytest.importorskip("fastapi", reason="the serve extra (in dev)")
+
+
+def wait_until_healthy(p: Any, url: str, timeout: float = 90) -> None:
+    """Poll a `smalto serve` process's /health until it answers 200; fail with its stderr if it exits first."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        assert p.poll() is None, p.stderr.read() if p.stderr else ""
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "smalto serve did not come up"
+        time.sleep(0.2)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -23,7 +23,7 @@ import torch
 
 from smalto.generate import generate
 from smalto.tokenizer import apply_chat_template, has_chat_template
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sekrit"
@@ -43,17 +43,8 @@ def served(model_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
            "--api-key", KEY]  # fmt: skip
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
     try:
-        while True:
-            assert p.poll() is None, p.stderr.read() if p.stderr else ""
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "smalto serve did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(p, url)
         yield p, url
     finally:
         p.kill()

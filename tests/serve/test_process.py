@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,16 +29,7 @@ def proc_server(model_dir: Path):
            "--device", "cpu", "--served-model-name", "tiny", "--grace", "20"]  # fmt: skip
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        assert p.poll() is None, p.stderr.read() if p.stderr else ""
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "smalto serve did not come up"
-        time.sleep(0.2)
+    wait_until_healthy(p, url)
     yield p, url
     if p.poll() is None:
         p.kill()
