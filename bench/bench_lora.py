@@ -112,6 +112,8 @@ def bench_smalto(name: str, micro: int, args: argparse.Namespace, world: Any) ->
         it = iter(data)
         trainer = t
         seconds = timed(lambda: train_step(trainer, [next(it)]), args.warmup, args.steps, world.device)
+        if args.profile:
+            profile_step(lambda: train_step(trainer, [data[-1]]), name)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         row.update(
             tokens_per_s=micro * args.seq / seconds, peak_gib=peak_gib(world.device), trainable=trainable
@@ -122,6 +124,17 @@ def bench_smalto(name: str, micro: int, args: argparse.Namespace, world: Any) ->
         t = None
         reset(world.device)
     return row
+
+
+def profile_step(step: Any, name: str) -> None:
+    """One more step under torch.profiler: the kernels that take the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"--- {name}: one step, top kernels by device time")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
 def bench_peft(micro: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -197,10 +210,12 @@ def main() -> None:
     ap.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="per-block compile"
     )
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of one more step (CUDA)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 1 step: does it run?")
     args = ap.parse_args()
     if args.smoke:
         args.device, args.steps, args.warmup, args.seq, args.micro, args.peft_micro = "cpu", 1, 1, 64, 2, "2"
+        args.profile = False
     world = init_world(args.device)
     which = args.only.split(",")
     results = []

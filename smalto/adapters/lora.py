@@ -100,10 +100,13 @@ class LoRA(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # as PEFT: bf16 activations meet float32 adapters; under autocast the matmuls cast them (no float32 copy)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # as PEFT under autocast: the adapters are stored in float32 and their matmuls run in the activations'
+        # dtype (bf16 in training), so dropout and the products read and write 16-bit tensors; the gradients reach
+        # the float32 weights through the cast
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A.weight.dtype:
+            return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
     def delta_weight(self) -> Tensor:
         """The update as a weight: scaling · B·A, (rows, in_features) in float32."""

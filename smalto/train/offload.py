@@ -95,6 +95,7 @@ class OffloadedState(torch.optim.Optimizer):
             return on_dev, done
 
         ahead = fetch(chunks[0])
+        stored: list[Any] = []  # per chunk, the event that ends its copy back to CPU memory
         for i, chunk in enumerate(chunks):
             on_dev, ready = ahead
             if cuda:
@@ -104,6 +105,11 @@ class OffloadedState(torch.optim.Optimizer):
                         if isinstance(v, Tensor) and v.is_cuda:
                             v.record_stream(compute)  # made on h2d, used and freed on compute
             if i + 1 < len(chunks):
+                if cuda and i >= 1:
+                    # the host waits for chunk i-1's state to be back in CPU memory before the GPU memory of chunk
+                    # i+1 is taken: at most three chunks' state on the GPU, in the first step (which creates the
+                    # state) as in every other; the GPU still has chunk i's update queued meanwhile
+                    stored[i - 1].synchronize()
                 ahead = fetch(chunks[i + 1])  # overlaps this chunk's update
             held = {p: self.state[p] for p in chunk}  # the CPU copies (empty before the first step)
             for p, st in on_dev.items():
@@ -116,6 +122,10 @@ class OffloadedState(torch.optim.Optimizer):
             with torch.cuda.stream(d2h) if cuda else _nothing():
                 for p in chunk:
                     self.state[p] = self._store(self.state[p], held[p], d2h)
+                if cuda:
+                    back = torch.cuda.Event()
+                    back.record(d2h)
+                    stored.append(back)
         if cuda:
             d2h.synchronize()  # the CPU copies are whole before anyone (a checkpoint) reads them
         return loss

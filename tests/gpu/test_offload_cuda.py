@@ -49,3 +49,23 @@ def test_streamed_step_equals_the_gpu_step(opt):
     again = build_optimizer(mine, OptimizerConfig(lr=1e-3, offload="cpu", **opt))
     again.load_state_dict(offloaded.state_dict())
     assert all(v.device.type == "cpu" for st in again.state.values() for v in st.values() if v.dim() > 0)
+
+
+@pytest.mark.parametrize("step", [1, 2], ids=["first-step", "later-step"])
+def test_the_gpu_holds_a_few_chunks_of_state_at_a_time(step):
+    """The first step creates the state and every step moves it: neither holds more than a few chunks of it on the
+    GPU at once (the host waits for a chunk's copy back before taking memory for another)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(16)]).cuda()
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-3, offload="cpu"))
+    opt.chunk_elements = 1 << 20  # one layer a chunk: 8 MiB of AdamW state, 128 MiB in all
+    chunk_state = 2 * 4 * (1 << 20)
+    for _ in range(step):
+        model(torch.randn(8, 1024, device="cuda")).square().mean().backward()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        opt.step()
+        torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+    assert torch.cuda.max_memory_allocated() - base <= 4 * chunk_state
