@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from smalto.generate import generate, get_decoder
-from smalto.kernels import decode_linear
+from smalto.kernels import DecodeOptions, decode_linear
 from smalto.kernels.decode_block import FusedDecodeBlock
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
@@ -104,13 +104,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_ms(model: MPTForCausalLM, batch: int, prompt: int, new: int, device: str, repeats: int) -> float:
+def decode_ms(
+    model: MPTForCausalLM,
+    batch: int,
+    prompt: int,
+    new: int,
+    device: str,
+    repeats: int,
+    options: DecodeOptions | None = None,
+) -> float:
     """ms per decode step (see the module docstring)."""
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).tolist()
 
     def run(n: int) -> None:
-        generate(model, None, prompts, max_new_tokens=n, temperature=0, eos_token_id=[])
+        generate(model, None, prompts, max_new_tokens=n, temperature=0, eos_token_id=[], options=options)
 
     def timed(n: int) -> float:
         best = float("inf")
@@ -127,9 +135,11 @@ def decode_ms(model: MPTForCausalLM, batch: int, prompt: int, new: int, device: 
     return 1000 * (timed(new) - timed(1)) / (new - 1)
 
 
-def decode_path(model: MPTForCausalLM, batch: int, prompt: int, new: int) -> str:
+def decode_path(
+    model: MPTForCausalLM, batch: int, prompt: int, new: int, options: DecodeOptions | None = None
+) -> str:
     """What the last decode ran: the fused blocks (with the kernel reading which weights), and whether compiled."""
-    dec = get_decoder(model, batch, prompt + new, model.device.type == "cuda")
+    dec = get_decoder(model, batch, prompt + new, model.device.type == "cuda", options)
     fused = sum(isinstance(b, FusedDecodeBlock) for b in dec.blocks)
     quant = any(isinstance(m, QuantLinear) for m in model.modules())
     kind = "int weights" if quant else "16-bit"
@@ -142,24 +152,27 @@ def print_row(cols: list[str], widths: list[int]) -> None:
 
 def part_7b(args: argparse.Namespace, shape: str, dtype: torch.dtype, bw: float) -> None:
     print(f"\n## decode, {shape} shape ({args.prompt}-token prompt, {args.new} new tokens)", flush=True)
-    widths = [6, 6, 10, 10, 9, 9, 44]
+    widths = [16, 6, 10, 10, 9, 9, 44]
     print_row(["format", "batch", "weights GB", "ms/step", "floor ms", "vs bf16", "path"], widths)
     base = build_random(shape, None, args.device, dtype)
     models = {"bf16": base}
     for fmt in FORMATS[1:]:  # the same weights, quantized (before any decode: no cached decoder is copied)
         models[fmt] = quantize(copy.deepcopy(base), spec_of(fmt, args.group_size))  # type: ignore[arg-type]
     bf16_ms: dict[int, float] = {}
+    runs = [("bf16", "base")] + [(f, k) for f in FORMATS[1:] for k in args.quant_kernel]
     for batch in args.batch:
-        for fmt in FORMATS:
+        for fmt, kernel in runs:
             m = models[fmt]
-            ms = decode_ms(m, batch, args.prompt, args.new, args.device, args.repeats)
+            options = DecodeOptions(quant_kernel=kernel)
+            ms = decode_ms(m, batch, args.prompt, args.new, args.device, args.repeats, options)
             bf16_ms.setdefault(batch, ms)
             gb = weight_bytes(m) / 1e9
             ratio = ms / bf16_ms[batch]
-            path = decode_path(m, batch, args.prompt, args.new)
+            path = decode_path(m, batch, args.prompt, args.new, options)
+            label = fmt if fmt == "bf16" or len(args.quant_kernel) == 1 else f"{fmt}:{kernel}"
             print_row(
                 [
-                    fmt,
+                    label,
                     str(batch),
                     f"{gb:.2f}",
                     f"{ms:.3f}",
@@ -170,7 +183,16 @@ def part_7b(args: argparse.Namespace, shape: str, dtype: torch.dtype, bw: float)
                 widths,
             )
             RESULTS["decode"].append(
-                dict(shape=shape, format=fmt, batch=batch, weight_gb=gb, ms=ms, vs_bf16=ratio, path=path)
+                dict(
+                    shape=shape,
+                    format=fmt,
+                    quant_kernel=kernel,
+                    batch=batch,
+                    weight_gb=gb,
+                    ms=ms,
+                    vs_bf16=ratio,
+                    path=path,
+                )
             )
     del models, base
     gc.collect()
@@ -263,6 +285,12 @@ def main() -> None:
     ap.add_argument(
         "--full-tune", action="store_true", help="16-bit weights autotune over the full tile space"
     )
+    ap.add_argument(
+        "--quant-kernel",
+        default=DecodeOptions().quant_kernel,
+        help="the 7b part's int8 / int4 kernel variants, comma-separated keys of decode_linear.QUANT_KERNELS "
+        f"({', '.join(decode_linear.QUANT_KERNELS)}; 'all' for every one)",
+    )
     ap.add_argument("--quality", metavar="MODEL", help="a model folder to score in bf16 / int8 / int4")
     ap.add_argument("--data", help="token shards for --quality (a `smalto data` folder or an MDS split)")
     ap.add_argument("--limit", type=int, default=None, help="--quality: samples to score (default all)")
@@ -270,6 +298,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in bf16")
     args = ap.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
+    qk = args.quant_kernel
+    args.quant_kernel = list(decode_linear.QUANT_KERNELS) if qk == "all" else qk.split(",")
+    for k in args.quant_kernel:
+        if k not in decode_linear.QUANT_KERNELS:
+            raise SystemExit(
+                f"--quant-kernel: unknown variant {k!r}; {', '.join(decode_linear.QUANT_KERNELS)}"
+            )
     shapes = {"7b": "7b", "30b": "30b"}
     if args.smoke:
         args.device, args.prompt, args.new, args.new_30b, args.repeats = "cpu", 8, 4, 3, 1

@@ -74,14 +74,18 @@ class FusedDecodeBlock:
         """act(norm(x) · wᵀ + b) + residual, with as much of it in the kernel as the options allow."""
         o = self.options
         if not o.fuse:
-            y = decode_linear.linear(norm(x) if norm is not None else x, weight_of(lin), lin.bias)
+            y = decode_linear.linear(
+                norm(x) if norm is not None else x, weight_of(lin), lin.bias, quant_kernel=o.quant_kernel
+            )
             y = act(y) if act is not None else y
             return y if residual is None else y + residual
         spec = norm_spec(norm, x, o.norm_rows) if norm is not None else None
         if norm is not None and spec is None:
             x = norm(x)
         name = getattr(act, "name", None) if act is not None else None
-        return decode_linear.linear(x, weight_of(lin), lin.bias, norm=spec, act=name, residual=residual)
+        return decode_linear.linear(
+            x, weight_of(lin), lin.bias, norm=spec, act=name, residual=residual, quant_kernel=o.quant_kernel
+        )
 
     def __call__(self, x: Tensor, inputs: AttentionInputs, cache=None) -> Tensor:
         b = self.block

@@ -54,6 +54,10 @@ _OP = None  # the built custom op (a build cache: `prepare()` fills it once per 
 _QOP = None  # its twin for quantized weights
 
 QUANTS = {"int8": 1, "int4": 2}  # the kernel's QUANT
+# how the kernel turns quantized weights into products (decode_linear_kernel.py's MAGIC and FOLD; int8 has no FOLD:
+# its one scale per row already leaves the loop): name → (MAGIC, FOLD). bench/quant_kernels.py times each.
+QUANT_KERNELS = {"base": (0, 0), "magic": (1, 0), "fold": (0, 1), "magic+fold": (1, 1)}
+QUANT_KERNEL = "base"  # what a QuantLinear and DecodeOptions use unless told
 GROUP_SIZES_MAX = (
     256  # int4 groups are 32–256 inputs (smalto/quant/formats.py): BLOCK_K is a multiple of each
 )
@@ -111,12 +115,13 @@ def linear(
     norm: NormSpec | None = None,
     act: str | None = None,
     residual: Tensor | None = None,
+    quant_kernel: str = QUANT_KERNEL,
 ) -> Tensor:
     """act(norm(x) · wᵀ + bias) + residual in one launch. The caller has checked `supports(x, weight)` (or
     `supports_quant` for a `QuantWeight`).
 
     norm = (kind, weight, bias, eps), kind a key of NORMS, computed in the product's own pass (float32 statistics);
-    act a key of ACTS; residual has the output's shape.
+    act a key of ACTS; residual has the output's shape; quant_kernel a key of QUANT_KERNELS (quantized weights).
     """
     kind, norm_w, norm_b, eps = norm if norm is not None else ("", None, None, 0.0)
     N = weight.out_features if isinstance(weight, QuantWeight) else weight.shape[0]
@@ -138,6 +143,7 @@ def linear(
             *fused,
             QUANTS[q.format],
             q.group_size,
+            *QUANT_KERNELS[quant_kernel],
         )
     else:
         assert _OP is not None, "decode_linear needs prepare() (and supports(x, weight)) first"
@@ -190,11 +196,13 @@ def _build(autotune: bool):
                 else {}
             )
             # the fused work and the weight format change the best tile
-            key = ["N", "K", "NORM", "ACT", "HAS_RES", "QUANT", "GROUP"]
+            key = ["N", "K", "NORM", "ACT", "HAS_RES", "QUANT", "GROUP", "MAGIC", "FOLD"]
             kernel = triton.autotune(configs=_configs(triton, rows, quant), key=key, **cache)(kernel)
         kernels[rows, quant] = kernel
 
-    def launch(x, w, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group) -> Tensor:
+    def launch(
+        x, w, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group, magic=0, fold=0
+    ) -> Tensor:
         M, K = x.shape
         N = w.shape[0]
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -208,7 +216,8 @@ def _build(autotune: bool):
         )  # fmt: skip
         flags = dict(
             BLOCK_M=block_m, NORM=norm, HAS_NB=norm_b is not None, HAS_BIAS=bias is not None, ACT=act,
-            HAS_RES=residual is not None, QUANT=quant, GROUP=group, HAS_ZERO=zeros is not None,
+            HAS_RES=residual is not None, QUANT=quant, GROUP=group, HAS_ZERO=zeros is not None, MAGIC=magic,
+            FOLD=fold,
         )  # fmt: skip
         if autotune:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
@@ -251,11 +260,31 @@ def _build(autotune: bool):
         act: int,
         quant: int,
         group: int,
+        magic: int,
+        fold: int,
     ) -> Tensor:
-        return launch(x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group)
+        return launch(
+            x,
+            qweight,
+            scales,
+            zeros,
+            bias,
+            norm_w,
+            norm_b,
+            residual,
+            norm,
+            eps,
+            act,
+            quant,
+            group,
+            magic,
+            fold,
+        )
 
     @decode_linear_quant_op.register_fake
-    def _(x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group):
+    def _(
+        x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group, magic, fold
+    ):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     return decode_linear_op, decode_linear_quant_op

@@ -10,22 +10,33 @@ Quantized weights (QUANT, smalto/quant/formats.py) are read as stored and dequan
 is multiplied as it is and its per-row scale applied to the sums at the end (the scale factors out of every sum
 the kernel keeps); packed int4 (QUANT 2) is read group by group, unpacked, and each value becomes (q − 8)·s + z with
 its group's scale and zero point before the product.
+
+Variants of the quantized paths (`decode_linear.QUANT_KERNELS`; bench/quant_kernels.py measures them):
+  MAGIC  integers become floats without the quarter-rate I2F conversion: a value 0 ≤ u < 2²³ OR-ed into the
+         mantissa of the float 2²³ (0x4B000000) is 2²³ + u exactly, so a bitcast and one subtraction give u
+         (int8 is biased by +128 first: flipping the byte's top bit)
+  FOLD   int4's scale and zero point leave the inner loop: with w = q·s + z' (z' = z − 8s) a group's part of the
+         product is s·Σ x·q + z'·Σ x, so each weight costs a conversion and one multiply-add; x is read as its
+         even and odd inputs (the low and high nibbles' partners), so the nibbles are never interleaved again.
+         On 2–16 rows each group's integers feed tl.dot directly (exact in 16 bits), the scale after the dot.
 """
 
 import triton
 import triton.language as tl
 
+from smalto.kernels.decode_linear_int4 import few_rows_folded, one_row_folded, to_float
+
 
 @triton.jit
 def weight_tile(
     W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """The BLOCK_N × BLOCK_K weights of output columns n and inputs k = k0 + 0…BLOCK_K−1, read once: not kept in
     L2. 16-bit and int8 weights as stored; int4 dequantized to float32 (`int4_tile`)."""
     # one return: Triton would emit both returns of a constexpr `if` that returned early
     if QUANT == 2:
-        w = int4_tile(W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO)
+        w = int4_tile(W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO, MAGIC)
     else:
         ok = in_n[:, None] & in_k[None, :]
         w = tl.load(W + n[:, None] * swn + k[None, :], mask=ok, other=0, eviction_policy="evict_first")
@@ -33,9 +44,20 @@ def weight_tile(
 
 
 @triton.jit
+def int8_float(w, MAGIC: tl.constexpr):
+    """int8 → float32, exactly; with MAGIC the byte's top bit flipped (+128) and 2²³ OR-ed in by one XOR."""
+    if MAGIC:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+        f = u.to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        f = w.to(tl.float32)
+    return f
+
+
+@triton.jit
 def int4_tile(
     W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
+    HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """Packed int4 → (q − 8)·s + z in float32, inputs in order. The bytes are read as (BLOCK_N, groups, GROUP/2)
     so that each group's bytes are one contiguous (vector) load and its scale and zero point broadcast over them;
@@ -48,8 +70,8 @@ def int4_tile(
     b = tl.load(W + at, mask=in_g[:, :, None], other=0, eviction_policy="evict_first")
     sg = n[:, None] * ssn + grp[None, :]
     s = tl.load(S + sg, mask=in_g, other=0.0).to(tl.float32)[:, :, None]
-    lo = ((b & 0xF).to(tl.float32) - 8.0) * s
-    hi = ((b >> 4).to(tl.float32) - 8.0) * s
+    lo = (to_float(b & 0xF, MAGIC) - 8.0) * s
+    hi = (to_float(b >> 4, MAGIC) - 8.0) * s
     if HAS_ZERO:
         z = tl.load(Z + sg, mask=in_g, other=0.0).to(tl.float32)[:, :, None]
         lo += z
@@ -58,9 +80,12 @@ def int4_tile(
 
 
 @triton.jit
-def one_row_tile(acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr):
+def one_row_tile(
+    acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr,
+    QUANT: tl.constexpr, MAGIC: tl.constexpr,
+):  # fmt: skip
     """One BLOCK_K step for one row, on CUDA cores: W·x, or with a norm W·(g⊙x), W·g, W·b, Σx and Σx²."""
-    wf = w.to(tl.float32)
+    wf = int8_float(w, MAGIC) if QUANT == 1 else w.to(tl.float32)
     x = tl.load(X + k, mask=in_k, other=0.0).to(tl.float32)
     if NORM != 0:
         g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
@@ -78,11 +103,14 @@ def one_row_tile(acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM: tl.cons
 
 @triton.jit
 def few_rows_tile(
-    acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr
-):
+    acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM: tl.constexpr, HAS_NB: tl.constexpr,
+    QUANT: tl.constexpr, MAGIC: tl.constexpr,
+):  # fmt: skip
     """One BLOCK_K step for 2–16 rows, on tensor cores; a norm as for one row, with g⊙x split into a high and a
     low 16-bit part so that the products keep 16 bits."""
     x = tl.load(X + m[:, None] * sxm + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+    if QUANT == 1:
+        w = int8_float(w, MAGIC)
     w = w.to(x.dtype)  # a no-op for 16-bit weights
     if NORM != 0:
         g = tl.load(NW + k, mask=in_k, other=0.0).to(tl.float32)
@@ -105,40 +133,108 @@ def few_rows_tile(
 
 
 @triton.jit
+def one_row_sums(
+    X, W, S, Z, NW, NB, n, in_n, swn, ssn, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    HAS_NB: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
+):  # fmt: skip
+    """W·x, or with a norm W·(g⊙x), W·g, W·b, Σx and Σx², for one row on CUDA cores; the weights of the first
+    BLOCK_K inputs are loaded before anything else."""
+    k = tl.arange(0, BLOCK_K)
+    in_k = k < K
+    w = weight_tile(
+        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
+    )  # 1st tile
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    acc_g = tl.zeros([BLOCK_N], tl.float32)  # W·g
+    acc_b = tl.zeros([BLOCK_N], tl.float32)  # W·b
+    s1 = tl.zeros([BLOCK_N], tl.float32)  # Σx (the same in every lane)
+    s2 = tl.zeros([BLOCK_N], tl.float32)  # Σx²
+    acc, acc_g, acc_b, s1, s2 = one_row_tile(
+        acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB, QUANT, MAGIC
+    )
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        in_k = k < K
+        w = weight_tile(
+            W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
+        )
+        acc, acc_g, acc_b, s1, s2 = one_row_tile(
+            acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB, QUANT, MAGIC
+        )
+    return acc, acc_g, acc_b, s1, s2
+
+
+@triton.jit
+def few_rows_sums(
+    X, W, S, Z, NW, NB, m, in_m, sxm, n, in_n, swn, ssn, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_NB: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
+):  # fmt: skip
+    """The same sums for 2–16 rows, one tensor-core tile (Σx and Σx² per row)."""
+    k = tl.arange(0, BLOCK_K)
+    in_k = k < K
+    w = weight_tile(
+        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
+    )  # 1st tile
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_g = tl.zeros([BLOCK_N], tl.float32)
+    acc_b = tl.zeros([BLOCK_N], tl.float32)
+    t1 = tl.zeros([BLOCK_M], tl.float32)
+    t2 = tl.zeros([BLOCK_M], tl.float32)
+    acc, acc_g, acc_b, t1, t2 = few_rows_tile(
+        acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB, QUANT, MAGIC
+    )
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        in_k = k < K
+        w = weight_tile(
+            W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
+        )
+        acc, acc_g, acc_b, t1, t2 = few_rows_tile(
+            acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB, QUANT, MAGIC
+        )
+    return acc, acc_g, acc_b, t1, t2
+
+
+@triton.jit
 def skinny_matmul_kernel(
     X, W, S, Z, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, ssn, sym, srm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
     m = tl.arange(0, BLOCK_M)
     in_m = m < M
-    k = tl.arange(0, BLOCK_K)
-    in_k = k < K
-    w = weight_tile(
-        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
-    )  # 1st tile
     if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
         # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        acc_g = tl.zeros([BLOCK_N], tl.float32)  # W·g
-        acc_b = tl.zeros([BLOCK_N], tl.float32)  # W·b
-        s1 = tl.zeros([BLOCK_N], tl.float32)  # Σx (the same in every lane)
-        s2 = tl.zeros([BLOCK_N], tl.float32)  # Σx²
-        acc, acc_g, acc_b, s1, s2 = one_row_tile(
-            acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
-        )
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            in_k = k < K
-            w = weight_tile(
-                W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
+        if QUANT == 2 and FOLD:
+            acc, acc_g, acc_b, s1, s2 = one_row_folded(
+                X,
+                W,
+                S,
+                Z,
+                NW,
+                NB,
+                n,
+                in_n,
+                swn,
+                ssn,
+                K,
+                BLOCK_N,
+                BLOCK_K,
+                NORM,
+                HAS_NB,
+                GROUP,
+                HAS_ZERO,
+                MAGIC,
             )
-            acc, acc_g, acc_b, s1, s2 = one_row_tile(
-                acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB
-            )
+        else:
+            acc, acc_g, acc_b, s1, s2 = one_row_sums(
+                X, W, S, Z, NW, NB, n, in_n, swn, ssn, K, BLOCK_N, BLOCK_K, NORM, HAS_NB, QUANT, GROUP, HAS_ZERO,
+                MAGIC,
+            )  # fmt: skip
         if QUANT == 1:  # int8's per-row scale factors out of every sum
             sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
             acc, acc_g, acc_b = acc * sc, acc_g * sc, acc_b * sc
@@ -148,23 +244,16 @@ def skinny_matmul_kernel(
         elif NORM == 2:  # RMSNorm
             acc = acc / tl.sqrt(s2 / K + eps)
     else:  # 2–16 rows: one tensor-core tile
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_g = tl.zeros([BLOCK_N], tl.float32)
-        acc_b = tl.zeros([BLOCK_N], tl.float32)
-        t1 = tl.zeros([BLOCK_M], tl.float32)
-        t2 = tl.zeros([BLOCK_M], tl.float32)
-        acc, acc_g, acc_b, t1, t2 = few_rows_tile(
-            acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
-        )
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            in_k = k < K
-            w = weight_tile(
-                W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
-            )
-            acc, acc_g, acc_b, t1, t2 = few_rows_tile(
-                acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB
-            )
+        if QUANT == 2 and FOLD:
+            acc, acc_g, acc_b, t1, t2 = few_rows_folded(
+                X, W, S, Z, NW, NB, m, in_m, sxm, n, in_n, swn, ssn, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, HAS_NB,
+                GROUP, HAS_ZERO, MAGIC,
+            )  # fmt: skip
+        else:
+            acc, acc_g, acc_b, t1, t2 = few_rows_sums(
+                X, W, S, Z, NW, NB, m, in_m, sxm, n, in_n, swn, ssn, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, HAS_NB,
+                QUANT, GROUP, HAS_ZERO, MAGIC,
+            )  # fmt: skip
         if QUANT == 1:
             sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
             acc, acc_g, acc_b = acc * sc[None, :], acc_g * sc, acc_b * sc

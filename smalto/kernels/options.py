@@ -15,6 +15,8 @@ class DecodeOptions:
     programs_per_sm  (row, head) programs per SM from which attention takes the decode kernel (0: always;
                      below about one per SM SDPA is faster)
     attention_launch (cache slots per loop step, warps, pipelining stages) of the decode attention kernel
+    quant_kernel     how the decode-linear kernel computes with int8 / int4 weights: a key of
+                     decode_linear.QUANT_KERNELS (base, magic, fold, magic+fold)
     """
 
     linear_rows: int = 16
@@ -22,3 +24,4 @@ class DecodeOptions:
     norm_rows: int = 1
     programs_per_sm: float = 1.0
     attention_launch: tuple[int, int, int] = (64, 4, 3)
+    quant_kernel: str = "base"

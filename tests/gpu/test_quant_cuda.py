@@ -33,11 +33,12 @@ def _kernel_ran(fn) -> bool:
     return any("skinny_matmul_kernel" in e.key for e in prof.key_averages())
 
 
+@pytest.mark.parametrize("kernel", decode_linear.QUANT_KERNELS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
 @pytest.mark.parametrize(
     ("rows", "N", "norm"), [(1, 1000, "layernorm"), (1, 384, None), (4, 640, None), (16, 200, "rmsnorm")]
 )
-def test_kernel_equals_float32_product_with_the_dequantized_weight(spec, rows, N, norm):
+def test_kernel_equals_float32_product_with_the_dequantized_weight(kernel, spec, rows, N, norm):
     K = 1536
     g = torch.Generator(device="cuda").manual_seed(0)
     lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -53,7 +54,9 @@ def test_kernel_equals_float32_product_with_the_dequantized_weight(spec, rows, N
     ref = F.linear(h, q.dequantize(torch.float32))
     with torch.inference_mode():
         assert decode_linear.supports_quant(x, q.weight_args())
-        got = decode_linear.linear(x, q.weight_args(), norm=(norm, nw, None, 1e-5) if norm else None)
+        got = decode_linear.linear(
+            x, q.weight_args(), norm=(norm, nw, None, 1e-5) if norm else None, quant_kernel=kernel
+        )
         assert _kernel_ran(lambda: q(x))  # the layer itself takes the kernel on a few rows
         assert not decode_linear.supports_quant(
             torch.randn(17, K, device="cuda", dtype=torch.bfloat16), q.weight_args()

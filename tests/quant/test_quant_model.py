@@ -77,31 +77,50 @@ def test_cached_decode_equals_the_full_forward(name):
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", SPECS)
+# every kernel variant with every format; int8 has no FOLD (its per-row scale already leaves the loop)
+VARIANTS = [
+    (name, kernel)
+    for name in SPECS
+    for kernel, (_, fold) in decode_linear.QUANT_KERNELS.items()
+    if not (fold and name == "int8")
+]
+
+
+@pytest.mark.parametrize(("name", "kernel"), VARIANTS, ids="-".join)
 @pytest.mark.parametrize(
     ("M", "norm", "act", "residual"),
-    [(1, "layernorm", "gelu", False), (5, "rmsnorm", None, True), (16, None, "silu", True)],
+    [
+        (1, "layernorm", "gelu", False),
+        (1, None, None, True),
+        (3, "layernorm", None, False),
+        (16, "rmsnorm", "silu", True),
+    ],
 )
-def test_kernel_reads_quantized_weights_as_dequantized(name, M, norm, act, residual):
+def test_kernel_reads_quantized_weights_as_dequantized(name, kernel, M, norm, act, residual):
+    """Every variant of the kernel (decode_linear.QUANT_KERNELS), one row (CUDA cores) and 2–16 rows (tensor
+    cores), with a LayerNorm (and its bias) or an RMSNorm folded in."""
     assert decode_linear.prepare()
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(128, 72, bias=True)
     q = QuantLinear.from_linear(lin, SPECS[name])
     x = 2 * torch.randn(M, 128, generator=g) + 0.5
     nw = 1 + 0.1 * torch.randn(128, generator=g)
+    nb = 0.1 * torch.randn(128, generator=g) if norm == "layernorm" else None
     r = torch.randn(M, 72, generator=g) if residual else None
     w = q.dequantize(torch.float32)
     h = x
     if norm == "layernorm":
-        h = torch.nn.functional.layer_norm(x, (128,), nw, None, 1e-5)
+        h = torch.nn.functional.layer_norm(x, (128,), nw, nb, 1e-5)
     elif norm == "rmsnorm":
         h = torch.nn.functional.rms_norm(x, (128,), nw, 1e-5)
     ref = torch.nn.functional.linear(h, w, q.bias)
     ref = torch.nn.functional.gelu(ref) if act == "gelu" else (torch.nn.functional.silu(ref) if act else ref)
     ref = ref + r if r is not None else ref
-    spec = (norm, nw, None, 1e-5) if norm else None
+    spec = (norm, nw, nb, 1e-5) if norm else None
     with torch.no_grad():
-        got = decode_linear.linear(x, q.weight_args(), q.bias, norm=spec, act=act, residual=r)
+        got = decode_linear.linear(
+            x, q.weight_args(), q.bias, norm=spec, act=act, residual=r, quant_kernel=kernel
+        )
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -113,17 +132,24 @@ def _decode_path(model, blocks, ids):
     return model.unembed(tr.norm_f(x))
 
 
-@pytest.mark.parametrize(("name", "overrides"), [("int8", {}), ("int4", GLU)], ids=["int8-mpt", "int4-glu"])
-def test_fused_decode_blocks_read_the_quantized_weights(name, overrides, monkeypatch):
-    """The decoder's fused blocks take QuantLinears (not bypassed) and compute what the quantized blocks compute,
-    for one row (norm inside the kernel) and a few rows (tensor-core path)."""
+@pytest.mark.parametrize(
+    ("name", "overrides", "kernel"),
+    [("int8", {}, "base"), ("int4", GLU, "base"), ("int4", {}, "magic+fold")],
+    ids=["int8-mpt", "int4-glu", "int4-mpt-magic+fold"],
+)
+def test_fused_decode_blocks_read_the_quantized_weights(name, overrides, kernel, monkeypatch):
+    """The decoder's fused blocks take QuantLinears (not bypassed), with the kernel variant of their options, and
+    compute what the quantized blocks compute, for one row (norm inside the kernel) and a few rows (tensor-core
+    path)."""
     model = quantize(tiny(**overrides), SPECS[name])
-    blocks = decode_blocks(model, DecodeOptions())
+    blocks = decode_blocks(model, DecodeOptions(quant_kernel=kernel))
     assert decode_linear.prepare() and all(isinstance(b, FusedDecodeBlock) for b in blocks)
     launches = []
     real = decode_linear.linear
     monkeypatch.setattr(
-        decode_linear, "linear", lambda x, w, *a, **k: launches.append(type(w)) or real(x, w, *a, **k)
+        decode_linear,
+        "linear",
+        lambda x, w, *a, **k: launches.append((type(w), k["quant_kernel"])) or real(x, w, *a, **k),
     )
     with torch.no_grad():
         for ids in (tokens(1, 1), tokens(3, 2)):
@@ -136,5 +162,5 @@ def test_fused_decode_blocks_read_the_quantized_weights(name, overrides, monkeyp
             )
             got = _decode_path(model, blocks, ids)
             monkeypatch.setattr(decode_linear, "supports_quant", lambda *a, **k: False)
-            assert launches and set(launches) == {decode_linear.QuantWeight}
+            assert launches and set(launches) == {(decode_linear.QuantWeight, kernel)}
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
