@@ -231,13 +231,9 @@ def read_prompts(path: str, tokenizer: Any, *, max_tokens: int) -> list[list[int
     out = []
     for row, where in read_rows(path, _raise):
         p = row.get("prompt") if isinstance(row, dict) else None
-        if isinstance(p, list):
-            problem = _messages(p, "prompt")
-        elif not isinstance(p, str) or not p:
-            problem = "field 'prompt' must be a non-empty string or a list of chat messages"
-        else:
-            problem = None
-        if problem:
+        if not isinstance(p, str | list) or not p:
+            raise DataError(f"{where}: field 'prompt' must be a non-empty string or a list of chat messages")
+        if isinstance(p, list) and (problem := _messages(p, "prompt")):
             raise DataError(f"{where}: {problem}")
         try:
             ids = prompt_ids(tokenizer, p)
