@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smalto.config import OptimizerConfig
-from smalto.errors import ConfigError, DataError, build, check_choice
+from smalto.errors import ConfigError, build, check_choice
 from smalto.train.ppo import PPOSection
 
 DEFAULT_RECIPE = "tiny-ppo"
@@ -171,32 +171,13 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
 
 def _prompts(r: PPORecipe, tok: Any) -> tuple[list[list[int]], list[list[int]]]:
     """(training prompts, held-out prompts) as token ids."""
-    from smalto.data.preprocess import read_rows
-    from smalto.tokenizer import apply_chat_template
+    from smalto.data.pairs import read_prompts
 
-    def read(path: str) -> list[list[int]]:
-        def bad(where: str, problem: str) -> None:
-            raise DataError(f"{where}: {problem}")
-
-        out = []
-        for row, where in read_rows(path, bad):
-            p = row.get("prompt") if isinstance(row, dict) else None
-            if isinstance(p, list):
-                p = apply_chat_template(tok, p, add_generation_prompt=True)
-            if not isinstance(p, str) or not p:
-                raise DataError(
-                    f"{where}: field 'prompt' must be a non-empty string or a list of chat messages"
-                )
-            ids = list(tok.encode(p))
-            if len(ids) <= r.data.max_prompt_tokens:
-                out.append(ids)
-        if not out:
-            raise DataError(f"prompts {path}: none fits data.max_prompt_tokens ({r.data.max_prompt_tokens})")
-        return out
-
-    prompts = read(r.data.path)
+    prompts = read_prompts(r.data.path, tok, max_tokens=r.data.max_prompt_tokens)
     if r.data.eval_path is not None:
-        return prompts, read(r.data.eval_path)[: r.data.eval_prompts]
+        return prompts, read_prompts(r.data.eval_path, tok, max_tokens=r.data.max_prompt_tokens)[
+            : r.data.eval_prompts
+        ]
     random.Random(r.seed).shuffle(prompts)
     held, train = prompts[: r.data.eval_prompts], prompts[r.data.eval_prompts :]
     if len(train) < r.ppo.batch_size:

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smalto.data.preference import check_pair, preference_dataset, tokenize_pair, truncate
+from smalto.data.pairs import check_pair, tokenize_pair
+from smalto.data.preference import preference_dataset, truncate
 from smalto.data.templates import CHATML_TEMPLATE
 from smalto.errors import DataError
 
