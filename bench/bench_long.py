@@ -92,16 +92,17 @@ def prefill(
 @torch.inference_mode()
 def decode_ms(dec, first: int, start: int, steps: int, device: str) -> float:
     """ms per step of the decoder's (compiled) step, greedy from `first` at position `start` on."""
-    token = torch.tensor([[first]], device=device)
-    pos = start
-    for _ in range(WARMUP):
-        token = dec.step(token, torch.tensor([pos], device=device)).argmax(-1, keepdim=True)
-        pos += 1
-    positions = torch.arange(pos, pos + steps, device=device)
+    token = torch.full((1, 1), first, dtype=torch.long, device=device)
+    for i in range(WARMUP):
+        token = dec.step(token, torch.full((1,), start + i, dtype=torch.long, device=device)).argmax(
+            -1, keepdim=True
+        )
     sync(device)
     t = time.perf_counter()
-    for i in range(steps):
-        token = dec.step(token, positions[i : i + 1]).argmax(-1, keepdim=True)
+    for i in range(WARMUP, WARMUP + steps):
+        token = dec.step(token, torch.full((1,), start + i, dtype=torch.long, device=device)).argmax(
+            -1, keepdim=True
+        )
     sync(device)
     return 1000 * (time.perf_counter() - t) / steps
 
@@ -167,16 +168,25 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"long-context inference, {args.shape} {result['dtype']}, chunk {args.chunk} ({gpu})")
-    for col in ("prompt tokens", "prefill s", "prefill tokens/s", "KV cache GiB", "peak GiB"):
+    for col in (
+        "prompt tokens",
+        "prefill s",
+        "prefill tokens/s",
+        "KV cache GiB",
+        "peak GiB",
+        "peak - weights - cache",
+    ):
         table.add_column(col, justify="right")
     for r in result["prefill"]:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        extra = f"{r['peak_gib'] - weights_gib - r['cache_gib']:.1f}" if r["peak_gib"] is not None else "-"
         table.add_row(
             f"{r['prompt_tokens']:,}",
             f"{r['prefill_s']:.2f}",
             f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['cache_gib']:.1f}",
             peak,
+            extra,
         )
     Console(width=160).print(table)
     if "decode" in result:
