@@ -448,8 +448,17 @@ def plot(
     typer.echo(plot_run(run, out))
 
 
-def _read_prompts(prompt: list[str], prompts_file: str | None) -> list[str]:
+def _read_prompts(prompt: list[str], prompts_file: str | None, prompt_file: str | None = None) -> list[str]:
     prompts = list(prompt)
+    if prompt_file:  # a whole file, newlines and all, is one prompt (a book to continue)
+        from pathlib import Path
+
+        if not Path(prompt_file).is_file():
+            raise UserError(f"--prompt-file {prompt_file} does not exist")
+        try:
+            prompts.append(Path(prompt_file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {prompt_file} is not UTF-8 text ({e})") from None
     if prompts_file == "-":
         prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
     elif prompts_file:
@@ -460,7 +469,8 @@ def _read_prompts(prompt: list[str], prompts_file: str | None) -> list[str]:
         prompts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise UserError(
-            "no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE (- for stdin)"
+            "no prompt given: use --prompt TEXT (repeatable), --prompts-file FILE (- for stdin) or "
+            "--prompt-file FILE"
         )
     return prompts
 
@@ -475,6 +485,9 @@ def generate_cmd(
     ),
     prompts_file: str = typer.Option(
         None, "--prompts-file", "-f", help="One prompt per line; - reads stdin."
+    ),
+    prompt_file: str = typer.Option(
+        None, "--prompt-file", help="A whole file (UTF-8) as one prompt, e.g. a book to continue."
     ),
     tokenizer: str = typer.Option(
         None,
@@ -495,6 +508,9 @@ def generate_cmd(
     max_seq_len: int = typer.Option(
         None, "--max-seq-len", help="Raise the context (ALiBi/RoPE run past training length)."
     ),
+    prefill_chunk: int = typer.Option(
+        2048, "--prefill-chunk", help="Prompt tokens per prefill forward, at most (>= 1)."
+    ),
     echo: bool = typer.Option(False, "--echo", help="Print each prompt before its completion."),
     as_json: bool = typer.Option(
         False,
@@ -514,7 +530,7 @@ def generate_cmd(
     """Complete prompts, printing tokens as they come (one prompt), or each completion in turn (several).
 
     A --max-new-tokens that does not fit the model's context after the longest prompt is clipped to it (with a note)."""
-    prompts = _read_prompts(prompt, prompts_file)
+    prompts = _read_prompts(prompt, prompts_file, prompt_file)
     import json
     import time
 
@@ -567,6 +583,7 @@ def generate_cmd(
         seed=seed,
         stop=stop,
         callback=show,
+        prefill_chunk=prefill_chunk,
     )
     dt = time.perf_counter() - t0
     if as_json:

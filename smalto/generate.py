@@ -5,7 +5,10 @@
 
 How a call runs:
 1. Prompts (text or token ids) are left-padded into (B, L); the padding is masked in the cache (`cache.valid`).
-2. One prefill forward over the prompts fills the cache; the last position's logits give the first token.
+2. The prompts fill the cache in chunks (`prefill_spans`): each chunk is one forward whose queries attend to the
+   cache positions written so far (a view of them, through the prefill attention plan), so the memory a prefill
+   needs beyond the cache grows with the chunk, not with the prompt's square; only the last position's logits
+   are computed, and they give the first token.
 3. Each decode step feeds one token per row at `cache_position` L + i. Shapes never change, so on CUDA the step is
    compiled once (`mode="reduce-overhead"`: a CUDA graph) and replayed; the cache is allocated once per
    (model, batch, length bucket) and kept for the next call.
@@ -32,11 +35,16 @@ from torch import Tensor
 from smalto.errors import ConfigError, UserError
 from smalto.kernels import DecodeOptions, decode_attention, decode_linear, select
 from smalto.kernels.decode_block import decode_blocks
+from smalto.model.attention import SDPA_BIAS_BUDGET
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
 
 CACHE_BUCKET = 256  # compiled decode graphs are reused across calls whose length rounds up to the same bucket
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward, at most
+MIN_PREFILL_CHUNK = (
+    128  # the scores' budget shortens chunks to no fewer tokens (SDPA then splits its queries)
+)
 
 
 @dataclass
@@ -111,10 +119,18 @@ class Decoder:
             x = block(x, inputs, self.cache)
         return self._logits(tr.norm_f(x)[:, -1])
 
-    def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def prefill(self, ids: Tensor, mask: Tensor, chunk: int = PREFILL_CHUNK) -> Tensor:
+        """ids, mask (B, L) → float logits of the last position (B, V), the prompts written into the cache in
+        chunks of at most `chunk` tokens (`prefill_spans`)."""
         self.cache.reset()
-        h = self.model.transformer(ids, mask, None, self.cache, None, self.prefill_plan)
-        self.cache.length = ids.shape[1]
+        B, L = ids.shape
+        per_key = B * self.model.config.n_heads
+        for start, end, n_keys in prefill_spans(L, chunk, self.cache.max_len, per_key):
+            view = self.cache.view(n_keys, start)
+            h = self.model.transformer(
+                ids[:, start:end], mask[:, start:end], None, view, None, self.prefill_plan
+            )
+        self.cache.length = L
         return self._logits(h[:, -1])
 
     def step(self, token: Tensor, pos: Tensor) -> Tensor:
@@ -127,6 +143,25 @@ class Decoder:
             warnings.warn(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
             self.step_fn, self.compiled = self._step, False
             return self._step(token, pos)
+
+
+def prefill_spans(length: int, chunk: int, max_len: int, per_key: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, n_keys) of each prefill forward over a `length`-token prompt: at most `chunk` tokens, and fewer
+    (down to MIN_PREFILL_CHUNK) where the chunk's attention scores against its keys, `per_key` (rows × heads) ·
+    tokens · n_keys elements, would exceed SDPA_BIAS_BUDGET: then SDPA's bias is built once per forward for all
+    layers, not once per layer in slices. n_keys: the positions written so far, rounded up to a multiple of 16
+    (SDPA's fused kernels want aligned biases; the causal mask hides the unwritten ones) within the cache."""
+    start = 0
+    while start < length:
+        n = min(chunk, length - start)
+        fit = SDPA_BIAS_BUDGET // (per_key * _keys(start + n, max_len))
+        end = start + min(n, max(fit, MIN_PREFILL_CHUNK))
+        yield start, end, _keys(end, max_len)
+        start = end
+
+
+def _keys(end: int, max_len: int) -> int:
+    return min(-(-end // 16) * 16, max_len)
 
 
 def get_decoder(
@@ -252,18 +287,22 @@ def iter_generate(
     compile: bool | None = None,
     check_every: int | None = None,
     options: DecodeOptions | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[Delta]:
     """Generate for every prompt at once, yielding `Delta`s as text becomes final (see the module docstring).
 
     eos_token_id defaults to the tokenizer's (an empty list: none, generate max_new_tokens).
     compile: None = on CUDA only. check_every: host checks every N steps (default 1 on CPU, 8 on CUDA).
     options: how a compiled CUDA step uses the decode kernels (default `DecodeOptions()`).
+    prefill_chunk: prompt tokens per prefill forward, at most (see `prefill_spans`).
     """
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
     )
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens = {max_new_tokens} must be >= 1")
+    if prefill_chunk < 1:
+        raise ConfigError(f"prefill_chunk = {prefill_chunk} must be >= 1")
     stops = [s for s in (stop or []) if s]
     if stops and tokenizer is None:
         raise UserError("stop strings need a tokenizer to turn tokens into text")
@@ -305,7 +344,7 @@ def iter_generate(
     cuda = device.type == "cuda"  # contiguous, so that the copy to pinned host memory is a plain async memcpy
     host = torch.empty(max_new_tokens, B, dtype=torch.long, pin_memory=cuda)
     rows = [_Row(prompt_len=len(r), anchor=r[-1:]) for r in rows_ids]
-    logits = dec.prefill(ids, full_mask[:, :L])
+    logits = dec.prefill(ids, full_mask[:, :L], prefill_chunk)
     synced = 0
     for i in range(max_new_tokens):
         token = sample(logits, params, seen, gen)

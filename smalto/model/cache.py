@@ -76,6 +76,16 @@ class KVCache:
         new.max_len, new.length = self.max_len, self.length
         return new
 
+    def view(self, n_keys: int, length: int, rows: slice = slice(None)) -> KVCache:
+        """A cache over the first `n_keys` positions of `rows` (views, no copies: a forward on it writes into this
+        cache) with `length` positions filled. A chunk of a prompt attends to the positions written so far only."""
+        view = object.__new__(KVCache)
+        view.keys = [k[rows, :, :n_keys] for k in self.keys]
+        view.values = [v[rows, :, :n_keys] for v in self.values]
+        view.valid = self.valid[rows, :n_keys]
+        view.max_len, view.length = n_keys, length
+        return view
+
     def get_seq_length(self) -> int:
         return self.length
 

@@ -76,13 +76,7 @@ class StepCache:
 def row_view(cache: KVCache, slot: int, length: int, n_keys: int | None = None) -> KVCache:
     """A cache over the first `n_keys` positions (default: all) of row `slot` only (views: a forward on it writes
     into the big cache)."""
-    n = cache.max_len if n_keys is None else n_keys
-    view = object.__new__(KVCache)
-    view.keys = [k[slot : slot + 1, :, :n] for k in cache.keys]
-    view.values = [v[slot : slot + 1, :, :n] for v in cache.values]
-    view.valid = cache.valid[slot : slot + 1, :n]
-    view.max_len, view.length = n, length
-    return view
+    return cache.view(cache.max_len if n_keys is None else n_keys, length, slice(slot, slot + 1))
 
 
 def _slot_attend(q, k, v, qkv, inputs: AttentionInputs, scale: float, dropout_p: float) -> Tensor:
