@@ -209,7 +209,9 @@ def eval_(
         None, "--fewshot", help="Shot counts for every task, e.g. 0,5 (default: each task's own)."
     ),
     limit: int = typer.Option(
-        None, "--limit", help="Only the first N >= 1 items of each task (N samples for --perplexity)."
+        None,
+        "--limit",
+        help="Only the first N >= 1 items of each task (N samples for --perplexity, N windows for --ppl-by-position).",
     ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Sequences per forward."),
     max_seq_len: int = typer.Option(
@@ -230,6 +232,18 @@ def eval_(
     perplexity: str = typer.Option(
         None, "--perplexity", help="Token shards (a `smalto data` folder or an MDS split) to score."
     ),
+    ppl_by_position: str = typer.Option(
+        None,
+        "--ppl-by-position",
+        help="Perplexity per position bucket over windows of --length tokens: a text file, a JSONL file of "
+        "{'text': ...} lines, or token shards.",
+    ),
+    length: int = typer.Option(
+        None,
+        "--length",
+        help="--ppl-by-position's window in tokens (default: twice the trained length with ALiBi/RoPE).",
+    ),
+    buckets: int = typer.Option(None, "--buckets", help="--ppl-by-position's position buckets (default 8)."),
     tokenizer: str = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer folder when the model folder has none."
     ),
@@ -257,6 +271,9 @@ def eval_(
         out=out,
         log_samples=log_samples,
         perplexity=perplexity,
+        ppl_by_position=ppl_by_position,
+        length=length,
+        buckets=buckets,
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
