@@ -297,7 +297,8 @@ def train(
 ) -> None:
     """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo.
 
-    Shipped recipes: tiny (the demo), mpt-125m, mpt-350m, mpt-760m, mpt-1b, mpt-3b, mpt-7b, mpt-30b. Every recipe
+    Shipped recipes: tiny (the demo), mpt-125m, mpt-350m, mpt-760m, mpt-1b, mpt-3b, mpt-7b, mpt-30b,
+    mpt-7b-storywriter (MPT-7B trained on at 65,536 tokens; docs/long-context.md). Every recipe
     key, with its meaning, is in docs/train.md; `smalto train RECIPE --print-config` shows them all with their
     values. Relaunching the same command resumes from the run's latest checkpoint.
 
