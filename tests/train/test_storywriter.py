@@ -18,7 +18,13 @@ from tests.model.helpers import MPT_7B_CONFIG_JSON
 def test_the_recipe_has_storywriters_settings_and_mpt_7bs_shapes():
     c = load_config("mpt-7b-storywriter")
     m, a, t, o = c.model, c.model.attn_config, c.train, c.optimizer
-    assert (m.max_seq_len, c.data.seq_len, a.alibi, a.alibi_bias_max, a.clip_qkv) == (65536, 65536, True, 16, 6)
+    assert (m.max_seq_len, c.data.seq_len, a.alibi, a.alibi_bias_max, a.clip_qkv) == (
+        65536,
+        65536,
+        True,
+        16,
+        6,
+    )
     assert (o.name, o.offload, t.micro_batch_size, t.max_duration) == ("lion", "cpu", 1, "2500ba")
     assert (t.activation_checkpointing, t.loss, t.precision) == (True, "chunked", "bf16")
     assert c.checkpoint.load_from == "models/mpt-7b"
@@ -56,7 +62,9 @@ def test_a_tiny_override_starts_from_an_hf_folder_and_trains(tiny_data, tmp_path
     torch.manual_seed(0)
     shape = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 384}
     # the base: trained at a shorter length with MPT-7B's ALiBi settings, as mosaicml/mpt-7b
-    base_cfg = MPTConfig.from_dict({**shape, "max_seq_len": 64, "no_bias": True, "attn_config": {"alibi": True}})
+    base_cfg = MPTConfig.from_dict(
+        {**shape, "max_seq_len": 64, "no_bias": True, "attn_config": {"alibi": True}}
+    )
     base = MPTForCausalLM(base_cfg)
     save_pretrained(base, tmp_path / "base", tokenizer=tiny_data["tokenizer"])
     seq = 256
