@@ -21,6 +21,12 @@ to measure FSDP2.
                                    # bf16 weights made once per step (shipped) or autocast's casts per forward
     python bench/bench_train.py --device cuda --models mpt-1b --micro-batches 16 --accum 4 --loss chunked,full
                                    # the loss a chunk of tokens at a time or from the full logits
+    python bench/bench_train.py --device cuda --models mpt-7b-storywriter --micro-batches 1 --ac --loss chunked --steps 2 --warmup 1
+                                   # MPT-7B at 65,536 tokens under the storywriter recipe (offload, chunked loss)
+    python bench/bench_train.py --device cuda --models mpt-7b-storywriter --micro-batches 1 --ac --loss chunked --set optimizer.offload=none
+                                   # --set KEY=VALUE: any recipe setting (repeatable); here the cost of offloading
+    python bench/bench_train.py --device cuda --models mpt-1b --seq 65536,131072 --micro-batches 1 --ac --loss chunked
+                                   # several sequence lengths
 
 MFU = tokens/s per device × (6·N + 12·n_layers·d_model·seq) / the device's bf16 dense peak FLOP/s (as training
 looks it up; --peak-tflops overrides).
@@ -122,6 +128,7 @@ def bench_one(
     grad_sync: str,
     weight_cast: str,
     loss: str,
+    seq: int | None,
     args: argparse.Namespace,
     world,
 ) -> dict:
@@ -140,8 +147,9 @@ def bench_one(
         "logging.progress=false",
         "logging.tensorboard=false",
     ]
-    if args.seq:
-        overrides += [f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}"]
+    if seq:
+        overrides += [f"model.max_seq_len={seq}", f"data.seq_len={seq}"]
+    overrides += args.set
     if args.smoke:
         overrides += [
             "model.d_model=64",
@@ -224,7 +232,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", default="mpt-125m,mpt-1b")
     p.add_argument("--micro-batches", default="4,8,16")
-    p.add_argument("--seq", type=int, default=None, help="override the recipe's sequence length")
+    p.add_argument(
+        "--seq", default=None, help="override the recipe's sequence length; comma-separated for several"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any recipe override, as `smalto train` takes it (repeatable), e.g. optimizer.offload=none",
+    )
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
@@ -289,8 +306,9 @@ def main() -> None:
     rows = []
     try:
         for recipe in args.models.split(","):
-            for micro, attn, gelu, sync, cast, loss in itertools.product(
-                (int(m) for m in args.micro_batches.split(",")),
+            for seq, micro, attn, gelu, sync, cast, loss in itertools.product(
+                [int(s) for s in args.seq.split(",")] if args.seq else [None],
+                [int(m) for m in args.micro_batches.split(",")],
                 args.attn.split(","),
                 args.gelu.split(","),
                 args.grad_sync.split(","),
@@ -298,11 +316,12 @@ def main() -> None:
                 args.loss.split(","),
             ):
                 try:
-                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, loss, args, world))
+                    rows.append(bench_one(recipe, micro, attn, gelu, sync, cast, loss, seq, args, world))
                 except UserError as e:  # out of memory: say so and go on with the next size
                     rows.append(
                         {
                             "recipe": recipe,
+                            "seq": seq,
                             "micro_batch": micro,
                             "attn": attn,
                             "gelu": gelu,
@@ -346,7 +365,7 @@ def main() -> None:
             table.add_row(
                 r["recipe"],
                 "",
-                "",
+                str(r["seq"] or ""),
                 str(r["micro_batch"]),
                 "",
                 r["attn"],

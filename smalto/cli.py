@@ -209,7 +209,9 @@ def eval_(
         None, "--fewshot", help="Shot counts for every task, e.g. 0,5 (default: each task's own)."
     ),
     limit: int = typer.Option(
-        None, "--limit", help="Only the first N >= 1 items of each task (N samples for --perplexity)."
+        None,
+        "--limit",
+        help="Only the first N >= 1 items of each task (N samples for --perplexity, N windows for --ppl-by-position).",
     ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Sequences per forward."),
     max_seq_len: int = typer.Option(
@@ -230,6 +232,18 @@ def eval_(
     perplexity: str = typer.Option(
         None, "--perplexity", help="Token shards (a `smalto data` folder or an MDS split) to score."
     ),
+    ppl_by_position: str = typer.Option(
+        None,
+        "--ppl-by-position",
+        help="Perplexity per position bucket over windows of --length tokens: a text file, a JSONL file of "
+        "{'text': ...} lines, or token shards.",
+    ),
+    length: int = typer.Option(
+        None,
+        "--length",
+        help="--ppl-by-position's window in tokens (default: twice the trained length with ALiBi/RoPE).",
+    ),
+    buckets: int = typer.Option(None, "--buckets", help="--ppl-by-position's position buckets (default 8)."),
     tokenizer: str = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer folder when the model folder has none."
     ),
@@ -257,6 +271,9 @@ def eval_(
         out=out,
         log_samples=log_samples,
         perplexity=perplexity,
+        ppl_by_position=ppl_by_position,
+        length=length,
+        buckets=buckets,
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
@@ -280,7 +297,8 @@ def train(
 ) -> None:
     """Train an MPT from a recipe; under `torchrun --nproc_per_node N` it shards with FSDP2. No arguments: the stdlib demo.
 
-    Shipped recipes: tiny (the demo), mpt-125m, mpt-350m, mpt-760m, mpt-1b, mpt-3b, mpt-7b, mpt-30b. Every recipe
+    Shipped recipes: tiny (the demo), mpt-125m, mpt-350m, mpt-760m, mpt-1b, mpt-3b, mpt-7b, mpt-30b,
+    mpt-7b-storywriter (MPT-7B trained on at 65,536 tokens; docs/long-context.md). Every recipe
     key, with its meaning, is in docs/train.md; `smalto train RECIPE --print-config` shows them all with their
     values. Relaunching the same command resumes from the run's latest checkpoint.
 

@@ -17,12 +17,22 @@ import json
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from smalto.data.mds import INDEX, Shard, check_basename, decompress, parse_index, verify_hashes
+from smalto.data.mds import (
+    CHUNK_BYTES,
+    INDEX,
+    Digests,
+    Shard,
+    check_basename,
+    check_digests,
+    decompress_file,
+    parse_index,
+)
 from smalto.errors import ConfigError, DataError
 
 _OPEN_SHARDS = 64  # memory maps kept open per dataset (file descriptors are finite)
@@ -158,39 +168,51 @@ class MDSDataset:
             os.utime(target)  # mark as recently used for eviction
             return target
         self.cache.mkdir(parents=True, exist_ok=True)
+        self._evict(need=raw["bytes"])
+        # fetched, checked and decompressed a chunk at a time through temporary files: a shard of long rows is never
+        # held in memory, and concurrent workers never see half a file
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{id(self)}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # a merged index names sub-folders
+        fetched = tmp.with_name(tmp.name + ".zstd") if zipped else tmp
         info = zipped or raw
-        data = self._fetch(info["basename"])
-        if self.verify:
-            verify_hashes(data, info.get("hashes") or {}, join(self.root, info["basename"]))
-        if zipped:
-            data = decompress(entry["compression"], data)
+        src = join(self.root, info["basename"])
+        try:
+            seen = self._fetch(info["basename"], fetched, (info.get("hashes") or {}).keys())
             if self.verify:
-                verify_hashes(
-                    data, raw.get("hashes") or {}, f"{join(self.root, info['basename'])} (decompressed)"
+                check_digests(seen.hexdigests(), info.get("hashes") or {}, src)
+            if zipped:
+                seen = decompress_file(entry["compression"], fetched, tmp, (raw.get("hashes") or {}).keys())
+                if self.verify:
+                    check_digests(seen.hexdigests(), raw.get("hashes") or {}, f"{src} (decompressed)")
+            if seen.size != raw["bytes"]:
+                raise DataError(
+                    f"{join(self.root, raw['basename'])}: {seen.size} bytes, index.json says {raw['bytes']}"
                 )
-        if len(data) != raw["bytes"]:
-            raise DataError(
-                f"{join(self.root, raw['basename'])}: {len(data)} bytes, index.json says {raw['bytes']}"
-            )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+            fetched.unlink(missing_ok=True)
         if self.verify:
             self._verified.add(s)  # hashed just now
-        self._evict(need=len(data))
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{id(data)}")
-        tmp.parent.mkdir(parents=True, exist_ok=True)  # a merged index names sub-folders
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
         return target
 
-    def _fetch(self, basename: str) -> bytes:
+    def _fetch(self, basename: str, dst: Path, algos: Iterable[str]) -> Digests:
+        """Copy a shard file of the dataset to `dst` a chunk at a time; returns its size and hashes."""
         src = join(self.root, basename)
-        if not self.remote:
-            return Path(src).read_bytes()
-        fs, p = _fs(src)
+        seen = Digests(algos)
         try:
-            with fs.open(p, "rb") as f:
-                return bytes(f.read())
+            if self.remote:
+                fs, p = _fs(src)
+                fin = fs.open(p, "rb")
+            else:
+                fin = open(src, "rb")  # noqa: SIM115 (closed by the with below)
         except FileNotFoundError:
             raise DataError(f"shard {src} listed in {join(self.root, INDEX)} is missing") from None
+        with fin, open(dst, "wb") as out:
+            while chunk := fin.read(CHUNK_BYTES):
+                seen.update(chunk)
+                out.write(chunk)
+        return seen
 
     def _evict(self, need: int) -> None:
         """Drop least-recently-used cached shards (of any dataset under the cache root) to stay under the limit."""

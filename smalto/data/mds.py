@@ -22,9 +22,10 @@ import hashlib
 import json
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -58,39 +59,96 @@ def check_compression(compression: str | None) -> None:
     _zstd()
 
 
-def compress(compression: str, data: bytes) -> bytes:
-    _, _, level = compression.partition(":")
-    return bytes(_zstd().ZstdCompressor(level=int(level or 3)).compress(data))
-
-
-def decompress(compression: str, data: bytes) -> bytes:
-    if not compression.startswith("zstd"):
-        raise DataError(f"shard compression {compression!r} is not supported (only zstd)")
-    return bytes(_zstd().ZstdDecompressor().decompressobj().decompress(data))
-
-
-def file_hash(algo: str, data: bytes | memoryview) -> str | None:
-    """Hex digest with Streaming's algorithm names; None when the algorithm is unavailable here."""
+def _hasher(algo: str) -> Any:
+    """An incremental hash object (update / hexdigest) for Streaming's algorithm name; None when unavailable here."""
     if algo.startswith("xxh"):
         try:
             import xxhash
         except ImportError:
             return None
-        fn = getattr(xxhash, f"{algo}_hexdigest", None)
-        return fn(data) if fn else None
+        make = getattr(xxhash, algo, None)
+        return make() if make else None
     if algo in hashlib.algorithms_available:
-        return hashlib.new(algo, data).hexdigest()
+        return hashlib.new(algo)
     return None
+
+
+def file_hash(algo: str, data: bytes | memoryview) -> str | None:
+    """Hex digest with Streaming's algorithm names; None when the algorithm is unavailable here."""
+    h = _hasher(algo)
+    if h is None:
+        return None
+    h.update(data)
+    return str(h.hexdigest())
+
+
+class Digests:
+    """The size and hashes of bytes seen a piece at a time, so a shard is hashed while it streams to or from disk
+    instead of being held whole. Algorithms unavailable here are left out (as `file_hash` returns None)."""
+
+    def __init__(self, algos: Iterable[str]) -> None:
+        self.size = 0
+        self._h = {a: h for a in algos if (h := _hasher(a)) is not None}
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        for h in self._h.values():
+            h.update(data)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {a: str(h.hexdigest()) for a, h in self._h.items()}
 
 
 def verify_hashes(data: bytes | memoryview, expected: dict[str, str], where: str) -> None:
     """Check every digest we can compute; the index may list algorithms we lack (xxh without xxhash)."""
+    got = {a: d for a in expected if (d := file_hash(a, data)) is not None}
+    check_digests(got, expected, where)
+
+
+def check_digests(got: dict[str, str], expected: dict[str, str], where: str) -> None:
+    """Refuse a file whose computed digests (`got`: the algorithms available here) differ from the index's."""
     for algo, want in expected.items():
-        got = file_hash(algo, data)
-        if got is not None and got != want:
+        if algo in got and got[algo] != want:
             raise DataError(
-                f"{where}: {algo} hash mismatch (index says {want}, file has {got}); delete the file or re-download"
+                f"{where}: {algo} hash mismatch (index says {want}, file has {got[algo]}); delete the file or re-download"
             )
+
+
+CHUNK_BYTES = 1 << 20  # bytes per read while a shard streams between disk, network and (de)compressor
+
+
+def decompress_file(compression: str, src: Path, dst: Path, algos: Iterable[str]) -> Digests:
+    """Decompress the shard `src` into `dst` a chunk at a time; returns the decompressed bytes' size and hashes."""
+    if not compression.startswith("zstd"):
+        raise DataError(f"shard compression {compression!r} is not supported (only zstd)")
+    zstd = _zstd()
+    seen = Digests(algos)
+    try:
+        with open(src, "rb") as fin, zstd.ZstdDecompressor().stream_reader(fin) as z, open(dst, "wb") as out:
+            while chunk := z.read(CHUNK_BYTES):
+                seen.update(chunk)
+                out.write(chunk)
+    except zstd.ZstdError as e:
+        raise DataError(f"{src}: not a valid zstd stream ({e}); delete the file or re-download") from None
+    return seen
+
+
+class _Sink:
+    """A write target that hashes what passes through, and writes it to `file` when one is given."""
+
+    def __init__(self, file: BinaryIO | None, algos: Iterable[str]) -> None:
+        self.file = file
+        self.seen = Digests(algos)
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.seen.update(data)
+        if self.file is not None:
+            self.file.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
 
 
 # ---- writing ----
@@ -147,33 +205,40 @@ class MDSWriter:
         self._shard_bytes += len(sample) + 4
 
     def _flush(self) -> None:
+        """Write the shard straight from the samples held (once) in memory: header, offsets, config, then each
+        sample, hashed and (with compression) compressed as they stream to the file."""
         n = len(self._samples)
         sizes = np.array([0] + [len(s) for s in self._samples], np.int64)
         offsets = sizes.cumsum() + 4 + 4 * (n + 1) + len(self._config_bytes)
-        raw = (
-            np.uint32(n).tobytes()
-            + offsets.astype(np.uint32).tobytes()
-            + self._config_bytes
-            + b"".join(self._samples)
-        )
+        head = np.uint32(n).tobytes() + offsets.astype(np.uint32).tobytes() + self._config_bytes
         raw_name = f"shard.{len(self.shards):05d}.mds"
-        raw_info = self._info(raw_name, raw)
+        name = raw_name + ".zstd" if self.compression else raw_name
+        with open(self.out / name, "wb") as f:
+            if self.compression:
+                raw, zipped = _Sink(None, self.hashes), _Sink(f, self.hashes)
+                _, _, level = self.compression.partition(":")
+                cctx = _zstd().ZstdCompressor(level=int(level or 3))
+                with cctx.stream_writer(zipped, size=int(offsets[-1]), closefd=False) as z:
+                    for piece in (head, *self._samples):
+                        raw.write(piece)
+                        z.write(piece)
+            else:
+                raw, zipped = _Sink(f, self.hashes), None
+                for piece in (head, *self._samples):
+                    raw.write(piece)
+        raw_info = {"basename": raw_name, "bytes": raw.seen.size, "hashes": self._digests(raw.seen)}
         zip_info = None
-        data = raw
-        if self.compression:
-            data = compress(self.compression, raw)
-            zip_info = self._info(raw_name + ".zstd", data)
-        (self.out / (zip_info or raw_info)["basename"]).write_bytes(data)
+        if zipped is not None:
+            zip_info = {"basename": name, "bytes": zipped.seen.size, "hashes": self._digests(zipped.seen)}
         self.shards.append({**self.config, "samples": n, "raw_data": raw_info, "zip_data": zip_info})
         self._samples = []
         self._shard_bytes = 8 + len(self._config_bytes)
 
-    def _info(self, basename: str, data: bytes) -> dict[str, Any]:
+    def _digests(self, seen: Digests) -> dict[str, str | None]:
+        got = seen.hexdigests()
         return {
-            "basename": basename,
-            "bytes": len(data),
-            "hashes": {a: file_hash(a, data) for a in self.hashes},
-        }
+            a: got.get(a) for a in self.hashes
+        }  # None for an algorithm unavailable here, as file_hash gives
 
     def finish(self) -> list[dict[str, Any]]:
         if self._samples:

@@ -220,7 +220,7 @@ class SplitWriter:
             n = len(flat) // self.seq_len * self.seq_len
             for start in range(0, n, self.seq_len):
                 self._emit(flat[start : start + self.seq_len])
-            self._buf = [flat[n:]]
+            self._buf = [flat[n:].copy()]  # not a view: it would keep all of `flat` alive
             self._buffered = len(flat) - n
 
     def _emit(self, sample: np.ndarray) -> None:

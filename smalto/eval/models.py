@@ -84,10 +84,11 @@ def load_model(
     dtype: str = "auto",
     quantize: Any = None,
     adapter: str | Path | None = None,
+    max_seq_len: int | None = None,
 ) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer). Folders smalto computes (`SMALTO_MODEL_TYPES`: MPT, LLaMA, Mistral) load as
-    smalto models, anything else through transformers' AutoModelForCausalLM (local code only: no
-    trust_remote_code)."""
+    smalto models (`max_seq_len` raises their context: ALiBi / RoPE), anything else through transformers'
+    AutoModelForCausalLM (local code only: no trust_remote_code)."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json; pass a smalto/Hugging Face model folder")
@@ -102,7 +103,9 @@ def load_model(
     if model_type in SMALTO_MODEL_TYPES:
         from smalto.load import load
 
-        model = load(str(p), dtype=dt, device=dev, quantize=quantize, adapter=adapter)
+        model = load(
+            str(p), dtype=dt, device=dev, quantize=quantize, adapter=adapter, max_seq_len=max_seq_len
+        )
     else:
         if adapter is not None:
             raise ConfigError(

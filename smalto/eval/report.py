@@ -6,6 +6,7 @@ OUT/results.json    {"model", "tasks": [{label, num_fewshot, icl_task_type, accu
                     rewritten after every task (with "complete": false) while a run is in progress
 OUT/samples/LABEL_Kshot.jsonl   with --log-samples: per item prompt, options, scores, prediction, correct
 OUT/results.png     accuracy per task (and gauntlet category scores), when matplotlib is installed
+OUT/ppl_by_position.png   with --ppl-by-position: perplexity per position bucket, when matplotlib is installed
 """
 
 from __future__ import annotations
@@ -61,6 +62,28 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         console.print(
             f"perplexity {ppl['perplexity']:.4f} (loss {ppl['loss']:.4f}) over {ppl['tokens']:,} tokens of {ppl['data']}"
         )
+    pos = results.get("perplexity_by_position")
+    if pos:
+        console.print(position_table(pos))
+
+
+def position_table(pos: dict[str, Any]) -> Table:
+    t = Table(
+        title=f"Perplexity by position: {pos['windows']:,} windows of {pos['length']:,} tokens "
+        f"(trained length {pos['trained_length']:,})"
+    )
+    for col in ("positions", "perplexity", "loss", "tokens"):
+        t.add_column(col, justify="right")
+    for b in pos["buckets"]:
+        mark = " *" if b["beyond_training"] else ""
+        t.add_row(
+            f"{b['start']:,}–{b['end']:,}{mark}",
+            f"{b['perplexity']:.4f}",
+            f"{b['loss']:.4f}",
+            f"{b['tokens']:,}",
+        )
+    t.caption = f"all: perplexity {pos['perplexity']:.4f} (loss {pos['loss']:.4f}); * past the trained length"
+    return t
 
 
 def write_partial_results(out: str | Path, results: dict[str, Any]) -> Path:
@@ -89,6 +112,14 @@ def write_results(
     png = bar_chart(out / "results.png", results)
     if png is not None:
         written.append(png)
+    if results.get("perplexity_by_position"):
+        from smalto.eval.by_position import position_chart
+
+        png = position_chart(
+            out / "ppl_by_position.png", results["perplexity_by_position"], str(results["model"])
+        )
+        if png is not None:
+            written.append(png)
     return written
 
 

@@ -26,6 +26,9 @@ class EvalConfig:
     dtype: str = "auto"
     quantize: Any = None  # a smalto.quant.QuantSpec: --quantize (smalto MPT folders)
     adapter: str | None = None  # a PEFT LoRA adapter folder on top of the model (smalto's model types)
+    ppl_by_position: str | None = None  # text / JSONL / token shards: perplexity per position bucket
+    length: int | None = None  # --ppl-by-position's window (default: twice the trained length, ALiBi / RoPE)
+    buckets: int | None = None  # --ppl-by-position's position buckets (default 8)
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -33,6 +36,11 @@ class EvalConfig:
             ("--max-seq-len", self.max_seq_len),
             ("--batch-size", self.batch_size),
         ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} {value}: give a whole number >= 1 (leave it out for the default)")
+        for flag, value in (("--length", self.length), ("--buckets", self.buckets)):
+            if value is not None and not self.ppl_by_position:
+                raise ConfigError(f"{flag} applies to --ppl-by-position DATA; add it or drop {flag}")
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: give a whole number >= 1 (leave it out for the default)")
         from smalto.hf.load import parse_dtype
@@ -60,9 +68,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from smalto.eval.models import resolve_device
     from smalto.eval.tasks import resolve_data_root, resolve_tasks
 
-    if not cfg.tasks and not cfg.perplexity:
+    if not cfg.tasks and not cfg.perplexity and not cfg.ppl_by_position:
         raise ConfigError(
-            "nothing to evaluate: pass --tasks (a task YAML, gauntlet, all, or task labels) and/or --perplexity DATA"
+            "nothing to evaluate: pass --tasks (a task YAML, gauntlet, all, or task labels), --perplexity DATA "
+            "and/or --ppl-by-position DATA"
         )
     # check everything a user can get wrong before loading weights
     suite = resolve_tasks(cfg.tasks) if cfg.tasks else None
@@ -71,13 +80,21 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         from smalto.eval.perplexity import find_split
 
         find_split(cfg.perplexity)
+    window = None
+    if cfg.ppl_by_position:
+        from smalto.eval.by_position import check_data, window_length
+
+        check_data(cfg.ppl_by_position)
+        window = window_length(
+            cfg.model, cfg.length
+        )  # a learned-position model is refused past its table here
     if cfg.out:
         _check_out(cfg.out)
     resolve_device(cfg.device)
     device = _rank_device(cfg.device)  # before the process group: NCCL binds each rank to its own GPU
     dist, owned = _init_distributed()
     try:
-        return _evaluate(cfg, suite, root, device, dist)
+        return _evaluate(cfg, suite, root, device, dist, window)
     finally:
         if owned:  # this run created the group (under torchrun): close it; a caller's group stays
             import torch
@@ -85,7 +102,15 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
-def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -> dict[str, Any]:
+def _evaluate(
+    cfg: EvalConfig,
+    suite: Any,
+    root: Any,
+    device: str,
+    dist: bool,
+    window: tuple[int, int, int | None] | None,
+) -> dict[str, Any]:
+    """`window`: (length, trained length, max_seq_len to load with) of --ppl-by-position."""
     from smalto.eval.models import load_model
     from smalto.eval.report import print_results, write_partial_results, write_results
 
@@ -96,6 +121,7 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
         dtype=cfg.dtype,
         quantize=cfg.quantize,
         adapter=cfg.adapter,
+        max_seq_len=window[2] if window else None,
     )
     results: dict[str, Any] = {"model": cfg.model, "tasks": [], "gauntlet": None, "perplexity": None}
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -169,6 +195,22 @@ def _evaluate(cfg: EvalConfig, suite: Any, root: Any, device: str, dist: bool) -
             batch_size=cfg.batch_size,
             limit=cfg.limit,
             on_batch=lambda done, total: ppl_bar("perplexity", done, total),
+        )
+    if cfg.ppl_by_position and window:
+        from rich.console import Console
+
+        from smalto.eval.by_position import DEFAULT_BUCKETS, perplexity_by_position
+
+        pos_bar = _batch_bar(Console(stderr=True), rank0)
+        results["perplexity_by_position"] = perplexity_by_position(
+            model,
+            cfg.ppl_by_position,
+            length=window[0],
+            trained_length=window[1],
+            tokenizer=tokenizer,
+            buckets=cfg.buckets or DEFAULT_BUCKETS,
+            limit=cfg.limit,
+            on_batch=lambda done, total: pos_bar("perplexity by position", done, total),
         )
     if rank0:
         print_results(results)

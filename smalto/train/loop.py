@@ -26,6 +26,8 @@ from torch.distributed.fsdp import FSDPModule
 from smalto.config import RunConfig, parse_seconds
 from smalto.errors import UserError
 from smalto.kernels import cudnn_attention
+from smalto.kernels.chunked_loss import chunked_head_loss
+from smalto.kernels.loss import head_loss_for
 from smalto.train.checkpoint import export_hf
 from smalto.train.guard import OK, STOP
 from smalto.train.metrics import memory_gib, mfu
@@ -124,9 +126,20 @@ def save(t: Trainer) -> str:
     return str(path)
 
 
-def out_of_memory_advice(cfg: RunConfig, micro: int) -> str:
-    """What to change after running out of memory: the micro-batch while it can shrink, else the other levers."""
-    tc = cfg.train
+def out_of_memory_advice(cfg: RunConfig, micro: int, *, in_optimizer: bool = False) -> str:
+    """What to change after running out of memory: the micro-batch while it can shrink, else the other levers. In
+    the optimizer step (`in_optimizer`: its state is allocated at the first step) only the state's levers help."""
+    tc, oc = cfg.train, cfg.optimizer
+    if in_optimizer:
+        levers = []
+        if oc.offload == "none":
+            levers.append("optimizer.offload=cpu (one process: the optimizer state in CPU memory)")
+        if oc.name == "adamw" and oc.state_dtype == "fp32":
+            levers.append("optimizer.state_dtype=bf16 (AdamW's moments in half the memory)")
+        if oc.name == "adamw":
+            levers.append("optimizer.name=lion (one moment instead of two)")
+        levers.append("more GPUs under torchrun (FSDP2 shards the optimizer state)")
+        return "out of memory in the optimizer step (allocating its state); try " + "; ".join(levers)
     if micro > 1:
         return (
             f"out of memory with train.micro_batch_size = {micro}; lower it (e.g. train.micro_batch_size="
@@ -136,11 +149,11 @@ def out_of_memory_advice(cfg: RunConfig, micro: int) -> str:
     levers = [f"a shorter sequence (data.seq_len = {cfg.data.seq_len})"]
     if tc.activation_checkpointing is not True:
         levers.append("train.activation_checkpointing=true (every block)")
-    if tc.loss == "full":
+    if head_loss_for(tc.loss, cfg.data.seq_len, cfg.model.vocab_size) is not chunked_head_loss:
         levers.append("train.loss=chunked (no full logits)")
     if tc.weight_cast == "step":
         levers.append("train.weight_cast=micro_batch (no bf16 copy of the weights held for the step)")
-    if cfg.optimizer.offload == "none":
+    if oc.offload == "none":
         levers.append("optimizer.offload=cpu (one process: the optimizer state in CPU memory)")
     levers.append("more GPUs under torchrun (FSDP2 shards parameters, gradients and optimizer state)")
     return "out of memory with train.micro_batch_size already 1; try " + "; ".join(levers)
@@ -198,7 +211,10 @@ def update(
     verdict = t.guard.check(t.step, loss_v)
     lr = t.schedule.apply(t.optimizer, t.step, t.cfg.optimizer.lr)
     if verdict == OK:
-        t.optimizer.step()
+        try:
+            t.optimizer.step()
+        except torch.OutOfMemoryError:
+            raise UserError(out_of_memory_advice(t.cfg, t.micro, in_optimizer=True)) from None
     t.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     t.seconds += seconds
