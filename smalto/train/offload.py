@@ -111,7 +111,9 @@ class OffloadedState(torch.optim.Optimizer):
                     # state) as in every other; the GPU still has chunk i's update queued meanwhile
                     stored[i - 1].synchronize()
                 ahead = fetch(chunks[i + 1])  # overlaps this chunk's update
-            held = {p: self.state[p] for p in chunk}  # the CPU copies (empty before the first step)
+            # the CPU copies (empty before the first step); copied dicts, since the wrapped optimizer fills a
+            # parameter's state dict in place when it creates the state
+            held = {p: dict(self.state[p]) for p in chunk}
             for p, st in on_dev.items():
                 self.state[p] = st
             self._step_only(chunk)
@@ -151,7 +153,7 @@ class OffloadedState(torch.optim.Optimizer):
                 out[k] = v
                 continue
             cpu = held.get(k)
-            if cpu is None or cpu.shape != v.shape or cpu.dtype != v.dtype:
+            if cpu is None or cpu.device.type != "cpu" or cpu.shape != v.shape or cpu.dtype != v.dtype:
                 cpu = self._arena.empty(v.shape, v.dtype)
             if v.is_cuda and stream is not None:
                 v.record_stream(stream)

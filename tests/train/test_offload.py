@@ -126,3 +126,29 @@ def test_training_with_offload_equals_training_without(tiny_data, tmp_path):
         for run in ("plain", "offload")
     }
     assert size["offload"] < 1.05 * size["plain"], size
+
+
+def test_the_state_kept_between_steps_is_the_host_copy_not_the_tensors_the_step_made():
+    """From the first step on, what the optimizer keeps is its own CPU copy (carved from its host arena), never the
+    tensors the wrapped optimizer created or updated, which on a GPU live in GPU memory."""
+    model = _model()
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-2, offload="cpu"))
+    made: list[int] = []
+    inner_step = opt.inner.step
+
+    def step_and_record(*a, **k):
+        out = inner_step(*a, **k)
+        made.extend(v.data_ptr() for st in opt.state.values() for v in st.values() if v.dim() > 0)
+        return out
+
+    opt.inner.step = step_and_record
+    slab = opt._arena
+    for _ in range(2):
+        model(torch.randn(4, 16)).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert slab.slab is not None
+        lo = slab.slab.data_ptr()
+        kept = [v for st in opt.state.values() for v in st.values() if v.dim() > 0]
+        assert kept and all(lo <= v.data_ptr() < lo + slab.SLAB_BYTES for v in kept)
+        assert not {v.data_ptr() for v in kept} & set(made)
