@@ -9,6 +9,8 @@ anything is built or written.
     sequence length), or what the model computes without changing its shapes (ALiBi, norms ...), is allowed
     with a warning that names it: the run goes on from its step under the new settings.
 Everything else (logging, evaluation, intervals, time limits, device) changes freely.
+`smalto reward` and `smalto ppo` compare their `RUN/recipe.yaml` the same way (`check_recipe_relaunch`, with the
+keys each command names; smalto.train.resume).
 """
 
 from __future__ import annotations
