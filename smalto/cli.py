@@ -425,13 +425,19 @@ def reward(
     """Train a reward model (Bradley-Terry on prompt/chosen/rejected pairs) and write it as an HF folder.
 
     The folder loads in transformers as MptForSequenceClassification (num_labels 1) and scores as smalto does.
-    No arguments: the stdlib demo (prefer function bodies that return a value); prints held-out accuracy."""
+    No arguments: the stdlib demo (prefer function bodies that return a value); prints held-out accuracy.
+    Relaunching the same command resumes from the run's latest checkpoint. Exit status: 0 done (or
+    `reward.stop_after` reached), 2 a mistake in the recipe or the command, 143 / 130 stopped by SIGTERM / SIGINT
+    after a checkpoint, 1 a crash."""
     from rich.console import Console
 
     from smalto.reward import run_reward, show
 
     recipe, args = _recipe_and_overrides(args)
-    show(run_reward(recipe, args), Console(stderr=True))
+    result = run_reward(recipe, args)
+    show(result, Console(stderr=True))
+    if result.stopped in ("SIGTERM", "SIGINT"):
+        raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -446,13 +452,18 @@ def ppo(
 
     Rollouts come from smalto's decoder (KV cache; a CUDA graph on GPU); the critic is a value head on the policy.
     No arguments: the stdlib demo (completions of function heads, rewarded by rule for an assignment); prints the
-    held-out score before and after."""
+    held-out score before and after. Relaunching the same command resumes from the run's latest checkpoint. Exit
+    status: 0 done (or `ppo.stop_after` reached), 2 a mistake in the recipe or the command, 143 / 130 stopped by
+    SIGTERM / SIGINT after a checkpoint, 1 a crash."""
     from rich.console import Console
 
     from smalto.ppo import run_ppo, show
 
     recipe, args = _recipe_and_overrides(args)
-    show(run_ppo(recipe, args), Console(stderr=True))
+    result = run_ppo(recipe, args)
+    show(result, Console(stderr=True))
+    if result.stopped in ("SIGTERM", "SIGINT"):
+        raise typer.Exit(143 if result.stopped == "SIGTERM" else 130)
 
 
 @app.command()

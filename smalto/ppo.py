@@ -7,7 +7,7 @@ is it, frozen), data (prompt rows), reward (a `smalto reward` folder, or a rule:
 share of the step), score them, compute the reference log-probabilities, rewards and advantages, then update
 (the training share). The policy and the critic share one backbone (a value head on the policy's final hidden
 states, as TRL's AutoModelForCausalLMWithValueHead). Output in the run folder: hf/ (the policy, an HF folder),
-metrics.jsonl, recipe.yaml.
+metrics.jsonl, recipe.yaml, checkpoints/ (smalto.train.resume: relaunching the command continues the run).
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ from typing import Any
 
 from smalto.config import OptimizerConfig
 from smalto.errors import ConfigError, build, check_choice
+from smalto.rlhf import CheckpointSection
 from smalto.train.ppo import PPOSection
 
 DEFAULT_RECIPE = "tiny-ppo"
+# a resumed run refuses changes to what its checkpoint and prompt order depend on, and warns about its schedule
+FIXED = ("seed", "base_model", "tokenizer", "data.", "dtype", "lora", "ppo.batch_size", "optimizer.name")
+SCHEDULE = ("ppo.steps", "optimizer.lr")
 
 
 @dataclass(kw_only=True)
@@ -71,6 +75,7 @@ class PPORecipe:
     lora: dict[str, Any] | None = None
     """LoRA settings: the policy and critic train adapters on one frozen base, the reference is the base with the
     adapters switched off (smalto.adapters.lora)."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log_every: int = 1
 
     def __post_init__(self) -> None:
@@ -80,12 +85,14 @@ class PPORecipe:
 
 @dataclass
 class PPOResult:
-    score_before: float
-    score_after: float
-    steps: int
-    generation_share: float  # of the steps' time, summed over steps
-    folder: str
+    score_before: float | None
+    score_after: float | None  # None when this launch stopped before the last step
+    steps: int  # the steps done, in all launches
+    generation_share: float  # of this launch's steps' time, summed over steps
+    folder: str | None
     samples: list[tuple[str, str]] = field(default_factory=list)
+    stopped: str | None = None  # "SIGINT", "SIGTERM" or "stop_after": the checkpoint continues the run
+    checkpoint: str | None = None
 
 
 def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOResult:
@@ -97,14 +104,19 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
     from smalto.load import load
     from smalto.model.heads import MPTWithValueHead
     from smalto.rlhf import MetricsLog, base_tokenizer, cuda_train_plan, device_for, prepare_demo, read_recipe
+    from smalto.train.durable import replace_durably
     from smalto.train.optim import build_optimizer
     from smalto.train.ppo_trainer import PPOTrainer
+    from smalto.train.resume import RECIPE, RunCheckpoints
 
     r = read_recipe(PPORecipe, spec or DEFAULT_RECIPE, overrides or [])
+    dev = device_for(r.device)
+    checkpoints = RunCheckpoints(r.checkpoint, r.run_dir, dev, trainable_only=r.lora is not None)
+    recipe = dataclasses.asdict(r)
+    checkpoints.check_relaunch(recipe, fixed=FIXED, schedule=SCHEDULE)  # before anything is built or written
     prepare_demo(r, "stdlib-prompts", prepare_prompts)
     tok, tok_path = base_tokenizer(r.base_model, r.tokenizer)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    dev = device_for(r.device)
     torch.manual_seed(r.seed)
     policy = load(r.base_model, device=dev, dtype=r.dtype)
     c = policy.config
@@ -131,23 +143,52 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
         eos_id=tok.eos_token_id,
         seed=r.seed,
     )
+    state = checkpoints.resume(model, trainer.optimizer)
+    if state is not None:
+        trainer.load_state_dict(state)
+    start = min(checkpoints.step, r.ppo.steps)
     out = Path(r.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(r), sort_keys=False))
-    before, _ = trainer.evaluate(held, r.seed + 1)
-    log = MetricsLog(r.run_dir, r.ppo.steps, r.log_every)
-    log(0, {"eval/score": before})
+    replace_durably(out / RECIPE, yaml.safe_dump(recipe, sort_keys=False))
+    log = MetricsLog(r.run_dir, r.ppo.steps, r.log_every, start=start)
+    before = next((row["eval/score"] for row in log.rows if row["step"] == 0 and "eval/score" in row), None)
+    if start == 0:
+        before, _ = trainer.evaluate(held, r.seed + 1)
+        log(0, {"eval/score": before})
     order = random.Random(r.seed)
+    for _ in range(start):  # the prompts the checkpoint's steps drew
+        order.sample(train_prompts, r.ppo.batch_size)
+    end = r.ppo.steps if r.ppo.stop_after is None else min(r.ppo.steps, start + r.ppo.stop_after)
     gen_s = total_s = 0.0
+    step, stopped = start, None
     try:
-        for step in range(1, r.ppo.steps + 1):
-            stats = trainer.step(order.sample(train_prompts, r.ppo.batch_size), seed=r.seed * 1000 + step)
-            gen_s, total_s = gen_s + stats["time/generation_s"], total_s + stats["time/step_s"]
-            log(step, stats)
-        after, responses = trainer.evaluate(held, r.seed + 1)
-        log(r.ppo.steps, {"eval/score": after})
+        with checkpoints.signals:
+            for step in range(start + 1, end + 1):
+                stats = trainer.step(order.sample(train_prompts, r.ppo.batch_size), seed=r.seed * 1000 + step)
+                gen_s, total_s = gen_s + stats["time/generation_s"], total_s + stats["time/step_s"]
+                log(step, stats)
+                stopped = checkpoints.end_of_step(
+                    step, r.ppo.steps, end, model, trainer.optimizer, trainer.state_dict()
+                )
+                if stopped:
+                    break
+        if stopped is None:
+            after, responses = trainer.evaluate(held, r.seed + 1)
+            if start < r.ppo.steps:  # a finished run relaunched has its evaluation logged already
+                log(r.ppo.steps, {"eval/score": after})
     finally:
         log.close()
+    result = PPOResult(
+        score_before=before,
+        score_after=None,
+        steps=step,
+        generation_share=gen_s / max(total_s, 1e-9),
+        folder=None,
+        stopped=stopped,
+        checkpoint=None if checkpoints.path is None else str(checkpoints.path),
+    )
+    if stopped is not None:
+        return result
     if r.lora is None:
         folder = save_pretrained(policy, out / "hf", tokenizer=tok_path)
     else:  # the adapters alone, in PEFT's format, beside the tokenizer (as `smalto finetune` with lora)
@@ -158,15 +199,9 @@ def run_ppo(spec: str | None = None, overrides: list[str] | None = None) -> PPOR
         folder = out / "hf"
         save_adapter(policy, folder, build(LoraConfig, r.lora, "lora"), base=str(r.base_model))
         write_tokenizer(tok_path, folder)
-    samples = [(tok.decode(p), tok.decode(a)) for p, a in list(zip(held, responses, strict=True))[:3]]
-    return PPOResult(
-        score_before=before,
-        score_after=after,
-        steps=r.ppo.steps,
-        generation_share=gen_s / max(total_s, 1e-9),
-        folder=str(folder),
-        samples=samples,
-    )
+    result.score_after, result.folder = after, str(folder)
+    result.samples = [(tok.decode(p), tok.decode(a)) for p, a in list(zip(held, responses, strict=True))[:3]]
+    return result
 
 
 def _prompts(r: PPORecipe, tok: Any) -> tuple[list[list[int]], list[list[int]]]:
@@ -218,7 +253,21 @@ def _scorer(r: PPORecipe, dev: Any, vocab_size: int, tok: Any) -> Any:
 
 
 def show(r: PPOResult, console: Any) -> None:
-    console.print(f"held-out score before: {r.score_before:.3f}\nheld-out score after:  {r.score_after:.3f}")
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    if r.stopped:
+        console.print(f"held-out score before: {num(r.score_before)}")
+        console.print(
+            f"stopped ({r.stopped}) after step {r.steps}; checkpoint: {r.checkpoint}\n"
+            "relaunch the same command to continue",
+            markup=False,
+            highlight=False,
+        )
+        return
+    console.print(
+        f"held-out score before: {num(r.score_before)}\nheld-out score after:  {num(r.score_after)}"
+    )
     console.print(f"generation share of the steps' time: {100 * r.generation_share:.0f}%")
     for p, a in r.samples:
         console.rule("held-out prompt → response")

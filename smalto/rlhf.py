@@ -1,5 +1,6 @@
 """What `smalto reward` and `smalto ppo` share: reading a recipe into its dataclass, the device, the tokenizer of
-the base model, and the run's metrics log (metrics.jsonl plus a console line).
+the base model, the checkpoint section (smalto.train.resume saves and resumes), and the run's metrics log
+(metrics.jsonl plus a console line).
 
 A recipe is YAML with a fixed set of top-level keys (each command's dataclass); an unknown key, at any level, is
 named with the allowed ones. `{run_dir}` in a path is the run's folder (default runs/{name}).
@@ -10,16 +11,42 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
 
-from smalto.config import apply_overrides, fill, find_recipe, read_recipe_file
-from smalto.errors import build
+from smalto.config import apply_overrides, fill, find_recipe, parse_duration, read_recipe_file
+from smalto.errors import ConfigError, build
 
 T = TypeVar("T")
 METRICS = "metrics.jsonl"
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    """A run's checkpoints, with `smalto train`'s keys (docs/rlhf.md#checkpoints-and-resume)."""
+
+    interval: int | str = "50ba"
+    """Save every this many steps (the last step, `stop_after` and a SIGTERM/SIGINT always save)."""
+    keep_last: int = 3
+    folder: str = "{run_dir}/checkpoints"
+    autoresume: bool = True
+    """Continue from `latest` in `folder` when it exists; false trains from scratch."""
+
+    def __post_init__(self) -> None:
+        amount, unit = parse_duration(self.interval, "checkpoint.interval")
+        if unit != "ba" or amount < 1 or amount != int(amount):
+            raise ConfigError(
+                f"checkpoint.interval = {self.interval!r} must be a whole number of steps ≥ 1, e.g. 50 or '50ba'"
+            )
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last = {self.keep_last} must be at least 1")
+
+    @property
+    def every(self) -> int:
+        return int(parse_duration(self.interval, "checkpoint.interval")[0])
 
 
 def read_recipe(cls: type[T], spec: str, overrides: list[str]) -> T:
@@ -82,13 +109,21 @@ def cuda_train_plan(model: Any, batch: int, seq: int) -> None:
 
 
 class MetricsLog:
-    """One JSON line per step in {run_dir}/metrics.jsonl (rewritten at the start of a run) and a console line
-    every `every` steps and at evaluations."""
+    """One JSON line per step in {run_dir}/metrics.jsonl and a console line every `every` steps and at
+    evaluations. A fresh run (`start` 0) rewrites the file; a run resumed at step `start` keeps the rows up to it
+    (`rows`) and drops those logged after its checkpoint."""
 
-    def __init__(self, run_dir: str, total: int, every: int = 1, console: Console | None = None):
+    def __init__(
+        self, run_dir: str, total: int, every: int = 1, console: Console | None = None, *, start: int = 0
+    ):
+        from smalto.train.durable import replace_durably
+
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("w")
+        lines = self.path.read_text().splitlines() if start and self.path.is_file() else []
+        self.rows = [row for row in map(json.loads, lines) if row["step"] <= start]
+        replace_durably(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        self.file = self.path.open("a")
         self.total, self.every = total, every
         self.console = console or Console(stderr=True)
         self.start = time.monotonic()

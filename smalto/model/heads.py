@@ -82,6 +82,10 @@ class MPTWithValueHead(nn.Module):
         nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(d + 1))
         nn.init.zeros_(self.v_head.bias)
 
+    @property
+    def config(self) -> MPTConfig:
+        return self.policy.config
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = self.policy.transformer(input_ids, attention_mask)  # (B, T, d_model)
         return self.policy.unembed(h), self.v_head(h).squeeze(-1).float()

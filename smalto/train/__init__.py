@@ -5,6 +5,7 @@
     setup.py       recipe → Trainer (model, optimizer, data streams, checkpoints, logger), autoresume
     loop.py        train(), train_step(), evaluate(), finish()
     checkpoint.py  DCP checkpoints (atomic, `latest`, keep K, any world size), HF export (`smalto.load` reads them)
+    resume.py      the same checkpoints and resume for `smalto reward` and `smalto ppo`'s own loops
     guard.py       NaN / loss-spike guard
     metrics.py     JSONL / TensorBoard / W&B, progress bar, MFU, summary
 Submodules are imported explicitly so `smalto --help` stays free of torch.

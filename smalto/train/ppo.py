@@ -48,8 +48,14 @@ class PPOSection:
     score_clip: float | None = None
     """Clip the scalar score to [-score_clip, score_clip] before it enters the rewards."""
     grad_clip: float | None = 1.0
+    stop_after: int | None = None
+    """End this launch (with a checkpoint) after this many steps; relaunching the command continues the run."""
 
     def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(
+                f"ppo.stop_after = {self.stop_after} must be a positive number of steps or null"
+            )
         for key in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"ppo.{key} = {getattr(self, key)} must be ≥ 1")

@@ -3,6 +3,9 @@
     PPOTrainer(model, reference, ref_model, score, optimizer, section, pad_id, eos_id)
       .step(prompts, seed) → metrics (reward, KL, entropy, clip fractions, value loss, generation / training share)
       .evaluate(prompts, seed) → mean score of sampled responses (and the responses)
+      .state_dict() / .load_state_dict(s)  what a checkpoint holds beyond weights and optimizer: the adaptive KL
+                                           coefficient and the minibatch order's generator (rollouts are seeded
+                                           by step)
 `score(prompts, responses)` maps token ids to scores (B,) (smalto/train/scorers.py); `reference()` is the context
 the reference forward runs in (smalto/ppo.py: a frozen copy, or LoRA with the adapters off).
 """
@@ -48,6 +51,17 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         model.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        from smalto.train.resume import generator_state
+
+        return {"kl_coef": self.kl.value, "minibatch_generator": generator_state(self.generator)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from smalto.train.resume import set_generator_state
+
+        self.kl.value = float(state["kl_coef"])
+        set_generator_state(self.generator, state["minibatch_generator"])
 
     def rollouts(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         s = self.section

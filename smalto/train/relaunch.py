@@ -9,6 +9,8 @@ anything is built or written.
     sequence length), or what the model computes without changing its shapes (ALiBi, norms ...), is allowed
     with a warning that names it: the run goes on from its step under the new settings.
 Everything else (logging, evaluation, intervals, time limits, device) changes freely.
+`smalto reward` and `smalto ppo` compare their `RUN/recipe.yaml` the same way (`check_recipe_relaunch`, with the
+keys each command names; smalto.train.resume).
 """
 
 from __future__ import annotations
@@ -61,19 +63,10 @@ def check_relaunch(cfg: RunConfig, *, warn: bool = True) -> None:
         or k == "optimizer.name"
         or k in DATA_STREAM
     ]
-    if breaking:
-        raise CheckpointError(
-            f"{cfg.run_dir} was started with another {_keys(breaking)} ({_changes(breaking, old, new)}), which "
-            f"its checkpoint {checkpoint} cannot take; to continue the run, leave "
-            f"{'it' if len(breaking) == 1 else 'them'} as before; {RESUME_FIX}"
-        )
+    refuse(cfg.run_dir, checkpoint, breaking, old, new, RESUME_FIX)
     schedule = [k for k in changed if k in SCHEDULE or k.startswith(SCHEDULE_SECTIONS)]
-    if schedule and warn:
-        warnings.warn(
-            f"resuming {cfg.run_dir} with a changed schedule ({_changes(schedule, old, new)}): the learning rate "
-            "and the run's length follow the new values from the resumed step on",
-            stacklevel=2,
-        )
+    if warn:
+        warn_schedule(cfg.run_dir, schedule, old, new)
     computes = [
         k
         for k in changed
@@ -87,9 +80,61 @@ def check_relaunch(cfg: RunConfig, *, warn: bool = True) -> None:
         )
 
 
+def check_recipe_relaunch(
+    run_dir: str,
+    saved_file: Path,
+    recipe: dict[str, Any],
+    checkpoint: Path,
+    *,
+    fixed: tuple[str, ...],
+    schedule: tuple[str, ...],
+    fix: str,
+    warn: bool = True,
+) -> None:
+    """The same comparison for a command whose whole recipe is saved as YAML (`smalto reward`, `smalto ppo`): a
+    changed key in `fixed` (a key, or a section ending in ".") is refused; one in `schedule` is warned about."""
+    from smalto.train.checkpoint import _flat
+
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # unreadable: the checkpoint's own model.json check still runs at load
+    if not isinstance(saved, dict):
+        return
+    old, new = _flat(saved), _flat(recipe)
+    changed = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+    refuse(run_dir, checkpoint, [k for k in changed if _matches(k, fixed)], old, new, fix)
+    if warn:
+        warn_schedule(run_dir, [k for k in changed if _matches(k, schedule)], old, new)
+
+
+def refuse(
+    run_dir: str, checkpoint: Path, breaking: list[str], old: dict[str, Any], new: dict[str, Any], fix: str
+) -> None:
+    if breaking:
+        raise CheckpointError(
+            f"{run_dir} was started with another {_keys(breaking)} ({_changes(breaking, old, new)}), which "
+            f"its checkpoint {checkpoint} cannot take; to continue the run, leave "
+            f"{'it' if len(breaking) == 1 else 'them'} as before; {fix}"
+        )
+
+
+def warn_schedule(run_dir: str, schedule: list[str], old: dict[str, Any], new: dict[str, Any]) -> None:
+    if schedule:
+        warnings.warn(
+            f"resuming {run_dir} with a changed schedule ({_changes(schedule, old, new)}): the learning rate "
+            "and the run's length follow the new values from the resumed step on",
+            stacklevel=3,
+        )
+
+
+def _matches(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) or key.startswith(k + ".") for k in keys)
+
+
 def _keys(keys: list[str]) -> str:
     return ", ".join(keys)
 
 
 def _changes(keys: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {old[k]!r} → {new[k]!r}" for k in keys)
+    return ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys)

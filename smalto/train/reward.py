@@ -2,7 +2,8 @@
 
     bradley_terry_loss(r_chosen, r_rejected, margin)  mean of -log σ(r_chosen - r_rejected - margin)
     pair_batch(pairs, pad_id)                          chosen rows then rejected rows, right-padded: (2B, T) ids
-    train_reward(model, pairs, held_out, section, ...) the optimizer steps; returns the metrics of every step
+    train_reward(model, pairs, held_out, section, ...) the optimizer steps (resumed from a checkpoint when there
+                                                       is one); returns the last evaluation and why it stopped early
 A row is scored at its last non-pad token (smalto.model.heads.last_token_index). Rows are right-padded, so causal
 attention alone keeps padding out of every real token's state: no attention mask is needed, and any training
 kernel (cuDNN's plain causal one too) computes the forward.
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from smalto.config import OptimizerConfig, SchedulerConfig
 from smalto.data.pairs import PreferencePair
 from smalto.errors import ConfigError
 from smalto.model.heads import MPTForSequenceScore
+
+if TYPE_CHECKING:
+    from smalto.train.resume import RunCheckpoints
 
 PAD_MULTIPLE = 64  # rows are padded to a multiple of this: few distinct shapes for compiled kernels
 
@@ -48,8 +52,14 @@ class RewardSection:
     """Pairs held out for accuracy (when no eval_path is given)."""
     eval_every: int = 50
     grad_clip: float | None = 1.0
+    stop_after: int | None = None
+    """End this launch (with a checkpoint) after this many steps; relaunching the command continues the run."""
 
     def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(
+                f"reward.stop_after = {self.stop_after} must be a positive number of steps or null"
+            )
         for key in ("steps", "batch_size", "max_length", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"reward.{key} = {getattr(self, key)} must be ≥ 1")
@@ -124,9 +134,12 @@ def train_reward(
     *,
     seed: int,
     log: Callable[[int, dict[str, Any]], None],
-) -> dict[str, float]:
+    checkpoints: RunCheckpoints | None = None,
+) -> tuple[dict[str, float], str | None]:
     """Run `section.steps` optimizer steps over shuffled epochs of `train`; evaluate on `held` first, every
-    `eval_every` steps and at the end; `log(step, metrics)` sees every step. Returns the last evaluation."""
+    `eval_every` steps and at the end; `log(step, metrics)` sees every step. With `checkpoints`, continue from the
+    latest checkpoint, save every interval, at the last step and when stopped (SIGINT / SIGTERM / stop_after).
+    Returns (the last evaluation, why this launch stopped early or None)."""
     from smalto.train.optim import Schedule, build_optimizer
 
     if len(train) < section.batch_size:
@@ -138,42 +151,72 @@ def train_reward(
     optimizer = build_optimizer(model, optim)
     schedule = Schedule(sched, total_steps=section.steps, tokens_per_step=1)
     micro = section.micro_batch_size or section.batch_size
+    state = checkpoints.resume(model, optimizer) if checkpoints is not None else None
+    start = 0 if state is None else min(state["step"], section.steps)
     order = _epochs(len(train), seed)
-    last = accuracy(model, held, micro, autocast)
-    log(0, last)
+    for _ in range(start * section.batch_size):  # the pairs the checkpoint's steps drew
+        next(order)
+    if start == 0:
+        last = accuracy(model, held, micro, autocast)
+        log(0, last)
+    elif start == section.steps:  # a finished run relaunched: nothing to train (metrics.jsonl has its steps)
+        return accuracy(model, held, micro, autocast), None
+    else:
+        last = {}
+    end = section.steps if section.stop_after is None else min(section.steps, start + section.stop_after)
+    stopped: str | None = None
     model.train()
-    for step in range(section.steps):
-        start = time.perf_counter()
-        picked = [train[next(order)] for _ in range(section.batch_size)]
-        total = torch.zeros((), device=dev)
-        wins = torch.zeros((), device=dev)
-        for i in range(0, len(picked), micro):
-            part = picked[i : i + micro]
-            r = score_pairs(model, part, autocast)
-            rc, rr = r[: len(part)], r[len(part) :]
-            loss = bradley_terry_loss(rc, rr, section.margin, section.center_rewards_coefficient)
-            (loss * len(part) / len(picked)).backward()
-            total += loss.detach() * len(part) / len(picked)
-            wins += (rc > rr).float().sum().detach()
-        clip = section.grad_clip if section.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        lr = schedule.apply(optimizer, step, optim.lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_v, acc_v, norm_v = torch.stack([total, wins / len(picked), norm.float()]).tolist()
-        metrics: dict[str, Any] = {
-            "train/loss": loss_v,
-            "train/accuracy": acc_v,
-            "train/grad_norm": norm_v,
-            "train/lr": lr,
-            "time/step_s": time.perf_counter() - start,
-        }
-        done = step + 1
-        if held and (done % section.eval_every == 0 or done == section.steps):
-            last = accuracy(model, held, micro, autocast)
-            metrics.update(last)
-        log(done, metrics)
-    return last
+    with checkpoints.signals if checkpoints is not None else nullcontext():
+        for step in range(start, end):
+            began = time.perf_counter()
+            picked = [train[next(order)] for _ in range(section.batch_size)]
+            loss, wins = _forward_backward(model, picked, section, micro, autocast)
+            clip = section.grad_clip if section.grad_clip is not None else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            lr = schedule.apply(optimizer, step, optim.lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_v, acc_v, norm_v = torch.stack([loss, wins / len(picked), norm.float()]).tolist()
+            metrics: dict[str, Any] = {
+                "train/loss": loss_v,
+                "train/accuracy": acc_v,
+                "train/grad_norm": norm_v,
+                "train/lr": lr,
+                "time/step_s": time.perf_counter() - began,
+            }
+            done = step + 1
+            if held and (done % section.eval_every == 0 or done == section.steps):
+                last = accuracy(model, held, micro, autocast)
+                metrics.update(last)
+            log(done, metrics)
+            if checkpoints is not None:
+                stopped = checkpoints.end_of_step(done, section.steps, end, model, optimizer, {})
+                if stopped:
+                    break
+    return last, stopped
+
+
+def _forward_backward(
+    model: MPTForSequenceScore,
+    picked: list[PreferencePair],
+    section: RewardSection,
+    micro: int,
+    autocast: Any,
+) -> tuple[Tensor, Tensor]:
+    """The forwards and backwards of one step's pairs (gradients accumulated over micro-batches): its mean loss
+    and the number of pairs whose chosen row scored higher, on the device."""
+    dev = model.device
+    total = torch.zeros((), device=dev)
+    wins = torch.zeros((), device=dev)
+    for i in range(0, len(picked), micro):
+        part = picked[i : i + micro]
+        r = score_pairs(model, part, autocast)
+        rc, rr = r[: len(part)], r[len(part) :]
+        loss = bradley_terry_loss(rc, rr, section.margin, section.center_rewards_coefficient)
+        (loss * len(part) / len(picked)).backward()
+        total += loss.detach() * len(part) / len(picked)
+        wins += (rc > rr).float().sum().detach()
+    return total, wins
 
 
 def _epochs(n: int, seed: int) -> Any:
