@@ -178,6 +178,13 @@ def test_buckets_equal_the_full_logits_loss(kind, tmp_path, gpt2):
     assert res["loss"] == pytest.approx(ref.sum() / res["tokens"], rel=1e-5)
 
 
+def _alibi_folder(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    from smalto.hf import save_pretrained
+
+    model = MPTForCausalLM(tiny_config(max_seq_len=256, vocab_size=50432, attn_config={"alibi": True}))
+    return save_pretrained(model, tmp_path / "alibi", tokenizer=str(tokenizer_dir))
+
+
 def test_bad_data_and_options_are_named(tmp_path, neox_tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -195,5 +202,13 @@ def test_bad_data_and_options_are_named(tmp_path, neox_tokenizer_dir):
         perplexity_by_position(model, short, length=64, buckets=40, tokenizer=tok)
     with pytest.raises(ConfigError, match="--length applies to --ppl-by-position"):
         EvalConfig(model="m", tasks=["copa"], length=512)
+    with pytest.raises(ConfigError, match=r"--buckets 300: give between 1 and 256 \(half of --length 512\)"):
+        run(
+            EvalConfig(
+                model=str(_alibi_folder(tmp_path, neox_tokenizer_dir)),
+                ppl_by_position=str(short),
+                buckets=300,
+            )
+        )
     with pytest.raises(DataError, match="no such file or folder"):
         run(EvalConfig(model="m", ppl_by_position=str(tmp_path / "missing.txt"), device="cpu"))
