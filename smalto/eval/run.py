@@ -85,9 +85,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         from smalto.eval.by_position import check_data, window_length
 
         check_data(cfg.ppl_by_position)
-        window = window_length(
-            cfg.model, cfg.length
-        )  # a learned-position model is refused past its table here
+        # from the config alone: a learned-position model is refused past its table before any weights load
+        window = window_length(cfg.model, cfg.length)
+        if cfg.buckets is not None and cfg.buckets > window[0] // 2:
+            raise ConfigError(
+                f"--buckets {cfg.buckets}: give between 1 and {window[0] // 2} (half of --length {window[0]}) buckets"
+            )
     if cfg.out:
         _check_out(cfg.out)
     resolve_device(cfg.device)

@@ -64,13 +64,18 @@ def alibi_dir(tmp_path_factory, stdlib_text) -> Path:
     model = MPTForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        starts = torch.randint(0, len(stream) - TRAINED, (4,), generator=gen)
-        ids = torch.stack([stream[s : s + TRAINED] for s in starts.tolist()])
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shapes this small run several times faster on one thread than on two
+    try:
+        for _ in range(200):
+            starts = torch.randint(0, len(stream) - TRAINED, (4,), generator=gen)
+            ids = torch.stack([stream[s : s + TRAINED] for s in starts.tolist()])
+            loss = model(ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     save_pretrained(model.eval(), root / "model", tokenizer=str(root / "tok"))
     return root / "model"
 
@@ -79,7 +84,7 @@ def test_an_alibi_model_trained_at_256_stays_flat_to_512(alibi_dir, stdlib_text,
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_text[1]))
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = ["eval", str(alibi_dir), "--ppl-by-position", str(held), "--length", "512", "--buckets", "8"]
     r = subprocess.run(
         [sys.executable, "-m", "smalto", *args, "--limit", "12", "--device", "cpu", "--out", str(out)],
@@ -173,6 +178,13 @@ def test_buckets_equal_the_full_logits_loss(kind, tmp_path, gpt2):
     assert res["loss"] == pytest.approx(ref.sum() / res["tokens"], rel=1e-5)
 
 
+def _alibi_folder(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    from smalto.hf import save_pretrained
+
+    model = MPTForCausalLM(tiny_config(max_seq_len=256, vocab_size=50432, attn_config={"alibi": True}))
+    return save_pretrained(model, tmp_path / "alibi", tokenizer=str(tokenizer_dir))
+
+
 def test_bad_data_and_options_are_named(tmp_path, neox_tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -190,5 +202,13 @@ def test_bad_data_and_options_are_named(tmp_path, neox_tokenizer_dir):
         perplexity_by_position(model, short, length=64, buckets=40, tokenizer=tok)
     with pytest.raises(ConfigError, match="--length applies to --ppl-by-position"):
         EvalConfig(model="m", tasks=["copa"], length=512)
+    with pytest.raises(ConfigError, match=r"--buckets 300: give between 1 and 256 \(half of --length 512\)"):
+        run(
+            EvalConfig(
+                model=str(_alibi_folder(tmp_path, neox_tokenizer_dir)),
+                ppl_by_position=str(short),
+                buckets=300,
+            )
+        )
     with pytest.raises(DataError, match="no such file or folder"):
         run(EvalConfig(model="m", ppl_by_position=str(tmp_path / "missing.txt"), device="cpu"))
