@@ -1,7 +1,7 @@
 """The quantized decode-linear kernel beside bf16 cuBLAS and torch's kernels, one linear layer at a time: µs per
 call, GB/s, error.
 
-    python bench/quant_kernels.py                         # CUDA (H200: ~1 min): MPT-7B's four linear shapes,
+    python bench/quant_kernels.py                         # CUDA (H200: ~2 min): MPT-7B's four linear shapes,
                                                           # batch 1 and 16, every variant
     python bench/quant_kernels.py --variants int4:base,int4:tinygemm --batch 1
     python bench/quant_kernels.py --smoke                 # CPU, Triton's interpreter: tiny shapes, errors only
