@@ -1,8 +1,9 @@
-"""The quantized decode-linear kernel's variants, one linear layer at a time: µs per call, GB/s, error.
+"""The quantized decode-linear kernel beside bf16 cuBLAS and torch's kernels, one linear layer at a time: µs per
+call, GB/s, error.
 
     python bench/quant_kernels.py                         # CUDA (H200: ~2 min): MPT-7B's four linear shapes,
                                                           # batch 1 and 16, every variant
-    python bench/quant_kernels.py --variants int4:magic+fold,int4:tinygemm --batch 1
+    python bench/quant_kernels.py --variants int4:base,int4:tinygemm --batch 1
     python bench/quant_kernels.py --smoke                 # CPU, Triton's interpreter: tiny shapes, errors only
 
 Shapes (N outputs × K inputs, MPT-7B): Wqkv 12288×4096, out_proj 4096×4096, up_proj 16384×4096, down_proj
@@ -10,10 +11,10 @@ Shapes (N outputs × K inputs, MPT-7B): Wqkv 12288×4096, out_proj 4096×4096, u
 
     bf16:cublas        F.linear with the bf16 weight (the 16-bit reference of every ratio)
     bf16:kernel        smalto's decode-linear kernel on the bf16 weight (full 16-bit autotune: adds minutes)
-    int8:K, int4:K     smalto's kernel reading the quantized weight, K a key of decode_linear.QUANT_KERNELS:
-                       base (int→float conversions, per-weight scale and zero), magic (int→float by the 2²³
-                       mantissa trick), fold (int4: scale and zero per group after the sums; x read even/odd;
-                       per-group tl.dot on 2–16 rows), magic+fold
+    int8:base          smalto's kernel reading the int8 weight, int → float by the conversion instruction
+    int8:magic         the same, int → float by the 2²³ mantissa trick (`DecodeOptions.quant_kernel`'s auto
+                       takes magic for one row, base for 2–16)
+    int4:base          smalto's kernel reading the packed int4 weight, each value (q − 8)·s + z before the product
     int4:tinygemm      torch's tinygemm int4 kernel (aten._weight_int4pack_mm, CUDA sm80+; the same
                        (q − 8)·s + z format, repacked)
     int8:compiled      torch.compile'd F.linear(x, w.to(bf16)) * s (gpt-fast's int8 weight-only layer)
@@ -55,8 +56,10 @@ def variant_names(cuda: bool) -> list[str]:
     from smalto.kernels import decode_linear
 
     names = ["bf16:cublas"]
-    names += [f"int8:{k}" for k, (_, fold) in decode_linear.QUANT_KERNELS.items() if not fold]
-    names += [f"int4:{k}" for k in decode_linear.QUANT_KERNELS]
+    names += [
+        f"int8:{k}" for k in decode_linear.QUANT_KERNELS if k != "auto"
+    ]  # auto is one of the two per call
+    names += ["int4:base"]  # int4 has one way (int8's choice does not apply)
     return names + (["int4:tinygemm", "int8:compiled"] if cuda else [])
 
 
@@ -192,6 +195,9 @@ def main() -> None:
     shapes = SMOKE_SHAPES if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
     batches = [1, 3] if args.smoke else [int(b) for b in args.batch.split(",")]
     variants = args.variants.split(",") if args.variants else variant_names(cuda)
+    known = [*variant_names(cuda=True), "bf16:kernel"]
+    if unknown := [v for v in variants if v not in known]:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     args.bw = args.bw or next((v for k, v in BANDWIDTH.items() if k in name), 1e12)
     group = f"int4 group {args.group_size}{', symmetric' if args.symmetric else ''}"

@@ -25,7 +25,8 @@ The kernel's source is smalto/kernels/decode_linear_kernel.py.
 
 Quantized weights (smalto/quant/: int8 per-row, packed int4 per group) take the same kernel through a second op:
 `linear(x, QuantWeight(...))`, with the same fused work; the kernel reads the int8 / int4 bytes and dequantizes
-them in registers, so a decode step reads 1/2 or about 1/4 of the weight bytes (`supports_quant`).
+them in registers, so a decode step reads 1/2 or about 1/4 of the weight bytes (`supports_quant`). How int8 bytes
+become floats depends on the rows (`QUANT_KERNELS`: the faster way on an H200 for one row is the slower for 16).
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ _OP = None  # the built custom op (a build cache: `prepare()` fills it once per 
 _QOP = None  # its twin for quantized weights
 
 QUANTS = {"int8": 1, "int4": 2}  # the kernel's QUANT
-# how the kernel turns quantized weights into products (decode_linear_kernel.py's MAGIC and FOLD; int8 has no FOLD:
-# its one scale per row already leaves the loop): name → (MAGIC, FOLD). bench/quant_kernels.py times each.
-QUANT_KERNELS = {"base": (0, 0), "magic": (1, 0), "fold": (0, 1), "magic+fold": (1, 1)}
-QUANT_KERNEL = "base"  # what a QuantLinear and DecodeOptions use unless told
+# how the kernel turns int8 weights into floats (decode_linear_kernel.py's MAGIC): "base" the conversion
+# instruction, "magic" the 2²³ mantissa trick, "auto" the faster of the two on an H200 for the call's rows: magic
+# for one row, base for 2–16 (docs/quantize.md has the measurement, bench/quant_kernels.py takes it). int4 has one
+# way, the conversion instruction.
+QUANT_KERNELS = ("auto", "base", "magic")
+QUANT_KERNEL = "auto"  # what a QuantLinear and DecodeOptions use unless told
 GROUP_SIZES_MAX = (
     256  # int4 groups are 32–256 inputs (smalto/quant/formats.py): BLOCK_K is a multiple of each
 )
@@ -82,6 +85,13 @@ class QuantWeight(NamedTuple):
     @property
     def out_features(self) -> int:
         return self.qweight.shape[0]
+
+
+def int8_magic(quant_kernel: str, rows: int) -> bool:
+    """Whether int8 weights become floats by the 2²³ mantissa trick in a call of `rows` rows."""
+    if quant_kernel not in QUANT_KERNELS:
+        raise ValueError(f"quant_kernel {quant_kernel!r}: one of {', '.join(QUANT_KERNELS)}")
+    return quant_kernel == "magic" or (quant_kernel == "auto" and rows == 1)
 
 
 def supports_quant(x: Tensor, q: QuantWeight, max_rows: int = TILE_ROWS) -> bool:
@@ -131,6 +141,7 @@ def linear(
     if isinstance(weight, QuantWeight):
         assert _QOP is not None, "decode_linear needs prepare() (and supports_quant(x, weight)) first"
         q = weight
+        magic = q.format == "int8" and int8_magic(quant_kernel, x2.shape[0])
         y = _QOP(
             x2,
             q.qweight,
@@ -143,7 +154,7 @@ def linear(
             *fused,
             QUANTS[q.format],
             q.group_size,
-            *QUANT_KERNELS[quant_kernel],
+            int(magic),
         )
     else:
         assert _OP is not None, "decode_linear needs prepare() (and supports(x, weight)) first"
@@ -196,12 +207,12 @@ def _build(autotune: bool):
                 else {}
             )
             # the fused work and the weight format change the best tile
-            key = ["N", "K", "NORM", "ACT", "HAS_RES", "QUANT", "GROUP", "MAGIC", "FOLD"]
+            key = ["N", "K", "NORM", "ACT", "HAS_RES", "QUANT", "GROUP", "MAGIC"]
             kernel = triton.autotune(configs=_configs(triton, rows, quant), key=key, **cache)(kernel)
         kernels[rows, quant] = kernel
 
     def launch(
-        x, w, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group, magic=0, fold=0
+        x, w, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group, magic=0
     ) -> Tensor:
         M, K = x.shape
         N = w.shape[0]
@@ -217,7 +228,6 @@ def _build(autotune: bool):
         flags = dict(
             BLOCK_M=block_m, NORM=norm, HAS_NB=norm_b is not None, HAS_BIAS=bias is not None, ACT=act,
             HAS_RES=residual is not None, QUANT=quant, GROUP=group, HAS_ZERO=zeros is not None, MAGIC=magic,
-            FOLD=fold,
         )  # fmt: skip
         if autotune:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
@@ -261,7 +271,6 @@ def _build(autotune: bool):
         quant: int,
         group: int,
         magic: int,
-        fold: int,
     ) -> Tensor:
         return launch(
             x,
@@ -278,13 +287,10 @@ def _build(autotune: bool):
             quant,
             group,
             magic,
-            fold,
         )
 
     @decode_linear_quant_op.register_fake
-    def _(
-        x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group, magic, fold
-    ):
+    def _(x, qweight, scales, zeros, bias, norm_w, norm_b, residual, norm, eps, act, quant, group, magic):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     return decode_linear_op, decode_linear_quant_op

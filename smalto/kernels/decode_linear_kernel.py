@@ -11,32 +11,27 @@ is multiplied as it is and its per-row scale applied to the sums at the end (the
 the kernel keeps); packed int4 (QUANT 2) is read group by group, unpacked, and each value becomes (q − 8)·s + z with
 its group's scale and zero point before the product.
 
-Variants of the quantized paths (`decode_linear.QUANT_KERNELS`; bench/quant_kernels.py measures them):
-  MAGIC  integers become floats without the quarter-rate I2F conversion: a value 0 ≤ u < 2²³ OR-ed into the
-         mantissa of the float 2²³ (0x4B000000) is 2²³ + u exactly, so a bitcast and one subtraction give u
-         (int8 is biased by +128 first: flipping the byte's top bit)
-  FOLD   int4's scale and zero point leave the inner loop: with w = q·s + z' (z' = z − 8s) a group's part of the
-         product is s·Σ x·q + z'·Σ x, so each weight costs a conversion and one multiply-add; x is read as its
-         even and odd inputs (the low and high nibbles' partners), so the nibbles are never interleaved again.
-         On 2–16 rows each group's integers feed tl.dot directly (exact in 16 bits), the scale after the dot.
+int8 weights become floats in one of two ways (MAGIC; `decode_linear.QUANT_KERNELS` chooses per call):
+  MAGIC 0  the conversion instruction (I2F, quarter rate on Hopper)
+  MAGIC 1  the byte's top bit flipped (+128) and the result OR-ed into the mantissa of the float 2²³ (0x4B000000):
+           2²³ + 128 + q exactly, so a bitcast and one subtraction give q (faster for one row on an H200,
+           slower for 16: docs/quantize.md)
 """
 
 import triton
 import triton.language as tl
 
-from smalto.kernels.decode_linear_int4 import few_rows_folded, one_row_folded, to_float
-
 
 @triton.jit
 def weight_tile(
     W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
+    QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
 ):  # fmt: skip
     """The BLOCK_N × BLOCK_K weights of output columns n and inputs k = k0 + 0…BLOCK_K−1, read once: not kept in
     L2. 16-bit and int8 weights as stored; int4 dequantized to float32 (`int4_tile`)."""
     # one return: Triton would emit both returns of a constexpr `if` that returned early
     if QUANT == 2:
-        w = int4_tile(W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO, MAGIC)
+        w = int4_tile(W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO)
     else:
         ok = in_n[:, None] & in_k[None, :]
         w = tl.load(W + n[:, None] * swn + k[None, :], mask=ok, other=0, eviction_policy="evict_first")
@@ -57,7 +52,7 @@ def int8_float(w, MAGIC: tl.constexpr):
 @triton.jit
 def int4_tile(
     W, S, Z, n, in_n, swn, ssn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
 ):  # fmt: skip
     """Packed int4 → (q − 8)·s + z in float32, inputs in order. The bytes are read as (BLOCK_N, groups, GROUP/2)
     so that each group's bytes are one contiguous (vector) load and its scale and zero point broadcast over them;
@@ -70,8 +65,8 @@ def int4_tile(
     b = tl.load(W + at, mask=in_g[:, :, None], other=0, eviction_policy="evict_first")
     sg = n[:, None] * ssn + grp[None, :]
     s = tl.load(S + sg, mask=in_g, other=0.0).to(tl.float32)[:, :, None]
-    lo = (to_float(b & 0xF, MAGIC) - 8.0) * s
-    hi = (to_float(b >> 4, MAGIC) - 8.0) * s
+    lo = ((b & 0xF).to(tl.float32) - 8.0) * s
+    hi = ((b >> 4).to(tl.float32) - 8.0) * s
     if HAS_ZERO:
         z = tl.load(Z + sg, mask=in_g, other=0.0).to(tl.float32)[:, :, None]
         lo += z
@@ -142,7 +137,7 @@ def one_row_sums(
     k = tl.arange(0, BLOCK_K)
     in_k = k < K
     w = weight_tile(
-        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
+        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
     )  # 1st tile
     acc = tl.zeros([BLOCK_N], tl.float32)
     acc_g = tl.zeros([BLOCK_N], tl.float32)  # W·g
@@ -155,9 +150,7 @@ def one_row_sums(
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         in_k = k < K
-        w = weight_tile(
-            W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
-        )
+        w = weight_tile(W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO)
         acc, acc_g, acc_b, s1, s2 = one_row_tile(
             acc, acc_g, acc_b, s1, s2, w, X, NW, NB, k, in_k, NORM, HAS_NB, QUANT, MAGIC
         )
@@ -174,7 +167,7 @@ def few_rows_sums(
     k = tl.arange(0, BLOCK_K)
     in_k = k < K
     w = weight_tile(
-        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
+        W, S, Z, n, in_n, swn, ssn, 0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO
     )  # 1st tile
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_g = tl.zeros([BLOCK_N], tl.float32)
@@ -187,9 +180,7 @@ def few_rows_sums(
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         in_k = k < K
-        w = weight_tile(
-            W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, MAGIC
-        )
+        w = weight_tile(W, S, Z, n, in_n, swn, ssn, k0, k, in_k, K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO)
         acc, acc_g, acc_b, t1, t2 = few_rows_tile(
             acc, acc_g, acc_b, t1, t2, w, X, NW, NB, m, in_m, sxm, k, in_k, NORM, HAS_NB, QUANT, MAGIC
         )
@@ -201,7 +192,7 @@ def skinny_matmul_kernel(
     X, W, S, Z, Y, BIAS, NW, NB, R, M, N, K, sxm, swn, ssn, sym, srm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr, FOLD: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
@@ -209,32 +200,9 @@ def skinny_matmul_kernel(
     in_m = m < M
     if BLOCK_M == 1:  # CUDA cores; a norm of x in the same pass, so that nothing delays the weight loads:
         # W·(g⊙(x − μ)·r) + W·b = r·(W·(g⊙x) − μ·W·g) + W·b, with μ, r from Σx and Σx² of the same loop
-        if QUANT == 2 and FOLD:
-            acc, acc_g, acc_b, s1, s2 = one_row_folded(
-                X,
-                W,
-                S,
-                Z,
-                NW,
-                NB,
-                n,
-                in_n,
-                swn,
-                ssn,
-                K,
-                BLOCK_N,
-                BLOCK_K,
-                NORM,
-                HAS_NB,
-                GROUP,
-                HAS_ZERO,
-                MAGIC,
-            )
-        else:
-            acc, acc_g, acc_b, s1, s2 = one_row_sums(
-                X, W, S, Z, NW, NB, n, in_n, swn, ssn, K, BLOCK_N, BLOCK_K, NORM, HAS_NB, QUANT, GROUP, HAS_ZERO,
-                MAGIC,
-            )  # fmt: skip
+        acc, acc_g, acc_b, s1, s2 = one_row_sums(
+            X, W, S, Z, NW, NB, n, in_n, swn, ssn, K, BLOCK_N, BLOCK_K, NORM, HAS_NB, QUANT, GROUP, HAS_ZERO, MAGIC,
+        )  # fmt: skip
         if QUANT == 1:  # int8's per-row scale factors out of every sum
             sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
             acc, acc_g, acc_b = acc * sc, acc_g * sc, acc_b * sc
@@ -244,16 +212,10 @@ def skinny_matmul_kernel(
         elif NORM == 2:  # RMSNorm
             acc = acc / tl.sqrt(s2 / K + eps)
     else:  # 2–16 rows: one tensor-core tile
-        if QUANT == 2 and FOLD:
-            acc, acc_g, acc_b, t1, t2 = few_rows_folded(
-                X, W, S, Z, NW, NB, m, in_m, sxm, n, in_n, swn, ssn, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, HAS_NB,
-                GROUP, HAS_ZERO, MAGIC,
-            )  # fmt: skip
-        else:
-            acc, acc_g, acc_b, t1, t2 = few_rows_sums(
-                X, W, S, Z, NW, NB, m, in_m, sxm, n, in_n, swn, ssn, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, HAS_NB,
-                QUANT, GROUP, HAS_ZERO, MAGIC,
-            )  # fmt: skip
+        acc, acc_g, acc_b, t1, t2 = few_rows_sums(
+            X, W, S, Z, NW, NB, m, in_m, sxm, n, in_n, swn, ssn, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, HAS_NB, QUANT,
+            GROUP, HAS_ZERO, MAGIC,
+        )  # fmt: skip
         if QUANT == 1:
             sc = tl.load(S + n, mask=in_n, other=0.0).to(tl.float32)
             acc, acc_g, acc_b = acc * sc[None, :], acc_g * sc, acc_b * sc

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smalto.errors import check_choice
+from smalto.kernels import decode_linear
+
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeOptions:
@@ -15,8 +18,9 @@ class DecodeOptions:
     programs_per_sm  (row, head) programs per SM from which attention takes the decode kernel (0: always;
                      below about one per SM SDPA is faster)
     attention_launch (cache slots per loop step, warps, pipelining stages) of the decode attention kernel
-    quant_kernel     how the decode-linear kernel computes with int8 / int4 weights: a key of
-                     decode_linear.QUANT_KERNELS (base, magic, fold, magic+fold)
+    quant_kernel     how the decode-linear kernel turns int8 weights into floats, one of
+                     decode_linear.QUANT_KERNELS: auto (the 2²³ mantissa trick for one row, the conversion
+                     instruction for 2–16), base (the instruction always), magic (the trick always); int4 has one way
     """
 
     linear_rows: int = 16
@@ -24,4 +28,7 @@ class DecodeOptions:
     norm_rows: int = 1
     programs_per_sm: float = 1.0
     attention_launch: tuple[int, int, int] = (64, 4, 3)
-    quant_kernel: str = "base"
+    quant_kernel: str = decode_linear.QUANT_KERNEL
+
+    def __post_init__(self) -> None:
+        check_choice("DecodeOptions.quant_kernel", self.quant_kernel, decode_linear.QUANT_KERNELS)

@@ -77,13 +77,8 @@ def test_cached_decode_equals_the_full_forward(name):
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
 
 
-# every kernel variant with every format; int8 has no FOLD (its per-row scale already leaves the loop)
-VARIANTS = [
-    (name, kernel)
-    for name in SPECS
-    for kernel, (_, fold) in decode_linear.QUANT_KERNELS.items()
-    if not (fold and name == "int8")
-]
+# int8 both ways to floats (the conversion instruction, the 2²³ trick), whatever the rows; int4 has one way
+VARIANTS = [("int8", "base"), ("int8", "magic"), ("int4", "auto"), ("int4-sym", "auto")]
 
 
 @pytest.mark.parametrize(("name", "kernel"), VARIANTS, ids="-".join)
@@ -97,8 +92,8 @@ VARIANTS = [
     ],
 )
 def test_kernel_reads_quantized_weights_as_dequantized(name, kernel, M, norm, act, residual):
-    """Every variant of the kernel (decode_linear.QUANT_KERNELS), one row (CUDA cores) and 2–16 rows (tensor
-    cores), with a LayerNorm (and its bias) or an RMSNorm folded in."""
+    """Every way of the kernel with every format, one row (CUDA cores) and 2–16 rows (tensor cores), with a
+    LayerNorm (and its bias) or an RMSNorm folded in."""
     assert decode_linear.prepare()
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(128, 72, bias=True)
@@ -124,6 +119,37 @@ def test_kernel_reads_quantized_weights_as_dequantized(name, kernel, M, norm, ac
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_auto_takes_the_mantissa_trick_for_int8_at_one_row_only(monkeypatch):
+    """The default (auto) is the faster way on an H200 per row count: the 2²³ trick for one row, the conversion
+    instruction for 2–16; base and magic hold for every row count; int4 has one way. Each call still computes
+    the product with the dequantized weight."""
+    assert decode_linear.prepare()
+    magic = []
+    real = decode_linear._QOP
+    monkeypatch.setattr(decode_linear, "_QOP", lambda *a: magic.append(a[-1]) or real(*a))
+    lin = torch.nn.Linear(128, 40, bias=False)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    for name, kernel, rows, want in [
+        ("int8", "auto", 1, 1),
+        ("int8", "auto", 3, 0),
+        ("int8", "base", 1, 0),
+        ("int8", "magic", 3, 1),
+        ("int4", "auto", 1, 0),
+        ("int4", "magic", 1, 0),
+    ]:
+        q = QuantLinear.from_linear(lin, SPECS[name])
+        with torch.no_grad():
+            got = decode_linear.linear(x[:rows], q.weight_args(), quant_kernel=kernel)
+        assert magic.pop() == want, (name, kernel, rows)
+        ref = torch.nn.functional.linear(x[:rows], q.dequantize(torch.float32))
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert DecodeOptions().quant_kernel == "auto"
+    with pytest.raises(
+        ConfigError, match="quant_kernel = 'fold' is not allowed; choose one of: auto, base, magic"
+    ):
+        DecodeOptions(quant_kernel="fold")
+
+
 def _decode_path(model, blocks, ids):
     tr = model.transformer
     x, inputs = tr.embed(ids)
@@ -134,8 +160,8 @@ def _decode_path(model, blocks, ids):
 
 @pytest.mark.parametrize(
     ("name", "overrides", "kernel"),
-    [("int8", {}, "base"), ("int4", GLU, "base"), ("int4", {}, "magic+fold")],
-    ids=["int8-mpt", "int4-glu", "int4-mpt-magic+fold"],
+    [("int8", {}, "auto"), ("int4", GLU, "auto"), ("int8", GLU, "base")],
+    ids=["int8-mpt", "int4-glu", "int8-glu-base"],
 )
 def test_fused_decode_blocks_read_the_quantized_weights(name, overrides, kernel, monkeypatch):
     """The decoder's fused blocks take QuantLinears (not bypassed), with the kernel variant of their options, and
