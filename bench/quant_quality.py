@@ -5,8 +5,8 @@
     python bench/quant_quality.py --smoke                        # tiny model on CPU, the same steps, in seconds
 
 The corpus. `--build-corpus DIR` writes DIR/text.jsonl (one {"text": ...} document a line), DIR/tokenizer/ (the
-GPT-NeoX tokenizer the recipe names) and DIR/corpus.json (sources, documents, bytes, sha256), ≤ 15 MB together, so
-the folder can be carried to a machine without the ICL data. A document is one item of an llm-foundry ICL file
+GPT-NeoX tokenizer), DIR/icl/ (the files of the ICL tasks scored) and DIR/corpus.json (sources, documents, bytes,
+sha256), ≤ 15 MB together, so the folder is all a machine without ../shared needs. A document is one item of an llm-foundry ICL file
 with its gold answer: a reading-comprehension passage with its question, a LAMBADA passage, a PubMed abstract, a
 grade-school or competition math problem with its worked solution, a trivia question with its answer, a function
 with its body, … Files are read in a fixed order; a paragraph (line) of 40 or more characters seen before is
@@ -91,7 +91,8 @@ SOURCES = [
     "programming/processed_human_eval_js.jsonl",
     "symbolic_problem_solving/math.jsonl",
 ]
-ICL_TASKS = "piqa,arc_easy"  # held out of the corpus (with arc_challenge)
+ICL_TASKS = "piqa,arc_easy"  # held out of the corpus (with arc_challenge); their files travel in CORPUS/icl/
+TASK_FILES = ["commonsense_reasoning/piqa.jsonl", "world_knowledge/arc_easy.jsonl"]
 FORMATS = {  # name: (eval flags, or None for the converted symmetric folder)
     "bf16": [],
     "int8": ["--quantize", "int8"],
@@ -126,7 +127,8 @@ def build_corpus(out: Path, icl_data: Path, tokenizer: Path, budget_mb: float = 
     ]
     if not any(p.name == "tokenizer.json" for p in tok_files):
         raise SystemExit(f"--tokenizer {tokenizer}: no tokenizer.json there")
-    budget = int(budget_mb * 1e6) - sum(p.stat().st_size for p in tok_files) - 10_000  # corpus.json
+    carried = [*tok_files, *(icl_data / name for name in TASK_FILES)]
+    budget = int(budget_mb * 1e6) - sum(p.stat().st_size for p in carried) - 10_000  # corpus.json
     seen: set[bytes] = set()
     lines: list[str] = []
     used: dict[str, dict[str, int]] = {}
@@ -156,6 +158,9 @@ def build_corpus(out: Path, icl_data: Path, tokenizer: Path, budget_mb: float = 
     (out / "tokenizer").mkdir(exist_ok=True)
     for p in tok_files:
         shutil.copyfile(p, out / "tokenizer" / p.name)
+    for name in TASK_FILES:
+        (out / "icl" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(icl_data / name, out / "icl" / name)
     meta = {
         "documents": len(lines),
         "bytes": len(body),
@@ -288,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         extra = ["--limit", str(args.limit)] if args.limit else []
         seconds[f"eval {name}"] = smalto(
             "eval", model, "--perplexity", str(data / "val"), "--tasks", args.tasks, "--fewshot", "0",
-            "--data-root", args.icl_data, "--batch-size", str(args.eval_batch), "--out", str(out),
+            "--data-root", str(corpus / "icl"), "--batch-size", str(args.eval_batch), "--out", str(out),
             "--device", args.device, *extra, *(flags or []), log=log,
         )  # fmt: skip
         res = json.loads((out / "results.json").read_text())
@@ -350,8 +355,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build-corpus", metavar="DIR", help="write the corpus folder and exit")
     ap.add_argument("--corpus", metavar="DIR", help="a folder --build-corpus wrote")
-    ap.add_argument("--icl-data", default=str(ICL_DATA), help="llm-foundry ICL jsonl files (corpus, tasks)")
-    ap.add_argument("--tokenizer", default=str(TOKENIZER), help="--build-corpus: the tokenizer to carry")
+    ap.add_argument(
+        "--icl-data", default=str(ICL_DATA), help="llm-foundry's ICL files (--build-corpus, --smoke)"
+    )
+    ap.add_argument("--tokenizer", default=str(TOKENIZER), help="the tokenizer (--build-corpus, --smoke)")
     ap.add_argument("--work", default="runs/quant-quality", help="run folder (replaced)")
     ap.add_argument("--epochs", type=int, default=6, help="passes over the training split")
     ap.add_argument("--seconds", type=int, default=240, help="training time limit")
@@ -365,7 +372,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--override", action="append", default=[], help="another `smalto train` KEY=VALUE")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a small corpus, a few steps")
-    ap.add_argument("--smoke-mb", type=float, default=1.9, help="--smoke: corpus budget, tokenizer included")
+    ap.add_argument("--smoke-mb", type=float, default=3.2, help="--smoke: corpus budget, tokenizer included")
     args = ap.parse_args()
     if args.build_corpus:
         meta = build_corpus(Path(args.build_corpus), Path(args.icl_data), Path(args.tokenizer))

@@ -51,6 +51,8 @@ def test_build_corpus(tmp_path, shared_dir, neox_tokenizer_dir):
     assert sum(p.stat().st_size for p in files) <= 15e6
     assert sorted(p.relative_to(tmp_path).as_posix() for p in files) == [
         "corpus.json",
+        "icl/commonsense_reasoning/piqa.jsonl",
+        "icl/world_knowledge/arc_easy.jsonl",
         "text.jsonl",
         "tokenizer/tokenizer.json",
         "tokenizer/tokenizer_config.json",

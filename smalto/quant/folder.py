@@ -76,7 +76,8 @@ def resolve(
 
 
 def skeleton(config: MPTConfig, spec: QuantSpec, dtype: torch.dtype) -> MPTForCausalLM:
-    """The model on the meta device with QuantLinears where the blocks' linear layers are."""
+    """The model on the meta device with QuantLinears where the blocks' linear layers are (and the quantized
+    head where the output matrix is, with `spec.head`)."""
     model = MPTForCausalLM(config, device="meta")
     modules = dict(model.named_modules())
     for name in linear_names(model):
@@ -87,6 +88,10 @@ def skeleton(config: MPTConfig, spec: QuantSpec, dtype: torch.dtype) -> MPTForCa
             lin.in_features, lin.out_features, spec, bias=lin.bias is not None, dtype=dtype, device="meta"
         )
         setattr(modules[parent], attr, q)
+    if spec.head:
+        from smalto.quant.head import head_skeleton
+
+        head_skeleton(model, spec, dtype)
     return model
 
 

@@ -1,7 +1,7 @@
 """`QuantLinear`: a linear layer whose weight is stored int8 or packed int4, and `quantize`, which puts it in place
 of a model's `nn.Linear`s from outside (the model stays plain).
 
-    quantize(model, spec, include_head=False, device=None)  every linear layer of the blocks → QuantLinear
+    quantize(model, spec, device=None)     every linear layer of the blocks → QuantLinear (and the head: spec.head)
     QuantLinear.from_linear(linear, spec)                   one layer
 
 How a QuantLinear computes y = x · ŵᵀ + b (ŵ: the dequantized weight):
@@ -10,8 +10,8 @@ How a QuantLinear computes y = x · ŵᵀ + b (ŵ: the dequantized weight):
   - everything else (prefill, scoring, CPU): ŵ is dequantized into the input's dtype, then one GEMM.
 On CUDA without Triton there is no kernel: `check_device` refuses it before a model is loaded (see docs/quantize.md).
 
-The tied embedding / unembedding stays in 16 bits: the model reads it as one matrix for the lookup and the output
-(`MPTForCausalLM.unembedding`), so it is left unquantized (3% of MPT-7B's weights).
+The output matrix (the tied embedding / unembedding, 3% of MPT-7B's weights) stays in 16 bits unless the spec
+says `head=True` (`--quantize-head`; smalto/quant/head.py).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def quantize(
     device: torch.device | str | None = None,
 ) -> M:
     """Replace every `nn.Linear` of the model's blocks by a `QuantLinear`, in place, one layer at a time (each
-    layer's 16-bit weight is released once its quantized form exists); returns the model, in eval mode.
+    layer's 16-bit weight is released once its quantized form exists), and with `spec.head` the output matrix by
+    a QuantEmbedding / QuantHead (smalto/quant/head.py); returns the model, in eval mode.
 
     spec: a QuantSpec, or 'int8' / 'int4' with `group_size` and `symmetric`. device: where to quantize and keep
     the quantized layers (default: where each weight is), so a model loaded on the CPU is quantized on the GPU
@@ -138,12 +139,21 @@ def quantize(
     modules = dict(model.named_modules())
     for name in names:  # every shape first: refuse before changing anything
         check_shape(spec, name, modules[name].in_features)  # type: ignore[arg-type]
+    if spec.head:
+        from smalto.quant.head import head_module_name
+
+        head = head_module_name(model)
+        check_shape(spec, head, modules[head].weight.shape[1])  # type: ignore[union-attr]
     dev = torch.device(device) if device is not None else None
     for name in names:
         parent, _, attr = name.rpartition(".")
         q = QuantLinear.from_linear(modules[name], spec, name, dev)  # type: ignore[arg-type]
         setattr(modules[parent], attr, q)
         del modules[name]
+    if spec.head:
+        from smalto.quant.head import quantize_head
+
+        quantize_head(model, spec, dev)
     if dev is not None:
         model.to(dev)
     return model.eval()
