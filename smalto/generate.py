@@ -34,7 +34,7 @@ from smalto.kernels import DecodeOptions, decode_attention, decode_linear, selec
 from smalto.kernels.decode_block import decode_blocks
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
-from smalto.quant.head import quant_head
+from smalto.quant.linear import quant_head
 from smalto.sampling import SamplingParams, sample
 
 CACHE_BUCKET = 256  # compiled decode graphs are reused across calls whose length rounds up to the same bucket

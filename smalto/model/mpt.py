@@ -245,7 +245,7 @@ class MPTForCausalLM(nn.Module):
         init_weights(self, self.config)
 
     # device and dtype come from the final norm's weight, a parameter every model has as such: the embedding may
-    # be replaced from outside by a module whose `weight` is computed (a quantized one, smalto/quant/head.py)
+    # be replaced from outside by a module whose `weight` is computed (a quantized one, smalto/quant/linear.py)
     @property
     def device(self) -> torch.device:
         return next(self.transformer.norm_f.parameters()).device

@@ -23,7 +23,7 @@ from smalto.errors import CheckpointError, ConfigError
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from smalto.quant.formats import QuantSpec
-from smalto.quant.linear import QuantLinear, linear_names, quant_spec_of
+from smalto.quant.linear import QuantLinear, head_skeleton, linear_names, quant_spec_of
 
 
 def stored_spec(folder: Path) -> QuantSpec | None:
@@ -89,8 +89,6 @@ def skeleton(config: MPTConfig, spec: QuantSpec, dtype: torch.dtype) -> MPTForCa
         )
         setattr(modules[parent], attr, q)
     if spec.head:
-        from smalto.quant.head import head_skeleton
-
         head_skeleton(model, spec, dtype)
     return model
 

@@ -40,7 +40,7 @@ from smalto.model.attention import (
 )
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
-from smalto.quant.head import quant_head
+from smalto.quant.linear import quant_head
 
 MIN_BUCKET = 128  # the shortest key length a decode step is compiled for
 MAX_BUCKETS = 7  # compiled graphs at most (under dynamo's recompile limit): longer contexts start higher

@@ -20,7 +20,7 @@ from smalto.kernels import decode_linear
 from smalto.model.mpt import MPTForCausalLM
 from smalto.quant import QuantLinear, QuantSpec, quantize
 from smalto.quant.folder import save_quantized
-from smalto.quant.head import QuantEmbedding, QuantHead, quant_head
+from smalto.quant.linear import QuantEmbedding, QuantHead, quant_head
 from smalto.tokenizer import load_tokenizer
 from tests.helpers import greedy_generate_args, tiny_config
 from tests.model.helpers import tiny, tokens, use_triton_interpreter
