@@ -25,10 +25,11 @@ The run, each step the user-facing command in a subprocess, in WORK (default run
      measure memorisation.
   3. `smalto convert HF INT4SYM --quantize int4 --symmetric` (eval's --quantize is asymmetric int4).
   4. `smalto eval MODEL --perplexity DATA/val --tasks piqa,arc_easy --fewshot 0 [--quantize ...]` for bf16, int8,
-     int4 (group 128, asymmetric) and the symmetric folder: held-out perplexity and ICL accuracy (0-shot; near
+     int4 (group 128, asymmetric), the symmetric folder, and int8 / int4 with `--quantize-head` (the tied
+     embedding / unembedding quantized too; no target): held-out perplexity and ICL accuracy (0-shot; near
      chance for so small a model, so differences within a few points are noise; perplexity is the gate).
 The table gives each format's loss, perplexity, its increase over bf16 (targets: int8 ≤ +0.5%, int4 g128 ≤ +3%)
-and the accuracies; quant_quality.json goes to $OUT when set (else WORK).
+and the accuracies; quant_quality.json (and the commands' log.txt) go to $OUT when set (else WORK).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ FORMATS = {  # name: (eval flags, or None for the converted symmetric folder)
     "int8": ["--quantize", "int8"],
     "int4 g128": ["--quantize", "int4", "--group-size", "128"],
     "int4 g128 sym": None,
+    "int8 +head": ["--quantize", "int8", "--quantize-head"],
+    "int4 g128 +head": ["--quantize", "int4", "--group-size", "128", "--quantize-head"],
 }
 TARGETS = {"int8": 0.005, "int4 g128": 0.03, "int4 g128 sym": 0.03}
 
@@ -205,6 +208,8 @@ def smalto(*args: str, log: Path) -> float:
         f.flush()
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     if p.returncode != 0:
+        if os.environ.get("OUT"):
+            shutil.copyfile(log, Path(os.environ["OUT"]) / "log.txt")
         tail = log.read_text()[-4000:]
         raise SystemExit(f"{tail}\nsmalto {args[0]} failed (exit status {p.returncode}); the log: {log}")
     return time.perf_counter() - t
@@ -390,6 +395,8 @@ def main() -> None:
     report(result)
     out = Path(os.environ.get("OUT") or args.work) / "quant_quality.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if os.environ.get("OUT"):
+        shutil.copyfile(Path(args.work) / "log.txt", Path(os.environ["OUT"]) / "log.txt")
     print(f"wrote {out}")
     if any(not math.isfinite(r["perplexity"]) for r in result["rows"]):
         raise SystemExit("a perplexity is not finite")
