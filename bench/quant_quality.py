@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     rows = []
     for name, flags in FORMATS.items():
-        out = work / "eval" / name.replace(" ", "-")
+        out = work / "eval" / name.replace(" +", " ").replace(" ", "-")
         model = str(sym) if flags is None else str(hf)
         extra = ["--limit", str(args.limit)] if args.limit else []
         seconds[f"eval {name}"] = smalto(
