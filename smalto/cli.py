@@ -79,14 +79,26 @@ GroupSize = Annotated[
     ),
 ]
 
+QuantizeHead = Annotated[
+    bool,
+    typer.Option(
+        "--quantize-head",
+        help="With --quantize: the tied embedding / unembedding (or lm_head) too, in the same format.",
+    ),
+]
 
-def _quant_spec(quantize: str | None, group_size: int):
-    """The QuantSpec of --quantize / --group-size (None: 16-bit)."""
+
+def _quant_spec(quantize: str | None, group_size: int, head: bool = False):
+    """The QuantSpec of --quantize / --group-size / --quantize-head (None: 16-bit)."""
     if quantize is None:
+        if head:
+            from smalto.errors import ConfigError
+
+            raise ConfigError("--quantize-head quantizes the head too: give it with --quantize int8|int4")
         return None
     from smalto.quant import QuantSpec
 
-    return QuantSpec(format=quantize, group_size=group_size)
+    return QuantSpec(format=quantize, group_size=group_size, head=head)
 
 
 def _version(value: bool) -> None:
@@ -255,6 +267,7 @@ def eval_(
     ),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    quantize_head: QuantizeHead = False,
     adapter: Adapter = None,
 ) -> None:
     """Evaluate a model on ICL tasks (llm-foundry formats, gauntlet scoring) and/or perplexity; torchrun splits items."""
@@ -277,7 +290,7 @@ def eval_(
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
-        quantize=_quant_spec(quantize, group_size),
+        quantize=_quant_spec(quantize, group_size, quantize_head),
         adapter=adapter,
     )
     run(cfg)
@@ -548,6 +561,7 @@ def generate_cmd(
     ),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    quantize_head: QuantizeHead = False,
     adapter: Adapter = None,
     template: str = typer.Option(
         "none",
@@ -575,7 +589,7 @@ def generate_cmd(
         dtype=dtype,
         device=device,
         max_seq_len=max_seq_len,
-        quantize=_quant_spec(quantize, group_size),
+        quantize=_quant_spec(quantize, group_size, quantize_head),
         adapter=adapter,
     )
     if template != "none":
@@ -661,6 +675,7 @@ def chat(
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="Raise the context (ALiBi/RoPE)."),
     quantize: Quantize = None,
     group_size: GroupSize = 128,
+    quantize_head: QuantizeHead = False,
     adapter: Adapter = None,
 ) -> None:
     """Talk with a model, one line per turn (terminal or piped stdin). /reset clears the history, /exit ends."""
@@ -673,7 +688,7 @@ def chat(
         dtype=dtype,
         device=device,
         max_seq_len=max_seq_len,
-        quantize=_quant_spec(quantize, group_size),
+        quantize=_quant_spec(quantize, group_size, quantize_head),
         adapter=adapter,
     )
     session = ChatSession(
@@ -730,6 +745,7 @@ def convert(
     symmetric: bool = typer.Option(
         False, "--symmetric", help="int4: symmetric groups (no zero points) instead of scale + zero point."
     ),
+    quantize_head: QuantizeHead = False,
 ) -> None:
     """Convert a checkpoint into a Hugging Face folder: LLaMA-architecture models as native Llama folders, MPT natively
     or with trust_remote_code (see docs/hf.md)."""
@@ -747,6 +763,7 @@ def convert(
         quantize=quantize,
         group_size=group_size,
         symmetric=symmetric,
+        quantize_head=quantize_head,
     )
     cfg = json.loads((Path(out) / "config.json").read_text())
     files = sorted(p.name for p in Path(out).iterdir() if p.suffix in (".safetensors", ".bin"))
@@ -819,6 +836,9 @@ def serve(
     ),
     adapter: Adapter = None,
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
+    quantize: Quantize = None,
+    group_size: GroupSize = 128,
+    quantize_head: QuantizeHead = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at / (docs/serve.md)."""
     from smalto.serve.run import serve as run_server
@@ -838,6 +858,7 @@ def serve(
         served_model_name=served_model_name,
         grace=grace,
         adapter=adapter,
+        quantize=_quant_spec(quantize, group_size, quantize_head),
         on_ready=lambda url: typer.echo(f"serving {model} at {url} (chat page: {url}/)", err=True),
     )
 

@@ -38,6 +38,7 @@ from smalto.kernels.decode_block import decode_blocks
 from smalto.model.attention import SDPA_BIAS_BUDGET
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
+from smalto.quant.linear import quant_head
 from smalto.sampling import SamplingParams, sample
 
 CACHE_BUCKET = 256  # compiled decode graphs are reused across calls whose length rounds up to the same bucket
@@ -96,6 +97,7 @@ class Decoder:
         self.decode_plan = select(model.config, "decode", **shape)  # type: ignore[arg-type]
         self.blocks = decode_blocks(model, self.options)
         self.max_rows = self.options.linear_rows if self.options is not None else 0
+        self.quant_head = quant_head(model)
         self.step_fn: Callable[[Tensor, Tensor], Tensor] = self._step
         self.compiled = False
         if compile:
@@ -107,6 +109,8 @@ class Decoder:
     def _logits(self, h: Tensor) -> Tensor:
         """h (B, d_model) → float logits (B, V); the decode-linear kernel for a few rows."""
         m = self.model
+        if self.quant_head is not None:  # --quantize-head: the quantized linear path reads the packed matrix
+            return m.scale_logits(self.quant_head.logits(h)).float()
         return m.scale_logits(
             decode_linear.linear_or_matmul(h, m.unembedding, max_rows=self.max_rows)
         ).float()

@@ -110,6 +110,12 @@ CASES = [
         "transformers cannot load the model in",
     ),
     (
+        "serve-quantize-group-not-dividing",
+        "serve {model} --device cpu --quantize int4 --group-size 64",
+        "group_size 64 does not divide the input size 32 of transformer.blocks.0.attn.Wqkv; choose a group size "
+        "that divides it (32)",
+    ),
+    (
         "data-eos-not-in-vocab",
         "data {corpus} -o {tmp}/shards -t {tok} --eos-token <nonexist>",
         "'<nonexist>' is not in the vocabulary",

@@ -244,13 +244,15 @@ class MPTForCausalLM(nn.Module):
         """(Re)initialise all parameters; after `to_empty()` this materialises a model built on meta."""
         init_weights(self, self.config)
 
+    # device and dtype come from the final norm's weight, a parameter every model has as such: the embedding may
+    # be replaced from outside by a module whose `weight` is computed (a quantized one, smalto/quant/linear.py)
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return next(self.transformer.norm_f.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
+        return next(self.transformer.norm_f.parameters()).dtype
 
     @property
     def unembedding(self) -> Tensor:

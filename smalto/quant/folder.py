@@ -23,7 +23,7 @@ from smalto.errors import CheckpointError, ConfigError
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from smalto.quant.formats import QuantSpec
-from smalto.quant.linear import QuantLinear, linear_names, quant_spec_of
+from smalto.quant.linear import QuantLinear, head_skeleton, linear_names, quant_spec_of
 
 
 def stored_spec(folder: Path) -> QuantSpec | None:
@@ -76,7 +76,8 @@ def resolve(
 
 
 def skeleton(config: MPTConfig, spec: QuantSpec, dtype: torch.dtype) -> MPTForCausalLM:
-    """The model on the meta device with QuantLinears where the blocks' linear layers are."""
+    """The model on the meta device with QuantLinears where the blocks' linear layers are (and the quantized
+    head where the output matrix is, with `spec.head`)."""
     model = MPTForCausalLM(config, device="meta")
     modules = dict(model.named_modules())
     for name in linear_names(model):
@@ -87,6 +88,8 @@ def skeleton(config: MPTConfig, spec: QuantSpec, dtype: torch.dtype) -> MPTForCa
             lin.in_features, lin.out_features, spec, bias=lin.bias is not None, dtype=dtype, device="meta"
         )
         setattr(modules[parent], attr, q)
+    if spec.head:
+        head_skeleton(model, spec, dtype)
     return model
 
 

@@ -30,11 +30,13 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 @dataclass(frozen=True, kw_only=True)
 class QuantSpec:
-    """How the linear layers are quantized. group_size and symmetric concern int4 only (int8 is per row)."""
+    """How the linear layers are quantized. group_size and symmetric concern int4 only (int8 is per row); head:
+    the output matrix too (the tied embedding / unembedding, or an untied lm_head), in the same format."""
 
     format: str
     group_size: int = 128
     symmetric: bool = False
+    head: bool = False
 
     def __post_init__(self) -> None:
         check_choice("quantize", self.format, FORMATS)
@@ -46,6 +48,8 @@ class QuantSpec:
         d: dict = {"quant_method": "smalto", "format": self.format}
         if self.format == "int4":
             d.update(group_size=self.group_size, symmetric=self.symmetric)
+        if self.head:
+            d["quantize_head"] = True
         return d
 
     @classmethod
@@ -59,12 +63,14 @@ class QuantSpec:
             format=d.get("format"),  # type: ignore[arg-type]  # checked in __post_init__
             group_size=int(d.get("group_size", 128)),
             symmetric=bool(d.get("symmetric", False)),
+            head=bool(d.get("quantize_head", False)),
         )
 
     def describe(self) -> str:
+        head = ", head too" if self.head else ""
         if self.format == "int8":
-            return "int8 (per-row scales)"
-        return f"int4 (groups of {self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'})"
+            return f"int8 (per-row scales{head})"
+        return f"int4 (groups of {self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'}{head})"
 
 
 def check_shape(spec: QuantSpec, name: str, in_features: int) -> None:

@@ -1,8 +1,9 @@
 """`QuantLinear`: a linear layer whose weight is stored int8 or packed int4, and `quantize`, which puts it in place
 of a model's `nn.Linear`s from outside (the model stays plain).
 
-    quantize(model, spec, include_head=False, device=None)  every linear layer of the blocks → QuantLinear
-    QuantLinear.from_linear(linear, spec)                   one layer
+    quantize(model, spec, device=None)      every linear layer of the blocks → QuantLinear (the head too: spec.head)
+    QuantLinear.from_linear(linear, spec)   one layer
+    QuantHead, QuantEmbedding               the output matrix quantized (`--quantize-head`), below
 
 How a QuantLinear computes y = x · ŵᵀ + b (ŵ: the dequantized weight):
   - a few rows (≤ 16, a decode step) on CUDA with Triton: smalto's decode-linear kernel reads the int8 / int4 weight
@@ -10,8 +11,15 @@ How a QuantLinear computes y = x · ŵᵀ + b (ŵ: the dequantized weight):
   - everything else (prefill, scoring, CPU): ŵ is dequantized into the input's dtype, then one GEMM.
 On CUDA without Triton there is no kernel: `check_device` refuses it before a model is loaded (see docs/quantize.md).
 
-The tied embedding / unembedding stays in 16 bits: the model reads it as one matrix for the lookup and the output
-(`MPTForCausalLM.unembedding`), so it is left unquantized (3% of MPT-7B's weights).
+The output matrix (MPT's tied embedding / unembedding, 3% of MPT-7B's weights) stays in 16 bits unless the spec
+says `head=True`. Then a tied matrix becomes a QuantEmbedding, stored once, quantized: `emb(ids)` dequantizes only
+the rows it gathers, `emb.logits(h)` is the quantized linear path; an untied lm_head becomes a QuantHead. The model
+reads its output matrix as a tensor (`MPTForCausalLM.unembedding`: `F.linear(h, W)` for scoring and prefill, the
+loss); for a quantized head that tensor is `weight`, the matrix dequantized on each access, the
+dequantize-then-multiply path every QuantLinear takes beyond a decode step's rows. The decoders of `generate` and
+`serve` call `logits(h)` instead (`quant_head(model)`), so a decode step reads the packed bytes. The matrix's rows
+are the outputs (one per token), its columns the inputs (d_model): int4 groups run along d_model, and a row of the
+embedding dequantizes on its own.
 """
 
 from __future__ import annotations
@@ -105,6 +113,82 @@ class QuantLinear(nn.Module):
         )
 
 
+class QuantHead(QuantLinear):
+    """A quantized output layer: `logits(h)` is the quantized linear path, `weight` the dequantized matrix (for
+    code that reads the model's unembedding as a tensor)."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.dequantize()
+
+    def logits(self, h: Tensor) -> Tensor:
+        return QuantLinear.forward(self, h)
+
+
+class QuantEmbedding(QuantHead):
+    """The tied embedding / unembedding, quantized: a lookup dequantizes the rows it gathers."""
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        """ids (...) → the dequantized rows (..., d_model): the rows of `weight` at ids, bit for bit."""
+        flat = ids.reshape(-1)
+        rows = dequantize_weight(
+            self.qweight[flat],
+            self.scales[flat],
+            None if self.zeros is None else self.zeros[flat],
+            self.spec,
+            self.scales.dtype,
+        )
+        return rows.view(*ids.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.describe()}"
+
+
+def head_module_name(model: nn.Module) -> str:
+    """Where the model's output matrix lives: the embedding when tied, else lm_head."""
+    return "transformer.wte" if model.config.tie_word_embeddings else "lm_head"  # type: ignore[union-attr]
+
+
+def quantize_head(model: nn.Module, spec: QuantSpec, device: torch.device | None = None) -> None:
+    """Replace the output matrix's module by its quantized form, in place (a tied embedding with it)."""
+    name = head_module_name(model)
+    parent, _, attr = name.rpartition(".")
+    w: Tensor = model.get_submodule(name).weight.detach()  # type: ignore[operator]
+    check_shape(spec, name, w.shape[1])
+    w = w.to(device) if device is not None else w
+    tensors = quantize_weight(w, spec)
+    cls = QuantEmbedding if name == "transformer.wte" else QuantHead
+    q = cls(w.shape[1], w.shape[0], spec, dtype=tensors["scales"].dtype, device="meta")
+    for key, t in tensors.items():
+        setattr(q, key, t)
+    setattr(model.get_submodule(parent) if parent else model, attr, q)
+
+
+def head_skeleton(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> None:
+    """The quantized head's module on the meta device, in place of the 16-bit one (loading a quantized folder)."""
+    name = head_module_name(model)
+    parent, _, attr = name.rpartition(".")
+    N, K = model.get_submodule(name).weight.shape  # type: ignore[misc]
+    cls = QuantEmbedding if name == "transformer.wte" else QuantHead
+    setattr(
+        model.get_submodule(parent) if parent else model, attr, cls(K, N, spec, dtype=dtype, device="meta")
+    )
+
+
+def quant_head(model: nn.Module) -> QuantHead | None:
+    """The model's quantized output layer, or None when its head is 16-bit."""
+    m = model.get_submodule(head_module_name(model)) if hasattr(model, "config") else None
+    return m if isinstance(m, QuantHead) else None
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """The names of the `nn.Linear`s of the model's blocks (the head is not one: it is tied to the embedding)."""
     return [
@@ -124,7 +208,8 @@ def quantize(
     device: torch.device | str | None = None,
 ) -> M:
     """Replace every `nn.Linear` of the model's blocks by a `QuantLinear`, in place, one layer at a time (each
-    layer's 16-bit weight is released once its quantized form exists); returns the model, in eval mode.
+    layer's 16-bit weight is released once its quantized form exists), and with `spec.head` the output matrix by
+    a QuantEmbedding / QuantHead (below); returns the model, in eval mode.
 
     spec: a QuantSpec, or 'int8' / 'int4' with `group_size` and `symmetric`. device: where to quantize and keep
     the quantized layers (default: where each weight is), so a model loaded on the CPU is quantized on the GPU
@@ -138,12 +223,17 @@ def quantize(
     modules = dict(model.named_modules())
     for name in names:  # every shape first: refuse before changing anything
         check_shape(spec, name, modules[name].in_features)  # type: ignore[arg-type]
+    if spec.head:
+        head = head_module_name(model)
+        check_shape(spec, head, modules[head].weight.shape[1])  # type: ignore[union-attr]
     dev = torch.device(device) if device is not None else None
     for name in names:
         parent, _, attr = name.rpartition(".")
         q = QuantLinear.from_linear(modules[name], spec, name, dev)  # type: ignore[arg-type]
         setattr(modules[parent], attr, q)
         del modules[name]
+    if spec.head:
+        quantize_head(model, spec, dev)
     if dev is not None:
         model.to(dev)
     return model.eval()

@@ -64,8 +64,10 @@ def serve(
     served_model_name: str | None = None,
     grace: float = 30.0,
     adapter: str | None = None,
+    quantize: Any = None,
     on_ready: Any = None,
 ) -> None:
+    """Load the model (quantized with `quantize`, a smalto.quant.QuantSpec, as `smalto.load` does) and serve it."""
     try:
         import uvicorn
     except ImportError:
@@ -76,7 +78,13 @@ def serve(
 
     check_host(host, api_key)
     model, tok = load_model_and_tokenizer(
-        model_path, tokenizer, dtype=dtype, device=device, max_seq_len=max_seq_len, adapter=adapter
+        model_path,
+        tokenizer,
+        dtype=dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        adapter=adapter,
+        quantize=quantize,
     )
     model.eval()
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)

@@ -40,6 +40,7 @@ from smalto.model.attention import (
 )
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
+from smalto.quant.linear import quant_head
 
 MIN_BUCKET = 128  # the shortest key length a decode step is compiled for
 MAX_BUCKETS = 7  # compiled graphs at most (under dynamo's recompile limit): longer contexts start higher
@@ -136,6 +137,7 @@ class SlotDecoder:
         self.prefill_plan = select(c, "prefill", **shape)  # type: ignore[arg-type]
         self.blocks = decode_blocks(model, self.options)
         self.max_rows = self.options.linear_rows if self.options is not None else 0
+        self.quant_head = quant_head(model)
         a = c.attn_config
         self.slopes = alibi_slopes(c.n_heads, a.alibi_bias_max, device=model.device) if a.alibi else None
         # the Triton kernel stops at each row's position: one bucket; SDPA reads every key it is given: buckets
@@ -160,6 +162,8 @@ class SlotDecoder:
 
     def _logits(self, h: Tensor) -> Tensor:
         m = self.model
+        if self.quant_head is not None:  # --quantize-head: the quantized linear path reads the packed matrix
+            return m.scale_logits(self.quant_head.logits(h)).float()
         return m.scale_logits(
             decode_linear.linear_or_matmul(h, m.unembedding, max_rows=self.max_rows)
         ).float()
