@@ -192,7 +192,12 @@ def main() -> None:
     ap.add_argument(
         "--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing"
     )
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-block compile (the recipes' default)",
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 2 steps: does it run?")
     args = ap.parse_args()
     if args.smoke:

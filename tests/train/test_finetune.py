@@ -198,6 +198,7 @@ def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_di
     assert (o.name, o.lr, o.betas, o.weight_decay) == ("adamw", 5e-6, [0.9, 0.999], 0.0)
     assert (s.name, s.warmup, s.alpha_f) == ("linear", "50ba", 0.0)
     assert (t.max_duration, t.global_batch_size, t.grad_clip, c.data.seq_len) == ("2ep", 48, 1.0, 2048)
+    assert t.compile and t.activation_checkpointing  # the GPU recipes compile each block
     assert (
         c.model.d_model == 4096 and c.model.attn_config.attn_uses_sequence_id
     )  # packing keeps examples apart
