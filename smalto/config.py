@@ -505,5 +505,14 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
     path = find_recipe(spec or "tiny")
     d = read_recipe_file(path)
     if "base_model" in d:
-        raise ConfigError(f"{path} is a finetuning recipe (it has base_model): run `smalto finetune {spec}`")
+        command, kind = recipe_command(d)
+        raise ConfigError(f"{path} is a {kind} recipe (it has base_model): run `smalto {command} {spec}`")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))
+
+
+def recipe_command(d: dict[str, Any]) -> tuple[str, str]:
+    """The command that runs a recipe starting from a base model, and what to call the recipe, by its sections."""
+    for section, kind in (("ppo", "PPO"), ("dpo", "DPO"), ("reward", "reward-model")):
+        if section in d:
+            return section, kind
+    return "finetune", "finetuning"

@@ -214,6 +214,9 @@ def test_shipped_recipes_have_the_published_settings(tmp_path, neox_tokenizer_di
     )
     with pytest.raises(ConfigError, match="is a finetuning recipe"):
         load_config("mpt-7b-instruct")
+    for recipe, command in (("tiny-reward", "reward"), ("tiny-ppo", "ppo"), ("tiny-dpo", "dpo")):
+        with pytest.raises(ConfigError, match=rf"run `smalto {command} {recipe}`"):
+            load_config(recipe)
 
 
 LLAMA_7B_CONFIG_JSON = {  # meta-llama/Llama-2-7b-hf's config.json, the parts a model config reads
