@@ -4,7 +4,9 @@ Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step (and p
 lines past the resumed step are dropped (the file rewritten atomically; a line torn by a crash is skipped with a
 warning), so the file reads as one uninterrupted run, and TensorBoard purges them the same way (`purge_step`).
 MFU follows llm-foundry: tokens/s per device × flops_per_token / peak FLOP/s, with
-flops_per_token = 6·N + 12·n_layers·d_model·seq (`MPTConfig.flops_per_token`).
+flops_per_token = 6·N + 12·n_layers·d_model·seq (`MPTConfig.flops_per_token`). A LoRA run counts what it computes:
+4 FLOPs a token for each frozen parameter (the forward and the input's gradient, no weight gradient), 6 for each
+trainable one (`lora_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -212,6 +214,14 @@ def _truncate(path: Path, start_step: int) -> None:
             stacklevel=3,
         )
     replace_durably(path, "".join(line + "\n" for line in keep))
+
+
+def lora_flops_per_token(model: torch.nn.Module, n_layers: int, d_model: int, seq_len: int) -> int:
+    """Training FLOPs per token of a model whose frozen weights get no gradient: 4·frozen + 6·trainable parameters,
+    plus llm-foundry's attention term 12·n_layers·d_model·seq (attention's products are all still computed)."""
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * frozen + 6 * trainable + 12 * n_layers * d_model * seq_len
 
 
 def mfu(

@@ -31,7 +31,7 @@ from smalto.model.mpt import MPTForCausalLM
 from smalto.train.adapters import build_qlora_model
 from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.guard import LossGuard
-from smalto.train.metrics import RunLogger, peak_tflops, write_run_info
+from smalto.train.metrics import RunLogger, lora_flops_per_token, peak_tflops, write_run_info
 from smalto.train.optim import Schedule, build_optimizer
 from smalto.train.parallel import World, build_model
 from smalto.train.weight_cast import StepWeightCast, uses_step_cast
@@ -252,7 +252,9 @@ def build_trainer(cfg: RunConfig, world: World) -> Trainer:
         autocast=torch.autocast(world.device.type, dtype=torch.bfloat16)
         if bf16 and world.world_size == 1
         else nullcontext(),
-        flops_per_token=cfg.model.flops_per_token(seq),
+        flops_per_token=cfg.model.flops_per_token(seq)
+        if cfg.lora is None
+        else lora_flops_per_token(model, cfg.model.n_layers, cfg.model.d_model, seq),
         logger=RunLogger(cfg, enabled=world.is_main, total_steps=total),
         peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else peak_tflops(world.device),
         weight_cast=StepWeightCast(model, torch.bfloat16) if step_cast else None,
