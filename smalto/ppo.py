@@ -22,7 +22,7 @@ from typing import Any
 
 from smalto.config import OptimizerConfig
 from smalto.errors import ConfigError, build, check_choice
-from smalto.rlhf import CheckpointSection
+from smalto.rlhf import CheckpointSection, show_stopped
 from smalto.train.ppo import PPOSection
 
 DEFAULT_RECIPE = "tiny-ppo"
@@ -258,12 +258,7 @@ def show(r: PPOResult, console: Any) -> None:
 
     if r.stopped:
         console.print(f"held-out score before: {num(r.score_before)}")
-        console.print(
-            f"stopped ({r.stopped}) after step {r.steps}; checkpoint: {r.checkpoint}\n"
-            "relaunch the same command to continue",
-            markup=False,
-            highlight=False,
-        )
+        show_stopped(console, r.stopped, r.steps, r.checkpoint)
         return
     console.print(
         f"held-out score before: {num(r.score_before)}\nheld-out score after:  {num(r.score_after)}"

@@ -18,7 +18,7 @@ from typing import Any
 
 from smalto.config import OptimizerConfig, SchedulerConfig
 from smalto.errors import ConfigError, check_choice
-from smalto.rlhf import CheckpointSection
+from smalto.rlhf import CheckpointSection, show_stopped
 from smalto.train.reward import RewardSection
 
 DEFAULT_RECIPE = "tiny-reward"
@@ -172,12 +172,7 @@ def show(r: RewardResult, console: Any) -> None:
     )
     if r.stopped:
         console.print(f"held-out accuracy before: {pct(r.accuracy_before)}")
-        console.print(
-            f"stopped ({r.stopped}) after step {r.steps}; checkpoint: {r.checkpoint}\n"
-            "relaunch the same command to continue",
-            markup=False,
-            highlight=False,
-        )
+        show_stopped(console, r.stopped, r.steps, r.checkpoint)
         return
     console.print(
         f"held-out accuracy before: {pct(r.accuracy_before)}\nheld-out accuracy after:  {pct(r.accuracy_after)}"

@@ -141,6 +141,15 @@ class MetricsLog:
         self.file.close()
 
 
+def show_stopped(console: Any, stopped: str, steps: int, checkpoint: Any) -> None:
+    """What a run that stopped before its last step prints: why, where its checkpoint is, how to go on."""
+    console.print(
+        f"stopped ({stopped}) after step {steps}; checkpoint: {checkpoint}\nrelaunch the same command to continue",
+        markup=False,
+        highlight=False,
+    )
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
