@@ -164,8 +164,9 @@ class TrainConfig:
     """Clip the global gradient norm to this; null = no clipping."""
     compile: bool = False
     """torch.compile each block."""
-    activation_checkpointing: bool | int = False
-    """true: every block; an integer k: every k-th block; false: none."""
+    activation_checkpointing: bool | int | str = False
+    """true: every block; an integer k: every k-th block; `selective`: every block, keeping attention's outputs
+    (no attention forward in the backward's recompute: smalto/train/checkpointing.py); false: none."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) or keep them for the backward (ZeRO-2)."""
     eval_first: bool = False
@@ -217,9 +218,10 @@ class TrainConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size = {self.micro_batch_size} must be positive or null")
         ac = self.activation_checkpointing
-        if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
+        if not isinstance(ac, bool) and ac != "selective" and (not isinstance(ac, int) or ac < 1):
             raise ConfigError(
-                f"train.activation_checkpointing = {ac!r}: use true, false or a positive integer k"
+                f"train.activation_checkpointing = {ac!r}: use true, false, a positive integer k (every k-th"
+                " block) or selective (every block, keeping attention's outputs)"
             )
         if self.time_limit is not None:
             parse_seconds(self.time_limit, "train.time_limit")

@@ -5,7 +5,8 @@
      logits), the polynomial GELU (bf16), the once-per-step bf16 weight cast (one device): they change what modules compute, so everything after must see them;
   1b. adapters (LoRA, smalto/adapters): freeze the base and add trainable pairs to the targeted linears; the
      frozen base is stored in bf16 on one device with bf16 (FSDP2 keeps one dtype per unit and casts at gathering);
-  2. activation checkpointing (every block or every k-th): wraps blocks, so it must see the plain blocks;
+  2. activation checkpointing (every block, every k-th, or selective: every block keeping attention's outputs;
+     smalto/train/checkpointing.py): wraps blocks, so it must see the plain blocks;
   3. torch.compile per block: compiles the (possibly checkpoint-wrapped) block, so recomputation is compiled too;
   4. FSDP2 `fully_shard` per block, then the root (which keeps the tied embedding/unembedding in one unit):
      it must come last, because it wraps what the others produced;
@@ -37,6 +38,7 @@ from smalto.model.attention import AttentionPlan
 from smalto.model.config import MPTConfig
 from smalto.model.init import init_weights
 from smalto.model.mpt import HeadLoss, MPTForCausalLM
+from smalto.train.checkpointing import checkpoint_blocks
 from smalto.train.weight_cast import use_step_cast
 
 
@@ -95,7 +97,7 @@ def build_model(
     plans: dict[str, AttentionPlan] | None = None,
     head_loss: HeadLoss | None = None,
     step_cast: bool = False,
-    activation_checkpointing: bool | int = False,
+    activation_checkpointing: bool | int | str = False,
     compile: bool = False,
     bf16: bool = False,
     reshard_after_forward: bool = True,
@@ -128,7 +130,7 @@ def parallelize(
     plans: dict[str, AttentionPlan] | None = None,
     head_loss: HeadLoss | None = None,
     step_cast: bool = False,
-    activation_checkpointing: bool | int = False,
+    activation_checkpointing: bool | int | str = False,
     compile: bool = False,
     bf16: bool = False,
     reshard_after_forward: bool = True,
@@ -150,15 +152,11 @@ def parallelize(
         if bf16 and world.world_size == 1:
             frozen_to(model, torch.bfloat16)
     # 2. activation checkpointing: recompute a block's activations in the backward instead of keeping them
+    #    (selective: all but attention's outputs)
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        every = 1 if activation_checkpointing is True else int(activation_checkpointing)
         dropout = model.config.resid_pdrop > 0 or model.config.attn_config.attn_pdrop > 0
         dropout = dropout or (lora is not None and lora.dropout > 0)
-        for i in range(len(blocks)):
-            if i % every == 0:
-                blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=dropout)
+        checkpoint_blocks(blocks, activation_checkpointing, preserve_rng_state=dropout)
     # 3. per-block compile: every block has the same code, so one graph serves all of them
     if compile:
         for block in blocks:

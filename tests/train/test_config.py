@@ -90,7 +90,12 @@ def test_overrides_are_yaml_typed():
         ),
         (["guard.spike=ignore"], "guard.spike = 'ignore'"),
         (["data.shufle=false"], "unknown key data.shufle"),
-        (["train.activation_checkpointing=0"], "use true, false or a positive integer"),
+        (["train.activation_checkpointing=0"], "use true, false, a positive integer k (every k-th block)"),
+        (
+            ["train.activation_checkpointing=attention"],
+            "train.activation_checkpointing = 'attention': use true, false, a positive integer k (every k-th"
+            " block) or selective (every block, keeping attention's outputs)",
+        ),
         # every section and the top level: one type check against the field's annotation, the key named
         (["data.seq_len=abc"], "data.seq_len = 'abc' has the wrong type; expected int"),
         (["data.num_workers=two"], "data.num_workers = 'two' has the wrong type; expected int"),
