@@ -11,6 +11,7 @@ AdamW over the adapters. Rows are full (seq tokens of targets each); tokens/s co
     python bench/bench_lora.py                          # MPT-7B, r 16, four projections, seq 2048, micro-batch 4
     python bench/bench_lora.py --layers 16              # a shallower MPT-7B, when full finetuning does not fit
     python bench/bench_lora.py --only smalto-lora,peft --peft-micro 4,1
+    python bench/bench_lora.py --only smalto-lora --ac-mode full,selective   # selective checkpointing's gain
     python bench/bench_lora.py --smoke                  # CPU, tiny shapes: does it run?
 
 Results: a rich table, and bench_lora.json in $OUT when set.
@@ -39,14 +40,17 @@ from smalto.train.setup import build_trainer
 FOUR = ["Wqkv", "out_proj", "up_proj", "down_proj"]
 
 
-def recipe(args: argparse.Namespace, micro: int, full: bool) -> Any:
+AC_MODES = {"full": "true", "selective": "selective"}  # --ac-mode → train.activation_checkpointing
+
+
+def recipe(args: argparse.Namespace, micro: int, full: bool, ac_mode: str = "full") -> Any:
     overrides = [
         "optimizer.name=adamw",
         "optimizer.betas=[0.9,0.999]",
         f"optimizer.state_dtype={'bf16' if full else 'fp32'}",
         f"train.micro_batch_size={micro}",
         f"train.global_batch_size={micro}",
-        f"train.activation_checkpointing={str(args.ac).lower()}",
+        f"train.activation_checkpointing={AC_MODES[ac_mode] if args.ac else 'false'}",
         f"train.compile={str(args.compile).lower()}",
         "train.weight_cast=micro_batch",
         "logging.progress=false",
@@ -99,10 +103,11 @@ def reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_smalto(name: str, micro: int, args: argparse.Namespace, world: Any) -> dict:
+def bench_smalto(name: str, micro: int, args: argparse.Namespace, world: Any, ac_mode: str = "full") -> dict:
     full = name == "smalto-full"
-    cfg = recipe(args, micro, full)
-    row: dict[str, Any] = {"name": name, "micro": micro, "seq": args.seq}
+    cfg = recipe(args, micro, full, ac_mode)
+    label = f"{name} (ac {ac_mode})" if args.ac and len(args.ac_modes) > 1 else name
+    row: dict[str, Any] = {"name": label, "micro": micro, "seq": args.seq}
     t = None
     try:
         reset(world.device)
@@ -208,11 +213,20 @@ def main() -> None:
         "--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing"
     )
     ap.add_argument(
+        "--ac-mode",
+        default="full",
+        help="activation checkpointing of the smalto steps, comma-separated to run each: full (every block "
+        "recomputed) or selective (attention's outputs kept)",
+    )
+    ap.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="per-block compile"
     )
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one more step (CUDA)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 1 step: does it run?")
     args = ap.parse_args()
+    args.ac_modes = args.ac_mode.split(",")
+    if not set(args.ac_modes) <= set(AC_MODES):
+        ap.error(f"--ac-mode {args.ac_mode!r}: comma-separated {', '.join(AC_MODES)}")
     if args.smoke:
         args.device, args.steps, args.warmup, args.seq, args.micro, args.peft_micro = "cpu", 1, 1, 64, 2, "2"
         args.profile = False
@@ -222,7 +236,8 @@ def main() -> None:
     try:
         for name in ("smalto-lora", "smalto-full"):
             if name in which:
-                results.append(bench_smalto(name, args.micro, args, world))
+                for mode in args.ac_modes if args.ac else ["full"]:
+                    results.append(bench_smalto(name, args.micro, args, world, mode))
         if "peft" in which:
             results += [bench_peft(int(m), args, world.device) for m in args.peft_micro.split(",")]
     finally:

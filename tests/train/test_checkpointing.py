@@ -23,10 +23,14 @@ SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 def _model(ac, *, lora: bool, compile: bool = False):
     cfg = LoraConfig(r=4, alpha=8, targets=FOUR) if lora else None
-    model = build_model(CFG, init_world("cpu"), seed=5, activation_checkpointing=ac, compile=compile, lora=cfg)
+    model = build_model(
+        CFG, init_world("cpu"), seed=5, activation_checkpointing=ac, compile=compile, lora=cfg
+    )
     with torch.no_grad():  # B starts at zero: give the adapters an update, so A's gradient is not zero either
         for k, a in enumerate(adapters(model)):
-            a.lora_B.weight.copy_(torch.randn(a.lora_B.weight.shape, generator=torch.Generator().manual_seed(k)))
+            a.lora_B.weight.copy_(
+                torch.randn(a.lora_B.weight.shape, generator=torch.Generator().manual_seed(k))
+            )
     return model
 
 
@@ -120,8 +124,9 @@ def test_compiled_selective_block_saves_attention():
 
 
 def test_selective_compiles_with_inductor():
+    """Inductor's fused float32 kernels sum in another order than eager's: equal to float32 rounding."""
     torch._dynamo.reset()
     _, ref = _loss_and_grads(_model(False, lora=True), IDS)
     _, grads = _loss_and_grads(_model("selective", lora=True, compile=True), IDS)
     for k in grads:
-        torch.testing.assert_close(grads[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
