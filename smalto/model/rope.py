@@ -106,6 +106,23 @@ def rope_cos_sin(
     return emb.cos() * mult, emb.sin() * mult
 
 
+def rope_cos_sin_rows(
+    pos: Tensor, head_dim: int, theta: float, scaling: dict[str, Any] | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, D) for one query per row at positions `pos` (B,), each row's scaling computed from its own
+    position alone, as a batch-1 decode computes it (only dynamic scaling depends on the position)."""
+    if not scaling or scaling["rope_type"] != "dynamic":
+        return rope_cos_sin(pos, head_dim, theta, scaling)
+    factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+    seq = (pos + 1).clamp(min=old).to(torch.float32)  # (B,)
+    grown = theta * ((factor * seq / old) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    exps = torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim
+    inv = 1.0 / (grown[:, None] ** exps[None, :])  # (B, D/2)
+    freqs = pos.to(torch.float32)[:, None] * inv
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

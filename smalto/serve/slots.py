@@ -36,10 +36,10 @@ from smalto.model.attention import (
     AttentionKernel,
     AttentionMask,
     alibi_slopes,
-    rope_cos_sin,
 )
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
+from smalto.model.rope import rope_cos_sin_rows
 from smalto.quant.linear import quant_head
 
 MIN_BUCKET = 128  # the shortest key length a decode step is compiled for
@@ -191,7 +191,8 @@ class SlotDecoder:
             x = x + tr.wpe(q_pos)[:, None]
         rope = None
         if c.attn_config.rope:
-            cos, sin = rope_cos_sin(q_pos, c.head_dim, c.attn_config.rope_theta)  # (B, D)
+            a = c.attn_config
+            cos, sin = rope_cos_sin_rows(q_pos, c.head_dim, a.rope_theta, a.rope_scaling)  # (B, D)
             rope = (cos[:, None, None, :], sin[:, None, None, :])  # broadcast over (B, H, 1, D)
         mask = AttentionMask(q_pos=q_pos, n_keys=n_keys, window=c.attn_config.sliding_window_size)
         bias = (

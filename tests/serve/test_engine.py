@@ -172,3 +172,29 @@ def test_an_adapted_model_serves_what_generate_gives_with_its_adapters() -> None
     while not all(o and o[-1].finish_reason for o in outs):
         engine.step()
     assert [[t for o in out for t in o.token_ids] for out in outs] == want
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8},
+        {"rope_type": "linear", "factor": 4.0},
+        # dynamic: theta grows past position 8, each decode row from its own position alone
+        {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8},
+    ],
+    ids=lambda s: s["rope_type"],
+)  # fmt: skip
+def test_scaled_rope_decodes_as_generate(scaling: dict) -> None:
+    """A LLaMA-3.1-style `rope_scaling` reaches the slot step's angles (each row at its own position)."""
+    torch.manual_seed(0)
+    config = tiny_config(max_seq_len=48, attn_config={"rope": True, "kv_n_heads": 2, "rope_scaling": scaling})
+    model = MPTForCausalLM(config).eval()
+    want = [
+        generate(model, None, [p], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
+        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+    ]
+    # whole prompts in one chunk: a dynamic scaling's prefill angles depend on the chunk's longest position
+    engine = Engine(model, None, max_batch=3, prefill_chunk=64, min_bucket=16)
+    outs = run(engine, {0: [0, 1, 2], 2: [3, 4], 5: [5]})
+    assert [[t for o in out for t in o.token_ids] for out in outs] == want
