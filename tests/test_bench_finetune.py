@@ -2,9 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_smoke(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["--smoke", "--optimizers", "adamw-bf16-offload"]
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, str(REPO / "bench" / "bench_finetune.py"), *args],
         env=env,
         capture_output=True,

@@ -2,16 +2,17 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_smoke(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, str(REPO / "bench" / "bench_long.py"), "--smoke"],
         env=env,
         capture_output=True,

@@ -3,16 +3,17 @@ interpreter, each equal to the float32 product with the dequantized weight."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_smoke(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, str(REPO / "bench" / "quant_kernels.py"), "--smoke"],
         env=env,
         capture_output=True,

@@ -1,13 +1,11 @@
-import subprocess
 import sys
 
 import smalto
+from tests import forkrun
 
 
 def _smalto(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=120
-    )
+    return forkrun.run([sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_version():

@@ -12,13 +12,14 @@ import torch
 
 from smalto.hf import save_pretrained
 from smalto.model.mpt import MPTForCausalLM
+from tests import forkrun
 from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def smalto(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return forkrun.run(
         [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=180, cwd=REPO
     )
 

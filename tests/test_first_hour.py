@@ -20,12 +20,13 @@ import pytest
 import yaml
 
 from smalto.demo import stdlib_files, train_tokenizer
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def smalto(*args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None):
-    return subprocess.run(
+    return forkrun.run(
         [sys.executable, "-m", "smalto", *map(str, args)],
         input=stdin,
         capture_output=True,

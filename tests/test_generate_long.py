@@ -16,6 +16,7 @@ from smalto.generate import MIN_PREFILL_CHUNK, generate, get_decoder, prefill_sp
 from smalto.hf import save_pretrained
 from smalto.model.attention import SDPA, SDPA_BIAS_BUDGET, AttentionKernel, AttentionPlan
 from smalto.model.mpt import MPTForCausalLM
+from tests import forkrun
 from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_prefill_spans_keep_the_scores_of_a_chunk_within_the_budget() -> None:
 
 
 def smalto(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return forkrun.run(
         [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=180, cwd=REPO
     )
 

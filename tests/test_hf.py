@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ import smalto
 from smalto.errors import CheckpointError, ConfigError
 from smalto.hf import native_incompatibilities, save_pretrained
 from smalto.model.mpt import MPTForCausalLM
+from tests import forkrun
 from tests.helpers import tiny_config
 from tests.model.helpers import MPT_7B_CONFIG_JSON
 
@@ -285,7 +285,7 @@ def run_without_smalto(script: str, cwd: Path) -> str:
     env["HF_MODULES_CACHE"] = str(cwd / "hf_modules")
     # SMALTO_REMOTE_PYTHON: another interpreter (e.g. a venv with transformers 4.40) to check the remote code with
     python = os.environ.get("SMALTO_REMOTE_PYTHON", sys.executable)
-    proc = subprocess.run(
+    proc = forkrun.run(
         [python, "-I", "-c", NO_SMALTO + textwrap.dedent(script)],
         cwd=cwd,
         env=env,

@@ -15,11 +15,12 @@ from smalto.generate import generate
 from smalto.hf import save_pretrained
 from smalto.model.mpt import MPTForCausalLM
 from smalto.tokenizer import load_tokenizer
+from tests import forkrun
 from tests.helpers import greedy_generate_args, tiny_config
 
 
 def smalto(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return forkrun.run(
         [sys.executable, "-m", "smalto", *args], input=stdin, capture_output=True, text=True, timeout=180
     )
 

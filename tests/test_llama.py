@@ -19,6 +19,7 @@ import transformers
 import smalto
 from smalto.errors import ConfigError
 from smalto.hf import save_pretrained
+from tests import forkrun
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 300  # 3 specials + 256 byte tokens + the trained pieces fit
@@ -387,7 +388,7 @@ def test_cli_convert_then_generate_non_ascii(tmp_path):
 def _smalto(*args: str) -> subprocess.CompletedProcess:
     """The CLI in a subprocess; stdout as bytes (a random model's text may hold a carriage return), stderr text."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "smalto", *args], capture_output=True, env=env, timeout=600)
+    r = forkrun.run([sys.executable, "-m", "smalto", *args], capture_output=True, env=env, timeout=600)
     r.stderr = r.stderr.decode()
     return r
 

@@ -3,7 +3,6 @@ honours every override (max_seq_len, attn_impl, dtype, device, any config field)
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from smalto.hf import save_pretrained
 from smalto.model.config import MPTConfig
 from smalto.model.mpt import MPTForCausalLM
 from smalto.tokenizer import load_tokenizer
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 # ALiBi, so a raised max_seq_len runs past the trained length; the vocabulary fits the GPT-NeoX tokenizer
@@ -173,9 +173,9 @@ def test_smalto_load_is_the_function_after_submodule_imports() -> None:
         "from smalto import save\n"
         "assert save is smalto.hf.save_pretrained\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = forkrun.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
+    r = forkrun.run(
         [sys.executable, "-c", "import sys, smalto; assert 'torch' not in sys.modules"],
         capture_output=True,
         text=True,
@@ -199,7 +199,7 @@ def test_generate_run_folder_past_its_trained_length(
     assert len(ref.token_ids) == 30
     args = ["generate", str(paths["run"]), "-p", "Hello world", "-n", "30", "--temperature", "0"]
     args += ["--device", "cpu", "--tokenizer", str(neox_tokenizer_dir), "--max-seq-len", "64"]
-    r = subprocess.run(
+    r = forkrun.run(
         [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, cwd=REPO, timeout=180
     )
     assert r.returncode == 0, r.stderr

@@ -107,17 +107,22 @@ def rope_cos_sin(
 
 
 def rope_cos_sin_rows(
-    pos: Tensor, head_dim: int, theta: float, scaling: dict[str, Any] | None = None
+    pos: Tensor,
+    head_dim: int,
+    theta: float,
+    scaling: dict[str, Any] | None = None,
+    longest: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """cos, sin (B, D) for one query per row at positions `pos` (B,), each row's scaling computed from its own
-    position alone, as a batch-1 decode computes it (only dynamic scaling depends on the position)."""
+    """cos, sin (N, D) for positions `pos` (N,) of different sequences, each one's scaling computed from the
+    longest position of its own forward, `longest` (N,; default: `pos`, one decode query per row), as that
+    sequence alone computes it (only dynamic scaling depends on the positions)."""
     if not scaling or scaling["rope_type"] != "dynamic":
         return rope_cos_sin(pos, head_dim, theta, scaling)
     factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
-    seq = (pos + 1).clamp(min=old).to(torch.float32)  # (B,)
+    seq = ((pos if longest is None else longest) + 1).clamp(min=old).to(torch.float32)  # (N,)
     grown = theta * ((factor * seq / old) - (factor - 1)) ** (head_dim / (head_dim - 2))
     exps = torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim
-    inv = 1.0 / (grown[:, None] ** exps[None, :])  # (B, D/2)
+    inv = 1.0 / (grown[:, None] ** exps[None, :])  # (N, D/2)
     freqs = pos.to(torch.float32)[:, None] * inv
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()

@@ -7,7 +7,8 @@ A request is one sequence (the API turns `n` choices into n requests). Its life:
     waiting  in a bounded queue (`submit` refuses past `max_queue`: the server answers 429)
     prefill  it owns a slot of the cache (smalto/serve/slots.py); its prompt is written in chunks, at most
              `prefill_chunk` prompt tokens per step over all prefilling requests, so a long prompt never stalls
-             the running ones for more than one chunk; the last chunk's logits give the first token
+             the running ones for more than one chunk (the first chunks of several requests go in one packed
+             forward, attention kept inside each); the last chunk's logits give the first token
     decode   every step runs one decode forward over all slots (reading each slot's first positions only, up to
              the smallest key-length bucket that holds the longest running sequence) and samples each running
              row with its own parameters (rows with the same parameters together; a seeded row with its own
@@ -273,26 +274,49 @@ class Engine:
             self.slots[i] = seq
 
     def _prefill(self) -> None:
+        """At most `prefill_chunk` prompt tokens over the prefilling sequences, oldest first: the first chunks of
+        two or more sequences go in one packed forward; a later chunk (or a prompt whose logprobs are asked for)
+        in its own forward over its slot."""
         budget = self.prefill_chunk
+        fresh: list[tuple[_Seq, list[int]]] = []
         for seq in sorted((s for s in self.slots if s is not None and s.sampled == 0), key=_arrival):
             if budget == 0:
-                return
+                break
             req = seq.req
             chunk = req.prompt[seq.written : seq.written + budget]
+            budget -= len(chunk)
+            if seq.written == 0 and not req.prompt_logprobs:
+                fresh.append((seq, chunk))
+                continue
             logits = self.dec.prefill(seq.slot, chunk, seq.written, all_logits=req.prompt_logprobs)
             first = None
             if req.prompt_logprobs:
                 first = self._prompt_logprobs(seq, logits)
                 logits = logits[-1]
-            seq.written += len(chunk)
-            budget -= len(chunk)
-            if seq.written == len(req.prompt):
-                token = sample(logits[None], req.params, self._seen(seq), seq.gen or self.gen)
-                lp = self._logprobs(logits[None], token, req.logprobs)
-                seq.sampled = 1
-                if self._seen(seq) is not None:
-                    self.seen[seq.slot, token] = True  # type: ignore[index]
-                self._accept(seq, int(token), lp[0] if lp else None, first)
+            self._prefilled(seq, len(chunk), logits, first)
+        if len(fresh) == 1:
+            seq, chunk = fresh[0]
+            self._prefilled(seq, len(chunk), self.dec.prefill(seq.slot, chunk, 0))
+        elif fresh:
+            last = self.dec.prefill_packed([(seq.slot, chunk) for seq, chunk in fresh])
+            for (seq, chunk), logits in zip(fresh, last, strict=True):
+                self._prefilled(seq, len(chunk), logits)
+
+    def _prefilled(
+        self, seq: _Seq, n: int, logits: torch.Tensor, first: list[TokenLogprob | None] | None = None
+    ) -> None:
+        """`n` more prompt tokens are in the cache; `logits` (V,) of the last: once the whole prompt is in,
+        sample the first token."""
+        req = seq.req
+        seq.written += n
+        if seq.written < len(req.prompt):
+            return
+        token = sample(logits[None], req.params, self._seen(seq), seq.gen or self.gen)
+        lp = self._logprobs(logits[None], token, req.logprobs)
+        seq.sampled = 1
+        if self._seen(seq) is not None:
+            self.seen[seq.slot, token] = True  # type: ignore[index]
+        self._accept(seq, int(token), lp[0] if lp else None, first)
 
     def _launch(self) -> _Flight | None:
         """Queue one decode step over the sequences that go on (their last token from the host after a prefill,

@@ -22,6 +22,7 @@ the bucket, so with it the step has one bucket (one graph): the whole slot.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 
@@ -36,6 +37,7 @@ from smalto.model.attention import (
     AttentionKernel,
     AttentionMask,
     alibi_slopes,
+    build_attention_inputs,
 )
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
@@ -72,6 +74,20 @@ class StepCache:
         k[rows, :, self.write_pos] = k_new[:, :, 0].to(k.dtype)  # (B, K, D) at (b, :, write_pos[b])
         v[rows, :, self.write_pos] = v_new[:, :, 0].to(v.dtype)
         return k[:, :, : self.n_keys], v[:, :, : self.n_keys]
+
+
+class PackedWrite:
+    """The cache as a packed prefill sees it: token t is written at position `pos[t]` of slot `slots[t]`, and
+    attention gets the chunk's own keys and values (every chunk starts at position 0: nothing before it)."""
+
+    def __init__(self, cache: KVCache, slots: Tensor, pos: Tensor):
+        self.cache, self.slots, self.pos = cache, slots, pos
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.cache.keys[layer], self.cache.values[layer]
+        k[self.slots, :, self.pos] = k_new[0].transpose(0, 1).to(k.dtype)  # (T, K, D) at (slot[t], :, pos[t])
+        v[self.slots, :, self.pos] = v_new[0].transpose(0, 1).to(v.dtype)
+        return k_new, v_new
 
 
 def row_view(cache: KVCache, slot: int, length: int, n_keys: int | None = None) -> KVCache:
@@ -179,6 +195,45 @@ class SlotDecoder:
         if all_logits:
             return self.model.scale_logits(F.linear(h, self.model.unembedding)).float()
         return self._logits(h[-1:])[0]
+
+    def prefill_packed(self, parts: list[tuple[int, list[int]]]) -> Tensor:
+        """Write the first chunks of several sequences, each `(slot, ids)` from position 0 of its slot, in one
+        forward over the chunks laid end to end, attention kept inside each (as a packed training batch); float
+        logits (N, V) of each chunk's last position. Each computes what `prefill(slot, ids, 0)` computes."""
+        m, c = self.model, self.model.config
+        d = m.device
+        lens = [len(ids) for _, ids in parts]
+        tokens = torch.tensor([[t for _, ids in parts for t in ids]], dtype=torch.long, device=d)
+        T = tokens.shape[1]
+        seg = torch.repeat_interleave(torch.arange(len(parts), device=d), torch.tensor(lens, device=d))
+        starts = torch.tensor([0, *itertools.accumulate(lens)][:-1], device=d)
+        pos = torch.arange(T, device=d) - starts[seg]  # each chunk's own positions, from 0
+        slots = torch.tensor([slot for slot, _ in parts], device=d)[seg]
+        x = m.transformer.wte(tokens)
+        if c.uses_wpe:
+            x = x + m.transformer.wpe(pos)[None]
+        w = c.attn_config.sliding_window_size
+        # causality and ALiBi distances by index in the packed row: within one chunk they are its positions
+        mask = AttentionMask(
+            q_pos=torch.arange(T, device=d),
+            n_keys=T,
+            seq_q=seg[None],
+            seq_k=seg[None],
+            window=w if 0 < w < T else -1,
+            from_zero=True,
+        )
+        inputs = build_attention_inputs(c, mask, self.prefill_plan, x.dtype)
+        if (
+            inputs.rope is not None
+        ):  # RoPE angles from each chunk's own positions (what its keys are cached at)
+            a = c.attn_config
+            longest = torch.tensor(lens, device=d)[seg] - 1
+            inputs.rope = rope_cos_sin_rows(pos, c.head_dim, a.rope_theta, a.rope_scaling, longest)
+        cache = PackedWrite(self.cache, slots, pos)
+        for block in m.transformer.blocks:
+            x = block(x, inputs, cache)
+        last = torch.tensor(list(itertools.accumulate(lens)), device=d) - 1
+        return self._logits(m.transformer.norm_f(x)[0, last])
 
     def _step(self, tokens: Tensor, pos: Tensor, n_keys: int) -> Tensor:
         """tokens (B,), pos (B,) → float logits (B, V); row b's token is written at position pos[b], and row b

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkrun
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TOKENIZER = Path(__file__).parents[2] / ".." / "shared" / "tokenizers" / "gpt-neox-20b"
@@ -32,7 +34,7 @@ def eos_id(tok) -> int:
 
 def run_cli(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`smalto ...` in a fresh interpreter, as a user runs it."""
-    return subprocess.run(
+    return forkrun.run(
         [sys.executable, "-m", "smalto", *map(str, args)],
         input=stdin,
         capture_output=True,

@@ -4,7 +4,6 @@ refused when first opened (naming the file), and token ids the model cannot embe
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from smalto.data.dataset import MDSDataset
 from smalto.data.mds import MDSWriter
 from smalto.data.stream import DataConfig, build_loader, check_vocab
 from smalto.errors import DataError
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -196,7 +196,7 @@ def test_vocab_mismatch_stops_smalto_train_with_both_sizes(tmp_path):
         "logging": {"progress": False, "tensorboard": False},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, "-m", "smalto", "train", str(tmp_path / "r.yaml")],
         capture_output=True,
         text=True,

@@ -2,7 +2,6 @@
 fsspec URLs with a bounded, verified cache."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from smalto.data.mds import MDSWriter
 from smalto.data.stream import DataConfig, build_loader
 from smalto.errors import ConfigError, DataError
+from tests import forkrun
 
 EOS = 0
 SEQ = 8
@@ -140,7 +140,7 @@ if state_out != "-":
 
 def _run(tmp: Path, *args) -> np.ndarray:
     out = tmp / f"rows-{abs(hash(args))}.npy"
-    res = subprocess.run(
+    res = forkrun.run(
         [sys.executable, "-c", RESUME_SCRIPT, *map(str, args[:-1]), out], capture_output=True, timeout=120
     )
     assert res.returncode == 0, res.stderr.decode()

@@ -11,6 +11,7 @@ import pytest
 
 from smalto.data.stream import DataConfig, build_loader
 from smalto.data.tokenize import TokenizeConfig, tokenize_to_shards
+from tests import forkrun
 from tests.data.conftest import run_cli
 
 
@@ -235,9 +236,8 @@ def test_bad_input_exits_2_with_message_and_leaves_nothing(tmp_path, tokenizer_d
 def test_missing_zstandard_is_a_clear_error(tmp_path, tokenizer_dir):
     (tmp_path / "d.txt").write_text("some text " * 50)
     code = "import sys; sys.modules['zstandard'] = None; sys.argv[0] = 'smalto'; from smalto.cli import main; main()"
-    import subprocess
 
-    res = subprocess.run(
+    res = forkrun.run(
         [sys.executable, "-c", code, "data", "d.txt", "-o", "o", "-t", str(tokenizer_dir), "--compression", "zstd", "--seq-len", "8"],
         cwd=tmp_path, capture_output=True, timeout=60,
     )  # fmt: skip

@@ -12,12 +12,13 @@ import pytest
 
 from smalto.eval.prompts import Request
 from smalto.eval.scorer import score_full
+from tests import forkrun
 from tests.eval.conftest import direct_mean_ce
 
 
 def _smalto(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(
+    return forkrun.run(
         [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
     )
 

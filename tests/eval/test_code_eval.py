@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import socket
-import subprocess
 
 import pytest
 
@@ -18,6 +17,7 @@ from smalto.eval.code_exec import missing_tool
 from smalto.eval.runner import evaluate
 from smalto.eval.sandbox import _UID_BASE, Limits, containment
 from smalto.eval.tasks import TaskConfig, read_items, shipped_tasks
+from tests import forkrun
 from tests.eval.conftest import tiny_mpt
 
 
@@ -167,7 +167,7 @@ def test_hostile_completions_are_contained(data_root, tmp_path, monkeypatch):
     server.close()
     c = containment()
     if c.uid is not None and c.uid != 65534:  # every run's uid: no process left behind
-        ps = subprocess.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split()
+        ps = forkrun.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split()
         assert not [u for u in ps if _UID_BASE <= int(u) < _UID_BASE + 1000]
     # the secret exists here but not in the sandbox: the same check outside the sandbox passes
     assert os.environ["SMALTO_TEST_SECRET"] == "hunter2"

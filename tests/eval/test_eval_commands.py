@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 
 from smalto.eval import runner
 from smalto.eval.run import EvalConfig, run
+from tests import forkrun
 from tests.eval.conftest import tiny_mpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +44,7 @@ def test_tasks_that_do_not_fit_are_skipped_by_name(short_model_dir, data_root, t
         "--data-root",
         str(data_root),
     ]
-    r = subprocess.run(
+    r = forkrun.run(
         [sys.executable, "-m", "smalto", "eval", str(short_model_dir), *args],
         capture_output=True,
         text=True,
@@ -85,17 +84,3 @@ def test_results_are_written_as_tasks_finish(short_model_dir, data_root, tmp_pat
         run(cfg)
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is False and [t["label"] for t in res["tasks"]] == ["copa"]
-
-
-def test_documented_lm_eval_command_runs(short_model_dir):
-    """The local-task line of docs/eval.md, as written, with the model path put in for runs/tiny/hf."""
-    doc = (REPO / "docs" / "eval.md").read_text()
-    (line,) = [
-        x for x in doc.splitlines() if x.startswith("python -m smalto.eval.lm_eval_adapter") and "local" in x
-    ]
-    argv = shlex.split(line.replace("runs/tiny/hf", str(short_model_dir)))
-    r = subprocess.run(
-        [sys.executable, *argv[1:]], capture_output=True, text=True, timeout=400, cwd=REPO, env=_env()
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "smalto_lambada_local" in r.stdout and "perplexity" in r.stdout

@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from smalto.errors import ConfigError, DataError
 from smalto.eval.by_position import perplexity_by_position
 from smalto.eval.run import EvalConfig, run
 from smalto.model.mpt import MPTForCausalLM
+from tests import forkrun
 from tests.helpers import tiny_config
 
 TRAINED = 256
@@ -86,7 +86,7 @@ def test_an_alibi_model_trained_at_256_stays_flat_to_512(alibi_dir, stdlib_text,
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = ["eval", str(alibi_dir), "--ppl-by-position", str(held), "--length", "512", "--buckets", "8"]
-    r = subprocess.run(
+    r = forkrun.run(
         [sys.executable, "-m", "smalto", *args, "--limit", "12", "--device", "cpu", "--out", str(out)],
         capture_output=True,
         text=True,

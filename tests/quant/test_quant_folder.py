@@ -22,13 +22,12 @@ from smalto.model.mpt import MPTForCausalLM
 from smalto.quant import QuantLinear, QuantSpec, quantize
 from smalto.quant.folder import check_device, save_quantized
 from smalto.tokenizer import load_tokenizer
+from tests import forkrun
 from tests.helpers import greedy_generate_args, tiny_config
 
 
 def smalto(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=180
-    )
+    return forkrun.run([sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")

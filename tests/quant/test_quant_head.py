@@ -22,6 +22,7 @@ from smalto.quant import QuantLinear, QuantSpec, quantize
 from smalto.quant.folder import save_quantized
 from smalto.quant.linear import QuantEmbedding, QuantHead, quant_head
 from smalto.tokenizer import load_tokenizer
+from tests import forkrun
 from tests.helpers import greedy_generate_args, tiny_config
 from tests.model.helpers import tiny, tokens, use_triton_interpreter
 
@@ -146,9 +147,7 @@ def test_folder_round_trip_is_exact(model_dir: Path, tmp_path: Path, spec: Quant
 
 
 def smalto(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=180
-    )
+    return forkrun.run([sys.executable, "-m", "smalto", *args], capture_output=True, text=True, timeout=180)
 
 
 def test_cli_quantize_head(model_dir: Path, tmp_path: Path) -> None:

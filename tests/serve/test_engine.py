@@ -85,6 +85,24 @@ def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
     assert engine.busy() == 0
 
 
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_prompts_prefilled_together_decode_as_alone(spec: str) -> None:
+    # four requests at once fill the four slots: their prompts go in one packed forward; the other two, arriving
+    # one at a time, alone
+    model = make_model(spec)
+    want = [
+        generate(model, None, [p], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
+        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+    ]
+    engine = Engine(model, None, max_batch=4, prefill_chunk=64, min_bucket=16)
+    packed: list[int] = []
+    prefill_packed = engine.dec.prefill_packed
+    engine.dec.prefill_packed = lambda parts: packed.append(len(parts)) or prefill_packed(parts)  # type: ignore[method-assign]
+    outs = run(engine, {0: [0, 1, 2, 3, 4, 5]})
+    assert [[t for o in out for t in o.token_ids] for out in outs] == want
+    assert packed[0] == 4
+
+
 def test_seeded_sampling_equals_generate() -> None:
     model = make_model("alibi")
     params = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3)

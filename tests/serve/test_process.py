@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import forkrun
 from tests.serve.conftest import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +91,6 @@ def test_sigterm_drains_and_exits_zero(proc_server) -> None:
 def test_a_missing_model_exits_2_without_a_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "smalto", "serve", str(tmp_path / "nope"), "--port", str(free_port())]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    p = forkrun.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
     assert str(tmp_path / "nope") in p.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from smalto.generate import generate
+from tests import forkrun
 from tests.helpers import greedy_generate_args
 from tests.serve.conftest import free_port, wait_until_healthy
 
@@ -35,7 +36,7 @@ def test_served_quantized_model_answers_as_generate_does(model_dir: Path, loaded
     ]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:  # the reference runs while the server starts
-        gen = subprocess.run(
+        gen = forkrun.run(
             [sys.executable, "-m", "smalto", *greedy_generate_args(model_dir, *QUANT)],
             env=env,
             capture_output=True,

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from smalto.demo import stdlib_files, train_tokenizer
+from tests import forkrun
 from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def run_smalto(
     launch = (
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     )
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, *launch, "-m", "smalto", *args],
         capture_output=True,
         text=True,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from smalto.config import apply_overrides, load_config, recipe_names
 from smalto.errors import ConfigError
+from tests import forkrun
 from tests.train.conftest import REPO
 
 PUBLISHED = {  # d_model, n_heads, n_layers, max_seq_len (mosaicml/mpt-* config.json, llm-foundry yamls)
@@ -175,7 +175,7 @@ def test_unknown_recipe_lists_the_shipped_ones():
     ],
 )
 def test_cli_refuses_bad_recipes_with_exit_2(args, message):
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, "-m", "smalto", "train", *args],
         capture_output=True,
         text=True,

@@ -10,7 +10,6 @@ import io
 import os
 import pickle
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from smalto.train.checkpoint import Checkpointer, load_weights
 from smalto.train.dcp_read import ALLOWED, _torch_constant
 from smalto.train.optim import build_optimizer
 from smalto.train.parallel import World
+from tests import forkrun
 from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def test_crafted_checkpoint_runs_nothing(tmp_path: Path, craft) -> None:
         Checkpointer(run / "checkpoints", WORLD).load(step, model, opt)
     with pytest.raises(CheckpointError, match=expected):  # checkpoint.load_from
         load_weights(str(run / "checkpoints"), model, WORLD)
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, "-m", "smalto", "convert", str(run), str(tmp_path / "hf")],
         capture_output=True,
         text=True,

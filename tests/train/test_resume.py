@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import forkrun
 from tests.train.conftest import REPO, losses, recipe, run_cli
 
 
@@ -231,7 +232,7 @@ def test_plot_draws_the_run(reference, tmp_path):
 
     out = plot_run(reference, tmp_path / "curves.png")
     assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, "-m", "smalto", "plot", str(tmp_path / "nothing")],
         capture_output=True,
         text=True,

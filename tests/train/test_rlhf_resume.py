@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from smalto.errors import CheckpointError
+from tests import forkrun
 from tests.helpers import tiny_config
 from tests.train.conftest import REPO
 
@@ -203,7 +204,7 @@ def test_sigint_leaves_a_checkpoint_the_relaunch_continues(base, pairs, tmp_path
     assert "stopped (SIGINT)" in err and "relaunch the same command to continue" in err
     step = json.loads((run / "checkpoints" / latest(run) / "trainer.json").read_text())["step"]
     assert step >= 2 and [s for s, _ in train_rows(run, "train/loss")] == list(range(1, step + 1))
-    p = subprocess.run(
+    p = forkrun.run(
         [sys.executable, "-m", "smalto", "reward", "tiny-reward", *args, "reward.stop_after=1"],
         cwd=REPO,
         capture_output=True,
