@@ -3,10 +3,14 @@
     python bench/serve_load.py --shape 7b --tokenizer ../shared/tokenizers/gpt-neox-20b --max-batch 64 \
         --concurrency 64 --rates 2,4,8,16,inf --num-prompts 256 --baseline --offline --out $OUT
     python bench/serve_load.py --model runs/tiny/hf --rates 1,inf     # any HF folder
+    python bench/serve_load.py --model runs/tiny/hf --dataset sharegpt.jsonl --rates 4,inf   # real conversations
     python bench/serve_load.py --smoke                                # a tiny random model on CPU, in seconds
 
 Requests are streamed completions with token-id prompts, EOS ignored, so each has exactly the lengths drawn for it:
-ShareGPT-like lognormal lengths (prompt median 200 tokens, output median 150, heavy tails, cut to the context).
+ShareGPT-like lognormal lengths (prompt median 200 tokens, output median 150, heavy tails, cut to the context), or
+with `--dataset FILE.jsonl` real conversations (ShareGPT's `conversations` or OpenAI's `messages`): each request is
+a conversation's first user turn, tokenized by the served folder's tokenizer, and asks for as many tokens as the
+answer to it had (exchanges that do not fit the context are left out).
 Arrivals are Poisson at each `--rates` value (requests/s; `inf`: all at once), at most `--concurrency` in flight.
 Per rate: requests/s, output tokens/s, TTFT, TPOT (per request: (latency − TTFT) / (tokens − 1)) and inter-token
 latency p50/p90/p99. `--baseline` runs the first `--baseline-prompts` requests at `--baseline-rates` against a
@@ -50,6 +54,53 @@ def lengths(n: int, max_len: int, rng: random.Random, scale: float = 1.0) -> lis
         p = min(p, max_len // 2)
         out.append((p, min(o, max_len - p)))
     return out
+
+
+USER, ASSISTANT = ("human", "user"), ("gpt", "assistant", "chatgpt", "bard", "bing")
+
+
+def first_exchange(row: Any) -> tuple[str, str] | None:
+    """The first user turn and the assistant's answer to it in one conversation: ShareGPT's `conversations`
+    ({"from": "human" | "gpt", "value"}) or OpenAI's `messages` ({"role", "content"}); None when it has none."""
+    turns = row.get("conversations", row.get("messages")) if isinstance(row, dict) else None
+    if not isinstance(turns, list):
+        raise ValueError('expected an object with a "conversations" or "messages" list')
+    pairs = [
+        (t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in turns if isinstance(t, dict)
+    ]
+    for (who, text), (who2, answer) in itertools.pairwise(pairs):
+        if who in USER and who2 in ASSISTANT and isinstance(text, str) and isinstance(answer, str):
+            return text, answer
+    return None
+
+
+def dataset_work(
+    path: Path, tokenizer: Any, n: int, max_len: int, rng: random.Random
+) -> list[tuple[list[int], int]]:
+    """`n` requests from a JSONL of conversations (as vLLM's benchmark samples ShareGPT): each the first user
+    turn's tokens and its answer's token count as the output length; exchanges with a prompt under 4 tokens, an
+    answer under 2, or that do not fit `max_len` together are left out, not cut."""
+    found = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                got = first_exchange(json.loads(line))
+            except ValueError as e:  # json.JSONDecodeError is one
+                raise SystemExit(f"error: {path}:{i}: {e}") from None
+            if got is None:
+                continue
+            prompt = tokenizer(got[0], add_special_tokens=False)["input_ids"]
+            n_out = len(tokenizer(got[1], add_special_tokens=False)["input_ids"])
+            if len(prompt) >= 4 and n_out >= 2 and len(prompt) + n_out <= max_len:
+                found.append((prompt, n_out))
+    if not found:
+        raise SystemExit(
+            f"error: {path}: no conversation with a user turn and an answer that fit {max_len} tokens"
+        )
+    rng.shuffle(found)
+    return [found[i % len(found)] for i in range(n)]
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -252,6 +303,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--rates", default="2,4,8,16,inf", help="requests/s, comma-separated; inf = all at once")
     ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument(
+        "--dataset",
+        help="a JSONL of conversations (ShareGPT `conversations` or OpenAI `messages`) for the prompts and "
+        "output lengths, instead of drawn lengths",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--baseline", action="store_true", help="also load the naive one-request-at-a-time server"
@@ -280,10 +336,17 @@ def main() -> None:
         else build_folder(a.shape, a.tokenizer, Path(a.workdir) / a.shape, a.device, a.dtype, a.max_seq_len)
     )
     rng = random.Random(a.seed)
-    work = [
-        ([rng.randrange(1000, 30000) for _ in range(p)], o)
-        for p, o in lengths(a.num_prompts, a.max_seq_len, rng, scale)
-    ]
+    if a.dataset:
+        from smalto.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder)
+        work = dataset_work(Path(a.dataset), tok, a.num_prompts, a.max_seq_len, rng)
+        print(f"{len(work)} requests from {a.dataset}")
+    else:
+        work = [
+            ([rng.randrange(1000, 30000) for _ in range(p)], o)
+            for p, o in lengths(a.num_prompts, a.max_seq_len, rng, scale)
+        ]
     rates = [float(r) for r in a.rates.split(",")]
     results: dict[str, list[dict]] = {}
     servers = {"smalto serve": [sys.executable, "-m", "smalto", "serve", str(folder), "--device", a.device,

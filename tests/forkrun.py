@@ -135,9 +135,14 @@ def _child(req: dict[str, Any], pipes: tuple[int, int]) -> None:
     os.environ.clear()
     os.environ.update(req["env"])
     os.chdir(req["cwd"])
-    os.dup2(os.open(req["stdin"], os.O_RDONLY), 0)
-    os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT, 0o600), 1)
-    os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT, 0o600), 2)
+    for target, (name, flags) in enumerate(
+        [("stdin", os.O_RDONLY), ("stdout", os.O_WRONLY | os.O_CREAT), ("stderr", os.O_WRONLY | os.O_CREAT)]
+    ):
+        fd = os.open(req[name], flags, 0o600)
+        if fd != target:
+            os.dup2(fd, target)
+            os.close(fd)
+        os.set_inheritable(target, True)  # a process it starts gets them, as from any process's 0, 1, 2
     # the interpreter's streams anew, on the new descriptors (the zygote's stdin may hold read-ahead)
     sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
     unbuffered = bool(req["env"].get("PYTHONUNBUFFERED"))
