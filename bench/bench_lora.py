@@ -259,6 +259,7 @@ def main() -> None:
     Console().print(table)
     out = os.environ.get("OUT")
     if out:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench_lora.json"), "w") as f:
             json.dump(results, f, indent=1)
 
