@@ -81,7 +81,7 @@ def test_cached_decode_equals_the_full_forward(name):
 VARIANTS = [("int8", "base"), ("int8", "magic"), ("int4", "auto"), ("int4-sym", "auto")]
 
 
-@pytest.mark.parametrize(("name", "kernel"), VARIANTS, ids="-".join)
+@pytest.mark.parametrize(("name", "kernel"), VARIANTS, ids=[f"{n}-{k}" for n, k in VARIANTS])
 @pytest.mark.parametrize(
     ("M", "norm", "act", "residual"),
     [
@@ -116,6 +116,23 @@ def test_kernel_reads_quantized_weights_as_dequantized(name, kernel, M, norm, ac
         got = decode_linear.linear(
             x, q.weight_args(), q.bias, norm=spec, act=act, residual=r, quant_kernel=kernel
         )
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-sym"])
+def test_int4_over_several_input_tiles(name):
+    """One row of int4 over inputs longer than one BLOCK_K tile (the loop after the first tile, each group's scale
+    found from the tile's offset, and a last tile with groups past the inputs), with a LayerNorm and its bias."""
+    assert decode_linear.prepare()
+    g = torch.Generator().manual_seed(3)
+    K = 1024 + 192  # every tile BLOCK_K (512 or 1024) is a multiple of the group; the last one part empty
+    q = QuantLinear.from_linear(torch.nn.Linear(K, 24, bias=False), SPECS[name])
+    x = 2 * torch.randn(1, K, generator=g) + 0.5
+    nw, nb = 1 + 0.1 * torch.randn(K, generator=g), 0.1 * torch.randn(K, generator=g)
+    h = torch.nn.functional.layer_norm(x, (K,), nw, nb, 1e-5)
+    ref = torch.nn.functional.linear(h, q.dequantize(torch.float32))
+    with torch.no_grad():
+        got = decode_linear.linear(x, q.weight_args(), norm=("layernorm", nw, nb, 1e-5))
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
