@@ -17,7 +17,8 @@ from smalto.errors import UserError
 
 app = typer.Typer(
     name="smalto",
-    help="Pretrain, evaluate, convert and run (generate, chat) MPT-family language models.",
+    help="Pretrain, finetune (full, LoRA, QLoRA), preference-tune (DPO, reward model, PPO), evaluate, convert, "
+    "run and serve MPT- and LLaMA-family language models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -113,7 +114,8 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Pretrain, evaluate, convert and run (generate, chat) MPT-family language models."""
+    """Pretrain, finetune (full, LoRA, QLoRA), preference-tune (DPO, reward model, PPO), evaluate, convert, run and
+    serve MPT- and LLaMA-family language models."""
 
 
 # ---- commands are added below, one function each; keep them thin (parse, call, print) ----
