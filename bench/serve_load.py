@@ -300,6 +300,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="smalto serve's --prefill-chunk (prompt tokens a step; default: the server's)",
+    )
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--rates", default="2,4,8,16,inf", help="requests/s, comma-separated; inf = all at once")
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -352,6 +358,8 @@ def main() -> None:
     servers = {"smalto serve": [sys.executable, "-m", "smalto", "serve", str(folder), "--device", a.device,
                                 "--dtype", a.dtype, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len),
                                 "--max-queue", str(max(256, a.num_prompts)), "--served-model-name", "m"]}  # fmt: skip
+    if a.prefill_chunk is not None:
+        servers["smalto serve"] += ["--prefill-chunk", str(a.prefill_chunk)]
     if a.baseline:
         servers["naive (transformers generate, one at a time)"] = [sys.executable, str(Path(__file__).with_name("serve_naive.py")), str(folder), "--device", a.device, "--dtype", a.dtype]  # fmt: skip
     for name, cmd in servers.items():
