@@ -1,6 +1,6 @@
 """The continuous-batching engine: the same greedy tokens as `smalto generate` for each request, whatever else is in
-the batch (mixed lengths, arrivals mid-flight, chunked prefill), for ALiBi, RoPE+GQA and learned positions; slots
-freed by cancels; the bounded queue."""
+the batch (mixed lengths, arrivals mid-flight, chunked prefill), for ALiBi, RoPE+GQA, learned positions and a
+sliding window; slots freed by cancels; the bounded queue."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ SPECS = {
         attn_config={"rope": True, "kv_n_heads": 2, "qk_ln": True}, ffn_config={"ffn_type": "mptglu"}
     ),
     "learned_pos": dict(learned_pos_emb=True),
+    "window": dict(attn_config={"rope": True, "sliding_window_size": 6}),  # Mistral's sliding window
 }
 # token-id prompts of mixed lengths (vocab 256, no tokenizer: ids in, ids out)
 PROMPTS = [
