@@ -7,6 +7,7 @@ else ChatML, the format of MPT-7B-Chat / MPT-30B-Chat:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,18 @@ def quiet_length_warning(tokenizer: Any) -> Any:
     if isinstance(flags, dict):
         flags["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
+
+
+@functools.lru_cache(maxsize=8)  # asked once per example
+def leading_special_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids the tokenizer puts before a text by default (`tokenizer(text)`, special tokens added): LLaMA's
+    BOS; none for GPT-NeoX (MPT), whose tokenizer adds nothing."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return tuple(full[:i])
+    return ()
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -3,7 +3,8 @@
 Rows are read from JSONL / JSON / Parquet / CSV files, folders of them or saved HF datasets, and turned into
 examples by the source's `preprocessing` step (smalto.data.preprocess: prompt_response, dolly, alpaca, chat,
 module:function). Examples:
-    {"prompt": "...", "response": "..."}            rendered as prompt + response + EOS (llm-foundry's way)
+    {"prompt": "...", "response": "..."}            rendered as prompt + response + EOS (llm-foundry's way),
+                                                    after the tokenizer's leading special tokens (LLaMA's BOS)
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
                                                     rendered with the tokenizer's chat template, or ChatML
                                                     (<|im_start|>role\\n...<|im_end|>\\n) when it has none,
@@ -33,6 +34,7 @@ import torch
 
 from smalto.data.sources import ErrorPolicy
 from smalto.errors import ConfigError, DataError, check_choice, check_keys
+from smalto.tokenizer import leading_special_ids
 
 ROLES = ("system", "user", "assistant", "tool")
 _MAX_OPEN_ROWS = 64  # first-fit looks at this many partly filled rows; keeps packing linear in time
@@ -196,6 +198,12 @@ def render(record: dict[str, Any], tokenizer: Any, cfg: FinetuneConfig) -> tuple
         ids += toks
         labels += toks if target else [-100] * len(toks)
     last_len = len(encoded[-1])
+    # a prompt/response example starts as the tokenizer starts a text (LLaMA's BOS), as `smalto generate` encodes
+    # its prompt and TRL a prompt-completion pair; a chat is what its template renders (BOS when the template
+    # writes it), as transformers' apply_chat_template tokenizes it
+    lead = list(leading_special_ids(tokenizer)) if "messages" not in record else []
+    if lead and ids[: len(lead)] != lead:
+        ids, labels = lead + ids, [-100] * len(lead) + labels
     if not ids or ids[-1] != tokenizer.eos_token_id:  # EOS when the rendering does not end with it
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)

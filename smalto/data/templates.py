@@ -17,6 +17,10 @@ MPT_7B_CHAT_HUB_TEMPLATE   the chat template the hub's mosaicml/mpt-7b-chat toke
 
 from __future__ import annotations
 
+from typing import Any
+
+from smalto.tokenizer import leading_special_ids
+
 INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 DOLLY_PROMPT = INTRO + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 MODEL_CARD_PROMPT = INTRO + "\n### Instruction:\n{instruction}\n### Response:\n"
@@ -71,6 +75,17 @@ VICUNA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "instruct": INSTRUCT_TEMPLATE, "vicuna": VICUNA_TEMPLATE}
+
+
+def recipe_template(name: str, tokenizer: Any) -> str:
+    """TEMPLATES[name] for this tokenizer: after `{{ bos_token }}` when the tokenizer starts a text with its BOS
+    (LLaMA's, whose own templates begin so), so that a chat renders as a prompt/response example of the same model
+    is trained (smalto.data.finetune) and as `smalto generate` encodes a prompt; unchanged for GPT-NeoX (MPT)."""
+    template = TEMPLATES[name]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and leading_special_ids(tokenizer) == (bos,):
+        return "{{ bos_token }}" + template
+    return template
 
 
 def instruct_prompt(instruction: str) -> str:

@@ -97,7 +97,7 @@ def finetune_tokenizer(cfg: RunConfig, path: str | Path | None = None) -> Any:
     gets the recipe's, so the chats are trained in the format the export declares."""
     import warnings
 
-    from smalto.data.templates import TEMPLATES
+    from smalto.data.templates import TEMPLATES, recipe_template
     from smalto.tokenizer import add_chatml_tokens, load_tokenizer
 
     source = path or cfg.tokenizer
@@ -105,7 +105,7 @@ def finetune_tokenizer(cfg: RunConfig, path: str | Path | None = None) -> Any:
     tok = load_tokenizer(source)
     name = template_name(cfg)
     if not getattr(tok, "chat_template", None) and name in TEMPLATES:
-        tok.chat_template = TEMPLATES[name]
+        tok.chat_template = recipe_template(name, tok)
     if uses_chatml(cfg, tok) and not add_chatml_tokens(tok, cfg.model.vocab_size):
         warnings.warn(
             f"the model's vocab_size {cfg.model.vocab_size} has no room for <|im_start|> and <|im_end|> beside the "
@@ -218,7 +218,7 @@ def template_name(cfg: RunConfig) -> str:
 def write_chat_files(cfg: RunConfig, folder: Path) -> None:
     """The export's tokenizer (with the ChatML tokens of a ChatML recipe), chat_template (tokenizer_config.json)
     and generation_config.json's EOS and end-of-turn ids."""
-    from smalto.data.templates import TEMPLATES
+    from smalto.data.templates import TEMPLATES, recipe_template
     from smalto.tokenizer import CHATML_END, load_tokenizer
 
     name = template_name(cfg)
@@ -228,7 +228,7 @@ def write_chat_files(cfg: RunConfig, folder: Path) -> None:
     tc_file = folder / "tokenizer_config.json"
     tc = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
     if name in TEMPLATES:
-        tc["chat_template"] = TEMPLATES[name]
+        tc["chat_template"] = recipe_template(name, with_markers)
         (folder / "chat_template.jinja").unlink(
             missing_ok=True
         )  # transformers prefers this file when present

@@ -12,8 +12,10 @@ from smalto.data.templates import (
     CHATML_TEMPLATE,
     INSTRUCT_TEMPLATE,
     MPT_7B_CHAT_HUB_TEMPLATE,
+    TEMPLATES,
     VICUNA_TEMPLATE,
     instruct_prompt,
+    recipe_template,
 )
 from smalto.errors import ConfigError, DataError
 
@@ -78,6 +80,46 @@ def test_dolly_token_ids_and_mask(tmp_path, hf_tok):
     assert ids[-9:] == [187, 187, 4118, 19371, 27, 187, 22036, 15, 0]
     assert labels[-3:] == [22036, 15, 0] and set(labels[:-3]) == {-100}
     assert hf_tok.decode(ids[:-3]) == DOLLY_TRAINED
+
+
+def test_a_llama_tokenizer_starts_each_example_with_bos(tmp_path):
+    """A prompt/response example starts as `smalto generate` encodes a prompt (and TRL a prompt-completion
+    pair): with the BOS a LLaMA tokenizer puts before a text, not a target; a chat is as its template renders it
+    (transformers' apply_chat_template adds no special tokens). GPT-NeoX adds none: MPT's ids are unchanged."""
+    from tests.test_llama import byte_fallback_tokenizer
+
+    tok = byte_fallback_tokenizer(tmp_path / "tok")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert tok("hello")["input_ids"][0] == bos == 1
+    rows = [
+        {"prompt": "the quick brown fox", "response": " jumps over"},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello there"}]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = FinetuneDataset(FinetuneConfig(path=path, seq_len=64, packing=False), tok)
+    ids, labels = data[0]["input_ids"].tolist(), data[0]["labels"].tolist()
+    prompt = tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    response = tok(" jumps over", add_special_tokens=False)["input_ids"]
+    n = 1 + len(prompt) + len(response) + 1
+    assert ids[:n] == [bos, *prompt, *response, eos]
+    assert labels[:n] == [-100] * (1 + len(prompt)) + [*response, eos]
+    text = tok.apply_chat_template(rows[1]["messages"], tokenize=False)
+    chat = tok(text, add_special_tokens=False)["input_ids"]
+    assert data[1]["input_ids"].tolist()[: len(chat)] == chat and chat[0] != bos
+
+    # the templates a recipe exports start with that BOS too, so the exported chat prompt starts as the examples
+    for name in TEMPLATES:
+        assert recipe_template(name, tok) == "{{ bos_token }}" + TEMPLATES[name]
+    tok.chat_template = recipe_template("instruct", tok)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]  # what apply_chat_template(tokenize=True) gives
+    assert text.startswith("<s>Below is an instruction") and ids[0] == bos and ids.count(bos) == 1
+
+
+def test_gpt_neox_templates_are_unchanged(hf_tok):
+    assert {name: recipe_template(name, hf_tok) for name in TEMPLATES} == TEMPLATES
 
 
 def test_every_file_format_gives_the_same_examples(tmp_path, hf_tok):
