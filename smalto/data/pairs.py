@@ -157,9 +157,13 @@ def tokenize_pair(pair: dict[str, Any], tokenizer: Any) -> tuple[list[int], list
 
 
 def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> list[int]:
-    """A prompt's ids as the policy sees it before a response (chats: rendered with the generation prompt)."""
-    text = prompt if isinstance(prompt, str) else render(tokenizer, prompt, True)
-    return list(tokenizer.encode(text)) if text else []
+    """A prompt's ids as the policy sees it before a response: a string as the tokenizer encodes a text (LLaMA's
+    BOS first), a chat as its template renders it with the generation prompt, no special tokens added (what
+    transformers' apply_chat_template(tokenize=True) gives: the template writes a BOS it wants)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt)) if prompt else []
+    text = render(tokenizer, prompt, True)
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
 def _completions(pair: dict[str, Any], tokenizer: Any) -> tuple[str, str]:

@@ -81,6 +81,26 @@ def test_ppo_prompts_are_the_reward_models_prompts(tok, tmp_path):
     ]  # the chat's 20 tokens are left out
 
 
+def test_llama_prompts_have_one_bos(tmp_path):
+    """With a LLaMA tokenizer a string prompt starts with the BOS the tokenizer puts before a text, and a chat
+    prompt is its template's rendering with no special token added (the template writes the BOS), as transformers'
+    apply_chat_template(tokenize=True) gives it and DPO's pairs tokenize it: one BOS either way."""
+    from tests.test_llama import byte_fallback_tokenizer
+
+    llama = byte_fallback_tokenizer(tmp_path / "tok")
+    llama.chat_template = "{{ bos_token }}" + llama.chat_template  # LLaMA-2's templates begin so
+    bos = llama.bos_token_id
+    chat = {"prompt": [{"role": "user", "content": "hello"}], "chosen": [{"role": "assistant", "content": "hi"}],
+            "rejected": [{"role": "assistant", "content": "the"}]}  # fmt: skip
+    path = write(tmp_path, [{"prompt": "hello there", "chosen": " fox", "rejected": " dog"}, chat])
+    text, chat_ids = read_prompts(path, llama, max_tokens=64)
+    assert text == llama("hello there")["input_ids"] and text[0] == bos
+    rendered = llama.apply_chat_template(chat["prompt"], tokenize=False, add_generation_prompt=True)
+    assert chat_ids == llama(rendered, add_special_tokens=False)["input_ids"]
+    assert chat_ids[0] == bos and chat_ids.count(bos) == 1
+    assert chat_ids == tokenize_pair(chat, llama)[0]  # DPO's prompt of the same pair
+
+
 def test_bad_rows_are_named_for_reward_and_ppo(tok, tmp_path):
     bot = {**CHAT, "chosen": [{"role": "bot", "content": "4"}]}
     with pytest.raises(
