@@ -41,27 +41,27 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _prompt(self) -> str:
-        from smalto.tokenizer import apply_chat_template
+        from smalto.tokenizer import apply_chat_template, encode_rendered_chat
 
         room = self.model.config.max_seq_len - self.room
         first = 1 if self.system else 0
         while True:
             text = apply_chat_template(self.tokenizer, self.messages, add_generation_prompt=True)
-            if len(self.tokenizer.encode(text)) <= room or len(self.messages) - first <= 1:
+            if len(encode_rendered_chat(self.tokenizer, text)) <= room or len(self.messages) - first <= 1:
                 return text
             del self.messages[first : first + 2]  # the oldest user/assistant pair
 
     def send(self, text: str, callback: Callable[[Delta], None] | None = None) -> str:
         self.messages.append({"role": "user", "content": text})
-        prompt = self._prompt()
-        budget, clipped = fit_new_tokens(
-            self.model, len(self.tokenizer.encode(prompt)), self.gen_kwargs.get("max_new_tokens", 128)
-        )
+        from smalto.tokenizer import encode_rendered_chat
+
+        ids = encode_rendered_chat(self.tokenizer, self._prompt())
+        budget, clipped = fit_new_tokens(self.model, len(ids), self.gen_kwargs.get("max_new_tokens", 128))
         if clipped and not self.noted and self.note is not None:
             self.note(clipped)
             self.noted = True
         kwargs = {**self.gen_kwargs, "max_new_tokens": budget}
-        (out,) = generate(self.model, self.tokenizer, [prompt], stop=self.stop, callback=callback, **kwargs)
+        (out,) = generate(self.model, self.tokenizer, [ids], stop=self.stop, callback=callback, **kwargs)
         answer = (out.text or "").strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
@@ -69,7 +69,8 @@ class ChatSession:
 
 def template_prompt(tokenizer: Any, text: str, template: str) -> str:
     """`text` as the prompt of an instruct model (`instruct`: MPT-7B-Instruct's template, a prompt already in it kept)
-    or of a chat model (`chat`: one user turn in the tokenizer's chat template, else ChatML, opening the answer)."""
+    or of a chat model (`chat`: one user turn in the tokenizer's chat template, else ChatML, opening the answer;
+    encode it with `smalto.tokenizer.encode_rendered_chat`)."""
     from smalto.data.templates import instruct_prompt
     from smalto.tokenizer import apply_chat_template
 

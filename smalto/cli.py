@@ -594,12 +594,16 @@ def generate_cmd(
         quantize=_quant_spec(quantize, group_size, quantize_head),
         adapter=adapter,
     )
-    if template != "none":
-        from smalto.tokenizer import chat_stop_strings
+    from smalto.tokenizer import chat_stop_strings, encode_rendered_chat
 
+    if template != "none":
         prompts = [template_prompt(tok, p, template) for p in prompts]
         stop = [*stop, *(chat_stop_strings(tok) if template == "chat" else [])]
-    longest = max(len(ids) for ids in encode_prompts(tok, prompts))
+    # what the model reads: a chat rendering with no special token added where its template writes them
+    inputs: list[str] | list[list[int]] = (
+        [encode_rendered_chat(tok, p) for p in prompts] if template == "chat" else prompts
+    )
+    longest = max(len(ids) for ids in encode_prompts(tok, inputs))
     max_new_tokens, clipped = fit_new_tokens(lm, longest, max_new_tokens)
     if clipped:
         typer.echo(f"note: {clipped}", err=True)
@@ -618,7 +622,7 @@ def generate_cmd(
     outs = generate(
         lm,
         tok,
-        prompts,
+        inputs,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

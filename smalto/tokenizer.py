@@ -94,6 +94,13 @@ def leading_special_ids(tokenizer: Any) -> tuple[int, ...]:
     return ()
 
 
+def encode_rendered_chat(tokenizer: Any, text: str) -> list[int]:
+    """The ids of a chat `apply_chat_template` rendered: with the tokenizer's own template no special token is
+    added (the template writes the BOS it wants, as transformers' apply_chat_template(tokenize=True) encodes);
+    the ChatML fallback is encoded as any text (LLaMA's BOS first)."""
+    return list(tokenizer.encode(text, add_special_tokens=not has_chat_template(tokenizer)))
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

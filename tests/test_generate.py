@@ -205,6 +205,30 @@ def test_bad_requests_refused() -> None:
         generate(model, None, [[1]], max_new_tokens=2, temperature=-1)
 
 
+def test_chat_session_adds_no_bos_to_a_template_that_writes_one(tmp_path, monkeypatch) -> None:
+    """A LLaMA chat template writes its BOS: the prompt the model reads is the rendering's ids, as transformers'
+    apply_chat_template(tokenize=True) gives them, with one BOS (not one more from the tokenizer)."""
+    import smalto.chat
+    from tests.test_llama import V, byte_fallback_tokenizer
+
+    tok = byte_fallback_tokenizer(tmp_path)
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template  # LLaMA-2's templates begin so
+    seen: list[list[int]] = []
+    real = smalto.chat.generate
+    monkeypatch.setattr(
+        smalto.chat,
+        "generate",
+        lambda m, t, prompts, **kw: seen.append(prompts[0]) or real(m, t, prompts, **kw),
+    )
+    chat = ChatSession(make_model(ALIBI, vocab_size=V, max_seq_len=128), tok, max_new_tokens=4, temperature=0)
+    chat.send("hello there")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], tokenize=False, add_generation_prompt=True
+    )
+    assert seen == [tok(text, add_special_tokens=False)["input_ids"]]
+    assert seen[0].count(tok.bos_token_id) == 1
+
+
 def test_chat_session_uses_chatml_and_keeps_history(neox) -> None:
     model = make_model(ALIBI, vocab_size=50432, max_seq_len=256)
     chat = ChatSession(model, neox, system="Be brief.", max_new_tokens=6, temperature=0)

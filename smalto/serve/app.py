@@ -266,14 +266,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: ChatRequest, request: Request) -> Any:
-        from smalto.tokenizer import apply_chat_template, chat_stop_strings, has_chat_template
+        from smalto.tokenizer import apply_chat_template, chat_stop_strings, encode_rendered_chat
 
         check_model(body.model)
         if tok is None:
             raise APIError(400, "chat needs a tokenizer; start the server with --tokenizer", "messages")
         text = apply_chat_template(tok, [{"role": m.role, "content": m.text()} for m in body.messages])
-        # a template writes its own BOS where it wants one: encoding must not add another
-        ids = list(tok.encode(text, add_special_tokens=not has_chat_template(tok)))
+        ids = encode_rendered_chat(tok, text)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, L - len(ids))
         check_prompt(ids, max_tokens, "messages")
         sampling_check(body)
