@@ -222,6 +222,16 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return n
 
 
+def default_eos(model: MPTForCausalLM, tokenizer: Any) -> list[int]:
+    """Where generation stops by default: the model's `eos_token_ids` (the folder's generation_config.json, as
+    transformers' generate), else the tokenizer's EOS, else nowhere."""
+    ids = getattr(model, "eos_token_ids", ())
+    if ids:
+        return list(ids)
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return [int(eos)] if isinstance(eos, int) else []
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
     out = []
     for p in prompts:
@@ -295,7 +305,8 @@ def iter_generate(
 ) -> Iterator[Delta]:
     """Generate for every prompt at once, yielding `Delta`s as text becomes final (see the module docstring).
 
-    eos_token_id defaults to the tokenizer's (an empty list: none, generate max_new_tokens).
+    eos_token_id defaults to the model's `eos_token_ids` (its folder's generation_config.json), else the
+    tokenizer's EOS (an empty list: none, generate max_new_tokens).
     compile: None = on CUDA only. check_every: host checks every N steps (default 1 on CPU, 8 on CUDA).
     options: how a compiled CUDA step uses the decode kernels (default `DecodeOptions()`).
     prefill_chunk: prompt tokens per prefill forward, at most (see `prefill_spans`).
@@ -313,8 +324,8 @@ def iter_generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     rows_ids = encode_prompts(tokenizer, prompts)
-    if eos_token_id is None and tokenizer is not None:
-        eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        eos_token_id = default_eos(model, tokenizer)
     eos = (
         set()
         if eos_token_id is None

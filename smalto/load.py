@@ -106,9 +106,24 @@ def load(
         from smalto.adapters.peft import load_adapter
 
         load_adapter(model, adapter)
+    if kind == "hf":
+        model.eos_token_ids = generation_eos(folder)
     from smalto.kernels import apply_inference
 
     return apply_inference(model)  # the scoring and prefill attention plans its config asks for
+
+
+def generation_eos(folder: Path) -> tuple[int, ...]:
+    """The `eos_token_id` of the folder's generation_config.json (an id or a list of them), as transformers'
+    generate stops at; () when there is none or it is unreadable (the tokenizer's EOS then)."""
+    import json
+
+    try:
+        eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 
 def resolve_adapter(path: str | Path, adapter: str | Path | None) -> tuple[str | Path, str | Path | None]:

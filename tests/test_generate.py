@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,47 @@ def test_greedy_equals_transformers_greedy(tmp_path: Path) -> None:
         )[0, len(prompt) :].tolist()
         (ours,) = generate(smalto.load(tmp_path / "m"), None, [prompt], max_new_tokens=15, temperature=0)
         assert ours.token_ids == ref
+
+
+@torch.no_grad()
+def test_generation_config_eos_ids_stop_as_in_transformers(tmp_path: Path) -> None:
+    """A folder's generation_config.json `eos_token_id` list (LLaMA-3's end of text and end of turn) is where
+    generation stops, as transformers' generate stops; the server's engine too, and a saved copy keeps it."""
+    from smalto.serve.engine import Engine, Output, Request
+
+    save_pretrained(make_model(ALIBI, peaky=False), tmp_path / "m")  # peaky weights repeat one token
+    prompt = PROMPTS[0]
+    free = generate(smalto.load(tmp_path / "m"), None, [prompt], max_new_tokens=12, temperature=0)[
+        0
+    ].token_ids
+    stop = next(t for t in free[2:] if t not in free[:2])  # a token greedy decoding reaches after two others
+    cut = free.index(stop)
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [250, stop]}))
+    model = smalto.load(tmp_path / "m")
+    assert model.eos_token_ids == (250, stop)
+    (ours,) = generate(model, None, [prompt], max_new_tokens=12, temperature=0)
+    assert ours.token_ids == free[:cut] and ours.finish_reason == "eos"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # reads the same generation_config
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[
+        0, len(prompt) :
+    ]
+    assert ref.tolist() == [
+        *free[:cut],
+        stop,
+    ]  # transformers keeps the EOS it stopped at; smalto leaves it out
+    outs: list[Output] = []
+    engine = Engine(model, None, max_batch=2)
+    engine.submit(
+        Request(prompt=prompt, emit=outs.append, params=SamplingParams(temperature=0), max_tokens=12)
+    )
+    while not (outs and outs[-1].finish_reason):
+        engine.step()
+    assert [t for o in outs for t in o.token_ids] == free[:cut] and outs[-1].finish_reason == "stop"
+    save_pretrained(model, tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "generation_config.json").read_text())["eos_token_id"] == [
+        250,
+        stop,
+    ]
 
 
 def test_filters_match_transformers_logits_processors() -> None:

@@ -175,7 +175,7 @@ def save_pretrained(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = {
             "use_cache": True,
-            **{k: v for k, v in token_ids.items() if v is not None},
+            **generation_ids(model, token_ids),
             "transformers_version": config["transformers_version"],
         }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -314,3 +314,13 @@ def _transformers_version() -> str | None:
         return transformers.__version__
     except ImportError:
         return None
+
+
+def generation_ids(model: MPTForCausalLM, token_ids: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json's token ids: the tokenizer's bos / eos / pad, with the model's own stop ids
+    (`eos_token_ids`, from the folder it was loaded from: LLaMA-3's end of turn beside its end of text) kept."""
+    out = {k: v for k, v in token_ids.items() if v is not None}
+    eos = list(getattr(model, "eos_token_ids", ()))
+    if eos:
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return out

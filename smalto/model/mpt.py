@@ -236,6 +236,10 @@ class MPTForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
         self.head_loss: HeadLoss = head_loss
         """The loss a forward with labels and `return_logits=False` computes from the final hidden states."""
+        self.eos_token_ids: tuple[int, ...] = ()
+        """Where generation stops unless told otherwise: the loaded folder's generation_config.json
+        `eos_token_id` (transformers' `generation_config`: LLaMA-3's end of turn beside its end of text, a ChatML
+        export's `<|im_end|>`); empty: the tokenizer's EOS."""
         if torch.device(target).type != "meta":
             self.to_empty(device=target)
             self.init_weights()

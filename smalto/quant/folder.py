@@ -150,7 +150,14 @@ def save_quantized(
     model: MPTForCausalLM, path: str | Path, *, tokenizer: Any = None, shard_size: str | int = "5GB"
 ) -> Path:
     """Write a quantized model as a folder `smalto.load` reads (atomically, as `smalto.hf.save` does)."""
-    from smalto.hf.save import _swap_into_place, _write_tokenizer, _write_weights, hf_config_dict, parse_size
+    from smalto.hf.save import (
+        _swap_into_place,
+        _write_tokenizer,
+        _write_weights,
+        generation_ids,
+        hf_config_dict,
+        parse_size,
+    )
 
     spec = quant_spec_of(model)
     if spec is None:
@@ -171,7 +178,7 @@ def save_quantized(
         config.update(model_type="smalto_mpt", quantization_config=spec.to_config())
         config["smalto"].update(native_transformers=False, why_not_native=why)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        gen = {"use_cache": True, **{k: v for k, v in token_ids.items() if v is not None}}
+        gen = {"use_cache": True, **generation_ids(model, token_ids)}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _swap_into_place(tmp, dest)
     except BaseException:

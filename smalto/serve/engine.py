@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from smalto.errors import UserError
+from smalto.generate import default_eos
 from smalto.kernels import DecodeOptions
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
@@ -143,8 +144,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_seq_len = model.config.max_seq_len
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos: set[int] = {eos} if isinstance(eos, int) else set()
+        self.eos: set[int] = set(default_eos(model, tokenizer))
         compile = model.device.type == "cuda" if compile is None else compile
         self.dec = SlotDecoder(model, max_batch, compile, options, min_bucket)
         self.metrics = metrics or Metrics()
