@@ -9,6 +9,7 @@ requests; the engine frees their slots at its next step.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -72,6 +73,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             msg = f"the body must be a JSON object of the request's fields, got {err.get('input')!r:.80}"
         else:
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            if param is None:  # a check across fields names its field first: "Value error, max_tokens: ..."
+                named = re.match(r"Value error, (\w+)\b", str(err.get("msg", "")))
+                param = named.group(1) if named else None
             msg = f"{param or 'body'}: {err.get('msg')}{got}"
         return await api_error(request, APIError(400, msg, param))
 
@@ -136,11 +140,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         request: Request,
         body: Any,
         prompts: list[list[int]],
-        max_tokens: int,
+        max_tokens: list[int],
         stops: list[str],
         top: int | None,
     ) -> tuple[asyncio.Queue, list[EngineRequest]]:
-        """Submit n requests per prompt; their outputs arrive on the queue as (choice index, Output)."""
+        """Submit n requests per prompt (max_tokens: one per prompt); their outputs arrive on the queue as (choice
+        index, Output)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         reqs: list[EngineRequest] = []
@@ -156,7 +161,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                         prompt=ids,
                         emit=emit,
                         params=body.sampling(),
-                        max_tokens=max_tokens,
+                        max_tokens=max_tokens[p],
                         stop=stops,
                         stop_token_ids=set(body.stop_token_ids or []),
                         ignore_eos=body.ignore_eos,
@@ -189,10 +194,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         if not raw:
             raise APIError(400, "prompt: give at least one prompt", "prompt")
         prompts = [encode(tok, x) for x in raw]  # type: ignore[arg-type]
-        for ids in prompts:
-            check_prompt(ids, body.max_tokens, "prompt")
+        # null: the rest of the context, per prompt (vLLM); 0 (with echo): the prompt alone
+        budgets = [
+            body.max_tokens if body.max_tokens is not None else max(1, L - len(ids)) for ids in prompts
+        ]
+        for ids, budget in zip(prompts, budgets, strict=True):
+            check_prompt(ids, budget, "prompt")
         sampling_check(body)
-        queue, reqs = await run(request, body, prompts, body.max_tokens, body.stops(), body.logprobs)
+        queue, reqs = await run(request, body, prompts, budgets, body.stops(), body.logprobs)
         cid, created = new_id("cmpl"), now()
         n_prompt = sum(len(x) for x in prompts)
         echo = [(tok.decode(ids) if tok is not None else "") if body.echo else "" for ids in prompts]
@@ -205,7 +214,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             strs += [token_str(x.token) for x in out.logprobs]
             items += out.logprobs
             lps = [x.logprob if x is not None else None for x in items]
-            tops = [{token_str(t): v for t, v in x.top} if x is not None else None for x in items]
+            # the top `logprobs` tokens and the chosen one: up to logprobs + 1 entries (OpenAI's, vLLM's)
+            tops = [
+                {**{token_str(t): v for t, v in x.top}, token_str(x.token): x.logprob}
+                if x is not None
+                else None
+                for x in items
+            ]
             return completion_logprobs(strs, lps, tops, offset)
 
         if body.stream:
@@ -219,7 +234,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                     if i not in started:
                         started.add(i)
                         text = echo[i // body.n] + text
-                    n_out += len(out.token_ids)
+                    n_out += out.n_tokens
                     choice = {"index": i, "text": text, "logprobs": logprobs(out, offsets[i], i)}
                     choice["finish_reason"] = out.finish_reason
                     offsets[i] += len(text)
@@ -252,7 +267,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 }
             )
         engine.metrics.requests.labels("/v1/completions", "200").inc()
-        n_out = sum(len(o.token_ids) for o in outs)
+        n_out = sum(o.n_tokens for o in outs)
         return {
             "id": cid,
             "object": "text_completion",
@@ -278,7 +293,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         sampling_check(body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         queue, reqs = await run(
-            request, body, [ids], max_tokens, [*chat_stop_strings(tok), *body.stops()], top
+            request, body, [ids], [max_tokens], [*chat_stop_strings(tok), *body.stops()], top
         )
         cid, created = new_id("chatcmpl"), now()
 
@@ -308,7 +323,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                     )
                 n_out = 0
                 async for i, out in relay(queue, reqs):
-                    n_out += len(out.token_ids)
+                    n_out += out.n_tokens
                     delta = {"content": out.text} if out.text else {}
                     choice = {
                         "index": i,
@@ -334,7 +349,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             for i, out in enumerate(outs)
         ]
         engine.metrics.requests.labels("/v1/chat/completions", "200").inc()
-        n_out = sum(len(o.token_ids) for o in outs)
+        n_out = sum(o.n_tokens for o in outs)
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), n_out)}
 
     return app

@@ -63,12 +63,14 @@ class TokenLogprob:
 @dataclass
 class Output:
     """What one request produced since its last output. `finish_reason` ("stop" | "length" | "abort") is set on
-    its last; `error` when the engine failed it."""
+    its last; `error` when the engine failed it. The EOS or stop token that ends a sequence is counted in
+    `n_tokens` (usage counts it) but is not in `token_ids` or the text."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    n_tokens: int = 0  # tokens generated: `token_ids` and an EOS or stop token that ended the sequence
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
 
@@ -80,7 +82,7 @@ class Request:
     prompt: list[int]
     emit: Callable[[Output], None]
     params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: the prompt is only written (its logprobs, for echo), nothing generated
     stop: list[str] = field(default_factory=list)
     stop_token_ids: set[int] = field(default_factory=set)
     ignore_eos: bool = False
@@ -311,6 +313,12 @@ class Engine:
         seq.written += n
         if seq.written < len(req.prompt):
             return
+        if req.max_tokens == 0:  # the prompt alone (echo with its logprobs): nothing is sampled
+            seq.done, self.slots[seq.slot] = True, None
+            self.metrics.latency.observe(time.perf_counter() - req.arrival)
+            if not req.cancelled:
+                req.emit(Output(finish_reason="length", prompt_logprobs=first))
+            return
         token = sample(logits[None], req.params, self._seen(seq), seq.gen or self.gen)
         lp = self._logprobs(logits[None], token, req.logprobs)
         seq.sampled = 1
@@ -448,13 +456,17 @@ class Engine:
         seq.n_out += 1
         m.generation_tokens.inc()
         ended = token in req.stop_token_ids or (not req.ignore_eos and token in self.eos)
-        out = Output(prompt_logprobs=prompt_lp)
+        out = Output(prompt_logprobs=prompt_lp, n_tokens=1)
         if not ended:
             out.token_ids = [token]
             out.logprobs = [lp] if lp is not None else []
             if seq.text is not None:
                 out.text = seq.text.add(token)
                 ended = seq.text.stopped
+        elif (
+            seq.text is not None
+        ):  # an end token: the text held back (a partial character or stop string) is final
+            out.text = seq.text.finish()
         reason = "stop" if ended else None
         if reason is None and (
             seq.n_out >= req.max_tokens or len(req.prompt) + seq.n_out >= self.max_seq_len

@@ -47,6 +47,15 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A field sent as null takes its default, as OpenAI's API and vLLM read it ("or null")."""
+        if isinstance(data, dict):
+            keep = {"max_tokens"}  # completions: null asks for the rest of the context (vLLM)
+            return {k: v for k, v in data.items() if v is not None or k in keep}
+        return data
+
     model: str | None = None
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -67,6 +76,8 @@ class _Sampling(_Body):
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only with stream: true")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise ValueError(f"{name} is not supported (use repetition_penalty); leave it 0")
@@ -89,7 +100,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="null: the rest of the context; 0 with echo: none")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -101,6 +112,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of = n)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 returns the prompt alone, with echo: true; give at least 1")
         return self
 
 
@@ -126,6 +139,12 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only with logprobs: true")
+        return self
 
 
 # ---------------------------------------------------------------- responses

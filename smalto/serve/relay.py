@@ -70,6 +70,7 @@ async def collect(queue: asyncio.Queue, reqs: list[EngineRequest], request: Requ
             m = merged[i]
             m.text += out.text
             m.token_ids += out.token_ids
+            m.n_tokens += out.n_tokens
             m.logprobs += out.logprobs
             m.finish_reason = out.finish_reason or m.finish_reason
             m.prompt_logprobs = out.prompt_logprobs or m.prompt_logprobs

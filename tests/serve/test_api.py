@@ -87,6 +87,42 @@ def test_stop_strings_and_token_ids(client, reference) -> None:
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("", "stop")
 
 
+def test_vllm_semantics_of_ends_nulls_and_prompt_scoring(client, server, reference, loaded) -> None:
+    """As vLLM's server: the stop token counts in usage; text held back for a possible stop string is sent when a
+    stop token ends the sequence; top_logprobs holds the top k and the chosen token; null fields take their
+    defaults (max_tokens null: the rest of the context); echo with max_tokens 0 scores the prompt alone."""
+    greedy, tok = reference
+    model, _ = loaded
+    prompt, hot = "Hello world", {"temperature": 5.0, "seed": 7}  # seeded: the same draws as generate's
+    sampled = generate(model.eval(), tok, [prompt], max_new_tokens=12, **hot)[0].token_ids
+    k = next(k for k in range(1, 12) if sampled[k] not in sampled[:k])
+    end, head = sampled[k], tok.decode(sampled[:k])
+    # ends at its (k+1)th token: k tokens of text, k + 1 generated
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, **hot,
+                                  extra_body={"stop_token_ids": [end]})  # fmt: skip
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (head, "stop", k + 1)
+    # the same with a stop string that the text's end could start: held back, then sent at the stop token
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, **hot,
+                                  stop=[head[-1] + "\u2603never"], extra_body={"stop_token_ids": [end]})  # fmt: skip
+    assert r.choices[0].text == head
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=0)
+    tops = r.choices[0].logprobs.top_logprobs
+    assert [list(t) for t in tops] == [
+        [tok.decode([t])] for t in greedy(prompt, 3).token_ids
+    ]  # the chosen alone
+    body = {"prompt": prompt, "max_tokens": None, "temperature": None, "top_p": None, "n": None}
+    got = httpx.post(
+        server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
+    ids = tok.encode(prompt)
+    assert got["usage"]["completion_tokens"] == 96 - len(ids) or got["choices"][0]["finish_reason"] == "stop"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    (c,) = r.choices
+    assert (c.text, c.finish_reason, r.usage.completion_tokens) == (prompt, "length", 0)
+    assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.token_logprobs) == len(ids)
+    assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
+
+
 def test_streaming_completion_ends_with_done(server, reference) -> None:
     greedy, _ = reference
     body = {"prompt": "Streams of", "max_tokens": 6, "temperature": 0, "stream": True}
@@ -148,7 +184,9 @@ def test_models_health_metrics_and_page(client, server) -> None:
         ('{"prompt": "x", "temperature": -1}', "temperature", "greater than or equal to 0"),
         ('{"prompt": "x", "max_tokens": 500}', "max_tokens", "exceed the context of 96"),
         ('{"prompt": "x", "best_answer": true}', "best_answer", "Extra inputs"),
-        ('{"prompt": "x", "presence_penalty": 0.5}', None, "presence_penalty is not supported"),
+        ('{"prompt": "x", "presence_penalty": 0.5}', "presence_penalty", "presence_penalty is not supported"),
+        ('{"prompt": "x", "max_tokens": 0}', "max_tokens", "with echo: true"),
+        ('{"prompt": "x", "stream_options": {"include_usage": true}}', "stream_options", "only with stream"),
         ('{"prompt": [[1, 2], [99999999]]}', "prompt", "outside the vocabulary"),
         ('{"prompt": "' + "word " * 120 + '"}', "prompt", "leave no room"),
     ],
