@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from smalto.errors import ConfigError, DataError
 from smalto.eval.scorer import is_smalto, model_max_len
 from smalto.kernels.chunked_loss import CHUNK_BYTES
+from smalto.tokenizer import leading_special_ids
 
 DEFAULT_BUCKETS = 8
 
@@ -115,10 +116,11 @@ def read_tokens(data: str | Path, tokenizer: Any, need: int | None) -> np.ndarra
         raise ConfigError(
             f"the tokenizer declares no EOS token to join the documents of {p}; pass --tokenizer DIR with one"
         )
+    lead = list(leading_special_ids(tokenizer))  # LLaMA's BOS before each document, as llm-foundry's concat
     parts: list[np.ndarray] = []
     have = 0
     for doc in _documents(p):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+        ids = lead + tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
         parts.append(np.asarray(ids, np.int64))
         have += len(ids)
         if need is not None and have >= need:

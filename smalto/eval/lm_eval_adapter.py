@@ -9,8 +9,10 @@ class path. So `lm_eval --model smalto` cannot work; run lm-eval's CLI through t
     python -m smalto.eval.lm_eval_adapter --model smalto --model_args pretrained=PATH --tasks lambada_openai
     python -m smalto.eval.lm_eval_adapter run --model smalto ...          # lm-eval ≥ 0.4.10 subcommand form
 
-`--model_args` may hold batch_size / device (they take precedence over lm-eval's --batch_size / --device);
-lm-eval's own default device (cuda:0) becomes cpu, with a warning, on a machine without CUDA.
+`--model_args` may hold batch_size / device (they take precedence over lm-eval's --batch_size / --device), and
+HFLM's add_bos_token / prefix_token_id; lm-eval's own default device (cuda:0) becomes cpu, with a warning, on a
+machine without CUDA. Texts are tokenized as HFLM tokenizes them (`tok_encode`): with the tokenizer's default
+special tokens (a LLaMA tokenizer's BOS) unless add_bos_token says otherwise.
 
 or the Python API: `lm_eval.simple_evaluate(model=SmaltoLM(pretrained=PATH), tasks=[...])`, also with an
 in-memory model: `SmaltoLM(model=model, tokenizer=tokenizer)`.
@@ -47,6 +49,8 @@ class SmaltoLM(LM):
         dtype: str = "auto",
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        add_bos_token: bool | str | None = None,
+        prefix_token_id: int | str | None = None,
         **_ignored: Any,  # lm-eval passes its own options (max_batch_size, ...) to every model
     ) -> None:
         super().__init__()
@@ -63,7 +67,10 @@ class SmaltoLM(LM):
         self.max_length = int(max_length) if max_length else scorer.model_max_len(model)
         self.max_gen_toks = int(max_gen_toks)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        # HFLM's options: add_bos_token None leaves BOS to the tokenizer (LLaMA's adds it, GPT-NeoX's does not)
+        self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in ("true", "1")
+        default_prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.prefix_id = int(prefix_token_id) if prefix_token_id is not None else default_prefix
 
     @classmethod
     def create_from_arg_string(
@@ -92,8 +99,19 @@ class SmaltoLM(LM):
         return cls(**{**extra, **arg_dict})
 
     # ---- tokens
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _encode(self, text: str, special: bool | None = None) -> list[int]:
+        """lm-eval's HFLM.tok_encode: special tokens as `add_bos_token` says, else as the tokenizer adds them by
+        default (LLaMA's BOS), not again when the text starts with the BOS string."""
+        tok = self.tokenizer
+        if special is None:
+            special = self.add_bos_token
+        if special is None:
+            bos = tok.decode([self.prefix_id]) if self.prefix_id is not None else None
+            special = not (bos and text.startswith(bos))
+        ids = list(tok(text, add_special_tokens=special)["input_ids"])
+        if special and self.add_bos_token and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
+            ids = [tok.bos_token_id, *ids]  # HFLM builds the tokenizer with add_bos_token=True
+        return ids
 
     def _pair(self, context: str, continuation: str) -> Request:
         """lm-eval's split: trailing context spaces move to the continuation; the continuation's tokens are

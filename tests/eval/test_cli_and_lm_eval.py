@@ -94,6 +94,44 @@ def test_cli_errors_exit_2_before_work(mpt_dir, tmp_path):
     assert r.returncode == 2 and "unknown task 'nope'" in r.stderr and "arc_easy" in r.stderr
 
 
+def test_lm_eval_adapter_tokenizes_a_llama_text_as_hflm(tmp_path):
+    """With a LLaMA tokenizer the adapter's token requests are lm-eval's own (HFLM.tok_encode and _encode_pair,
+    run on the same tokenizer): the tokenizer's BOS before a context, none inside a continuation; add_bos_token
+    False leaves it out, as HFLM's option does."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
+
+    from smalto.eval.lm_eval_adapter import SmaltoLM
+    from smalto.model.mpt import MPTForCausalLM
+    from tests.helpers import tiny_config
+    from tests.test_llama import V, byte_fallback_tokenizer
+
+    tok = byte_fallback_tokenizer(tmp_path)
+    model = MPTForCausalLM(tiny_config(vocab_size=V))
+    for option in (None, False):
+        lm = SmaltoLM(model=model, tokenizer=tok, add_bos_token=option)
+        ref = SimpleNamespace(
+            tokenizer=tok, add_bos_token=option, prefix_token_id=tok.bos_token_id, backend="causal"
+        )
+        ref.tok_encode = lambda s, add_special_tokens=None, ref=ref, **_: HFLM.tok_encode(
+            ref, s, add_special_tokens
+        )
+        for ctx, cont in [
+            ("the quick brown", " fox"),
+            ("hello ", "world, hello there"),
+            ("<s>the lazy", " dog"),
+        ]:
+            got = lm._pair(ctx, cont)
+            assert (got.context, got.continuation) == tuple(TemplateLM._encode_pair(ref, ctx, cont)), (
+                option,
+                ctx,
+            )
+        assert lm._encode("the lazy dog") == ref.tok_encode("the lazy dog")
+        assert (lm._encode("the lazy dog")[0] == tok.bos_token_id) is (option is None)
+
+
 def test_lm_eval_adapter_matches_smalto(mpt, tokenizer, tmp_path):
     import lm_eval  # a dev dependency: the test must run, not skip
     from lm_eval.api.instance import Instance

@@ -212,3 +212,17 @@ def test_bad_data_and_options_are_named(tmp_path, neox_tokenizer_dir):
         )
     with pytest.raises(DataError, match="no such file or folder"):
         run(EvalConfig(model="m", ppl_by_position=str(tmp_path / "missing.txt"), device="cpu"))
+
+
+def test_text_documents_start_as_the_tokenizer_starts_a_text(tmp_path: Path) -> None:
+    """A LLaMA tokenizer's documents each start with its BOS (llm-foundry's concatenating dataset writes
+    `tokenizer(text)`), joined by EOS; GPT-NeoX's start with nothing (its tokenizer adds nothing)."""
+    from smalto.eval.by_position import read_tokens
+    from tests.test_llama import byte_fallback_tokenizer
+
+    tok = byte_fallback_tokenizer(tmp_path / "tok")
+    docs = ["the quick brown fox", "hello world"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    want = [t for d in docs for t in [*tok(d)["input_ids"], tok.eos_token_id]]
+    assert want[0] == tok.bos_token_id
+    assert read_tokens(tmp_path / "d.jsonl", tok, None).tolist() == want
