@@ -405,3 +405,19 @@ def test_eval_loads_llama_folders_as_smalto_models(tmp_path):
     assert isinstance(model, MPTForCausalLM) and not model.training
     ids = torch.tensor([tok.encode("hello there fox")])
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_minimal_mistral_config_takes_mistralconfigs_defaults():
+    """A hand-written Mistral config.json without `sliding_window` or `num_key_value_heads` means what
+    transformers' MistralConfig makes of it: a 4096-token window and 8 key/value heads; null: no window."""
+    from smalto.hf.llama import config_from_llama
+
+    raw = {"model_type": "mistral", "vocab_size": V, "hidden_size": 256, "intermediate_size": 512,
+           "num_hidden_layers": 2, "num_attention_heads": 16}  # fmt: skip
+    ref = transformers.MistralConfig(**raw)
+    a = config_from_llama(raw, "config.json").attn_config
+    assert (a.sliding_window_size, a.kv_n_heads) == (ref.sliding_window, ref.num_key_value_heads) == (4096, 8)
+    a = config_from_llama(
+        {**raw, "sliding_window": None, "num_key_value_heads": 4}, "config.json"
+    ).attn_config
+    assert (a.sliding_window_size, a.kv_n_heads) == (-1, 4)

@@ -158,7 +158,8 @@ def config_from_llama(raw: dict[str, Any], where: str) -> MPTConfig:
             f"{where}: hidden_act = {act!r} is not supported; smalto computes: {', '.join(ACTIVATIONS)}"
         )
     theta, scaling = _rope_scaling(raw, where)
-    window = raw.get("sliding_window") if kind == "mistral" else None
+    # MistralConfig's defaults where a key is missing: a 4096-token window, 8 key/value heads (null: no window)
+    window = raw.get("sliding_window", 4096) if kind == "mistral" else None
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ConfigError(f"{where}: sliding_window = {window!r} must be a positive integer or null")
     heads = raw["num_attention_heads"]
@@ -166,7 +167,7 @@ def config_from_llama(raw: dict[str, Any], where: str) -> MPTConfig:
         "rope": True,
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "kv_n_heads": raw.get("num_key_value_heads") or heads,
+        "kv_n_heads": raw.get("num_key_value_heads") or (8 if kind == "mistral" else heads),
         "attn_pdrop": float(raw.get("attention_dropout") or 0.0),
         "sliding_window_size": window or -1,
     }
