@@ -15,7 +15,20 @@ def test_version():
 
 def test_help_lists_the_program():
     r = _smalto("--help")
-    assert r.returncode == 0 and "MPT-family" in r.stdout
+    assert r.returncode == 0 and "LLaMA-family" in r.stdout
+    for command in (
+        "train",
+        "finetune",
+        "dpo",
+        "reward",
+        "ppo",
+        "eval",
+        "generate",
+        "chat",
+        "convert",
+        "serve",
+    ):
+        assert f"\n  {command} " in r.stdout, command
 
 
 def test_unknown_command_is_a_usage_error():
