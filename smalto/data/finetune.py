@@ -313,6 +313,8 @@ class FinetuneDataset(torch.utils.data.Dataset):
             e_ids, e_labels = self.examples[e]
             n = len(e_ids)
             ids[at : at + n], labels[at : at + n], seq[at : at + n] = e_ids, e_labels, k
+            if k > 0:  # its first token is no target from the example before it (as alone: nothing predicts it)
+                labels[at] = -100
             at += n
         return {
             "input_ids": torch.from_numpy(ids),

@@ -43,11 +43,13 @@ def per_example_losses(model, rows):
     return out
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_packed_rows_give_each_example_its_unpacked_loss(tmp_path, hf_tok, impl):
+@pytest.mark.parametrize(("impl", "prompts"), [("eager", "none"), ("sdpa", "none"), ("sdpa", "all")])
+def test_packed_rows_give_each_example_its_unpacked_loss(tmp_path, hf_tok, impl, prompts):
+    # target_prompts all: an example's first token is no target from the example before it in the row
     path = qa_file(tmp_path / "qa.jsonl", 9)
-    packed = FinetuneDataset(FinetuneConfig(path=path, seq_len=32, packing=True), hf_tok)
-    single = FinetuneDataset(FinetuneConfig(path=path, seq_len=32, packing=False), hf_tok)
+    cfg = dict(path=path, seq_len=32, target_prompts=prompts)
+    packed = FinetuneDataset(FinetuneConfig(**cfg, packing=True), hf_tok)
+    single = FinetuneDataset(FinetuneConfig(**cfg, packing=False), hf_tok)
     assert len(packed) < len(single)  # rows really hold several examples
     model = with_impl(tiny(attn_config={"attn_uses_sequence_id": True}, max_seq_len=32), impl)
     order = [e for row in packed.rows for e in row]
