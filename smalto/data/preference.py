@@ -4,7 +4,7 @@ Pairs are read, checked and tokenized by smalto.data.pairs (TRL's formats; token
 completion is what follows the longest common prefix of the prompt's ids and the prompt + completion's ids).
 Truncation: `max_prompt_length` keeps the prompt's last tokens, `max_completion_length` a completion's first, then
 each sequence is cut to `max_length` keeping its start (`truncation_mode: keep_start`, TRL's default; a pair whose
-prompt alone fills max_length is dropped and counted) or its end (`keep_end`).
+prompt, cut to max_prompt_length, alone fills max_length is dropped and counted) or its end (`keep_end`).
 A row is a dict of int64 tensors of `max_length` tokens: chosen_ids, chosen_labels, rejected_ids, rejected_labels
 (labels: the token on completion tokens, -100 on the prompt and padding) and `index` (the pair's number).
 """
@@ -71,7 +71,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             except DataError as e:
                 policy(where, str(e))
                 continue
-            if cfg.truncation_mode == "keep_start" and len(prompt) >= cfg.max_length:
+            kept = min(len(prompt), cfg.max_prompt_length or len(prompt))  # the prompt after max_prompt_length
+            if cfg.truncation_mode == "keep_start" and kept >= cfg.max_length:
                 dropped += 1  # no completion token would be left
                 continue
             c, r = truncate(prompt, chosen, cfg), truncate(prompt, rejected, cfg)

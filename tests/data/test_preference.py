@@ -131,3 +131,17 @@ def test_reference_log_probs_ride_with_the_rows(tok, tmp_path):
                               max_length=8)  # fmt: skip
     data.ref_logps = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
     assert data[1]["ref_chosen_logps"].item() == -3.0 and data[1]["ref_rejected_logps"].item() == -4.0
+
+
+def test_a_long_prompt_cut_by_max_prompt_length_keeps_its_pair(tok, tmp_path):
+    """A prompt longer than max_length is cut to max_prompt_length first: the pair stays (with its completion
+    tokens), as the recipe's max_length 1024 / max_prompt_length 512 must keep long-prompt pairs."""
+    long = {"prompt": "word " * 40, "chosen": " yes", "rejected": " no"}
+    data = preference_dataset(write(tmp_path, [long]), tok, max_length=32, max_prompt_length=8)
+    assert data.stats["dropped_prompt_too_long"] == 0 and len(data) == 1
+    row = data[0]
+    assert (row["chosen_labels"] != -100).sum() >= 1 and (row["rejected_labels"] != -100).sum() >= 1
+    with pytest.raises(
+        DataError, match="no preference pairs"
+    ):  # without it, the prompt alone fills max_length
+        preference_dataset(write(tmp_path, [long]), tok, max_length=32)
