@@ -313,7 +313,9 @@ class FinetuneDataset(torch.utils.data.Dataset):
             e_ids, e_labels = self.examples[e]
             n = len(e_ids)
             ids[at : at + n], labels[at : at + n], seq[at : at + n] = e_ids, e_labels, k
-            if k > 0:  # its first token is no target from the example before it (as alone: nothing predicts it)
+            if (
+                k > 0
+            ):  # its first token is no target from the example before it (as alone: nothing predicts it)
                 labels[at] = -100
             at += n
         return {

@@ -71,7 +71,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             except DataError as e:
                 policy(where, str(e))
                 continue
-            kept = min(len(prompt), cfg.max_prompt_length or len(prompt))  # the prompt after max_prompt_length
+            kept = min(
+                len(prompt), cfg.max_prompt_length or len(prompt)
+            )  # the prompt after max_prompt_length
             if cfg.truncation_mode == "keep_start" and kept >= cfg.max_length:
                 dropped += 1  # no completion token would be left
                 continue
