@@ -24,6 +24,13 @@ def _plain_inv_freq(head_dim: int, theta: float | Tensor, device: torch.device) 
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
+def _dynamic_theta(theta: float, s: dict[str, Any], longest: Tensor, head_dim: int) -> Tensor:
+    """Dynamic (NTK-aware) scaling's base for a forward whose longest position is `longest` (any shape)."""
+    factor, old = s["factor"], s["original_max_position_embeddings"]
+    seq = (longest + 1).clamp(min=old).to(torch.float32)
+    return theta * ((factor * seq / old) - (factor - 1)) ** (head_dim / (head_dim - 2))
+
+
 def _llama3(inv: Tensor, s: dict[str, Any]) -> Tensor:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old = s["original_max_position_embeddings"]
@@ -82,11 +89,8 @@ def rope_inv_freq(
     if kind == "linear":
         return _plain_inv_freq(head_dim, theta, device) / scaling["factor"], 1.0
     if kind == "dynamic":
-        factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
         # a tensor, not a host value: a compiled decode step computes it without a sync
-        seq = (pos.max() + 1).clamp(min=old).to(torch.float32)
-        grown = theta * ((factor * seq / old) - (factor - 1)) ** (head_dim / (head_dim - 2))
-        return _plain_inv_freq(head_dim, grown, device), 1.0
+        return _plain_inv_freq(head_dim, _dynamic_theta(theta, scaling, pos.max(), head_dim), device), 1.0
     if kind == "llama3":
         return _llama3(_plain_inv_freq(head_dim, theta, device), scaling), 1.0
     if kind == "yarn":
@@ -118,9 +122,7 @@ def rope_cos_sin_rows(
     sequence alone computes it (only dynamic scaling depends on the positions)."""
     if not scaling or scaling["rope_type"] != "dynamic":
         return rope_cos_sin(pos, head_dim, theta, scaling)
-    factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
-    seq = ((pos if longest is None else longest) + 1).clamp(min=old).to(torch.float32)  # (N,)
-    grown = theta * ((factor * seq / old) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    grown = _dynamic_theta(theta, scaling, pos if longest is None else longest, head_dim)  # (N,)
     exps = torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim
     inv = 1.0 / (grown[:, None] ** exps[None, :])  # (N, D/2)
     freqs = pos.to(torch.float32)[:, None] * inv
