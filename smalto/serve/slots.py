@@ -223,9 +223,8 @@ class SlotDecoder:
             from_zero=True,
         )
         inputs = build_attention_inputs(c, mask, self.prefill_plan, x.dtype)
-        if (
-            inputs.rope is not None
-        ):  # RoPE angles from each chunk's own positions (what its keys are cached at)
+        # RoPE angles from each chunk's own positions (what its keys are cached at)
+        if inputs.rope is not None:
             a = c.attn_config
             longest = torch.tensor(lens, device=d)[seg] - 1
             inputs.rope = rope_cos_sin_rows(pos, c.head_dim, a.rope_theta, a.rope_scaling, longest)
