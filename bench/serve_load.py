@@ -221,7 +221,8 @@ def build_folder(shape: str, tokenizer: str, out: Path, device: str, dtype: str,
 
 
 def offline(folder: Path, work: list[tuple[list[int], int]], batch: int, device: str, dtype: str) -> dict:
-    """`smalto.generate` on batches of `batch` prompts; output tokens/s counts each request's own length."""
+    """`smalto.generate` on batches of `batch` prompts; output tokens/s counts each request's own length (a batch
+    runs to its longest output: the shorter rows' extra tokens are not counted)."""
     import torch
 
     from smalto.generate import generate
@@ -230,17 +231,14 @@ def offline(folder: Path, work: list[tuple[list[int], int]], batch: int, device:
     model = load(folder, dtype=dtype, device=device).eval()
     groups = [work[i : i + batch] for i in range(0, len(work), batch)]
 
-    def run(g: list[tuple[list[int], int]]) -> None:
-        generate(
-            model,
-            None,
-            [p for p, _ in g],
-            max_new_tokens=max(o for _, o in g),
-            temperature=0,
-            eos_token_id=[],
-        )
+    def steps(g: list[tuple[list[int], int]]) -> int:
+        """A batch decodes until its longest output, within the context after its longest prompt."""
+        return min(max(o for _, o in g), model.config.max_seq_len - max(len(p) for p, _ in g))
 
-    wall = 0.0
+    def run(g: list[tuple[list[int], int]]) -> None:
+        generate(model, None, [p for p, _ in g], max_new_tokens=steps(g), temperature=0, eos_token_id=[])
+
+    wall, useful = 0.0, 0
     for g in groups:  # each group once untimed (its decoder, keyed by batch and cache length, compiled and
         run(g)  # captured), then timed: generate keeps one decoder per model
         if device.startswith("cuda"):
@@ -250,7 +248,8 @@ def offline(folder: Path, work: list[tuple[list[int], int]], batch: int, device:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         wall += time.perf_counter() - t0
-    return {"batch": batch, "output_tokens_per_s": sum(o for _, o in work) / wall}
+        useful += sum(min(o, steps(g)) for _, o in g)
+    return {"batch": batch, "output_tokens_per_s": useful / wall}
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each route validates its body (protocol.py), turns it into engine `Request`s (one per prompt × n), submits them
 and relays the engine's `Output`s, as one JSON answer or as server-sent events ending with `data: [DONE]`. The
-engine thread hands outputs to the event loop through `call_soon_threadsafe`. A client that goes away cancels its
+engine thread hands outputs to the event loop through a mailbox (relay.py): one wake-up of the loop for all the
+outputs of a step. A client that goes away cancels its
 requests; the engine frees their slots at its next step.
 """
 
@@ -32,7 +33,7 @@ from smalto.serve.protocol import (
     now,
     usage,
 )
-from smalto.serve.relay import collect, encode, relay, sampling_check, sse, stream
+from smalto.serve.relay import collect, encode, mailbox, relay, sampling_check, sse, stream
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -146,7 +147,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     ) -> tuple[asyncio.Queue, list[EngineRequest]]:
         """Submit n requests per prompt (max_tokens: one per prompt); their outputs arrive on the queue as (choice
         index, Output)."""
-        loop = asyncio.get_running_loop()
+        post = mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         reqs: list[EngineRequest] = []
         for p, ids in enumerate(prompts):
@@ -154,7 +155,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 i = p * body.n + j
 
                 def emit(out: Output, i: int = i) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, out))
+                    post(queue, (i, out))
 
                 reqs.append(
                     EngineRequest(

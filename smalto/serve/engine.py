@@ -345,17 +345,17 @@ class Engine:
             pos[s.slot] = len(s.req.prompt) + s.sampled - 1
             if s.next_token is not None:
                 tokens[s.slot], from_host[s.slot], s.next_token = s.next_token, True, None
-        tok = torch.tensor(tokens, dtype=torch.long, device=d)
+        tok = _to_device(tokens, torch.long, d)
         if self.flight is not None and not all(from_host[s.slot] for s in rows):
-            tok = torch.where(torch.tensor(from_host, device=d), tok, self.flight.out)
+            tok = torch.where(_to_device(from_host, torch.bool, d), tok, self.flight.out)
         n_keys = self.dec.bucket(max(pos[s.slot] for s in rows) + 1)  # the step reads these positions only
-        logits = self.dec.step(tok, torch.tensor(pos, dtype=torch.long, device=d), n_keys)
+        logits = self.dec.step(tok, _to_device(pos, torch.long, d), n_keys)
         out = torch.zeros(B, dtype=torch.long, device=d)
         groups: dict[tuple, list[_Seq]] = {}
         for s in rows:
             s.sampled += 1
             if s.gen is not None:  # its own random stream: sampled alone, as a batch-1 generate would
-                idx = torch.tensor([s.slot], device=d)
+                idx = _to_device([s.slot], torch.long, d)
                 out[idx] = sample(logits[idx], s.req.params, self._seen(s), s.gen)
             else:
                 p = s.req.params
@@ -363,17 +363,17 @@ class Engine:
                     (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty), []
                 ).append(s)
         for group in groups.values():
-            idx = torch.tensor([s.slot for s in group], device=d)
+            idx = _to_device([s.slot for s in group], torch.long, d)
             seen = self.seen.index_select(0, idx) if group[0].req.params.repetition_penalty != 1.0 else None  # type: ignore[union-attr]
             out[idx] = sample(logits.index_select(0, idx), group[0].req.params, seen, self.gen)
         penalised = [s.slot for s in rows if self._seen(s) is not None]
         if penalised:  # the next step's penalty sees this token (on the device: the host has not got it yet)
-            idx = torch.tensor(penalised, device=d)
-            self.seen.index_put_((idx, out[idx]), torch.tensor(True, device=d))  # type: ignore[union-attr]
+            idx = _to_device(penalised, torch.long, d)
+            self.seen.index_put_((idx, out[idx]), torch.ones((), dtype=torch.bool, device=d))  # type: ignore[union-attr]
         want = [s for s in rows if s.req.logprobs is not None]
         parts = [out]
         if want:
-            idx = torch.tensor([s.slot for s in want], device=d)
+            idx = _to_device([s.slot for s in want], torch.long, d)
             parts += self._logprob_tensors(logits[idx], out[idx], max(s.req.logprobs or 0 for s in want))
         cuda = d.type == "cuda"
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda) for t in parts]
@@ -490,6 +490,15 @@ class Engine:
             if s is not None:
                 s.req.emit(Output(finish_reason="abort", error=message))
                 self.slots[i] = None
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` on the device without waiting for the work queued there (a plain host-to-device copy waits for
+    the stream: the decode step in flight would finish before the next is built): a pinned copy, sent
+    asynchronously."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _arrival(seq: _Seq) -> float:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -15,6 +17,41 @@ from smalto.errors import UserError
 from smalto.serve.engine import Engine, Output
 from smalto.serve.engine import Request as EngineRequest
 from smalto.serve.protocol import APIError
+
+
+class Mailbox:
+    """Outputs from the engine thread to one event loop's queues. The first output after the loop last emptied
+    the mailbox wakes the loop (`call_soon_threadsafe`, a write to its self-pipe); the others of that step only
+    join the list: one wake-up a step for all its rows, not one a token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if len(self.items) > 1:
+                return  # a wake-up is on its way
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Callable[[asyncio.Queue, Any], None]:
+    """The `post` of `loop`'s mailbox (one per loop)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box.post
 
 
 def encode(tokenizer: Any, prompt: str | list[int]) -> list[int]:
@@ -38,15 +75,36 @@ def sse(obj: dict[str, Any]) -> str:
 
 
 async def relay(queue: asyncio.Queue, reqs: list[EngineRequest]) -> AsyncIterator[tuple[int, Output]]:
-    """Outputs as they come, until every request has finished; an engine error ends the stream with it."""
+    """Outputs as they come, until every request has finished; an engine error ends the stream with it. Outputs
+    that queued up while the client's stream was busy go out together, one merged output per request (as vLLM's
+    output collector merges deltas): under load a streamed event can carry several tokens."""
     left = len(reqs)
     while left:
-        i, out = await queue.get()
-        if out.error is not None:
-            raise APIError(500, out.error)
-        if out.finish_reason is not None:
-            left -= 1
-        yield i, out
+        batch = [await queue.get()]
+        while not queue.empty():
+            batch.append(queue.get_nowait())
+        merged: dict[int, Output] = {}
+        for i, out in batch:
+            if out.error is not None:
+                raise APIError(500, out.error)
+            if out.finish_reason is not None:
+                left -= 1
+            if i in merged:
+                merge(merged[i], out)
+            else:
+                merged[i] = out
+        for i, out in merged.items():
+            yield i, out
+
+
+def merge(into: Output, out: Output) -> None:
+    """Append `out` (a later output of the same request) to `into`."""
+    into.text += out.text
+    into.token_ids = into.token_ids + out.token_ids
+    into.n_tokens += out.n_tokens
+    into.logprobs = into.logprobs + out.logprobs
+    into.finish_reason = out.finish_reason or into.finish_reason
+    into.prompt_logprobs = out.prompt_logprobs or into.prompt_logprobs
 
 
 async def collect(queue: asyncio.Queue, reqs: list[EngineRequest], request: Request) -> list[Output]:
@@ -67,13 +125,7 @@ async def collect(queue: asyncio.Queue, reqs: list[EngineRequest], request: Requ
                 i, out = nxt.result()
             except StopAsyncIteration:
                 return merged
-            m = merged[i]
-            m.text += out.text
-            m.token_ids += out.token_ids
-            m.n_tokens += out.n_tokens
-            m.logprobs += out.logprobs
-            m.finish_reason = out.finish_reason or m.finish_reason
-            m.prompt_logprobs = out.prompt_logprobs or m.prompt_logprobs
+            merge(merged[i], out)
     finally:
         for r in reqs:
             r.cancel()  # no-op for finished ones; frees the slots of the others
