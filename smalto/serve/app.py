@@ -3,8 +3,7 @@
 Each route validates its body (protocol.py), turns it into engine `Request`s (one per prompt × n), submits them
 and relays the engine's `Output`s, as one JSON answer or as server-sent events ending with `data: [DONE]`. The
 engine thread hands outputs to the event loop through a mailbox (relay.py): one wake-up of the loop for all the
-outputs of a step. A client that goes away cancels its
-requests; the engine frees their slots at its next step.
+outputs of a step. A client that goes away cancels its requests; the engine frees their slots at its next step.
 """
 
 from __future__ import annotations
