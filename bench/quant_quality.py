@@ -288,11 +288,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds["train"] = smalto(*train_args(args, data, tok, run_dir), log=log)
     hf = run_dir / "hf"
     sym = work / "int4-sym"
-    seconds["convert"] = smalto(
-        "convert", str(hf), str(sym), "--quantize", "int4", "--group-size", "128", "--symmetric", log=log
-    )
+    formats = {name: FORMATS[name] for name in args.formats}
+    if any(flags is None for flags in formats.values()):
+        seconds["convert"] = smalto(
+            "convert", str(hf), str(sym), "--quantize", "int4", "--group-size", "128", "--symmetric", log=log
+        )
     rows = []
-    for name, flags in FORMATS.items():
+    for name, flags in formats.items():
         out = work / "eval" / name.replace(" +", " ").replace(" ", "-")
         model = str(sym) if flags is None else str(hf)
         extra = ["--limit", str(args.limit)] if args.limit else []
@@ -307,6 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(
             dict(format=name, loss=ppl["loss"], perplexity=ppl["perplexity"], tokens=ppl["tokens"], **acc)
         )
+        print(f"  {name}: perplexity {ppl['perplexity']:.4f} ({ppl['perplexity'] / rows[0]['perplexity'] - 1:+.3%} "
+              f"vs {rows[0]['format']}), {json.dumps(acc)}", flush=True)  # fmt: skip
     base = rows[0]["perplexity"]
     for r in rows:
         r["vs_bf16"] = r["perplexity"] / base - 1
@@ -376,9 +380,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--override", action="append", default=[], help="another `smalto train` KEY=VALUE")
+    ap.add_argument(
+        "--formats", default=",".join(FORMATS), help=f"comma-separated, bf16 first; of: {', '.join(FORMATS)}"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a small corpus, a few steps")
     ap.add_argument("--smoke-mb", type=float, default=3.2, help="--smoke: corpus budget, tokenizer included")
     args = ap.parse_args()
+    args.formats = [f.strip() for f in args.formats.split(",")]
+    unknown = [f for f in args.formats if f not in FORMATS]
+    if unknown or args.formats[0] != "bf16":
+        raise SystemExit(
+            f"--formats: {', '.join(unknown) or 'bf16 must come first'}; of: {', '.join(FORMATS)}"
+        )
     if args.build_corpus:
         meta = build_corpus(Path(args.build_corpus), Path(args.icl_data), Path(args.tokenizer))
         total = sum(p.stat().st_size for p in Path(args.build_corpus).rglob("*") if p.is_file())

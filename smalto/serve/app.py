@@ -35,7 +35,11 @@ from smalto.serve.protocol import (
 from smalto.serve.relay import collect, encode, mailbox, relay, sampling_check, sse, stream
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, root: str | None = None
+) -> FastAPI:
+    """The app serving `engine` as `model_name`; `root`: the folder it was loaded from (`/v1/models`)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.warmup()
@@ -107,6 +111,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
             "object": "model",
             "created": now(),
             "owned_by": "smalto",
+            "root": root or model_name,
+            "parent": None,
             "max_model_len": L,
         }
         return {"object": "list", "data": [card]}

@@ -15,11 +15,13 @@ A request is one sequence (the API turns `n` choices into n requests). Its life:
              generator)
     done     at EOS, a stop token or string, max_tokens, or a cancel (client gone): its slot is free for the
              next step's admissions
-Each step: drop cancelled requests → admit waiting ones into free slots → one budget of prefill chunks → queue
-one decode step and its sampling on the device → take the previous decode step's tokens on the host while the
-device runs this one (sampled tokens feed the next step on the device, so the host's per-token work, text and
-stop strings, overlaps the GPU instead of adding to every step). Results go to each request's `emit` callback
-(called on the engine thread) as `Output`s.
+Each step: drop cancelled requests → admit waiting ones into free slots → queue one budget of prefill chunks and
+their first tokens' sampling → queue one decode step and its sampling on the device → take the prefill's first
+tokens, then the previous decode step's tokens, on the host while the device runs this one. Sampled tokens feed
+the next step on the device (a first token too, on CUDA), so the host's per-token work, text and stop strings,
+overlaps the GPU instead of adding to every step, and nothing the host sends waits for the step in flight
+(pinned, asynchronous copies). Results go to each request's `emit` callback (called on the engine thread) as
+`Output`s.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from smalto.kernels import DecodeOptions
 from smalto.model.mpt import MPTForCausalLM
 from smalto.sampling import SamplingParams, sample
 from smalto.serve.metrics import Metrics
-from smalto.serve.slots import MIN_BUCKET, SlotDecoder
+from smalto.serve.slots import MIN_BUCKET, SlotDecoder, to_device
 from smalto.serve.text import TextStream
 
 
@@ -108,6 +110,34 @@ class _Flight:
 
 
 @dataclass
+class _Firsts:
+    """First tokens sampled on the device after a prefill, on their way to the host."""
+
+    seqs: list[_Seq]
+    slots: torch.Tensor  # (N,) their slots, on the device
+    tokens: torch.Tensor  # (N,) the tokens, on the device: fed to the decode step queued next
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def send(cls, pending: list[tuple[_Seq, torch.Tensor]], device: torch.device) -> _Firsts:
+        tokens = torch.cat([t.view(1) for _, t in pending])
+        cuda = device.type == "cuda"
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        host.copy_(tokens, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record(torch.cuda.current_stream(device))
+        slots = to_device([s.slot for s, _ in pending], torch.long, device)
+        return cls([s for s, _ in pending], slots, tokens, host, ready)
+
+    def receive(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # the prefill and its sampling only: the decode queued after runs on
+        return self.host.tolist()
+
+
+@dataclass
 class _Seq:
     req: Request
     slot: int
@@ -159,6 +189,10 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[_Seq | None] = [None] * max_batch
         self.flight: _Flight | None = None
+        self.firsts: _Firsts | None = None  # first tokens sampled after this step's prefill, on their way
+        # feed the first tokens to the decode step on the device, and take them on the host once it is queued
+        # (CUDA: the host's wait overlaps the step); else take them first (the host runs the step itself)
+        self.feed_firsts = self.device.type == "cuda"
         self.accepting = True
         self._cv = threading.Condition()
         self._stop = False
@@ -230,13 +264,17 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Drop cancelled requests, admit, prefill, queue a decode step on the device, then take the previous
-        decode step's tokens on the host while the device runs this one (its tokens feed this one on the
-        device: a sequence that ended there has one wasted row in this step, whose token is dropped)."""
+        """Drop cancelled requests, admit, queue the prefill, queue a decode step on the device, then take the
+        prefill's first tokens and the previous decode step's tokens on the host while the device runs this one
+        (those tokens feed this one on the device: a sequence that ended there has one wasted row in this step,
+        whose token is dropped)."""
         self._drop_cancelled()
         self._admit()
         self._prefill()
+        if not self.feed_firsts:
+            self._land_firsts(fed=False)
         flight = self._launch()
+        self._land_firsts(fed=True)
         self._land(self.flight)
         self.flight = flight
         m = self.metrics
@@ -281,6 +319,7 @@ class Engine:
         in its own forward over its slot."""
         budget = self.prefill_chunk
         fresh: list[tuple[_Seq, list[int]]] = []
+        pending: list[tuple[_Seq, torch.Tensor]] = []  # (sequence, its first token on the device)
         for seq in sorted((s for s in self.slots if s is not None and s.sampled == 0), key=_arrival):
             if budget == 0:
                 break
@@ -295,20 +334,28 @@ class Engine:
             if req.prompt_logprobs:
                 first = self._prompt_logprobs(seq, logits)
                 logits = logits[-1]
-            self._prefilled(seq, len(chunk), logits, first)
+            self._prefilled(seq, len(chunk), logits, pending, first)
         if len(fresh) == 1:
             seq, chunk = fresh[0]
-            self._prefilled(seq, len(chunk), self.dec.prefill(seq.slot, chunk, 0))
+            self._prefilled(seq, len(chunk), self.dec.prefill(seq.slot, chunk, 0), pending)
         elif fresh:
             last = self.dec.prefill_packed([(seq.slot, chunk) for seq, chunk in fresh])
             for (seq, chunk), logits in zip(fresh, last, strict=True):
-                self._prefilled(seq, len(chunk), logits)
+                self._prefilled(seq, len(chunk), logits, pending)
+        if pending:
+            self.firsts = _Firsts.send(pending, self.device)
 
     def _prefilled(
-        self, seq: _Seq, n: int, logits: torch.Tensor, first: list[TokenLogprob | None] | None = None
+        self,
+        seq: _Seq,
+        n: int,
+        logits: torch.Tensor,
+        pending: list[tuple[_Seq, torch.Tensor]],
+        first: list[TokenLogprob | None] | None = None,
     ) -> None:
         """`n` more prompt tokens are in the cache; `logits` (V,) of the last: once the whole prompt is in,
-        sample the first token."""
+        sample the first token, on the device: it joins `pending` (fed to this step's decode on the device,
+        taken on the host once the decode is queued). A request that wants logprobs takes its token at once."""
         req = seq.req
         seq.written += n
         if seq.written < len(req.prompt):
@@ -320,10 +367,13 @@ class Engine:
                 req.emit(Output(finish_reason="length", prompt_logprobs=first))
             return
         token = sample(logits[None], req.params, self._seen(seq), seq.gen or self.gen)
-        lp = self._logprobs(logits[None], token, req.logprobs)
         seq.sampled = 1
         if self._seen(seq) is not None:
             self.seen[seq.slot, token] = True  # type: ignore[index]
+        if req.logprobs is None and first is None:
+            pending.append((seq, token))
+            return
+        lp = self._logprobs(logits[None], token, req.logprobs)
         self._accept(seq, int(token), lp[0] if lp else None, first)
 
     def _launch(self) -> _Flight | None:
@@ -345,17 +395,19 @@ class Engine:
             pos[s.slot] = len(s.req.prompt) + s.sampled - 1
             if s.next_token is not None:
                 tokens[s.slot], from_host[s.slot], s.next_token = s.next_token, True, None
-        tok = _to_device(tokens, torch.long, d)
+        tok = to_device(tokens, torch.long, d)
         if self.flight is not None and not all(from_host[s.slot] for s in rows):
-            tok = torch.where(_to_device(from_host, torch.bool, d), tok, self.flight.out)
+            tok = torch.where(to_device(from_host, torch.bool, d), tok, self.flight.out)
+        if self.firsts is not None:  # first tokens sampled by this step's prefill, still on the device
+            tok = tok.index_put((self.firsts.slots,), self.firsts.tokens)
         n_keys = self.dec.bucket(max(pos[s.slot] for s in rows) + 1)  # the step reads these positions only
-        logits = self.dec.step(tok, _to_device(pos, torch.long, d), n_keys)
+        logits = self.dec.step(tok, to_device(pos, torch.long, d), n_keys)
         out = torch.zeros(B, dtype=torch.long, device=d)
         groups: dict[tuple, list[_Seq]] = {}
         for s in rows:
             s.sampled += 1
             if s.gen is not None:  # its own random stream: sampled alone, as a batch-1 generate would
-                idx = _to_device([s.slot], torch.long, d)
+                idx = to_device([s.slot], torch.long, d)
                 out[idx] = sample(logits[idx], s.req.params, self._seen(s), s.gen)
             else:
                 p = s.req.params
@@ -363,17 +415,17 @@ class Engine:
                     (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty), []
                 ).append(s)
         for group in groups.values():
-            idx = _to_device([s.slot for s in group], torch.long, d)
+            idx = to_device([s.slot for s in group], torch.long, d)
             seen = self.seen.index_select(0, idx) if group[0].req.params.repetition_penalty != 1.0 else None  # type: ignore[union-attr]
             out[idx] = sample(logits.index_select(0, idx), group[0].req.params, seen, self.gen)
         penalised = [s.slot for s in rows if self._seen(s) is not None]
         if penalised:  # the next step's penalty sees this token (on the device: the host has not got it yet)
-            idx = _to_device(penalised, torch.long, d)
+            idx = to_device(penalised, torch.long, d)
             self.seen.index_put_((idx, out[idx]), torch.ones((), dtype=torch.bool, device=d))  # type: ignore[union-attr]
         want = [s for s in rows if s.req.logprobs is not None]
         parts = [out]
         if want:
-            idx = _to_device([s.slot for s in want], torch.long, d)
+            idx = to_device([s.slot for s in want], torch.long, d)
             parts += self._logprob_tensors(logits[idx], out[idx], max(s.req.logprobs or 0 for s in want))
         cuda = d.type == "cuda"
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda) for t in parts]
@@ -383,6 +435,16 @@ class Engine:
         if ready is not None:
             ready.record(torch.cuda.current_stream(d))
         return _Flight(rows=rows, out=out, host=host, ready=ready, want=want)
+
+    def _land_firsts(self, fed: bool) -> None:
+        """Take the first tokens of this step's prefill. `fed`: the decode step they feed is queued (the device
+        runs on while the host waits for the prefill's end); else they go in from the host."""
+        firsts, self.firsts = self.firsts, None
+        if firsts is None:
+            return
+        for seq, token in zip(firsts.seqs, firsts.receive(), strict=True):
+            if not seq.done and self.slots[seq.slot] is seq:
+                self._accept(seq, token, None, fed=fed)
 
     def _land(self, flight: _Flight | None) -> None:
         """Take a decode step's tokens: each row still running gets its token (a row that ended or was cancelled
@@ -445,8 +507,10 @@ class Engine:
         token: int,
         lp: TokenLogprob | None,
         prompt_lp: list[TokenLogprob | None] | None = None,
+        fed: bool = False,
     ) -> None:
-        """Take a sampled token: stream its text, end the sequence if it is done, else feed it next step."""
+        """Take a sampled token: stream its text, end the sequence if it is done, else feed it next step (`fed`:
+        a first token already fed to the decode step on the device)."""
         req, m, now = seq.req, self.metrics, time.perf_counter()
         if seq.n_out == 0:
             m.ttft.observe(now - req.arrival)
@@ -478,27 +542,18 @@ class Engine:
             out.finish_reason = reason
             seq.done, self.slots[seq.slot] = True, None
             m.latency.observe(now - req.arrival)
-        elif seq.n_out == 1:  # the prefill's token goes in from the host; later ones are fed on the device
-            seq.next_token = token
+        elif seq.n_out == 1 and not fed:  # a first token taken at once goes in from the host; later ones, and
+            seq.next_token = token  # pending first tokens, are fed on the device
         if req.cancelled:
             return
         req.emit(out)
 
     def _fail_all(self, message: str) -> None:
-        self.flight = None
+        self.flight = self.firsts = None
         for i, s in enumerate(self.slots):
             if s is not None:
                 s.req.emit(Output(finish_reason="abort", error=message))
                 self.slots[i] = None
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` on the device without waiting for the work queued there (a plain host-to-device copy waits for
-    the stream: the decode step in flight would finish before the next is built): a pinned copy, sent
-    asynchronously."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _arrival(seq: _Seq) -> float:

@@ -88,7 +88,7 @@ def serve(
     )
     model.eval()
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
-    app = create_app(engine, served_model_name or model_path, api_key)
+    app = create_app(engine, served_model_name or model_path, api_key, root=model_path)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=max(1, int(grace))
     )

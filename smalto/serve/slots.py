@@ -60,6 +60,15 @@ def key_buckets(max_len: int, n_slots: int, smallest: int = MIN_BUCKET) -> list[
     return [*out, last]
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`values` on the device without waiting for the work queued there (a plain host-to-device copy waits for
+    the stream: the decode step in flight would finish before the next forward is queued): a pinned copy, sent
+    asynchronously."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class StepCache:
     """The cache as one decode step sees it: row b writes at its own position `write_pos[b]` (in the whole
     slot: the scratch position of an idle row lies past every bucket), and attention gets the first `n_keys`
@@ -188,7 +197,7 @@ class SlotDecoder:
         """Write `ids` at positions start.. of `slot`; float logits of the last position (V,), or of every
         position (T, V) when `all_logits`."""
         d = self.model.device
-        tokens = torch.tensor([ids], dtype=torch.long, device=d)
+        tokens = to_device([ids], torch.long, d)
         pos = torch.arange(start, start + len(ids), device=d)
         view = row_view(self.cache, slot, start, self.bucket(start + len(ids)))
         h = self.model.transformer(tokens, None, None, view, pos, self.prefill_plan)[0]
@@ -203,12 +212,12 @@ class SlotDecoder:
         m, c = self.model, self.model.config
         d = m.device
         lens = [len(ids) for _, ids in parts]
-        tokens = torch.tensor([[t for _, ids in parts for t in ids]], dtype=torch.long, device=d)
-        T = tokens.shape[1]
-        seg = torch.repeat_interleave(torch.arange(len(parts), device=d), torch.tensor(lens, device=d))
-        starts = torch.tensor([0, *itertools.accumulate(lens)][:-1], device=d)
-        pos = torch.arange(T, device=d) - starts[seg]  # each chunk's own positions, from 0
-        slots = torch.tensor([slot for slot, _ in parts], device=d)[seg]
+        T = sum(lens)
+        # built on the host, sent in one asynchronous copy each: nothing here waits for the step in flight
+        tokens = to_device([[t for _, ids in parts for t in ids]], torch.long, d)
+        seg = to_device([i for i, n in enumerate(lens) for _ in range(n)], torch.long, d)
+        pos = to_device([p for n in lens for p in range(n)], torch.long, d)  # each chunk's own positions
+        slots = to_device([slot for slot, ids in parts for _ in ids], torch.long, d)
         x = m.transformer.wte(tokens)
         if c.uses_wpe:
             x = x + m.transformer.wpe(pos)[None]
@@ -226,12 +235,12 @@ class SlotDecoder:
         # RoPE angles from each chunk's own positions (what its keys are cached at)
         if inputs.rope is not None:
             a = c.attn_config
-            longest = torch.tensor(lens, device=d)[seg] - 1
+            longest = to_device([n - 1 for n in lens for _ in range(n)], torch.long, d)
             inputs.rope = rope_cos_sin_rows(pos, c.head_dim, a.rope_theta, a.rope_scaling, longest)
         cache = PackedWrite(self.cache, slots, pos)
         for block in m.transformer.blocks:
             x = block(x, inputs, cache)
-        last = torch.tensor(list(itertools.accumulate(lens)), device=d) - 1
+        last = to_device([n - 1 for n in itertools.accumulate(lens)], torch.long, d)
         return self._logits(m.transformer.norm_f(x)[0, last])
 
     def _step(self, tokens: Tensor, pos: Tensor, n_keys: int) -> Tensor:

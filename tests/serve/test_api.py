@@ -167,6 +167,8 @@ def test_chat_and_streaming_chat(client, reference) -> None:
 
 def test_models_health_metrics_and_page(client, server) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    card = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer sekrit"}).json()["data"][0]
+    assert (card["root"], card["parent"], card["max_model_len"]) == ("tiny", None, 96)
     assert httpx.get(server.url + "/health").status_code == 200
     assert "<title>smalto chat</title>" in httpx.get(server.url + "/").text
     text = httpx.get(server.url + "/metrics").text

@@ -59,8 +59,12 @@ def run(engine: Engine, arrivals: dict[int, list[int]], steps: int = 200) -> lis
     raise AssertionError("requests did not finish")
 
 
+FEED = pytest.mark.parametrize("feed", [False, True], ids=["firsts-from-host", "firsts-on-device"])
+
+
+@FEED
 @pytest.mark.parametrize("spec", list(SPECS))
-def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
+def test_greedy_equals_generate_whatever_the_batch(spec: str, feed: bool) -> None:
     # three requests at once for two slots (one waits), three more arriving mid-flight; prompts are prefilled
     # 4 tokens a step, so a long prompt is written over several steps while the others decode. The decode step
     # reads 16, 32 or 48 positions (the bucket of the longest running sequence): sequences cross 16 and 32
@@ -73,6 +77,7 @@ def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
     ]
     assert len({tuple(w) for w in want}) == len(want)  # the outputs differ: a mix-up between rows would show
     engine = Engine(model, None, max_batch=max_batch, prefill_chunk=chunk, min_bucket=16)
+    engine.feed_firsts = feed  # CUDA's way (first tokens fed to the decode step on the device) or the CPU's
     assert engine.dec.buckets == [16, 32, 48]
     used = []
     step = engine.dec.step
@@ -86,8 +91,9 @@ def test_greedy_equals_generate_whatever_the_batch(spec: str) -> None:
     assert engine.busy() == 0
 
 
+@FEED
 @pytest.mark.parametrize("spec", list(SPECS))
-def test_prompts_prefilled_together_decode_as_alone(spec: str) -> None:
+def test_prompts_prefilled_together_decode_as_alone(spec: str, feed: bool) -> None:
     # four requests at once fill the four slots: their prompts go in one packed forward; the other two, arriving
     # one at a time, alone
     model = make_model(spec)
@@ -96,6 +102,7 @@ def test_prompts_prefilled_together_decode_as_alone(spec: str) -> None:
         for p, n in zip(PROMPTS, MAX_NEW, strict=True)
     ]
     engine = Engine(model, None, max_batch=4, prefill_chunk=64, min_bucket=16)
+    engine.feed_firsts = feed
     packed: list[int] = []
     prefill_packed = engine.dec.prefill_packed
     engine.dec.prefill_packed = lambda parts: packed.append(len(parts)) or prefill_packed(parts)  # type: ignore[method-assign]
@@ -104,11 +111,13 @@ def test_prompts_prefilled_together_decode_as_alone(spec: str) -> None:
     assert packed[0] == 4
 
 
-def test_seeded_sampling_equals_generate() -> None:
+@FEED
+def test_seeded_sampling_equals_generate(feed: bool) -> None:
     model = make_model("alibi")
     params = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3)
     want = generate(model, None, [PROMPTS[0]], max_new_tokens=15, seed=7, eos_token_id=[], **params)[0]
     engine = Engine(model, None, max_batch=3)
+    engine.feed_firsts = feed
     outs: list[Output] = []
     engine.submit(
         Request(prompt=PROMPTS[1], emit=lambda o: None, params=SamplingParams(temperature=1.0), max_tokens=30)
@@ -139,7 +148,8 @@ def test_cancel_frees_the_slot_at_the_next_step_and_the_queue_is_bounded() -> No
     assert len(got) == n  # nothing more for the cancelled request
 
 
-def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next() -> None:
+@FEED
+def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next(feed: bool) -> None:
     # the step after a sequence's stop token is already queued when the host sees that token: its extra token
     # is dropped, and the next request in that slot decodes as if alone
     model = make_model("alibi")
@@ -152,6 +162,7 @@ def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next() -> None:
     cut = first.index(stop)
     assert cut >= 2
     engine = Engine(model, None, max_batch=1)
+    engine.feed_firsts = feed
     outs: list[list[Output]] = [[], []]
     greedy = SamplingParams(temperature=0)
     engine.submit(Request(PROMPTS[4], outs[0].append, greedy, max_tokens=12, stop_token_ids={stop}))
@@ -162,6 +173,31 @@ def test_a_stop_token_ends_the_sequence_and_its_slot_serves_the_next() -> None:
     assert [o.finish_reason for o in outs[0]] == [None] * cut + ["stop"]  # nothing after the stop
     assert [t for o in outs[1] for t in o.token_ids] == second
     assert outs[1][-1].finish_reason == "length" and engine.busy() == 0
+
+
+@FEED
+def test_a_first_token_that_ends_the_sequence_frees_its_slot_for_the_next(feed: bool) -> None:
+    # a first token is fed to the decode step on the device before the host sees it: when it is a stop token
+    # (or max_tokens is 1) that step's row is dropped, and the next request in the slot decodes as if alone
+    model = make_model("alibi")
+
+    def alone(prompt: list[int], n: int) -> list[int]:
+        return generate(model, None, [prompt], max_new_tokens=n, temperature=0, eos_token_id=[])[0].token_ids
+
+    first, nxt, after = alone(PROMPTS[4], 3)[0], alone(PROMPTS[0], 12), alone(PROMPTS[2], 20)
+    engine = Engine(model, None, max_batch=1)
+    engine.feed_firsts = feed
+    outs: list[list[Output]] = [[], [], []]
+    greedy = SamplingParams(temperature=0)
+    engine.submit(Request(PROMPTS[4], outs[0].append, greedy, max_tokens=8, stop_token_ids={first}))
+    engine.submit(Request(PROMPTS[0], outs[1].append, greedy, max_tokens=1))
+    engine.submit(Request(PROMPTS[2], outs[2].append, greedy, max_tokens=20))
+    for _ in range(60):
+        engine.step()
+    assert [(o.token_ids, o.n_tokens, o.finish_reason) for o in outs[0]] == [([], 1, "stop")]
+    assert [(o.token_ids, o.finish_reason) for o in outs[1]] == [([nxt[0]], "length")]
+    assert [t for o in outs[2] for t in o.token_ids] == after
+    assert outs[2][-1].finish_reason == "length" and engine.busy() == 0
 
 
 def test_an_adapted_model_serves_what_generate_gives_with_its_adapters() -> None:
