@@ -309,7 +309,7 @@ class Engine:
                     V = self.model.config.vocab_size
                     self.seen = torch.zeros(self.max_batch, V, dtype=torch.bool, device=self.device)
                 self.seen[i] = False
-                self.seen[i, torch.tensor(req.prompt, device=self.device)] = True
+                self.seen[i, to_device(req.prompt, torch.long, self.device)] = True
             self.metrics.prompt_tokens.inc(len(req.prompt))
             self.slots[i] = seq
 
