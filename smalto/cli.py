@@ -826,7 +826,7 @@ def serve(
         None, "--max-seq-len", help="Context per sequence (default the model's; ALiBi/RoPE run past it)."
     ),
     prefill_chunk: int = typer.Option(
-        512, "--prefill-chunk", help="Prompt tokens prefilled per engine step, over all new requests."
+        2048, "--prefill-chunk", help="Prompt tokens prefilled per engine step, over all new requests."
     ),
     tokenizer: str = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer folder or tokenizer.json (default: the model's)."

@@ -162,7 +162,7 @@ class Engine:
         *,
         max_batch: int = 8,
         max_queue: int = 256,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 2048,
         compile: bool | None = None,
         options: DecodeOptions | None = None,
         metrics: Metrics | None = None,

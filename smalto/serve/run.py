@@ -58,7 +58,7 @@ def serve(
     max_batch: int = 8,
     max_queue: int = 256,
     max_seq_len: int | None = None,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 2048,
     dtype: str | None = None,
     device: str | None = None,
     served_model_name: str | None = None,
