@@ -1,12 +1,13 @@
 """The serving engine alone, without HTTP: the load of `bench/serve_load.py` driven straight into `Engine`, with
 where each step's time goes.
 
-    python bench/serve_engine.py --shape 7b --device cuda --max-batch 64 --prefill-chunks 512,2048
+    python bench/serve_engine.py --shape 7b --device cuda --max-batch 64 --prefill-chunks 512,2048 --prefill graphs,eager
     python bench/serve_engine.py --smoke                                    # tiny random model on CPU
 
 The same requests as serve_load (ShareGPT-like lengths, `--num-prompts`, at most `--concurrency` in flight, all
 sent at once: saturation), submitted from the engine's own callbacks (a request that finishes submits the next), so
-the figures are the engine's: no event loop, JSON or sockets. Per `--prefill-chunks` value, one engine:
+the figures are the engine's: no event loop, JSON or sockets. Per `--prefill-chunks` value and `--prefill` mode (the
+packed prefill's captured CUDA graphs, or the same forward run eagerly), one engine:
   - output tokens/s, TTFT, TPOT and inter-token latency p50 / p90 / p99 (TTFT from submission);
   - the step period (one engine step to the next) over the steps that ran no prefill with at least 90% of the
     slots decoding: the decode step at that batch with the load's own lengths (the denominator of issue 25's
@@ -170,7 +171,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=2048)
-    ap.add_argument("--prefill-chunks", default="512", help="comma-separated: one engine each")
+    ap.add_argument("--prefill-chunks", default="2048", help="comma-separated: one engine each")
+    ap.add_argument(
+        "--prefill",
+        default="graphs",
+        help="comma-separated, one engine each per chunk: graphs (the captured packed prefill) | eager",
+    )
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--num-prompts", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -220,29 +226,32 @@ def main() -> None:
         )
     model.eval()
     rows = []
-    for chunk in [int(c) for c in a.prefill_chunks.split(",")]:
+    for chunk, mode in itertools.product([int(c) for c in a.prefill_chunks.split(",")], a.prefill.split(",")):
+        if mode not in ("graphs", "eager"):
+            ap.error(f"--prefill {mode!r}: graphs or eager")
         engine = Engine(model, tok, max_batch=a.max_batch, max_queue=a.num_prompts, prefill_chunk=chunk)
+        engine.dec.packed.use_graphs = mode == "graphs"
         engine.warmup()
         engine.start()
         drive(engine, work[: a.concurrency], a.concurrency)  # warm up: the prefill shapes, the allocator
         trace = Trace(engine)
         res = drive(engine, work, a.concurrency)
         engine.shutdown()
-        res |= trace.summary(a.max_batch) | {"prefill_chunk": chunk}
+        res |= trace.summary(a.max_batch) | {"prefill_chunk": chunk, "prefill": mode}
         rows.append(res)
         del engine, trace
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
     print(f"\nengine alone, {a.num_prompts} requests, {a.concurrency} in flight, max batch {a.max_batch}")
     print(
-        "| prefill chunk | out tok/s | TTFT p50/p90/p99 ms | after the burst | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms | "
+        "| prefill chunk | prefill | out tok/s | TTFT p50/p90/p99 ms | after the burst | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms | "
         "decode step p50/p90/p99 ms | prefill step p50 ms (tokens) | host prefill / launch / land ms a step |"
     )
-    print("| ---: | ---: | --- | --- | --- | --- | --- | --- | --- |")
+    print("| ---: | --- | ---: | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         h = r["host_mean_ms"]
         print(
-            f"| {r['prefill_chunk']} | {r['output_tokens_per_s']:,.0f} | {ms(r['ttft'])} | {ms(r['ttft_steady'])} | "
+            f"| {r['prefill_chunk']} | {r['prefill']} | {r['output_tokens_per_s']:,.0f} | {ms(r['ttft'])} | {ms(r['ttft_steady'])} | "
             f"{ms(r['tpot'])} | "
             f"{ms(r['itl'])} | {ms(r['decode_step'])} (n {r['decode_step']['n']}) | "
             f"{r['prefill_step']['p50'] * 1e3:.1f} ({r['prefill_tokens_per_prefill_step']:.0f}) | "

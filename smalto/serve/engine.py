@@ -178,7 +178,7 @@ class Engine:
         self.max_seq_len = model.config.max_seq_len
         self.eos: set[int] = set(default_eos(model, tokenizer))
         compile = model.device.type == "cuda" if compile is None else compile
-        self.dec = SlotDecoder(model, max_batch, compile, options, min_bucket)
+        self.dec = SlotDecoder(model, max_batch, compile, options, min_bucket, prefill_chunk)
         self.metrics = metrics or Metrics()
         self.device = model.device
         self.gen = torch.Generator(device=self.device)
@@ -214,8 +214,10 @@ class Engine:
     @torch.inference_mode()
     def warmup(self) -> None:
         """One decode step per key-length bucket with every row idle (on CUDA: compiles and captures each bucket's
-        step before the first request)."""
+        step before the first request), and on CUDA with compilation the packed prefill's graphs."""
         B, d = self.max_batch, self.device
+        if self.dec.compiled:
+            self.dec.packed.capture()
         for n_keys in self.dec.buckets:
             self.dec.step(
                 torch.zeros(B, dtype=torch.long, device=d),
@@ -314,9 +316,9 @@ class Engine:
             self.slots[i] = seq
 
     def _prefill(self) -> None:
-        """At most `prefill_chunk` prompt tokens over the prefilling sequences, oldest first: the first chunks of
-        two or more sequences go in one packed forward; a later chunk (or a prompt whose logprobs are asked for)
-        in its own forward over its slot."""
+        """At most `prefill_chunk` prompt tokens over the prefilling sequences, oldest first: the first chunks go
+        in one packed forward (on CUDA a captured graph: smalto/serve/prefill.py); a later chunk (or a prompt
+        whose logprobs are asked for) in its own forward over its slot."""
         budget = self.prefill_chunk
         fresh: list[tuple[_Seq, list[int]]] = []
         pending: list[tuple[_Seq, torch.Tensor]] = []  # (sequence, its first token on the device)
@@ -335,10 +337,7 @@ class Engine:
                 first = self._prompt_logprobs(seq, logits)
                 logits = logits[-1]
             self._prefilled(seq, len(chunk), logits, pending, first)
-        if len(fresh) == 1:
-            seq, chunk = fresh[0]
-            self._prefilled(seq, len(chunk), self.dec.prefill(seq.slot, chunk, 0), pending)
-        elif fresh:
+        if fresh:
             last = self.dec.prefill_packed([(seq.slot, chunk) for seq, chunk in fresh])
             for (seq, chunk), logits in zip(fresh, last, strict=True):
                 self._prefilled(seq, len(chunk), logits, pending)

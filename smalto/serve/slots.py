@@ -22,7 +22,6 @@ the bucket, so with it the step has one bucket (one graph): the whole slot.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable
 
@@ -37,12 +36,12 @@ from smalto.model.attention import (
     AttentionKernel,
     AttentionMask,
     alibi_slopes,
-    build_attention_inputs,
 )
 from smalto.model.cache import KVCache
 from smalto.model.mpt import MPTForCausalLM
 from smalto.model.rope import rope_cos_sin_rows
 from smalto.quant.linear import quant_head
+from smalto.serve.prefill import PackedPrefill
 
 MIN_BUCKET = 128  # the shortest key length a decode step is compiled for
 MAX_BUCKETS = 7  # compiled graphs at most (under dynamo's recompile limit): longer contexts start higher
@@ -85,20 +84,6 @@ class StepCache:
         return k[:, :, : self.n_keys], v[:, :, : self.n_keys]
 
 
-class PackedWrite:
-    """The cache as a packed prefill sees it: token t is written at position `pos[t]` of slot `slots[t]`, and
-    attention gets the chunk's own keys and values (every chunk starts at position 0: nothing before it)."""
-
-    def __init__(self, cache: KVCache, slots: Tensor, pos: Tensor):
-        self.cache, self.slots, self.pos = cache, slots, pos
-
-    def update(self, layer: int, k_new: Tensor, v_new: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.cache.keys[layer], self.cache.values[layer]
-        k[self.slots, :, self.pos] = k_new[0].transpose(0, 1).to(k.dtype)  # (T, K, D) at (slot[t], :, pos[t])
-        v[self.slots, :, self.pos] = v_new[0].transpose(0, 1).to(v.dtype)
-        return k_new, v_new
-
-
 def row_view(cache: KVCache, slot: int, length: int, n_keys: int | None = None) -> KVCache:
     """A cache over the first `n_keys` positions (default: all) of row `slot` only (views: a forward on it writes
     into the big cache)."""
@@ -139,6 +124,7 @@ class SlotDecoder:
         compile: bool,
         options: DecodeOptions | None = None,
         min_bucket: int = MIN_BUCKET,
+        prefill_tokens: int = 2048,
     ):
         c = model.config
         self.model, self.max_batch = model, max_batch
@@ -160,6 +146,15 @@ class SlotDecoder:
                 self.attention = decode_attention.decode_kernel(o.attention_launch)
         shape = dict(device=model.device, dtype=model.dtype, batch=1, seq=n_slots, options=None)
         self.prefill_plan = select(c, "prefill", **shape)  # type: ignore[arg-type]
+        self.packed = PackedPrefill(
+            model,
+            self.cache,
+            self.prefill_plan,
+            self._logits,
+            scratch=self.max_len,
+            max_rows=max_batch,
+            max_tokens=prefill_tokens,
+        )
         self.blocks = decode_blocks(model, self.options)
         self.max_rows = self.options.linear_rows if self.options is not None else 0
         self.quant_head = quant_head(model)
@@ -207,41 +202,9 @@ class SlotDecoder:
 
     def prefill_packed(self, parts: list[tuple[int, list[int]]]) -> Tensor:
         """Write the first chunks of several sequences, each `(slot, ids)` from position 0 of its slot, in one
-        forward over the chunks laid end to end, attention kept inside each (as a packed training batch); float
-        logits (N, V) of each chunk's last position. Each computes what `prefill(slot, ids, 0)` computes."""
-        m, c = self.model, self.model.config
-        d = m.device
-        lens = [len(ids) for _, ids in parts]
-        T = sum(lens)
-        # built on the host, sent in one asynchronous copy each: nothing here waits for the step in flight
-        tokens = to_device([[t for _, ids in parts for t in ids]], torch.long, d)
-        seg = to_device([i for i, n in enumerate(lens) for _ in range(n)], torch.long, d)
-        pos = to_device([p for n in lens for p in range(n)], torch.long, d)  # each chunk's own positions
-        slots = to_device([slot for slot, ids in parts for _ in ids], torch.long, d)
-        x = m.transformer.wte(tokens)
-        if c.uses_wpe:
-            x = x + m.transformer.wpe(pos)[None]
-        w = c.attn_config.sliding_window_size
-        # causality and ALiBi distances by index in the packed row: within one chunk they are its positions
-        mask = AttentionMask(
-            q_pos=torch.arange(T, device=d),
-            n_keys=T,
-            seq_q=seg[None],
-            seq_k=seg[None],
-            window=w if 0 < w < T else -1,
-            from_zero=True,
-        )
-        inputs = build_attention_inputs(c, mask, self.prefill_plan, x.dtype)
-        # RoPE angles from each chunk's own positions (what its keys are cached at)
-        if inputs.rope is not None:
-            a = c.attn_config
-            longest = to_device([n - 1 for n in lens for _ in range(n)], torch.long, d)
-            inputs.rope = rope_cos_sin_rows(pos, c.head_dim, a.rope_theta, a.rope_scaling, longest)
-        cache = PackedWrite(self.cache, slots, pos)
-        for block in m.transformer.blocks:
-            x = block(x, inputs, cache)
-        last = to_device([n - 1 for n in itertools.accumulate(lens)], torch.long, d)
-        return self._logits(m.transformer.norm_f(x)[0, last])
+        forward (smalto/serve/prefill.py); float logits (N, V) of each chunk's last position. Each computes what
+        `prefill(slot, ids, 0)` computes."""
+        return self.packed(parts)
 
     def _step(self, tokens: Tensor, pos: Tensor, n_keys: int) -> Tensor:
         """tokens (B,), pos (B,) → float logits (B, V); row b's token is written at position pos[b], and row b

@@ -32,3 +32,34 @@ def test_compiled_engine_equals_generate_with_arrivals_mid_flight(spec: str) -> 
     assert engine.dec.compiled, "the compiled step fell back to eager decoding"
     assert [[t for o in out for t in o.token_ids] for out in outs] == want
     assert engine.busy() == 0
+
+
+@pytest.mark.parametrize("spec", ["alibi", "rope_gqa", "learned_pos"])
+@torch.inference_mode()
+def test_captured_packed_prefill_equals_eager(spec: str) -> None:
+    """The packed prefill replayed from its CUDA graphs (padded to a token bucket) writes the cache rows and gives
+    the last logits of the eager forward at its own size, for one chunk, several, and one past the first bucket."""
+    from smalto.serve.slots import SlotDecoder
+
+    torch.manual_seed(0)
+    model = MPTForCausalLM(tiny_config(max_seq_len=128, **SPECS[spec])).eval().cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graphed = SlotDecoder(model, max_batch=4, compile=True, min_bucket=16, prefill_tokens=128)
+    graphed.packed.capture()
+    assert sorted(graphed.packed.graphs) == [64, 96, 128]
+    eager = SlotDecoder(model, max_batch=4, compile=False, min_bucket=16)
+    long = [(i * 7) % 250 + 1 for i in range(70)]
+    for parts in (
+        [(2, PROMPTS[0])],
+        [(2, PROMPTS[0]), (0, PROMPTS[1]), (3, PROMPTS[2])],
+        [(1, long), (3, [4, 5])],
+    ):
+        got, want = graphed.prefill_packed(parts), eager.prefill_packed(parts)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for a, b in zip(
+            eager.cache.keys + eager.cache.values, graphed.cache.keys + graphed.cache.values, strict=True
+        ):
+            for slot, ids in parts:
+                torch.testing.assert_close(
+                    b[slot, :, : len(ids)], a[slot, :, : len(ids)], atol=1e-4, rtol=1e-4
+                )
