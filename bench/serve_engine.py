@@ -20,6 +20,7 @@ Writes serve_engine.json to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -238,8 +239,11 @@ def main() -> None:
         res = drive(engine, work, a.concurrency)
         engine.shutdown()
         res |= trace.summary(a.max_batch) | {"prefill_chunk": chunk, "prefill": mode}
+        res |= {"compiled": engine.dec.compiled, "graphs": sorted(engine.dec.packed.graphs)}
+        print(f"chunk {chunk} {mode}: decode compiled {res['compiled']}, prefill graphs {res['graphs']}")
         rows.append(res)
         del engine, trace
+        gc.collect()  # the decoder and its packed prefill refer to each other: the cache goes with the cycle
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
     print(f"\nengine alone, {a.num_prompts} requests, {a.concurrency} in flight, max batch {a.max_batch}")

@@ -213,17 +213,18 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One decode step per key-length bucket with every row idle (on CUDA: compiles and captures each bucket's
-        step before the first request), and on CUDA with compilation the packed prefill's graphs."""
+        """Decode steps per key-length bucket with every row idle (on CUDA: each bucket's step compiled, then its
+        CUDA graph recorded, before the first request), then on CUDA with compilation the packed prefill's graphs."""
         B, d = self.max_batch, self.device
+        for _ in range(2 if self.dec.compiled else 1):  # compiled: a first call warms up, the second records
+            for n_keys in self.dec.buckets:
+                self.dec.step(
+                    torch.zeros(B, dtype=torch.long, device=d),
+                    torch.full((B,), self.dec.scratch, device=d),
+                    n_keys,
+                )
         if self.dec.compiled:
             self.dec.packed.capture()
-        for n_keys in self.dec.buckets:
-            self.dec.step(
-                torch.zeros(B, dtype=torch.long, device=d),
-                torch.full((B,), self.dec.scratch, device=d),
-                n_keys,
-            )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="smalto-engine", daemon=True)

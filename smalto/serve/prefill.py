@@ -151,7 +151,8 @@ class PackedPrefill:
                         self.forward(inputs, T, self.max_rows)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # thread_local: what another thread does meanwhile (the server's event loop) cannot break it
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     out = self.forward(inputs, T, self.max_rows)
                 self.graphs[T] = (graph, inputs, out)
         except Exception as e:  # serving goes on, eagerly, and says so
