@@ -65,26 +65,23 @@ class PackedPrefill:
         self.model, self.cache, self.plan, self.logits = model, cache, plan, logits
         self.scratch, self.max_rows = scratch, max_rows
         self.buckets = token_buckets(max_tokens)
-        self.graphs: dict[
-            int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]
-        ] = {}  # T → (graph, inputs, logits)
-        self.use_graphs = (
-            True  # captured graphs run when there are any (bench/serve_engine.py can turn them off)
-        )
+        self.cuda = cache.device.type == "cuda"
+        # T → (graph, its static inputs, its static logits)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        # captured graphs run when there are any (bench/serve_engine.py can turn them off)
+        self.use_graphs = True
 
     def __call__(self, parts: list[tuple[int, list[int]]]) -> Tensor:
         total = sum(len(ids) for _, ids in parts)
         T = next((b for b in self.buckets if b >= total), None) if self.graphs and self.use_graphs else None
-        cuda = self.cache.device.type == "cuda"
         if T is None:  # eager, at its own size
-            inputs = self._inputs(parts, total, len(parts)).to(self.cache.device, non_blocking=cuda)
+            inputs = self._inputs(parts, total, len(parts)).to(self.cache.device, non_blocking=self.cuda)
             return self.forward(inputs, total, len(parts))
         graph, inputs, out = self.graphs[T]
         inputs.copy_(self._inputs(parts, T, self.max_rows), non_blocking=True)
         graph.replay()
-        return out[
-            : len(parts)
-        ].clone()  # the next replay (any bucket: one memory pool) reuses `out`'s neighbours
+        # a copy: the next replay (of any bucket: one memory pool) may reuse the memory around `out`
+        return out[: len(parts)].clone()
 
     def _inputs(self, parts: list[tuple[int, list[int]]], T: int, R: int) -> Tensor:
         """The forward's integer inputs for `parts` padded to T tokens and R rows, in one (FIELDS·T + R,) tensor
@@ -102,10 +99,8 @@ class PackedPrefill:
             end += n
             last.append(end - 1)
         last += [0] * (R - len(parts))
-        cuda = self.cache.device.type == "cuda"
-        return torch.tensor(
-            ids + seg + pos + slots + where + longest + last, dtype=torch.long, pin_memory=cuda
-        )
+        flat = ids + seg + pos + slots + where + longest + last
+        return torch.tensor(flat, dtype=torch.long, pin_memory=self.cuda)
 
     def forward(self, inputs: Tensor, T: int, R: int) -> Tensor:
         """The packed forward on `inputs` (from `_inputs`, T tokens, R rows): writes the cache, returns (R, V)."""
@@ -137,7 +132,7 @@ class PackedPrefill:
     def capture(self) -> None:
         """Capture the forward at every bucket, largest first, in one memory pool (CUDA only; a failed capture
         is reported and leaves the eager forward)."""
-        if self.cache.device.type != "cuda" or self.graphs:
+        if not self.cuda or self.graphs:
             return
         pool = torch.cuda.graph_pool_handle()
         try:
